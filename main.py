@@ -1,0 +1,231 @@
+"""FastAPI WebSockets, step by step: echo, client ids, and a chat that holds up.
+
+Run it with `uvicorn main:app --reload` and open http://127.0.0.1:8000/.
+Each step below is one endpoint, in the order the tutorial teaches them.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import anyio
+from fastapi import (
+    Depends,
+    FastAPI,
+    WebSocket,
+    WebSocketDisconnect,
+    WebSocketException,
+    status,
+)
+from fastapi.responses import FileResponse
+
+# uvicorn's own logger, so these lines show in the terminal uvicorn runs in.
+logger = logging.getLogger("uvicorn.error")
+
+INDEX_HTML = Path(__file__).with_name("index.html")
+
+# Limits. Every one is per connection.
+MAX_MESSAGE_BYTES = 64 * 1024  # longer chat text is refused with close code 1009
+MAX_BACKLOG_MESSAGES = 100  # messages queued for a client before it counts as too slow
+SEND_TIMEOUT_S = 0.5  # how long a broadcast waits for room in a full outbox
+CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
+
+# Browsers send Origin on every WebSocket handshake; other sites' pages are refused.
+ALLOWED_ORIGINS = frozenset(
+    origin.strip().rstrip("/")
+    for origin in os.environ.get("ALLOWED_ORIGINS", "").split(",")
+    if origin.strip()
+)
+
+app = FastAPI()
+
+
+@app.get("/")
+async def get() -> FileResponse:
+    # Read from disk on every request: edits show on refresh, with no restart.
+    return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
+
+
+# --- Shared by every step: who may connect, and what a client may send ------------------
+
+
+def check_origin(websocket: WebSocket) -> None:
+    """Refuse handshakes from pages on other sites (cross-site WebSocket hijacking).
+
+    A browser attaches cookies to a WebSocket handshake whatever page opens it, and the
+    Same-Origin Policy does not apply to WebSockets: the Origin header is the only sign of
+    which site is asking. Scripts and tests send no Origin, and are let in.
+    """
+    origin = websocket.headers.get("origin")
+    if origin is None or origin in ALLOWED_ORIGINS:
+        return
+    if urlsplit(origin).netloc == websocket.headers.get("host"):
+        return
+    logger.warning(
+        "Refused WebSocket from origin %s: add it to ALLOWED_ORIGINS to allow it",
+        origin,
+    )
+    # Raised before accept(), so the client gets an HTTP 403 instead of a WebSocket.
+    raise WebSocketException(
+        status.WS_1008_POLICY_VIOLATION, f"Origin {origin} is not allowed"
+    )
+
+
+async def receive_valid_text(websocket: WebSocket) -> str:
+    """`websocket.receive_text()`, but refusing what would break the handler.
+
+    `receive_text()` fails with a KeyError on a binary frame, and lets a client send up to
+    uvicorn's 16 MiB limit (`--ws-max-size`) per message. Raising WebSocketException closes
+    the connection with that code and reason; WebSocketDisconnect means the client left.
+    """
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message["code"], message.get("reason"))
+    text = message.get("text")
+    if text is None:
+        raise WebSocketException(
+            status.WS_1003_UNSUPPORTED_DATA,
+            "Binary frames are not supported: send text",
+        )
+    if len(text.encode()) > MAX_MESSAGE_BYTES:
+        raise WebSocketException(
+            status.WS_1009_MESSAGE_TOO_BIG, f"Message over {MAX_MESSAGE_BYTES} bytes"
+        )
+    return text
+
+
+# --- Step 1: echo. Accept, then receive and send in a loop ---------------------------------
+
+
+@app.websocket("/ws", dependencies=[Depends(check_origin)])
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            data = await receive_valid_text(websocket)
+            await websocket.send_text(f"Message text was: {data}")
+    except WebSocketDisconnect:
+        pass  # The tab closed: an ordinary event, not an error.
+
+
+# --- Step 2: a client id in the path, and noticing when the client leaves ------------------
+
+
+@app.websocket("/ws/{client_id}", dependencies=[Depends(check_origin)])
+async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            data = await receive_valid_text(websocket)
+            await websocket.send_text(f"Client #{client_id} says: {data}")
+    except WebSocketDisconnect:
+        logger.info("Client #%d left the chat", client_id)
+
+
+# --- Step 3: a chat room. The ConnectionManager, then its endpoint --------------------------
+
+
+class Client:
+    """One chat connection: a bounded outbox, and a task that writes it to the socket.
+
+    Broadcasting only puts a message in each outbox, so a client that reads slowly holds
+    up its own sender task and nobody else. The bound keeps its backlog, and so the
+    server's memory, in check.
+    """
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=MAX_BACKLOG_MESSAGES)
+        # The client's handler runs inside this scope: cancelling it ends the handler even
+        # while it waits for a message from a client that will never send one.
+        self.handler_scope = anyio.CancelScope()
+        self.sender = asyncio.create_task(self.send_outbox())
+
+    async def send_outbox(self) -> None:
+        try:
+            while True:
+                await self.websocket.send_text(await self.outbox.get())
+        except WebSocketDisconnect:
+            pass  # The client left; its handler cleans up.
+
+
+class ConnectionManager:
+    def __init__(self) -> None:
+        self.active_connections: dict[WebSocket, Client] = {}
+
+    async def connect(self, websocket: WebSocket) -> Client:
+        await websocket.accept()
+        client = self.active_connections[websocket] = Client(websocket)
+        return client
+
+    def disconnect(self, websocket: WebSocket) -> None:
+        # Safe to call twice: a client can be cut off, then leave.
+        client = self.active_connections.pop(websocket, None)
+        if client is not None:
+            client.sender.cancel()
+
+    async def send_personal_message(self, message: str, websocket: WebSocket) -> None:
+        # Through the outbox too, so it keeps its place among the broadcasts.
+        client = self.active_connections.get(websocket)
+        if client is not None:
+            await self.put_in_outbox(client, message)
+
+    async def broadcast(self, message: str) -> None:
+        # A copy: clients join and leave while we wait for room in an outbox.
+        for client in list(self.active_connections.values()):
+            await self.put_in_outbox(client, message)
+
+    async def put_in_outbox(self, client: Client, message: str) -> None:
+        try:
+            client.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            # A full outbox: wait a little for a healthy client that is only behind,
+            # then cut it off, so that one stalled client cannot stall the room.
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await client.outbox.put(message)
+            except TimeoutError:
+                self.cut_off(client)
+
+    def cut_off(self, client: Client) -> None:
+        self.disconnect(client.websocket)
+        client.handler_scope.cancel()
+
+
+manager = ConnectionManager()
+
+
+async def close_too_slow(websocket: WebSocket) -> None:
+    # The close frame queues behind everything the client has not read, and may never go
+    # out; give up after a while (the server then drops the connection once it can).
+    with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(WebSocketDisconnect):
+        await websocket.close(
+            status.WS_1008_POLICY_VIOLATION,
+            f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind",
+        )
+
+
+@app.websocket("/chat/{client_id}", dependencies=[Depends(check_origin)])
+async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
+    client = await manager.connect(websocket)
+    try:
+        with client.handler_scope:
+            while True:
+                data = await receive_valid_text(websocket)
+                await manager.send_personal_message(f"You wrote: {data}", websocket)
+                await manager.broadcast(f"Client #{client_id} says: {data}")
+    except WebSocketDisconnect:
+        pass
+    finally:
+        manager.disconnect(websocket)
+        await manager.broadcast(f"Client #{client_id} left the chat")
+    if client.handler_scope.cancel_called:
+        logger.info(
+            "Client #%d cut off: over %d messages behind",
+            client_id,
+            MAX_BACKLOG_MESSAGES,
+        )
+        await close_too_slow(websocket)

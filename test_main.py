@@ -1,0 +1,218 @@
+"""What each step does, asserted with the exact text a reader sees.
+
+These tests drive the app in-process with Starlette's TestClient. Behaviour that needs
+real sockets (backpressure, abrupt disconnects, handshake headers) is in test_server.py.
+"""
+
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+import main
+
+
+@pytest.fixture
+def client() -> TestClient:
+    return TestClient(main.app)
+
+
+def receive_close(websocket) -> tuple[int, str]:
+    message = websocket.receive()
+    assert message["type"] == "websocket.close", message
+    return message["code"], message["reason"]
+
+
+def refused_handshake(
+    client: TestClient, path: str, headers: dict[str, str] | None = None
+) -> WebSocketDisconnect:
+    """The error a handshake fails with; fails the test if the handshake succeeds."""
+    with pytest.raises(WebSocketDisconnect) as refused:
+        client.websocket_connect(path, headers=headers or {}).__enter__()
+    return refused.value
+
+
+# --- The page ----------------------------------------------------------------------------
+
+
+def test_page_is_index_html_from_disk(client: TestClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.content == main.INDEX_HTML.read_bytes()
+
+
+def test_page_is_read_on_every_request(
+    client: TestClient, tmp_path, monkeypatch
+) -> None:
+    page = tmp_path / "index.html"
+    page.write_text("<p>first</p>")
+    monkeypatch.setattr(main, "INDEX_HTML", page)
+    assert client.get("/").text == "<p>first</p>"
+    page.write_text("<p>edited</p>")
+    assert client.get("/").text == "<p>edited</p>"
+
+
+# --- Step 1: echo ------------------------------------------------------------------------
+
+
+def test_echo_replies_with_message_text(client: TestClient) -> None:
+    with client.websocket_connect("/ws") as websocket:
+        websocket.send_text("hello")
+        assert websocket.receive_text() == "Message text was: hello"
+        websocket.send_text("again")
+        assert websocket.receive_text() == "Message text was: again"
+
+
+def test_echo_client_leaving_logs_nothing(client: TestClient, caplog) -> None:
+    with client.websocket_connect("/ws") as websocket:
+        websocket.send_text("bye")
+        websocket.receive_text()
+    # Leaving the block closed the socket; a new round trip proves the handler finished.
+    with client.websocket_connect("/ws") as websocket:
+        websocket.send_text("ping")
+        assert websocket.receive_text() == "Message text was: ping"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# --- Step 2: client id -------------------------------------------------------------------
+
+
+def test_client_endpoint_names_the_client(client: TestClient) -> None:
+    with client.websocket_connect("/ws/7") as websocket:
+        websocket.send_text("hi")
+        assert websocket.receive_text() == "Client #7 says: hi"
+
+
+def test_client_leaving_is_logged(client: TestClient, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
+    with client.websocket_connect("/ws/7") as websocket:
+        websocket.send_text("hi")
+        websocket.receive_text()
+    with client.websocket_connect(
+        "/ws/8"
+    ) as websocket:  # waits for #7's handler to end
+        websocket.send_text("hi")
+        websocket.receive_text()
+    assert "Client #7 left the chat" in caplog.messages
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize("path", ["/ws/abc", "/ws/1.5", "/chat/abc"])
+def test_non_integer_client_id_is_refused_at_handshake(
+    client: TestClient, path: str
+) -> None:
+    assert refused_handshake(client, path).code == 1008
+
+
+# --- Step 3: chat ------------------------------------------------------------------------
+
+
+def test_chat_sender_gets_personal_message_then_broadcast(client: TestClient) -> None:
+    with client.websocket_connect("/chat/1") as alice:
+        alice.send_text("hello")
+        assert alice.receive_text() == "You wrote: hello"
+        assert alice.receive_text() == "Client #1 says: hello"
+
+
+def test_chat_two_clients_see_each_other(client: TestClient) -> None:
+    with (
+        client.websocket_connect("/chat/1") as alice,
+        client.websocket_connect("/chat/2") as bob,
+    ):
+        alice.send_text("hi bob")
+        assert alice.receive_text() == "You wrote: hi bob"
+        assert alice.receive_text() == "Client #1 says: hi bob"
+        assert bob.receive_text() == "Client #1 says: hi bob"
+        bob.send_text("hi alice")
+        assert bob.receive_text() == "You wrote: hi alice"
+        assert bob.receive_text() == "Client #2 says: hi alice"
+        assert alice.receive_text() == "Client #2 says: hi alice"
+
+
+def test_chat_announces_a_client_leaving(client: TestClient) -> None:
+    with client.websocket_connect("/chat/1") as alice:
+        with client.websocket_connect("/chat/2") as bob:
+            bob.send_text("bye")
+            assert alice.receive_text() == "Client #2 says: bye"
+        assert alice.receive_text() == "Client #2 left the chat"
+        assert list(main.manager.active_connections) != []
+        assert len(main.manager.active_connections) == 1
+
+
+def test_disconnect_is_idempotent() -> None:
+    manager = main.ConnectionManager()
+    manager.disconnect(object())  # never connected: nothing to do, no KeyError
+
+
+# --- Bad input, on every endpoint ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws/3", "/chat/3"])
+def test_binary_frame_closes_with_1003(client: TestClient, path: str) -> None:
+    with client.websocket_connect(path) as websocket:
+        websocket.send_bytes(b"\x00\x01")
+        assert receive_close(websocket) == (
+            1003,
+            "Binary frames are not supported: send text",
+        )
+
+
+def test_binary_frame_leaves_the_rest_of_the_chat_working(client: TestClient) -> None:
+    with (
+        client.websocket_connect("/chat/1") as alice,
+        client.websocket_connect("/chat/2") as bob,
+    ):
+        bob.send_bytes(b"\x00")
+        assert receive_close(bob)[0] == 1003
+        assert alice.receive_text() == "Client #2 left the chat"
+        assert len(main.manager.active_connections) == 1
+        alice.send_text("still here")
+        assert alice.receive_text() == "You wrote: still here"
+        assert alice.receive_text() == "Client #1 says: still here"
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws/3", "/chat/3"])
+def test_message_over_limit_closes_with_1009(client: TestClient, path: str) -> None:
+    with client.websocket_connect(path) as websocket:
+        websocket.send_text("x" * (main.MAX_MESSAGE_BYTES + 1))
+        assert receive_close(websocket) == (1009, "Message over 65536 bytes")
+
+
+def test_message_at_limit_is_relayed(client: TestClient) -> None:
+    text = "é" * (
+        main.MAX_MESSAGE_BYTES // 2
+    )  # two bytes each in UTF-8: exactly the limit
+    with client.websocket_connect("/chat/1") as alice:
+        alice.send_text(text)
+        assert alice.receive_text() == f"You wrote: {text}"
+
+
+# --- Origin ----------------------------------------------------------------------------
+
+
+def test_same_origin_is_allowed(client: TestClient) -> None:
+    with client.websocket_connect(
+        "/ws", headers={"Origin": "http://testserver"}
+    ) as websocket:
+        websocket.send_text("ok")
+        assert websocket.receive_text() == "Message text was: ok"
+
+
+def test_other_origin_is_refused(client: TestClient, caplog) -> None:
+    refused = refused_handshake(client, "/chat/1", {"Origin": "http://evil.example"})
+    assert (refused.code, refused.reason) == (
+        1008,
+        "Origin http://evil.example is not allowed",
+    )
+    assert "add it to ALLOWED_ORIGINS" in caplog.text
+
+
+def test_allowed_origins_lets_another_site_in(client: TestClient, monkeypatch) -> None:
+    monkeypatch.setattr(main, "ALLOWED_ORIGINS", frozenset({"https://chat.example"}))
+    with client.websocket_connect(
+        "/ws", headers={"Origin": "https://chat.example"}
+    ) as websocket:
+        websocket.send_text("ok")
+        assert websocket.receive_text() == "Message text was: ok"

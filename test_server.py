@@ -1,0 +1,273 @@
+"""The chat under a real uvicorn: slow readers, rude disconnects, bursts, limits, origins.
+
+TestClient cannot model TCP backpressure, so these tests talk to a uvicorn process over
+loopback, with the `websockets` client and, where a client must misbehave, a raw socket.
+"""
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+import main
+from conftest import Server, assert_nothing_went_wrong
+
+TEST_TIMEOUT_S = 30.0
+
+
+def open_client(url: str, **options) -> connect:
+    """A `websockets` client that buffers all it receives.
+
+    With its default bound, a test client the test has stopped reading would stop reading
+    its socket too, and its closing handshake would wait out a 10 s timeout.
+    """
+    return connect(url, max_queue=None, **options)
+
+
+def run(scenario, timeout_s: float = TEST_TIMEOUT_S):
+    """Run an async scenario, failing rather than hanging if it takes too long."""
+
+    async def bounded():
+        async with asyncio.timeout(timeout_s):
+            return await scenario
+
+    return asyncio.run(bounded())
+
+
+# --- A raw WebSocket client, for clients that misbehave ------------------------------------
+
+
+def raw_handshake(
+    port: int, path: str, origin: str | None = None, rcvbuf: int | None = None
+) -> tuple[socket.socket, bytes]:
+    """Open a WebSocket by hand; return the socket and the server's HTTP response head."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        # Set before connect, so the TCP window stays small: the client stalls sooner.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    head = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    if origin is not None:
+        head += f"Origin: {origin}\r\n"
+    sock.sendall((head + "\r\n").encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(
+            1
+        )  # byte by byte: nothing past the head is taken off the wire
+        if not chunk:
+            break
+        response += chunk
+    return sock, response
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed mid-frame")
+        data += chunk
+    return data
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """One server frame (servers never mask): its opcode and payload."""
+    first, second = read_exactly(sock, 2)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", read_exactly(sock, 2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", read_exactly(sock, 8))
+    return first & 0x0F, read_exactly(sock, length)
+
+
+def read_until_close(sock: socket.socket) -> tuple[int, str]:
+    while True:
+        opcode, payload = read_frame(sock)
+        if opcode == 0x8:
+            (code,) = struct.unpack("!H", payload[:2])
+            return code, payload[2:].decode()
+
+
+def reset(sock: socket.socket) -> None:
+    """Vanish without a close frame: SO_LINGER 0 makes close() send a TCP reset."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def receive_says(
+    websocket: ClientConnection,
+    sender: int,
+    count: int,
+    others: list[str] | None = None,
+) -> list[str]:
+    """The next `count` messages `sender` broadcast; anything else goes to `others`."""
+    prefix = f"Client #{sender} says: "
+    received: list[str] = []
+    while len(received) < count:
+        message = await websocket.recv()
+        if message.startswith(prefix):
+            received.append(message.removeprefix(prefix))
+        elif others is not None:
+            others.append(message)
+    return received
+
+
+# --- A client that stops reading -------------------------------------------------------------
+
+
+def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) -> None:
+    stalled, head = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
+    assert head.startswith(b"HTTP/1.1 101")
+    sent = [f"{i:05d} " + "x" * 4090 for i in range(3000)]
+
+    async def chat_beside_a_stalled_client() -> list[str]:
+        async with open_client(f"{server.ws_url}/chat/1") as healthy:
+            notices: list[str] = []
+            reader = asyncio.create_task(receive_says(healthy, 1, len(sent), notices))
+            for text in sent:
+                await healthy.send(text)
+            received = await reader
+            while (
+                "Client #2 left the chat" not in notices
+            ):  # before or after the last one
+                notices.append(await healthy.recv())
+            return received
+
+    assert run(chat_beside_a_stalled_client()) == sent
+    # The stalled client, reading at last, finds the close frame behind its backlog.
+    assert read_until_close(stalled) == (
+        1008,
+        f"Too slow: over {main.MAX_BACKLOG_MESSAGES} messages behind",
+    )
+    stalled.close()
+    assert "Client #2 cut off" in server.log()
+    assert_nothing_went_wrong(server)
+
+
+# --- Healthy clients ---------------------------------------------------------------------------
+
+
+def test_burst_reaches_every_healthy_client_in_order(server: Server) -> None:
+    client_count, message_count = 100, 1000
+    sent = [f"message {i}" for i in range(message_count)]
+
+    async def burst() -> list[list[str]]:
+        clients = [
+            await open_client(f"{server.ws_url}/chat/{i}") for i in range(client_count)
+        ]
+        readers = [
+            asyncio.create_task(receive_says(c, 0, message_count)) for c in clients
+        ]
+        for text in sent:
+            await clients[0].send(text)
+        received = await asyncio.gather(*readers)
+        await asyncio.gather(*(client.close() for client in clients))
+        return received
+
+    for received in run(burst()):
+        assert received == sent
+    assert "cut off" not in server.log()
+    assert_nothing_went_wrong(server)
+
+
+def test_clients_coming_and_going_mid_broadcast_lose_nothing(server: Server) -> None:
+    sent = [f"message {i}" for i in range(500)]
+
+    async def churn() -> None:
+        # Clients that join, then leave politely or vanish, while the broadcast runs.
+        for round_number in range(40):
+            sock, _ = await asyncio.to_thread(
+                raw_handshake, server.port, f"/chat/{100 + round_number}"
+            )
+            if round_number % 2:
+                reset(sock)
+            else:
+                sock.close()
+            async with open_client(
+                f"{server.ws_url}/chat/{200 + round_number}"
+            ) as passer_by:
+                await passer_by.send("hello")
+
+    async def broadcast_through_churn() -> tuple[list[str], list[str]]:
+        async with (
+            open_client(f"{server.ws_url}/chat/1") as sender,
+            open_client(f"{server.ws_url}/chat/2") as watcher,
+        ):
+            readers = [
+                asyncio.create_task(receive_says(ws, 1, len(sent)))
+                for ws in (sender, watcher)
+            ]
+            churner = asyncio.create_task(churn())
+            for text in sent:
+                await sender.send(text)
+                await asyncio.sleep(0)
+            await churner
+            return await asyncio.gather(*readers)
+
+    for received in run(broadcast_through_churn()):
+        assert received == sent
+    assert_nothing_went_wrong(server)
+
+
+# --- Limits and origins --------------------------------------------------------------------------
+
+
+def test_message_size_limit_over_real_socket(server: Server) -> None:
+    async def send_sizes() -> tuple[str, int, str]:
+        async with open_client(f"{server.ws_url}/chat/1", max_size=None) as websocket:
+            await websocket.send("y" * 60_000)
+            echoed = await websocket.recv()
+            await websocket.send("z" * (main.MAX_MESSAGE_BYTES + 1))
+            try:
+                while True:
+                    await websocket.recv()
+            except ConnectionClosed as closed:
+                return echoed, closed.rcvd.code, closed.rcvd.reason
+
+    echoed, code, reason = run(send_sizes())
+    assert echoed == "You wrote: " + "y" * 60_000
+    assert (code, reason) == (1009, "Message over 65536 bytes")
+    assert_nothing_went_wrong(server)
+
+
+def test_cross_site_origin_gets_403(server: Server) -> None:
+    sock, head = raw_handshake(server.port, "/chat/1", origin="http://evil.example")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 403")
+    assert "Refused WebSocket from origin http://evil.example" in server.log()
+
+
+def test_own_origin_and_no_origin_are_accepted(server: Server) -> None:
+    for origin in (f"http://127.0.0.1:{server.port}", None):
+        sock, head = raw_handshake(server.port, "/chat/1", origin=origin)
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 101"), origin
+
+
+def test_allowed_origins_environment_variable(tmp_path) -> None:
+    from conftest import start_server
+
+    server = start_server(
+        tmp_path / "uvicorn.log", ALLOWED_ORIGINS="https://a.example, https://b.example"
+    )
+    try:
+        for origin, status in [
+            ("https://b.example", b"101"),
+            ("https://c.example", b"403"),
+        ]:
+            sock, head = raw_handshake(server.port, "/ws", origin=origin)
+            sock.close()
+            assert head.startswith(b"HTTP/1.1 " + status), origin
+    finally:
+        server.stop()
