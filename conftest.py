@@ -1,8 +1,10 @@
-"""Fixtures that run the app for real: a uvicorn process on a free loopback port."""
+"""The harness for tests and bench.py: uvicorn on a free loopback port, and raw clients."""
 
+import base64
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -62,6 +64,19 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the server has used so far (Linux /proc)."""
+        fields = (
+            Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        )
+        user, system = int(fields[11]), int(fields[12])
+        return (user + system) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -72,18 +87,17 @@ class Server:
                 self.process.wait()
 
 
-def start_server(log_path: Path, port: int | None = None, **env: str) -> Server:
+def start_server(
+    log_path: Path,
+    port: int | None = None,
+    app: str = "main:app",
+    options: tuple[str, ...] = (),
+    **env: str,
+) -> Server:
+    """Start `uvicorn app` with extra command-line options and environment variables."""
     port = port or free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "main:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    address = ("--host", "127.0.0.1", "--port", str(port))
+    command = [sys.executable, "-m", "uvicorn", app, *address, *options]
     with log_path.open("a") as log:  # uvicorn keeps its own copy of the file handle
         process = subprocess.Popen(
             command,
@@ -124,3 +138,70 @@ def require_program(path_or_name: str, install_hint: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+# --- A raw WebSocket client, for clients that misbehave ------------------------------------
+
+
+def raw_handshake(
+    port: int, path: str, origin: str | None = None, rcvbuf: int | None = None
+) -> tuple[socket.socket, bytes]:
+    """Open a WebSocket by hand; return the socket and the server's HTTP response head."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        # Set before connect, so the TCP window stays small: the client stalls sooner.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    head = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    if origin is not None:
+        head += f"Origin: {origin}\r\n"
+    sock.sendall((head + "\r\n").encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(
+            1
+        )  # byte by byte: nothing past the head is taken off the wire
+        if not chunk:
+            break
+        response += chunk
+    return sock, response
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed mid-frame")
+        data += chunk
+    return data
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """One server frame (servers never mask): its opcode and payload."""
+    first, second = read_exactly(sock, 2)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", read_exactly(sock, 2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", read_exactly(sock, 8))
+    return first & 0x0F, read_exactly(sock, length)
+
+
+def read_until_close(sock: socket.socket) -> tuple[int, str]:
+    while True:
+        opcode, payload = read_frame(sock)
+        if opcode == 0x8:
+            (code,) = struct.unpack("!H", payload[:2])
+            return code, payload[2:].decode()
+
+
+def reset(sock: socket.socket) -> None:
+    """Vanish without a close frame: SO_LINGER 0 makes close() send a TCP reset."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

@@ -29,8 +29,8 @@ INDEX_HTML = Path(__file__).with_name("index.html")
 
 # Limits. Every one is per connection.
 MAX_MESSAGE_BYTES = 64 * 1024  # longer chat text is refused with close code 1009
-MAX_BACKLOG_MESSAGES = 100  # messages queued for a client before it counts as too slow
-SEND_TIMEOUT_S = 0.5  # how long a broadcast waits for room in a full outbox
+MAX_BACKLOG_MESSAGES = 100  # messages queued for one chat client, at most
+SEND_TIMEOUT_S = 0.5  # a full outbox whose socket takes nothing this long: cut off
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 
 # Browsers send Origin on every WebSocket handshake; other sites' pages are refused.
@@ -142,12 +142,18 @@ class Client:
         # The client's handler runs inside this scope: cancelling it ends the handler even
         # while it waits for a message from a client that will never send one.
         self.handler_scope = anyio.CancelScope()
+        self.blocked_on_socket = False
         self.sender = asyncio.create_task(self.send_outbox())
 
     async def send_outbox(self) -> None:
         try:
             while True:
-                await self.websocket.send_text(await self.outbox.get())
+                message = await self.outbox.get()
+                # send_text() returns at once unless the client's socket is full, so any
+                # other task that sees this flag set knows the client is not reading.
+                self.blocked_on_socket = True
+                await self.websocket.send_text(message)
+                self.blocked_on_socket = False
         except WebSocketDisconnect:
             pass  # The client left; its handler cleans up.
 
@@ -182,13 +188,20 @@ class ConnectionManager:
         try:
             client.outbox.put_nowait(message)
         except asyncio.QueueFull:
-            # A full outbox: wait a little for a healthy client that is only behind,
-            # then cut it off, so that one stalled client cannot stall the room.
+            await self.wait_for_room(client, message)
+
+    async def wait_for_room(self, client: Client, message: str) -> None:
+        # Waiting here holds up this broadcast, and so the writer: that is backpressure,
+        # fine while the server is only busy. A client whose socket has taken nothing
+        # for SEND_TIMEOUT_S is cut off instead, so it cannot stall the room.
+        while client.websocket in self.active_connections:
             try:
                 async with asyncio.timeout(SEND_TIMEOUT_S):
                     await client.outbox.put(message)
+                return
             except TimeoutError:
-                self.cut_off(client)
+                if client.blocked_on_socket:
+                    self.cut_off(client)
 
     def cut_off(self, client: Client) -> None:
         self.disconnect(client.websocket)

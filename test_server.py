@@ -5,16 +5,19 @@ loopback, with the `websockets` client and, where a client must misbehave, a raw
 """
 
 import asyncio
-import base64
-import os
-import socket
-import struct
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 import main
-from conftest import Server, assert_nothing_went_wrong
+from conftest import (
+    Server,
+    assert_nothing_went_wrong,
+    raw_handshake,
+    read_until_close,
+    reset,
+    start_server,
+)
 
 TEST_TIMEOUT_S = 30.0
 
@@ -36,73 +39,6 @@ def run(scenario, timeout_s: float = TEST_TIMEOUT_S):
             return await scenario
 
     return asyncio.run(bounded())
-
-
-# --- A raw WebSocket client, for clients that misbehave ------------------------------------
-
-
-def raw_handshake(
-    port: int, path: str, origin: str | None = None, rcvbuf: int | None = None
-) -> tuple[socket.socket, bytes]:
-    """Open a WebSocket by hand; return the socket and the server's HTTP response head."""
-    sock = socket.socket()
-    if rcvbuf is not None:
-        # Set before connect, so the TCP window stays small: the client stalls sooner.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    head = (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-    )
-    if origin is not None:
-        head += f"Origin: {origin}\r\n"
-    sock.sendall((head + "\r\n").encode())
-    response = b""
-    while b"\r\n\r\n" not in response:
-        chunk = sock.recv(
-            1
-        )  # byte by byte: nothing past the head is taken off the wire
-        if not chunk:
-            break
-        response += chunk
-    return sock, response
-
-
-def read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("connection closed mid-frame")
-        data += chunk
-    return data
-
-
-def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    """One server frame (servers never mask): its opcode and payload."""
-    first, second = read_exactly(sock, 2)
-    length = second & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", read_exactly(sock, 2))
-    elif length == 127:
-        (length,) = struct.unpack("!Q", read_exactly(sock, 8))
-    return first & 0x0F, read_exactly(sock, length)
-
-
-def read_until_close(sock: socket.socket) -> tuple[int, str]:
-    while True:
-        opcode, payload = read_frame(sock)
-        if opcode == 0x8:
-            (code,) = struct.unpack("!H", payload[:2])
-            return code, payload[2:].decode()
-
-
-def reset(sock: socket.socket) -> None:
-    """Vanish without a close frame: SO_LINGER 0 makes close() send a TCP reset."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 async def receive_says(
@@ -256,8 +192,6 @@ def test_own_origin_and_no_origin_are_accepted(server: Server) -> None:
 
 
 def test_allowed_origins_environment_variable(tmp_path) -> None:
-    from conftest import start_server
-
     server = start_server(
         tmp_path / "uvicorn.log", ALLOWED_ORIGINS="https://a.example, https://b.example"
     )

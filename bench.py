@@ -1,0 +1,361 @@
+"""Measure the chat against the tutorial's own code, in the same run, on this machine.
+
+    python bench.py                  # 1,000 chat clients
+    python bench.py --clients 200    # quicker
+
+Each load runs against two uvicorn processes in turn: the tutorial's code as it is taught
+(kept below as `naive_app`) and `main:app`. The server's CPU time is read from /proc, so
+the load generator's own work (this process) does not count. Absolute figures depend on the
+machine; the ratios are the point.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import Server, raw_handshake, read_until_close, start_server
+
+# --- The reference: the tutorial's code, as it is taught -----------------------------------
+
+naive_app = FastAPI()
+
+
+class ConnectionManager:
+    def __init__(self):
+        self.active_connections: list[WebSocket] = []
+
+    async def connect(self, websocket: WebSocket):
+        await websocket.accept()
+        self.active_connections.append(websocket)
+
+    def disconnect(self, websocket: WebSocket):
+        self.active_connections.remove(websocket)
+
+    async def send_personal_message(self, message: str, websocket: WebSocket):
+        await websocket.send_text(message)
+
+    async def broadcast(self, message: str):
+        for connection in self.active_connections:
+            await connection.send_text(message)
+
+
+manager = ConnectionManager()
+
+
+@naive_app.websocket("/ws")
+async def websocket_endpoint(websocket: WebSocket):
+    await websocket.accept()
+    while True:
+        data = await websocket.receive_text()
+        await websocket.send_text(f"Message text was: {data}")
+
+
+@naive_app.websocket("/chat/{client_id}")
+async def websocket_chat_endpoint(websocket: WebSocket, client_id: int):
+    await manager.connect(websocket)
+    try:
+        while True:
+            data = await websocket.receive_text()
+            await manager.send_personal_message(f"You wrote: {data}", websocket)
+            await manager.broadcast(f"Client #{client_id} says: {data}")
+    except WebSocketDisconnect:
+        manager.disconnect(websocket)
+        await manager.broadcast(f"Client #{client_id} left the chat")
+
+
+# --- Loads -----------------------------------------------------------------------------------
+
+FAN_OUT_MESSAGES = 100  # broadcast by one client as fast as it can send
+LATENCY_MESSAGES = 20  # broadcast one at a time, each once every client has the last
+ECHO_ROUND_TRIPS = 50  # per client, one after another
+STALL_MESSAGES, STALL_MESSAGE_BYTES = 3000, 4096
+STALL_TIMEOUT_S = 10.0  # the tutorial's loop never finishes: stop waiting then
+QUIET_TIMEOUT_S = 3.0  # no delivery for this long: the rest is lost
+CONNECT_BATCH = 50
+RSS_SAMPLE_S = 0.02
+REPEATS = 3  # runs of each load per server, alternating; the best one is reported
+
+
+def progress(line: str) -> None:
+    print(f"  ... {line}", file=sys.stderr, flush=True)
+
+
+async def connect_all(urls: list[str]) -> list[ClientConnection]:
+    clients: list[ClientConnection] = []
+    for start in range(0, len(urls), CONNECT_BATCH):
+        batch = urls[start : start + CONNECT_BATCH]
+        clients += await asyncio.gather(*(connect(u, max_queue=None) for u in batch))
+    return clients
+
+
+async def close_all(clients: list[ClientConnection]) -> None:
+    await asyncio.gather(*(client.close() for client in clients))
+
+
+@dataclass
+class Deliveries:
+    """What the chat clients received of one sender's messages: `Client #0 says: seq t`."""
+
+    expected: int
+    count: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    per_message: dict[int, int] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def read(self, client: ClientConnection) -> None:
+        # Iterating ends quietly if the server closes the connection: what is missing
+        # then counts as lost.
+        async for text in client:
+            if text.startswith("Client #0 says: "):
+                seq, sent_at = text.removeprefix("Client #0 says: ").split()
+                self.latencies_s.append(time.perf_counter() - float(sent_at))
+                self.per_message[int(seq)] = self.per_message.get(int(seq), 0) + 1
+                self.count += 1
+                self.changed.set()
+
+    async def wait_for(self, done: Callable[[], bool]) -> None:
+        """Until `done()`, or until nothing arrives for QUIET_TIMEOUT_S."""
+        while not done():
+            self.changed.clear()
+            try:
+                async with asyncio.timeout(QUIET_TIMEOUT_S):
+                    await self.changed.wait()
+            except TimeoutError:
+                return
+
+
+async def send_stamped(client: ClientConnection, seq: int) -> None:
+    with contextlib.suppress(ConnectionClosed):  # cut off: the rest counts as lost
+        await client.send(f"{seq} {time.perf_counter()}")
+
+
+async def fan_out(server: Server, client_count: int) -> dict[str, float]:
+    """One client broadcasts to all; throughput, then latency with one message in flight."""
+    clients = await connect_all(
+        [f"{server.ws_url}/chat/{i}" for i in range(client_count)]
+    )
+    progress(f"{client_count} chat clients connected")
+    burst = Deliveries(expected=client_count * FAN_OUT_MESSAGES)
+    readers = [asyncio.create_task(burst.read(c)) for c in clients]
+    cpu_before, started = server.cpu_seconds(), time.perf_counter()
+    for seq in range(FAN_OUT_MESSAGES):
+        await send_stamped(clients[0], seq)
+    await burst.wait_for(lambda: burst.count >= burst.expected)
+    elapsed, cpu = time.perf_counter() - started, server.cpu_seconds() - cpu_before
+    for reader in readers:
+        reader.cancel()
+    progress(f"burst: {burst.count} of {burst.expected} delivered in {elapsed:.2f} s")
+
+    paced = Deliveries(expected=client_count * LATENCY_MESSAGES)
+    readers = [asyncio.create_task(paced.read(c)) for c in clients]
+    for seq in range(LATENCY_MESSAGES):
+        await send_stamped(clients[0], seq)
+        await paced.wait_for(lambda n=seq: paced.per_message.get(n, 0) >= client_count)
+    for reader in readers:
+        reader.cancel()
+    await close_all(clients)
+    latencies_ms = sorted(s * 1000 for s in paced.latencies_s)
+    return {
+        "deliveries_per_s": burst.count / elapsed,
+        "cpu_us_per_delivery": cpu * 1e6 / max(burst.count, 1),
+        "p50_ms": statistics.quantiles(latencies_ms, n=100)[49],
+        "p99_ms": statistics.quantiles(latencies_ms, n=100)[98],
+        "lost": (burst.expected - burst.count) + (paced.expected - paced.count),
+    }
+
+
+async def echo(server: Server, client_count: int) -> dict[str, float]:
+    clients = await connect_all([f"{server.ws_url}/ws"] * client_count)
+
+    async def round_trips(client: ClientConnection) -> None:
+        for i in range(ECHO_ROUND_TRIPS):
+            await client.send(f"ping {i}")
+            assert await client.recv() == f"Message text was: ping {i}"
+
+    cpu_before, started = server.cpu_seconds(), time.perf_counter()
+    await asyncio.gather(*(round_trips(c) for c in clients))
+    elapsed, cpu = time.perf_counter() - started, server.cpu_seconds() - cpu_before
+    await close_all(clients)
+    total = client_count * ECHO_ROUND_TRIPS
+    return {
+        "round_trips_per_s": total / elapsed,
+        "cpu_us_per_round_trip": cpu * 1e6 / total,
+    }
+
+
+async def stalled_client(server: Server, client_count: int) -> dict[str, float]:
+    """A client that stops reading sits in the room while another sends 3,000 x 4 KiB.
+
+    Only the two clients: `client_count` is not used here.
+    """
+    stalled, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
+    rss_before = peak_rss = server.rss_bytes()
+    async with connect(f"{server.ws_url}/chat/1", max_queue=None) as healthy:
+        prefix = "Client #1 says: "
+        received = 0
+
+        async def receive_all() -> None:
+            nonlocal received
+            async for text in healthy:
+                received += text.startswith(prefix)
+                if received == STALL_MESSAGES:
+                    return
+
+        async def send_all() -> None:
+            for seq in range(STALL_MESSAGES):
+                await healthy.send(f"{seq:05d} ".ljust(STALL_MESSAGE_BYTES, "x"))
+
+        started = time.perf_counter()
+        tasks = [asyncio.create_task(receive_all()), asyncio.create_task(send_all())]
+        deadline = started + STALL_TIMEOUT_S
+        while not tasks[0].done() and time.perf_counter() < deadline:
+            peak_rss = max(peak_rss, server.rss_bytes())
+            await asyncio.sleep(RSS_SAMPLE_S)
+        elapsed = time.perf_counter() - started
+        for task in tasks:
+            task.cancel()
+    progress(f"healthy client: {received} of {STALL_MESSAGES} in {elapsed:.2f} s")
+    stalled.settimeout(QUIET_TIMEOUT_S)
+    try:
+        close_code = (await asyncio.to_thread(read_until_close, stalled))[0]
+    except OSError:
+        close_code = 0  # no close frame: never cut off
+    stalled.close()
+    return {
+        "received": received,
+        "seconds": elapsed,
+        "close_code": close_code,
+        "rss_growth_mb": (peak_rss - rss_before) / 1e6,
+    }
+
+
+# --- Running it --------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    app: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Load:
+    name: str
+    run: Callable[[Server, int], Awaitable[dict[str, float]]]
+    best_by: (
+        str  # the figure to minimise over repeats; interference only ever adds to it
+    )
+    repeats: int
+
+
+LOADS = [
+    Load("fan-out", fan_out, "cpu_us_per_delivery", REPEATS),
+    Load("echo", echo, "cpu_us_per_round_trip", REPEATS),
+    Load("stalled client", stalled_client, "seconds", 1),
+]
+
+
+async def run_load(
+    contender: Contender, load: Load, client_count: int, log_dir: Path
+) -> dict:
+    # A fresh server for each run: the tutorial's never recovers from a stall.
+    server = start_server(
+        log_dir / f"{contender.name}.log",
+        app=contender.app,
+        options=("--log-level", "warning"),
+        **contender.env,
+    )
+    try:
+        return await load.run(server, client_count)
+    finally:
+        server.stop()
+
+
+async def measure(
+    contenders: list[Contender], client_count: int, log_dir: Path
+) -> list[dict]:
+    """Each load on each contender, alternating, keeping each contender's best run."""
+    results: list[dict] = [{} for _ in contenders]
+    for load in LOADS:
+        for attempt in range(1, load.repeats + 1):
+            for contender, result in zip(contenders, results, strict=True):
+                progress(
+                    f"{load.name}, run {attempt} of {load.repeats}: {contender.name}"
+                )
+                figures = await run_load(contender, load, client_count, log_dir)
+                best = result.get(load.name)
+                if best is None or figures[load.best_by] < best[load.best_by]:
+                    result[load.name] = figures
+    return results
+
+
+ROWS = [
+    ("fan-out", "deliveries_per_s", "fan-out: deliveries per second", "{:,.0f}"),
+    ("fan-out", "cpu_us_per_delivery", "fan-out: server CPU µs per delivery", "{:.1f}"),
+    ("fan-out", "p50_ms", "fan-out: p50 broadcast latency, ms", "{:.1f}"),
+    ("fan-out", "p99_ms", "fan-out: p99 broadcast latency, ms", "{:.1f}"),
+    ("fan-out", "lost", "fan-out: messages lost", "{:.0f}"),
+    ("echo", "round_trips_per_s", "echo: round trips per second", "{:,.0f}"),
+    ("echo", "cpu_us_per_round_trip", "echo: server CPU µs per round trip", "{:.1f}"),
+    ("stalled client", "received", "stalled: healthy client received", "{:.0f}"),
+    ("stalled client", "seconds", "stalled: ... in seconds", "{:.2f}"),
+    ("stalled client", "close_code", "stalled: close code (0: not cut)", "{:.0f}"),
+    ("stalled client", "rss_growth_mb", "stalled: server RSS growth, MB", "{:.1f}"),
+]
+RATIO_ROWS = {"deliveries_per_s", "cpu_us_per_delivery", "p50_ms", "p99_ms"} | {
+    "round_trips_per_s",
+    "cpu_us_per_round_trip",
+}
+
+
+def print_table(names: list[str], results: list[dict]) -> None:
+    header = ["measure", *names, f"ratio {names[1]} / {names[0]}"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for load, key, label, number in ROWS:
+        values = [result[load][key] for result in results]
+        cells = [number.format(v) for v in values]
+        ratio = (
+            f"{values[1] / values[0]:.2f}x" if key in RATIO_ROWS and values[0] else ""
+        )
+        print("| " + " | ".join([label, *cells, ratio]) + " |")
+
+
+async def run(client_count: int) -> None:
+    contenders = [
+        Contender("tutorial", "bench:naive_app"),
+        Contender("main.py", "main:app"),
+    ]
+    print(
+        f"{client_count} clients; server CPU from /proc; {os.cpu_count()} cores",
+        file=sys.stderr,
+    )
+    with tempfile.TemporaryDirectory() as log_dir:
+        results = await measure(contenders, client_count, Path(log_dir))
+    print_table([c.name for c in contenders], results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--clients", type=int, default=1000, help="chat and echo clients"
+    )
+    args = parser.parse_args()
+    asyncio.run(run(args.clients))
+
+
+if __name__ == "__main__":
+    main()
