@@ -25,9 +25,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free loopback port, never 8000: a reader's own `uvicorn main:app` may be there."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port != 8000:
+            return port
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float) -> None:
