@@ -2,17 +2,21 @@
 
     python bench.py                  # 1,000 chat clients
     python bench.py --clients 200    # quicker
+    python bench.py --redis          # also the chat across two workers, through Redis
 
-Each load runs against two uvicorn processes in turn: the tutorial's code as it is taught
-(kept below as `naive_app`) and `main:app`. The server's CPU time is read from /proc, so
-the load generator's own work (this process) does not count. Absolute figures depend on the
+Each load runs against each server in turn: the tutorial's code as it is taught (kept
+below as `naive_app`), `main:app`, and with --redis, `main:app` as two uvicorn workers
+sharing the chat through a redis-server. The servers' CPU time (every worker's, and
+Redis's) is read from /proc, so the load generator's own work (this process) does not count. Absolute figures depend on the
 machine; the ratios are the point.
 """
 
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -25,7 +29,17 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Server, raw_handshake, read_until_close, start_server
+from conftest import (
+    RedisServer,
+    Server,
+    free_port,
+    process_cpu_seconds,
+    process_rss_bytes,
+    raw_handshake,
+    read_until_close,
+    start_server,
+    wait_for_log,
+)
 
 # --- The reference: the tutorial's code, as it is taught -----------------------------------
 
@@ -85,7 +99,7 @@ STALL_TIMEOUT_S = 10.0  # the tutorial's loop never finishes: stop waiting then
 QUIET_TIMEOUT_S = 3.0  # no delivery for this long: the rest is lost
 CONNECT_BATCH = 50
 RSS_SAMPLE_S = 0.02
-REPEATS = 3  # runs of each load per server, alternating; the best one is reported
+REPEATS = 3  # runs of each load: solo per server, then with all servers at once
 
 
 def progress(line: str) -> None:
@@ -141,10 +155,10 @@ async def send_stamped(client: ClientConnection, seq: int) -> None:
         await client.send(f"{seq} {time.perf_counter()}")
 
 
-async def fan_out(server: Server, client_count: int) -> dict[str, float]:
+async def fan_out(server: "Deployment", client_count: int) -> dict[str, float]:
     """One client broadcasts to all; throughput, then latency with one message in flight."""
     clients = await connect_all(
-        [f"{server.ws_url}/chat/{i}" for i in range(client_count)]
+        [f"{server.ws_url(i)}/chat/{i}" for i in range(client_count)]
     )
     progress(f"{client_count} chat clients connected")
     burst = Deliveries(expected=client_count * FAN_OUT_MESSAGES)
@@ -176,8 +190,8 @@ async def fan_out(server: Server, client_count: int) -> dict[str, float]:
     }
 
 
-async def echo(server: Server, client_count: int) -> dict[str, float]:
-    clients = await connect_all([f"{server.ws_url}/ws"] * client_count)
+async def echo(server: "Deployment", client_count: int) -> dict[str, float]:
+    clients = await connect_all([f"{server.ws_url(i)}/ws" for i in range(client_count)])
 
     async def round_trips(client: ClientConnection) -> None:
         for i in range(ECHO_ROUND_TRIPS):
@@ -195,14 +209,15 @@ async def echo(server: Server, client_count: int) -> dict[str, float]:
     }
 
 
-async def stalled_client(server: Server, client_count: int) -> dict[str, float]:
+async def stalled_client(server: "Deployment", client_count: int) -> dict[str, float]:
     """A client that stops reading sits in the room while another sends 3,000 x 4 KiB.
 
-    Only the two clients: `client_count` is not used here.
+    Only the two clients: `client_count` is not used here. With several workers, the two
+    are on different ones.
     """
-    stalled, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
+    stalled, _ = raw_handshake(server.workers[-1].port, "/chat/2", rcvbuf=4096)
     rss_before = peak_rss = server.rss_bytes()
-    async with connect(f"{server.ws_url}/chat/1", max_queue=None) as healthy:
+    async with connect(f"{server.ws_url(0)}/chat/1", max_queue=None) as healthy:
         prefix = "Client #1 says: "
         received = 0
 
@@ -248,46 +263,106 @@ async def stalled_client(server: Server, client_count: int) -> dict[str, float]:
 class Contender:
     name: str
     app: str
-    env: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
+    redis: bool = (
+        False  # each worker gets REDIS_URL, pointing at a redis-server of its own
+    )
+
+
+@dataclass
+class Deployment:
+    """The processes serving one contender: its uvicorn workers, and Redis if it uses it."""
+
+    workers: list[Server]
+    redis: RedisServer | None = None
+
+    def ws_url(self, client_number: int) -> str:
+        """Clients are spread over the workers, as a load balancer would."""
+        return self.workers[client_number % len(self.workers)].ws_url
+
+    def pids(self) -> list[int]:
+        redis_pids = (
+            [self.redis.process.pid] if self.redis and self.redis.process else []
+        )
+        return [worker.process.pid for worker in self.workers] + redis_pids
+
+    def cpu_seconds(self) -> float:
+        return sum(process_cpu_seconds(pid) for pid in self.pids())
+
+    def rss_bytes(self) -> int:
+        return sum(process_rss_bytes(pid) for pid in self.pids())
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        if self.redis is not None:
+            self.redis.kill()
+
+
+def deploy(contender: Contender, log_dir: Path) -> Deployment:
+    deployment = Deployment(workers=[])
+    env = {}
+    if contender.redis:
+        deployment.redis = RedisServer(shutil.which("redis-server") or "", free_port())
+        deployment.redis.start()
+        env["REDIS_URL"] = deployment.redis.url
+    try:
+        for number in range(contender.workers):
+            log_path = log_dir / f"{contender.name} {number}.log"
+            worker = start_server(
+                log_path, app=contender.app, options=("--log-level", "info"), **env
+            )
+            deployment.workers.append(worker)
+            if contender.redis:
+                wait_for_log(worker, "Chat relayed through Redis")
+    except BaseException:
+        deployment.stop()
+        raise
+    return deployment
 
 
 @dataclass
 class Load:
     name: str
-    run: Callable[[Server, int], Awaitable[dict[str, float]]]
-    best_by: (
-        str  # the figure to minimise over repeats; interference only ever adds to it
-    )
+    run: Callable[[Deployment, int], Awaitable[dict[str, float]]]
+    best_by: str  # over solo runs, keep the one where this is lowest
     repeats: int
+    cpu_key: str | None = None  # measured again with every server loaded at once
 
 
 LOADS = [
-    Load("fan-out", fan_out, "cpu_us_per_delivery", REPEATS),
-    Load("echo", echo, "cpu_us_per_round_trip", REPEATS),
+    Load("fan-out", fan_out, "cpu_us_per_delivery", REPEATS, "cpu_us_per_delivery"),
+    Load("echo", echo, "cpu_us_per_round_trip", REPEATS, "cpu_us_per_round_trip"),
     Load("stalled client", stalled_client, "seconds", 1),
 ]
 
 
 async def run_load(
-    contender: Contender, load: Load, client_count: int, log_dir: Path
-) -> dict:
-    # A fresh server for each run: the tutorial's never recovers from a stall.
-    server = start_server(
-        log_dir / f"{contender.name}.log",
-        app=contender.app,
-        options=("--log-level", "warning"),
-        **contender.env,
-    )
+    contenders: list[Contender], load: Load, client_count: int, log_dir: Path
+) -> list[dict[str, float]]:
+    """One run of a load against each contender at the same time, each with its clients."""
+    # Fresh deployments for each run: the tutorial's never recovers from a stall.
+    deployments: list[Deployment] = []
     try:
-        return await load.run(server, client_count)
+        for contender in contenders:
+            deployments.append(deploy(contender, log_dir))
+        runs = (load.run(deployment, client_count) for deployment in deployments)
+        return list(await asyncio.gather(*runs))
     finally:
-        server.stop()
+        for deployment in deployments:
+            deployment.stop()
 
 
 async def measure(
     contenders: list[Contender], client_count: int, log_dir: Path
 ) -> list[dict]:
-    """Each load on each contender, alternating, keeping each contender's best run."""
+    """Each load on each contender.
+
+    Solo runs, alternating, keep each contender's best: wall-clock figures (throughput,
+    latency) only mean something with a server alone on the machine. CPU per operation is
+    then measured with all of them loaded at once, so that whatever else the machine is
+    doing weighs on each alike, and the median of those runs replaces the solo figure.
+    """
     results: list[dict] = [{} for _ in contenders]
     for load in LOADS:
         for attempt in range(1, load.repeats + 1):
@@ -295,10 +370,20 @@ async def measure(
                 progress(
                     f"{load.name}, run {attempt} of {load.repeats}: {contender.name}"
                 )
-                figures = await run_load(contender, load, client_count, log_dir)
+                [figures] = await run_load([contender], load, client_count, log_dir)
                 best = result.get(load.name)
                 if best is None or figures[load.best_by] < best[load.best_by]:
                     result[load.name] = figures
+        if load.cpu_key is None:
+            continue
+        paired: list[list[float]] = [[] for _ in contenders]
+        for attempt in range(1, load.repeats + 1):
+            progress(f"{load.name}, CPU with all servers loaded, run {attempt}")
+            runs = await run_load(contenders, load, client_count, log_dir)
+            for figures, samples in zip(runs, paired, strict=True):
+                samples.append(figures[load.cpu_key])
+        for result, samples in zip(results, paired, strict=True):
+            result[load.name][load.cpu_key] = statistics.median(samples)
     return results
 
 
@@ -322,23 +407,29 @@ RATIO_ROWS = {"deliveries_per_s", "cpu_us_per_delivery", "p50_ms", "p99_ms"} | {
 
 
 def print_table(names: list[str], results: list[dict]) -> None:
-    header = ["measure", *names, f"ratio {names[1]} / {names[0]}"]
+    """A Markdown table: each contender's figures, then each against the one before it."""
+    ratios = [f"{names[i]} / {names[i - 1]}" for i in range(1, len(names))]
+    header = ["measure", *names, *ratios]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for load, key, label, number in ROWS:
         values = [result[load][key] for result in results]
-        cells = [number.format(v) for v in values]
-        ratio = (
-            f"{values[1] / values[0]:.2f}x" if key in RATIO_ROWS and values[0] else ""
-        )
-        print("| " + " | ".join([label, *cells, ratio]) + " |")
+        cells = [number.format(value) for value in values]
+        for before, after in itertools.pairwise(values):
+            show = key in RATIO_ROWS and before
+            cells.append(f"{after / before:.2f}x" if show else "")
+        print("| " + " | ".join([label, *cells]) + " |")
 
 
-async def run(client_count: int) -> None:
+async def run(client_count: int, with_redis: bool) -> None:
     contenders = [
         Contender("tutorial", "bench:naive_app"),
         Contender("main.py", "main:app"),
     ]
+    if with_redis:
+        contenders.append(
+            Contender("main.py, Redis, 2 workers", "main:app", 2, redis=True)
+        )
     print(
         f"{client_count} clients; server CPU from /proc; {os.cpu_count()} cores",
         file=sys.stderr,
@@ -353,8 +444,15 @@ def main() -> None:
     parser.add_argument(
         "--clients", type=int, default=1000, help="chat and echo clients"
     )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also measure the chat across two workers through a redis-server of its own",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.clients))
+    if args.redis and shutil.which("redis-server") is None:
+        parser.error("--redis needs redis-server: apt-get install redis-server")
+    asyncio.run(run(args.clients, args.redis))
 
 
 if __name__ == "__main__":

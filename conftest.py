@@ -49,6 +49,19 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float) -> Non
     raise TimeoutError(f"nothing listening on port {port} after {timeout_s} s")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    user, system = int(fields[11]), int(fields[12])
+    return (user + system) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
 @dataclass
 class Server:
     """A running `uvicorn main:app`, and everything it logged."""
@@ -69,17 +82,10 @@ class Server:
         return self.log_path.read_text()
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the server has used so far (Linux /proc)."""
-        fields = (
-            Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        )
-        user, system = int(fields[11]), int(fields[12])
-        return (user + system) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.process.pid)
 
     def rss_bytes(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
-        return int(line.split()[1]) * 1024
+        return process_rss_bytes(self.process.pid)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -131,6 +137,53 @@ def server(tmp_path: Path) -> Iterator[Server]:
     running = start_server(tmp_path / "uvicorn.log")
     yield running
     running.stop()
+
+
+def wait_for_log(server: Server, text: str, count: int = 1) -> None:
+    """Until `text` has appeared `count` times in the server's log."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while server.log().count(text) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{text!r} not logged {count} times:\n{server.log()}")
+        time.sleep(0.05)
+
+
+@dataclass
+class RedisServer:
+    """A throwaway `redis-server` on loopback, with persistence off."""
+
+    executable: str
+    port: int
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        options = ["--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
+        options += ["--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [self.executable, *options], stdout=subprocess.DEVNULL
+        )
+        wait_for_port(self.port, self.process, STARTUP_TIMEOUT_S)
+
+    def kill(self) -> None:
+        """Gone at once, as after a crash: no goodbye to its clients."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    executable = require_program(
+        "redis-server", "install it with: apt-get install redis-server"
+    )
+    server = RedisServer(executable, free_port())
+    server.start()
+    yield server
+    server.kill()
 
 
 def require_program(path_or_name: str, install_hint: str) -> str:

@@ -1,17 +1,23 @@
 """FastAPI WebSockets, step by step: echo, client ids, and a chat that holds up.
 
 Run it with `uvicorn main:app --reload` and open http://127.0.0.1:8000/.
-Each step below is one endpoint, in the order the tutorial teaches them.
+Each step below is one endpoint, in the order the tutorial teaches them. The last section
+lets the chat span several processes through Redis, when REDIS_URL is set.
 """
 
 import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.backoff
 from fastapi import (
     Depends,
     FastAPI,
@@ -33,6 +39,8 @@ MAX_BACKLOG_MESSAGES = 100  # messages queued for one chat client, at most
 SEND_TIMEOUT_S = 0.5  # a full outbox whose socket takes nothing this long: cut off
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 
+TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
+
 # Browsers send Origin on every WebSocket handshake; other sites' pages are refused.
 ALLOWED_ORIGINS = frozenset(
     origin.strip().rstrip("/")
@@ -40,7 +48,27 @@ ALLOWED_ORIGINS = frozenset(
     if origin.strip()
 )
 
-app = FastAPI()
+# Unset or empty: one process, nothing else to run. Set: see the last section.
+REDIS_URL = os.environ.get("REDIS_URL", "")
+REDIS_CHANNEL = "chat"
+REDIS_TIMEOUT_S = 2.0  # connecting to, or waiting on, Redis
+REDIS_RETRY_S = 1.0  # between attempts to reach Redis again once it is lost
+REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Only the Redis relay, at the end of this file, has anything to start and stop.
+    if not isinstance(manager, RedisConnectionManager):
+        yield
+        return
+    relay = asyncio.create_task(manager.relay_messages())
+    yield
+    relay.cancel()
+    await manager.redis.aclose()
+
+
+app = FastAPI(lifespan=lifespan)
 
 
 @app.get("/")
@@ -143,6 +171,9 @@ class Client:
         # while it waits for a message from a client that will never send one.
         self.handler_scope = anyio.CancelScope()
         self.blocked_on_socket = False
+        # Set when the server cuts the client off: what its connection is closed with.
+        self.close_code = status.WS_1000_NORMAL_CLOSURE
+        self.close_reason = ""
         self.sender = asyncio.create_task(self.send_outbox())
 
     async def send_outbox(self) -> None:
@@ -201,31 +232,30 @@ class ConnectionManager:
                 return
             except TimeoutError:
                 if client.blocked_on_socket:
-                    self.cut_off(client)
+                    self.cut_off(client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
 
-    def cut_off(self, client: Client) -> None:
+    def cut_off(self, client: Client, code: int, reason: str) -> None:
+        """Take the client out of the room and end its handler, which then closes it."""
         self.disconnect(client.websocket)
+        client.close_code, client.close_reason = code, reason
         client.handler_scope.cancel()
 
 
 manager = ConnectionManager()
 
 
-async def close_too_slow(websocket: WebSocket) -> None:
-    # The close frame queues behind everything the client has not read, and may never go
-    # out; give up after a while (the server then drops the connection once it can).
+async def close_cut_off(client: Client) -> None:
+    # The close frame queues behind all the client has not read, and may never go out:
+    # give up after a while (the server then drops the connection once it can).
     with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(WebSocketDisconnect):
-        await websocket.close(
-            status.WS_1008_POLICY_VIOLATION,
-            f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind",
-        )
+        await client.websocket.close(client.close_code, client.close_reason)
 
 
 @app.websocket("/chat/{client_id}", dependencies=[Depends(check_origin)])
 async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
     client = await manager.connect(websocket)
     try:
-        with client.handler_scope:
+        with client.handler_scope:  # the manager cancels it to cut this client off
             while True:
                 data = await receive_valid_text(websocket)
                 await manager.send_personal_message(f"You wrote: {data}", websocket)
@@ -235,10 +265,100 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
     finally:
         manager.disconnect(websocket)
         await manager.broadcast(f"Client #{client_id} left the chat")
+    # Cut off (too slow, or the chat lost Redis): tell the client why as it goes.
     if client.handler_scope.cancel_called:
-        logger.info(
-            "Client #%d cut off: over %d messages behind",
-            client_id,
-            MAX_BACKLOG_MESSAGES,
+        logger.info("Client #%d cut off: %s", client_id, client.close_reason)
+        await close_cut_off(client)
+
+
+# --- Scale out: one chat across processes and machines, through Redis --------------------
+#
+# The manager above lives in one process: with `uvicorn main:app --workers 4`, or two
+# machines behind a load balancer, clients of different processes would never see each
+# other. With REDIS_URL set, every broadcast is published to a Redis channel instead, and
+# each process relays what the channel brings to its own clients. The endpoints do not
+# change: the manager does, behind the same four methods.
+
+
+class RedisConnectionManager(ConnectionManager):
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = without_password(url)  # for the log
+        self.redis = redis.asyncio.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
+            # One immediate retry, on a fresh connection, covers a connection that went
+            # stale while Redis restarted. No backoff: a message held back for seconds
+            # until Redis returns would arrive late and out of place.
+            retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), retries=1),
         )
-        await close_too_slow(websocket)
+        self.relaying = False  # subscribed to the channel: chat clients are welcome
+
+    async def connect(self, websocket: WebSocket) -> Client:
+        if not self.relaying:
+            # Accept first, so the page sees the code and reason, and retries.
+            await websocket.accept()
+            raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
+        return await super().connect(websocket)
+
+    async def broadcast(self, message: str) -> None:
+        # Redis delivers one publisher's messages in order, to every subscriber.
+        try:
+            await self.redis.publish(REDIS_CHANNEL, message)
+        except redis.RedisError:
+            self.close_chat()
+
+    async def relay_messages(self) -> None:
+        """Hand each message on the channel to this process's clients, while the app runs."""
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(REDIS_CHANNEL)
+                    self.relaying = True
+                    logger.info("Chat relayed through Redis at %s", self.url)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            await super().broadcast(message["data"])
+            except redis.RedisError as error:
+                if self.relaying:
+                    logger.warning(
+                        "Lost Redis at %s (%s): chat closed", self.url, error
+                    )
+                self.relaying = False
+                self.close_chat()
+                await asyncio.sleep(REDIS_RETRY_S)
+
+    def close_chat(self) -> None:
+        # Without Redis, this process's clients would only see part of the room: close
+        # them with 1013, Try Again Later. The page shows the reason, and retries.
+        for client in list(self.active_connections.values()):
+            self.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
+
+
+def without_password(url: str) -> str:
+    """The URL fit for a log: redis://:secret@host becomes redis://:***@host."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def exit_unless_redis_answers(url: str) -> None:
+    """Fail at start-up, in one line, rather than with every chat message later."""
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=REDIS_TIMEOUT_S).ping()
+    except redis.RedisError as error:
+        logger.error(
+            "Cannot reach Redis at %s (%s): start it, or unset REDIS_URL",
+            without_password(url),
+            error,
+        )
+        raise SystemExit(1) from None
+
+
+if REDIS_URL:
+    exit_unless_redis_answers(REDIS_URL)
+    manager = RedisConnectionManager(REDIS_URL)

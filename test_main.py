@@ -216,3 +216,14 @@ def test_allowed_origins_lets_another_site_in(client: TestClient, monkeypatch) -
     ) as websocket:
         websocket.send_text("ok")
         assert websocket.receive_text() == "Message text was: ok"
+
+
+# --- Scale out -------------------------------------------------------------------------
+
+
+def test_redis_url_password_is_kept_out_of_the_log() -> None:
+    url = "redis://user:s3cret@redis.example:6379/0"
+    assert main.without_password(url) == "redis://user:***@redis.example:6379/0"
+    assert (
+        main.without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    )
