@@ -4,10 +4,10 @@
     python bench.py --clients 200    # quicker
     python bench.py --redis          # also the chat across two workers, through Redis
 
-Each load runs against each server in turn: the tutorial's code as it is taught (kept
-below as `naive_app`), `main:app`, and with --redis, `main:app` as two uvicorn workers
-sharing the chat through a redis-server. The servers' CPU time (every worker's, and
-Redis's) is read from /proc, so the load generator's own work (this process) does not count. Absolute figures depend on the
+The servers: the tutorial's code as it is taught (kept below as `naive_app`), `main:app`,
+and with --redis, `main:app` as two uvicorn workers sharing the chat through a
+redis-server. Their CPU time (every worker's, and Redis's) is read from /proc, so the load
+generator's own work (this process) does not count. Absolute figures depend on the
 machine; the ratios are the point.
 """
 
@@ -89,6 +89,71 @@ async def websocket_chat_endpoint(websocket: WebSocket, client_id: int):
         await manager.broadcast(f"Client #{client_id} left the chat")
 
 
+# --- The servers under load -----------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    app: str
+    workers: int = 1
+    redis: bool = (
+        False  # each worker gets REDIS_URL, pointing at a redis-server of its own
+    )
+
+
+@dataclass
+class Deployment:
+    """The processes serving one contender: its uvicorn workers, and Redis if it uses it."""
+
+    workers: list[Server]
+    redis: RedisServer | None = None
+
+    def ws_url(self, client_number: int) -> str:
+        """Clients are spread over the workers, as a load balancer would."""
+        return self.workers[client_number % len(self.workers)].ws_url
+
+    def pids(self) -> list[int]:
+        redis_pids = (
+            [self.redis.process.pid] if self.redis and self.redis.process else []
+        )
+        return [worker.process.pid for worker in self.workers] + redis_pids
+
+    def cpu_seconds(self) -> float:
+        return sum(process_cpu_seconds(pid) for pid in self.pids())
+
+    def rss_bytes(self) -> int:
+        return sum(process_rss_bytes(pid) for pid in self.pids())
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        if self.redis is not None:
+            self.redis.kill()
+
+
+def deploy(contender: Contender, log_dir: Path) -> Deployment:
+    deployment = Deployment(workers=[])
+    env = {}
+    if contender.redis:
+        deployment.redis = RedisServer(shutil.which("redis-server") or "", free_port())
+        deployment.redis.start()
+        env["REDIS_URL"] = deployment.redis.url
+    try:
+        for number in range(contender.workers):
+            log_path = log_dir / f"{contender.name} {number}.log"
+            worker = start_server(
+                log_path, app=contender.app, options=("--log-level", "info"), **env
+            )
+            deployment.workers.append(worker)
+            if contender.redis:
+                wait_for_log(worker, "Chat relayed through Redis")
+    except BaseException:
+        deployment.stop()
+        raise
+    return deployment
+
+
 # --- Loads -----------------------------------------------------------------------------------
 
 FAN_OUT_MESSAGES = 100  # broadcast by one client as fast as it can send
@@ -155,19 +220,19 @@ async def send_stamped(client: ClientConnection, seq: int) -> None:
         await client.send(f"{seq} {time.perf_counter()}")
 
 
-async def fan_out(server: "Deployment", client_count: int) -> dict[str, float]:
+async def fan_out(deployment: Deployment, client_count: int) -> dict[str, float]:
     """One client broadcasts to all; throughput, then latency with one message in flight."""
     clients = await connect_all(
-        [f"{server.ws_url(i)}/chat/{i}" for i in range(client_count)]
+        [f"{deployment.ws_url(i)}/chat/{i}" for i in range(client_count)]
     )
     progress(f"{client_count} chat clients connected")
     burst = Deliveries(expected=client_count * FAN_OUT_MESSAGES)
     readers = [asyncio.create_task(burst.read(c)) for c in clients]
-    cpu_before, started = server.cpu_seconds(), time.perf_counter()
+    cpu_before, started = deployment.cpu_seconds(), time.perf_counter()
     for seq in range(FAN_OUT_MESSAGES):
         await send_stamped(clients[0], seq)
     await burst.wait_for(lambda: burst.count >= burst.expected)
-    elapsed, cpu = time.perf_counter() - started, server.cpu_seconds() - cpu_before
+    elapsed, cpu = time.perf_counter() - started, deployment.cpu_seconds() - cpu_before
     for reader in readers:
         reader.cancel()
     progress(f"burst: {burst.count} of {burst.expected} delivered in {elapsed:.2f} s")
@@ -190,17 +255,19 @@ async def fan_out(server: "Deployment", client_count: int) -> dict[str, float]:
     }
 
 
-async def echo(server: "Deployment", client_count: int) -> dict[str, float]:
-    clients = await connect_all([f"{server.ws_url(i)}/ws" for i in range(client_count)])
+async def echo(deployment: Deployment, client_count: int) -> dict[str, float]:
+    clients = await connect_all(
+        [f"{deployment.ws_url(i)}/ws" for i in range(client_count)]
+    )
 
     async def round_trips(client: ClientConnection) -> None:
         for i in range(ECHO_ROUND_TRIPS):
             await client.send(f"ping {i}")
             assert await client.recv() == f"Message text was: ping {i}"
 
-    cpu_before, started = server.cpu_seconds(), time.perf_counter()
+    cpu_before, started = deployment.cpu_seconds(), time.perf_counter()
     await asyncio.gather(*(round_trips(c) for c in clients))
-    elapsed, cpu = time.perf_counter() - started, server.cpu_seconds() - cpu_before
+    elapsed, cpu = time.perf_counter() - started, deployment.cpu_seconds() - cpu_before
     await close_all(clients)
     total = client_count * ECHO_ROUND_TRIPS
     return {
@@ -209,15 +276,15 @@ async def echo(server: "Deployment", client_count: int) -> dict[str, float]:
     }
 
 
-async def stalled_client(server: "Deployment", client_count: int) -> dict[str, float]:
+async def stalled_client(deployment: Deployment, client_count: int) -> dict[str, float]:
     """A client that stops reading sits in the room while another sends 3,000 x 4 KiB.
 
     Only the two clients: `client_count` is not used here. With several workers, the two
     are on different ones.
     """
-    stalled, _ = raw_handshake(server.workers[-1].port, "/chat/2", rcvbuf=4096)
-    rss_before = peak_rss = server.rss_bytes()
-    async with connect(f"{server.ws_url(0)}/chat/1", max_queue=None) as healthy:
+    stalled, _ = raw_handshake(deployment.workers[-1].port, "/chat/2", rcvbuf=4096)
+    rss_before = peak_rss = deployment.rss_bytes()
+    async with connect(f"{deployment.ws_url(0)}/chat/1", max_queue=None) as healthy:
         prefix = "Client #1 says: "
         received = 0
 
@@ -236,7 +303,7 @@ async def stalled_client(server: "Deployment", client_count: int) -> dict[str, f
         tasks = [asyncio.create_task(receive_all()), asyncio.create_task(send_all())]
         deadline = started + STALL_TIMEOUT_S
         while not tasks[0].done() and time.perf_counter() < deadline:
-            peak_rss = max(peak_rss, server.rss_bytes())
+            peak_rss = max(peak_rss, deployment.rss_bytes())
             await asyncio.sleep(RSS_SAMPLE_S)
         elapsed = time.perf_counter() - started
         for task in tasks:
@@ -257,68 +324,6 @@ async def stalled_client(server: "Deployment", client_count: int) -> dict[str, f
 
 
 # --- Running it --------------------------------------------------------------------------------
-
-
-@dataclass
-class Contender:
-    name: str
-    app: str
-    workers: int = 1
-    redis: bool = (
-        False  # each worker gets REDIS_URL, pointing at a redis-server of its own
-    )
-
-
-@dataclass
-class Deployment:
-    """The processes serving one contender: its uvicorn workers, and Redis if it uses it."""
-
-    workers: list[Server]
-    redis: RedisServer | None = None
-
-    def ws_url(self, client_number: int) -> str:
-        """Clients are spread over the workers, as a load balancer would."""
-        return self.workers[client_number % len(self.workers)].ws_url
-
-    def pids(self) -> list[int]:
-        redis_pids = (
-            [self.redis.process.pid] if self.redis and self.redis.process else []
-        )
-        return [worker.process.pid for worker in self.workers] + redis_pids
-
-    def cpu_seconds(self) -> float:
-        return sum(process_cpu_seconds(pid) for pid in self.pids())
-
-    def rss_bytes(self) -> int:
-        return sum(process_rss_bytes(pid) for pid in self.pids())
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        if self.redis is not None:
-            self.redis.kill()
-
-
-def deploy(contender: Contender, log_dir: Path) -> Deployment:
-    deployment = Deployment(workers=[])
-    env = {}
-    if contender.redis:
-        deployment.redis = RedisServer(shutil.which("redis-server") or "", free_port())
-        deployment.redis.start()
-        env["REDIS_URL"] = deployment.redis.url
-    try:
-        for number in range(contender.workers):
-            log_path = log_dir / f"{contender.name} {number}.log"
-            worker = start_server(
-                log_path, app=contender.app, options=("--log-level", "info"), **env
-            )
-            deployment.workers.append(worker)
-            if contender.redis:
-                wait_for_log(worker, "Chat relayed through Redis")
-    except BaseException:
-        deployment.stop()
-        raise
-    return deployment
 
 
 @dataclass

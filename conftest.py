@@ -1,5 +1,6 @@
 """The harness for tests and bench.py: uvicorn on a free loopback port, and raw clients."""
 
+import asyncio
 import base64
 import os
 import shutil
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
 
 HERE = Path(__file__).parent
 STARTUP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
+TEST_TIMEOUT_S = 30.0  # an async scenario that takes longer fails instead of hanging
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -64,7 +67,7 @@ def process_rss_bytes(pid: int) -> int:
 
 @dataclass
 class Server:
-    """A running `uvicorn main:app`, and everything it logged."""
+    """A running uvicorn process, and everything it logged."""
 
     port: int
     process: subprocess.Popen
@@ -220,9 +223,8 @@ def raw_handshake(
     sock.sendall((head + "\r\n").encode())
     response = b""
     while b"\r\n\r\n" not in response:
-        chunk = sock.recv(
-            1
-        )  # byte by byte: nothing past the head is taken off the wire
+        # Byte by byte: nothing past the head is taken off the wire.
+        chunk = sock.recv(1)
         if not chunk:
             break
         response += chunk
@@ -262,3 +264,43 @@ def reset(sock: socket.socket) -> None:
     """Vanish without a close frame: SO_LINGER 0 makes close() send a TCP reset."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+# --- Clients for tests that drive a real server ------------------------------------------
+
+
+def open_client(url: str, **options) -> connect:
+    """A `websockets` client that buffers all it receives.
+
+    With its default bound, a test client the test has stopped reading would stop reading
+    its socket too, and its closing handshake would wait out a 10 s timeout.
+    """
+    return connect(url, max_queue=None, **options)
+
+
+def run(scenario, timeout_s: float = TEST_TIMEOUT_S):
+    """Run an async scenario, failing rather than hanging if it takes too long."""
+
+    async def bounded():
+        async with asyncio.timeout(timeout_s):
+            return await scenario
+
+    return asyncio.run(bounded())
+
+
+async def receive_says(
+    websocket: ClientConnection,
+    sender: int,
+    count: int,
+    others: list[str] | None = None,
+) -> list[str]:
+    """The next `count` messages `sender` broadcast; anything else goes to `others`."""
+    prefix = f"Client #{sender} says: "
+    received: list[str] = []
+    while len(received) < count:
+        message = await websocket.recv()
+        if message.startswith(prefix):
+            received.append(message.removeprefix(prefix))
+        elif others is not None:
+            others.append(message)
+    return received

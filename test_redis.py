@@ -23,10 +23,12 @@ from conftest import (
     Server,
     assert_nothing_went_wrong,
     free_port,
+    open_client,
+    receive_says,
+    run,
     start_server,
     wait_for_log,
 )
-from test_server import open_client, receive_says, run
 
 RELAYING = "Chat relayed through Redis"
 

@@ -6,58 +6,20 @@ loopback, with the `websockets` client and, where a client must misbehave, a raw
 
 import asyncio
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 import main
 from conftest import (
     Server,
     assert_nothing_went_wrong,
+    open_client,
     raw_handshake,
     read_until_close,
+    receive_says,
     reset,
+    run,
     start_server,
 )
-
-TEST_TIMEOUT_S = 30.0
-
-
-def open_client(url: str, **options) -> connect:
-    """A `websockets` client that buffers all it receives.
-
-    With its default bound, a test client the test has stopped reading would stop reading
-    its socket too, and its closing handshake would wait out a 10 s timeout.
-    """
-    return connect(url, max_queue=None, **options)
-
-
-def run(scenario, timeout_s: float = TEST_TIMEOUT_S):
-    """Run an async scenario, failing rather than hanging if it takes too long."""
-
-    async def bounded():
-        async with asyncio.timeout(timeout_s):
-            return await scenario
-
-    return asyncio.run(bounded())
-
-
-async def receive_says(
-    websocket: ClientConnection,
-    sender: int,
-    count: int,
-    others: list[str] | None = None,
-) -> list[str]:
-    """The next `count` messages `sender` broadcast; anything else goes to `others`."""
-    prefix = f"Client #{sender} says: "
-    received: list[str] = []
-    while len(received) < count:
-        message = await websocket.recv()
-        if message.startswith(prefix):
-            received.append(message.removeprefix(prefix))
-        elif others is not None:
-            others.append(message)
-    return received
-
 
 # --- A client that stops reading -------------------------------------------------------------
 
