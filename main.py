@@ -27,6 +27,7 @@ from fastapi import (
     status,
 )
 from fastapi.responses import FileResponse
+from fastapi.websockets import WebSocketState
 
 # uvicorn's own logger, so these lines show in the terminal uvicorn runs in.
 logger = logging.getLogger("uvicorn.error")
@@ -225,7 +226,8 @@ class ConnectionManager:
         # Waiting here holds up this broadcast, and so the writer: that is backpressure,
         # fine while the server is only busy. A client whose socket has taken nothing
         # for SEND_TIMEOUT_S is cut off instead, so it cannot stall the room.
-        while client.websocket in self.active_connections:
+        # A client whose sender task has ended has left: nothing to wait for.
+        while client.websocket in self.active_connections and not client.sender.done():
             try:
                 async with asyncio.timeout(SEND_TIMEOUT_S):
                     await client.outbox.put(message)
@@ -245,6 +247,8 @@ manager = ConnectionManager()
 
 
 async def close_cut_off(client: Client) -> None:
+    if client.websocket.application_state is not WebSocketState.CONNECTED:
+        return  # Closed already: the client left while being cut off.
     # The close frame queues behind all the client has not read, and may never go out:
     # give up after a while (the server then drops the connection once it can).
     with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(WebSocketDisconnect):
@@ -266,7 +270,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
         manager.disconnect(websocket)
         await manager.broadcast(f"Client #{client_id} left the chat")
     # Cut off (too slow, or the chat lost Redis): tell the client why as it goes.
-    if client.handler_scope.cancel_called:
+    if client.handler_scope.cancelled_caught:
         logger.info("Client #%d cut off: %s", client_id, client.close_reason)
         await close_cut_off(client)
 
