@@ -22,9 +22,17 @@ STOP_TIMEOUT_S = 5.0
 TEST_TIMEOUT_S = 30.0  # an async scenario that takes longer fails instead of hanging
 
 
+TEST_HARD_LIMIT_S = 60  # any test still running then has hung: fail it, move on
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # A warning today is tomorrow's breakage: the suite fails on any.
     config.addinivalue_line("filterwarnings", "error")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.timeout(TEST_HARD_LIMIT_S))
 
 
 def free_port() -> int:

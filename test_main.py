@@ -5,6 +5,7 @@ real sockets (backpressure, abrupt disconnects, handshake headers) is in test_se
 """
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,8 +15,11 @@ import main
 
 
 @pytest.fixture
-def client() -> TestClient:
-    return TestClient(main.app)
+def client() -> Iterator[TestClient]:
+    # Entered, so that every connection of a test shares one event loop, as under uvicorn;
+    # otherwise each websocket_connect() would run the app in a loop of its own.
+    with TestClient(main.app) as client:
+        yield client
 
 
 def receive_close(websocket) -> tuple[int, str]:
