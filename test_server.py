@@ -19,6 +19,7 @@ from conftest import (
     reset,
     run,
     start_server,
+    wait_for_log,
 )
 
 # --- A client that stops reading -------------------------------------------------------------
@@ -116,6 +117,15 @@ def test_clients_coming_and_going_mid_broadcast_lose_nothing(server: Server) -> 
     for received in run(broadcast_through_churn()):
         assert received == sent
     assert "cut off" not in server.log()  # leaving is not falling behind
+    assert_nothing_went_wrong(server)
+
+
+def test_steps_1_and_2_take_a_vanished_client_quietly(server: Server) -> None:
+    for path in ("/ws", "/ws/5"):
+        sock, head = raw_handshake(server.port, path)
+        assert head.startswith(b"HTTP/1.1 101"), path
+        reset(sock)
+    wait_for_log(server, "Client #5 left the chat")
     assert_nothing_went_wrong(server)
 
 
