@@ -353,7 +353,10 @@ def without_password(url: str) -> str:
 def exit_unless_redis_answers(url: str) -> None:
     """Fail at start-up, in one line, rather than with every chat message later."""
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=REDIS_TIMEOUT_S).ping()
+        with redis.Redis.from_url(
+            url, socket_connect_timeout=REDIS_TIMEOUT_S
+        ) as client:
+            client.ping()
     except redis.RedisError as error:
         logger.error(
             "Cannot reach Redis at %s (%s): start it, or unset REDIS_URL",
