@@ -3,7 +3,10 @@
 import asyncio
 import base64
 import os
+import resource
+import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -17,6 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 HERE = Path(__file__).parent
+README = HERE / "README.md"
 STARTUP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 TEST_TIMEOUT_S = 30.0  # an async scenario that takes longer fails instead of hanging
@@ -28,11 +32,54 @@ TEST_HARD_LIMIT_S = 60  # any test still running then has hung: fail it, move on
 def pytest_configure(config: pytest.Config) -> None:
     # A warning today is tomorrow's breakage: the suite fails on any.
     config.addinivalue_line("filterwarnings", "error")
+    # A plain `pytest` says why tests were skipped (no Chromium, no redis-server).
+    if "s" not in config.option.reportchars:
+        config.option.reportchars += "s"
+    raise_open_files_limit()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.timeout(TEST_HARD_LIMIT_S))
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to the hard limit; return it.
+
+    Each WebSocket costs a file descriptor at each end: thousands of clients need more
+    than the usual soft limit of 1,024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def readme_command(start: str) -> tuple[str, ...]:
+    """The options of the README's command line that begins with `start`.
+
+    The tests run uvicorn as the README tells readers to, flag for flag; --host and
+    --port are left out, since the tests pick a free loopback port of their own.
+    """
+    lines = [line for line in README.read_text().splitlines() if line.startswith(start)]
+    assert len(lines) == 1, f"README.md has {len(lines)} lines starting {start!r}"
+    words = shlex.split(lines[0])[2:]  # after `uvicorn main:app`
+    options: list[str] = []
+    while words:
+        word = words.pop(0)
+        if word in ("--host", "--port"):
+            words.pop(0)
+        else:
+            options.append(word)
+    return tuple(options)
+
+
+def production_options() -> tuple[str, ...]:
+    return readme_command("uvicorn main:app --host")
+
+
+def following_along_options() -> tuple[str, ...]:
+    return readme_command("uvicorn main:app --reload")
 
 
 def free_port() -> int:
@@ -113,6 +160,7 @@ def start_server(
     port: int | None = None,
     app: str = "main:app",
     options: tuple[str, ...] = (),
+    cwd: Path = HERE,
     **env: str,
 ) -> Server:
     """Start `uvicorn app` with extra command-line options and environment variables."""
@@ -122,7 +170,7 @@ def start_server(
     with log_path.open("a") as log:  # uvicorn keeps its own copy of the file handle
         process = subprocess.Popen(
             command,
-            cwd=HERE,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -145,14 +193,17 @@ def assert_nothing_went_wrong(server: Server) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    running = start_server(tmp_path / "uvicorn.log")
+    """uvicorn with the README's production flags."""
+    running = start_server(tmp_path / "uvicorn.log", options=production_options())
     yield running
     running.stop()
 
 
-def wait_for_log(server: Server, text: str, count: int = 1) -> None:
+def wait_for_log(
+    server: Server, text: str, count: int = 1, timeout_s: float = STARTUP_TIMEOUT_S
+) -> None:
     """Until `text` has appeared `count` times in the server's log."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while server.log().count(text) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{text!r} not logged {count} times:\n{server.log()}")
@@ -179,6 +230,15 @@ class RedisServer:
         )
         wait_for_port(self.port, self.process, STARTUP_TIMEOUT_S)
 
+    def pause(self) -> None:
+        """Hung, not dead: connections stay open and nothing answers, as in a partition."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """Gone at once, as after a crash: no goodbye to its clients."""
         if self.process is not None and self.process.poll() is None:
@@ -202,10 +262,65 @@ def require_program(path_or_name: str, install_hint: str) -> str:
     found = shutil.which(path_or_name)
     if found:
         return found
-    message = f"{path_or_name} is not installed: {install_hint}"
+    message = f"no {path_or_name} found: {install_hint}"
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+# --- A real browser -------------------------------------------------------------------
+
+# Where to look for a Chromium, after the CHROMIUM environment variable (a path).
+CHROMIUM_NAMES = (
+    "chromium",
+    "chromium-browser",
+    "google-chrome",
+    "google-chrome-stable",
+)
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the browser fixture says what to do
+    expect = None
+
+
+def find_chromium() -> str:
+    """CHROMIUM if set, else the first Chromium on PATH; skipped (failed under CI) if none."""
+    hint = "install one (Debian: apt-get install chromium), or set CHROMIUM to its path"
+    if os.environ.get("CHROMIUM"):
+        return require_program(os.environ["CHROMIUM"], hint)
+    for name in CHROMIUM_NAMES:
+        if shutil.which(name):
+            return shutil.which(name)
+    return require_program("chromium", hint)
+
+
+# Per module: Playwright's sync API keeps an event loop running in this thread, where
+# the other tests call asyncio.run().
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if expect is None:
+        message = "playwright is not installed: pip install -r requirements-test.txt"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    executable = find_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        chromium.close()
 
 
 # --- A raw WebSocket client, for clients that misbehave ------------------------------------
@@ -237,6 +352,24 @@ def raw_handshake(
             break
         response += chunk
     return sock, response
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One frame as a client sends it: masked, as the protocol requires."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", opcode | (0x80 if fin else 0), 0x80 | length)
+    elif length < 1 << 16:
+        head = struct.pack("!BBH", opcode | (0x80 if fin else 0), 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", opcode | (0x80 if fin else 0), 0x80 | 127, length)
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return head + mask + masked
+
+
+def close_frame(code: int) -> bytes:
+    return client_frame(0x8, struct.pack("!H", code))
 
 
 def read_exactly(sock: socket.socket, size: int) -> bytes:
@@ -309,6 +442,21 @@ async def receive_says(
         message = await websocket.recv()
         if message.startswith(prefix):
             received.append(message.removeprefix(prefix))
+        elif others is not None:
+            others.append(message)
+    return received
+
+
+async def receive_from_each(
+    websocket: ClientConnection, counts: dict[int, int], others: list[str] | None = None
+) -> dict[int, list[str]]:
+    """What `websocket` receives from each sender, until it has `counts[sender]` of each."""
+    received: dict[int, list[str]] = {sender: [] for sender in counts}
+    while any(len(received[s]) < counts[s] for s in counts):
+        message = await websocket.recv()
+        sender, _, text = message.removeprefix("Client #").partition(" says: ")
+        if sender.isdigit() and int(sender) in received:
+            received[int(sender)].append(text)
         elif others is not None:
             others.append(message)
     return received

@@ -1,46 +1,64 @@
 """FastAPI WebSockets, step by step: echo, client ids, and a chat that holds up.
 
-Run it with `uvicorn main:app --reload` and open http://127.0.0.1:8000/.
-Each step below is one endpoint, in the order the tutorial teaches them. The last section
+Run it with `uvicorn main:app --reload --reload-exclude .venv` and open
+http://127.0.0.1:8000/. Each step below is one endpoint, in the order the tutorial teaches
+them; then FastAPI's "Using Depends" step, and sending into the chat over HTTP. What guards
+the chat against careless and hostile clients comes after the steps, and the last section
 lets the chat span several processes through Redis, when REDIS_URL is set.
 """
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
 import os
-from collections.abc import AsyncIterator
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Annotated, ClassVar
 from urllib.parse import urlsplit
 
 import anyio
-import redis
-import redis.asyncio
-import redis.asyncio.retry
-import redis.backoff
 from fastapi import (
+    Cookie,
     Depends,
     FastAPI,
+    HTTPException,
+    Query,
     WebSocket,
     WebSocketDisconnect,
     WebSocketException,
     status,
 )
 from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.websockets import WebSocketState
+from pydantic import BaseModel, Field, field_validator
+from starlette.websockets import WebSocketDisconnected
 
 # uvicorn's own logger, so these lines show in the terminal uvicorn runs in.
 logger = logging.getLogger("uvicorn.error")
 
 INDEX_HTML = Path(__file__).with_name("index.html")
 
-# Limits. Every one is per connection.
-MAX_MESSAGE_BYTES = 64 * 1024  # longer chat text is refused with close code 1009
-MAX_BACKLOG_MESSAGES = 100  # messages queued for one chat client, at most
-SEND_TIMEOUT_S = 0.5  # a full outbox whose socket takes nothing this long: cut off
+# Limits, per connection. uvicorn must enforce the first one too, before it buffers a
+# message: `--ws-max-size 65536` in the README's production command.
+MAX_MESSAGE_BYTES = 64 * 1024  # longer text closes the connection with 1009
+MAX_BACKLOG_MESSAGES = 100  # queued for a chat client that has fallen behind, at most
+MAX_PENDING_MESSAGES = 100  # sent in one turn, not yet written: writers wait for them
+SEND_TIMEOUT_S = 0.5  # a full backlog whose socket takes nothing this long: cut off
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
+FLOOD_BURST_MESSAGES = 100  # a chat client may send this many at full speed,
+FLOOD_MESSAGES_PER_S = 10  # then this many a second: its next message is read later,
+FLOOD_MAX_SLOWED_MESSAGES = 20  # and slowed down this many times in a row: closed
 
+# Close codes of this app's own (4000-4999), and the reasons the page shows.
+WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
+FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages a second"
+TAKEN_OVER = "Replaced by a newer connection with the same client id"
 
 # Browsers send Origin on every WebSocket handshake; other sites' pages are refused.
 ALLOWED_ORIGINS = frozenset(
@@ -49,24 +67,22 @@ ALLOWED_ORIGINS = frozenset(
     if origin.strip()
 )
 
+# Unset or empty: POST /chat/messages refuses everyone. Set: the bearer token it takes.
+ANNOUNCE_TOKEN = os.environ.get("ANNOUNCE_TOKEN", "")
+
 # Unset or empty: one process, nothing else to run. Set: see the last section.
 REDIS_URL = os.environ.get("REDIS_URL", "")
 REDIS_CHANNEL = "chat"
-REDIS_TIMEOUT_S = 2.0  # connecting to, or waiting on, Redis
+REDIS_TIMEOUT_S = 2.0  # a Redis silent this long is lost (whether it died or hangs)
+REDIS_PING_INTERVAL_S = 0.5  # a quiet subscription is pinged this often
 REDIS_RETRY_S = 1.0  # between attempts to reach Redis again once it is lost
 REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # Only the Redis relay, at the end of this file, has anything to start and stop.
-    if not isinstance(manager, RedisConnectionManager):
+    async with manager.running():  # the Redis relay, when there is one
         yield
-        return
-    relay = asyncio.create_task(manager.relay_messages())
-    yield
-    relay.cancel()
-    await manager.redis.aclose()
 
 
 app = FastAPI(lifespan=lifespan)
@@ -76,9 +92,6 @@ app = FastAPI(lifespan=lifespan)
 async def get() -> FileResponse:
     # Read from disk on every request: edits show on refresh, with no restart.
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
-
-
-# --- Shared by every step: who may connect, and what a client may send ------------------
 
 
 def check_origin(websocket: WebSocket) -> None:
@@ -101,29 +114,6 @@ def check_origin(websocket: WebSocket) -> None:
     raise WebSocketException(
         status.WS_1008_POLICY_VIOLATION, f"Origin {origin} is not allowed"
     )
-
-
-async def receive_valid_text(websocket: WebSocket) -> str:
-    """`websocket.receive_text()`, but refusing what would break the handler.
-
-    `receive_text()` fails with a KeyError on a binary frame, and lets a client send up to
-    uvicorn's 16 MiB limit (`--ws-max-size`) per message. Raising WebSocketException closes
-    the connection with that code and reason; WebSocketDisconnect means the client left.
-    """
-    message = await websocket.receive()
-    if message["type"] == "websocket.disconnect":
-        raise WebSocketDisconnect(message["code"], message.get("reason"))
-    text = message.get("text")
-    if text is None:
-        raise WebSocketException(
-            status.WS_1003_UNSUPPORTED_DATA,
-            "Binary frames are not supported: send text",
-        )
-    if len(text.encode()) > MAX_MESSAGE_BYTES:
-        raise WebSocketException(
-            status.WS_1009_MESSAGE_TOO_BIG, f"Message over {MAX_MESSAGE_BYTES} bytes"
-        )
-    return text
 
 
 # --- Step 1: echo. Accept, then receive and send in a loop ---------------------------------
@@ -157,122 +147,452 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # --- Step 3: a chat room. The ConnectionManager, then its endpoint --------------------------
 
 
+class Backlog:
+    """What a chat client that has fallen behind is yet to be sent, and the task sending it."""
+
+    def __init__(self) -> None:
+        self.messages: collections.deque[str] = collections.deque()
+        self.made_room = asyncio.Event()
+        self.sender: asyncio.Task[None] | None = None
+        # send_text() waits only while the client's socket is full: whoever sees this set
+        # knows that the client is not reading.
+        self.blocked_on_socket = False
+
+
 class Client:
-    """One chat connection: a bounded outbox, and a task that writes it to the socket.
+    """One chat connection, and what the manager keeps about it."""
 
-    Broadcasting only puts a message in each outbox, so a client that reads slowly holds
-    up its own sender task and nobody else. The bound keeps its backlog, and so the
-    server's memory, in check.
-    """
-
-    def __init__(self, websocket: WebSocket) -> None:
+    def __init__(self, websocket: WebSocket, client_id: int) -> None:
         self.websocket = websocket
-        self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=MAX_BACKLOG_MESSAGES)
+        self.client_id = client_id
+        self.backlog: Backlog | None = None  # only while it has fallen behind
         # The client's handler runs inside this scope: cancelling it ends the handler even
         # while it waits for a message from a client that will never send one.
         self.handler_scope = anyio.CancelScope()
-        self.blocked_on_socket = False
-        # Set when the server cuts the client off: what its connection is closed with.
+        # Why the connection ended, as a close code: some endings are not announced.
         self.close_code = status.WS_1000_NORMAL_CLOSURE
         self.close_reason = ""
-        self.sender = asyncio.create_task(self.send_outbox())
+        # Flood control (see slow_down_floods): messages it may still send at full speed.
+        self.allowance = float(FLOOD_BURST_MESSAGES)
+        self.allowance_at = time.monotonic()
+        self.slowed_in_a_row = 0
+        # With Redis: tells this connection from another one with the same id elsewhere.
+        self.token = ""
+        self.announced = False
 
-    async def send_outbox(self) -> None:
-        try:
-            while True:
-                message = await self.outbox.get()
-                # send_text() returns at once unless the client's socket is full, so any
-                # other task that sees this flag set knows the client is not reading.
-                self.blocked_on_socket = True
-                await self.websocket.send_text(message)
-                self.blocked_on_socket = False
-        except WebSocketDisconnect:
-            pass  # The client left; its handler cleans up.
+
+# A send to a client that has gone fails with the first; any later one, with the second.
+GONE = (WebSocketDisconnect, WebSocketDisconnected)
+
+# Endings the room is not told about: the server restarting (1012), the chat closing for
+# everyone in this process (1013), and a client replaced by its own newer connection.
+QUIET_CLOSE_CODES = frozenset({1012, 1013, WS_4000_TAKEN_OVER})
 
 
 class ConnectionManager:
     def __init__(self) -> None:
-        self.active_connections: dict[WebSocket, Client] = {}
+        # By client id: a second connection with the same id takes over from the first.
+        self.active_connections: dict[int, Client] = {}
+        self.departed: list[int] = []  # left since the last leave notice went out
+        self.announcer: asyncio.Task[None] | None = None
+        # Sent in this turn of the event loop, to one client (or to all: None).
+        self.pending: list[tuple[Client | None, str]] = []
+        self.deliverer: asyncio.Task[None] | None = None
 
-    async def connect(self, websocket: WebSocket) -> Client:
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        logger.info(
+            "Chat room kept in this process: with --workers or several machines, "
+            "set REDIS_URL so that they share one room"
+        )
+        yield
+
+    async def connect(self, websocket: WebSocket, client_id: int) -> Client:
         await websocket.accept()
-        client = self.active_connections[websocket] = Client(websocket)
+        client = Client(websocket, client_id)
+        older = self.active_connections.get(client_id)
+        if older is not None:
+            self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER)
+        self.active_connections[client_id] = client
         return client
 
-    def disconnect(self, websocket: WebSocket) -> None:
-        # Safe to call twice: a client can be cut off, then leave.
-        client = self.active_connections.pop(websocket, None)
-        if client is not None:
-            client.sender.cancel()
+    def disconnect(self, client: Client) -> None:
+        # Safe to call twice, and for a connection that a newer one has replaced.
+        if self.active_connections.get(client.client_id) is client:
+            del self.active_connections[client.client_id]
+        if client.backlog is not None and client.backlog.sender is not None:
+            client.backlog.sender.cancel()
 
-    async def send_personal_message(self, message: str, websocket: WebSocket) -> None:
-        # Through the outbox too, so it keeps its place among the broadcasts.
-        client = self.active_connections.get(websocket)
-        if client is not None:
-            await self.put_in_outbox(client, message)
+    async def send_personal_message(self, message: str, client: Client) -> None:
+        await self.send_soon(client, message)
 
-    async def broadcast(self, message: str) -> None:
-        # A copy: clients join and leave while we wait for room in an outbox.
-        for client in list(self.active_connections.values()):
-            await self.put_in_outbox(client, message)
+    async def broadcast(self, message: str) -> bool:
+        """Send to everyone in the room; True once the room has it."""
+        await self.send_soon(None, message)
+        return True
 
-    async def put_in_outbox(self, client: Client, message: str) -> None:
+    async def say(self, client: Client, acknowledgement: str, message: str) -> bool:
+        # The tutorial's two calls: the writer's own copy first, then everyone's.
+        await self.send_personal_message(acknowledgement, client)
+        return await self.broadcast(message)
+
+    async def send_soon(self, to: Client | None, message: str) -> None:
+        """Send with everything else sent in this turn of the event loop: see `deliver`."""
+        self.pending.append((to, message))
+        if self.deliverer is None:
+            self.deliverer = asyncio.create_task(self.deliver())
+        if len(self.pending) >= MAX_PENDING_MESSAGES:
+            # Backpressure: a writer that outpaces delivery waits for it.
+            await asyncio.shield(self.deliverer)
+
+    async def deliver(self) -> None:
+        """Write what was sent in one turn to each client, as the tutorial does, but
+        never wait on one.
+
+        The tutorial awaits each write, so one client whose socket is full holds up
+        everyone after it. Here a write that would wait is given up at once, and that
+        client gets a backlog, and a task that sends it, until it has caught up. A client
+        that keeps up costs what the tutorial's loop costs: no task, no queue. Each
+        client's messages of the turn are written back to back, which lets the kernel
+        send a burst in fewer packets.
+        """
         try:
-            client.outbox.put_nowait(message)
-        except asyncio.QueueFull:
-            await self.wait_for_room(client, message)
+            while self.pending:
+                sent, self.pending = self.pending, []
+                # A copy: clients join and leave while this waits for room in a backlog.
+                clients = list(self.active_connections.values())
+                deliveries = (
+                    (client, message)
+                    for client in clients
+                    for to, message in sent
+                    if to is None or to is client
+                )
+                while (
+                    behind := await self.write_while_keeping_up(deliveries)
+                ) is not None:
+                    await self.send_later(*behind)
+        finally:
+            self.deliverer = None
 
-    async def wait_for_room(self, client: Client, message: str) -> None:
-        # Waiting here holds up this broadcast, and so the writer: that is backpressure,
-        # fine while the server is only busy. A client whose socket has taken nothing
-        # for SEND_TIMEOUT_S is cut off instead, so it cannot stall the room.
-        # A client whose sender task has ended has left: nothing to wait for.
-        while client.websocket in self.active_connections and not client.sender.done():
+    async def write_while_keeping_up(
+        self, deliveries: Iterator[tuple[Client, str]]
+    ) -> tuple[Client, str] | None:
+        """Write deliveries in turn; stop at one for a client that is behind, if any."""
+        delivery = None
+        try:
+            # A deadline of now: any wait is too long. uvicorn (and the TestClient) wait
+            # before writing anything, so a write given up is not half-sent.
+            async with asyncio.timeout(0):
+                for delivery in deliveries:
+                    client, message = delivery
+                    if client.backlog is not None:
+                        return delivery
+                    try:
+                        await client.websocket.send_text(message)
+                    except GONE:
+                        self.disconnect(client)  # its handler tells the room
+                return None
+        except TimeoutError:
+            return delivery  # that client's socket is full: it falls behind
+
+    async def send_later(self, client: Client, message: str) -> None:
+        """Queue a message for a client that is behind, waiting while its backlog is full.
+
+        Waiting holds up this broadcast, and so the writer: that is backpressure, fine
+        while the server is only busy. A client whose socket has taken nothing for
+        SEND_TIMEOUT_S is cut off instead, so that it cannot stall the room.
+        """
+        while self.active_connections.get(client.client_id) is client:
+            backlog = client.backlog
+            if backlog is None:
+                backlog = client.backlog = Backlog()
+                backlog.sender = asyncio.create_task(self.send_backlog(client))
+            if len(backlog.messages) < MAX_BACKLOG_MESSAGES:
+                backlog.messages.append(message)
+                return
+            backlog.made_room.clear()
             try:
                 async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await client.outbox.put(message)
-                return
+                    await backlog.made_room.wait()
             except TimeoutError:
-                if client.blocked_on_socket:
+                if backlog.blocked_on_socket:
                     self.cut_off(client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
+
+    async def send_backlog(self, client: Client) -> None:
+        backlog = client.backlog
+        assert backlog is not None
+        try:
+            while backlog.messages:
+                message = backlog.messages.popleft()
+                backlog.made_room.set()
+                backlog.blocked_on_socket = True
+                await client.websocket.send_text(message)
+                backlog.blocked_on_socket = False
+        except GONE:
+            self.disconnect(client)
+        # Caught up: written to directly again. A broadcaster still waiting for room
+        # starts a new backlog, behind everything this one sent.
+        client.backlog = None
+        backlog.made_room.set()
 
     def cut_off(self, client: Client, code: int, reason: str) -> None:
         """Take the client out of the room and end its handler, which then closes it."""
-        self.disconnect(client.websocket)
+        self.disconnect(client)
         client.close_code, client.close_reason = code, reason
         client.handler_scope.cancel()
+
+    def announce_leaving(self, client: Client) -> None:
+        """Tell the room, unless it is a quiet ending; departures of one turn go as one.
+
+        One notice per departure, to everyone still there, costs O(N²) when N clients
+        leave at once (a network drop, a proxy restarting): batched, it costs O(N).
+        """
+        if client.close_code in QUIET_CLOSE_CODES:
+            return
+        self.departed.append(client.client_id)
+        if self.announcer is None:
+            self.announcer = asyncio.create_task(self.announce_departures())
+
+    async def announce_departures(self) -> None:
+        try:
+            while self.departed:
+                client_ids, self.departed = self.departed, []
+                await self.broadcast(left_the_chat(client_ids))
+        finally:
+            self.announcer = None
+
+
+def left_the_chat(client_ids: list[int]) -> str:
+    """`Client #2 left the chat`, or `Clients #2, #5 and #9 left the chat`."""
+    names = [f"#{client_id}" for client_id in client_ids]
+    if len(names) == 1:
+        return f"Client {names[0]} left the chat"
+    return f"Clients {', '.join(names[:-1])} and {names[-1]} left the chat"
 
 
 manager = ConnectionManager()
 
 
-async def close_cut_off(client: Client) -> None:
-    if client.websocket.application_state is not WebSocketState.CONNECTED:
-        return  # Closed already: the client left while being cut off.
-    # The close frame queues behind all the client has not read, and may never go out:
-    # give up after a while (the server then drops the connection once it can).
-    with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(WebSocketDisconnect):
-        await client.websocket.close(client.close_code, client.close_reason)
-
-
 @app.websocket("/chat/{client_id}", dependencies=[Depends(check_origin)])
 async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
-    client = await manager.connect(websocket)
+    client = await manager.connect(websocket, client_id)
     try:
         with client.handler_scope:  # the manager cancels it to cut this client off
             while True:
                 data = await receive_valid_text(websocket)
-                await manager.send_personal_message(f"You wrote: {data}", websocket)
-                await manager.broadcast(f"Client #{client_id} says: {data}")
-    except WebSocketDisconnect:
-        pass
+                await manager.say(
+                    client, f"You wrote: {data}", f"Client #{client_id} says: {data}"
+                )
+                await slow_down_floods(client)
+    except WebSocketDisconnect as gone:
+        client.close_code = gone.code  # 1012: the server is shutting down
     finally:
-        manager.disconnect(websocket)
-        await manager.broadcast(f"Client #{client_id} left the chat")
-    # Cut off (too slow, or the chat lost Redis): tell the client why as it goes.
+        manager.disconnect(client)
+        manager.announce_leaving(client)
+    # Cut off (too slow, taken over, or the chat lost Redis): tell the client why.
     if client.handler_scope.cancelled_caught:
         logger.info("Client #%d cut off: %s", client_id, client.close_reason)
-        await close_cut_off(client)
+        await close_quietly(websocket, client.close_code, client.close_reason)
+
+
+# --- Step 4, from FastAPI's docs: "Using Depends and others" --------------------------------
+#
+# A WebSocket endpoint takes dependencies like any route: cookies, query parameters,
+# Depends. A dependency refuses the connection by raising WebSocketException (1008), which
+# a browser sees as a refused handshake. This accepts any value, as the docs' example does.
+
+
+async def get_cookie_or_token(
+    websocket: WebSocket,
+    session: Annotated[str | None, Cookie()] = None,
+    token: Annotated[str | None, Query()] = None,
+) -> str:
+    if session is None and token is None:
+        raise WebSocketException(code=status.WS_1008_POLICY_VIOLATION)
+    return session or token or ""
+
+
+@app.websocket("/items/{item_id}/ws", dependencies=[Depends(check_origin)])
+async def item_endpoint(
+    *,
+    websocket: WebSocket,
+    item_id: str,
+    q: int | None = None,
+    cookie_or_token: Annotated[str, Depends(get_cookie_or_token)],
+) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            data = await receive_valid_text(websocket)
+            await websocket.send_text(
+                f"Session cookie or query token value is: {cookie_or_token}"
+            )
+            if q is not None:
+                await websocket.send_text(f"Query parameter q is: {q}")
+            await websocket.send_text(
+                f"Message text was: {data}, for item ID: {item_id}"
+            )
+    except WebSocketDisconnect:
+        pass
+
+
+# --- Sending into the chat from HTTP, or from any code -----------------------------------
+#
+# manager.broadcast() is all it takes, from an endpoint, a background job or a scheduled
+# task in this app; with REDIS_URL set, it reaches the clients of every process.
+
+
+class ChatMessage(BaseModel):
+    text: str = Field(min_length=1)
+
+    @field_validator("text")
+    @classmethod
+    def fits_in_one_message(cls, text: str) -> str:
+        if len(text.encode()) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"must be at most {MAX_MESSAGE_BYTES} bytes in UTF-8")
+        return text
+
+
+def check_announce_token(
+    credentials: Annotated[
+        HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))
+    ],
+) -> None:
+    if not ANNOUNCE_TOKEN:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "Sending into the chat over HTTP is off: start the server with "
+            "ANNOUNCE_TOKEN set to a secret, and send it as a bearer token",
+        )
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), ANNOUNCE_TOKEN.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "Missing or wrong token: send Authorization: Bearer <ANNOUNCE_TOKEN>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+@app.post(
+    "/chat/messages",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(check_announce_token)],
+)
+async def post_chat_message(message: ChatMessage) -> dict[str, str]:
+    if not await manager.broadcast(f"Server says: {message.text}"):
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, REDIS_DOWN)
+    return {"status": "sent"}
+
+
+# --- Hardening: what a client may send, and how it is closed --------------------------------
+#
+# What the tutorial's code lets any client do to the server: crash a handler with a
+# binary frame, send 16 MiB at a time, flood the room, leave a traceback in the log.
+
+
+async def receive_valid_text(websocket: WebSocket) -> str:
+    """`websocket.receive_text()`, but refusing what would break the handler.
+
+    `receive_text()` fails with a KeyError on a binary frame, and lets a client send up to
+    uvicorn's `--ws-max-size` per message. Raising WebSocketException closes the
+    connection with that code and reason; WebSocketDisconnect means the client left.
+    """
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message["code"], message.get("reason"))
+    text = message.get("text")
+    if text is None:
+        raise WebSocketException(
+            status.WS_1003_UNSUPPORTED_DATA,
+            "Binary frames are not supported: send text",
+        )
+    if len(text.encode()) > MAX_MESSAGE_BYTES:
+        raise WebSocketException(
+            status.WS_1009_MESSAGE_TOO_BIG, f"Message over {MAX_MESSAGE_BYTES} bytes"
+        )
+    return text
+
+
+async def slow_down_floods(client: Client) -> None:
+    """Count a chat message; past the client's allowance, read its next one later.
+
+    A token bucket: FLOOD_BURST_MESSAGES at full speed, then FLOOD_MESSAGES_PER_S. Its
+    next messages wait in its own socket meanwhile (uvicorn reads one message ahead), so
+    a flooder slows down itself, not the room: one client sending 20,000 messages held
+    another writer's messages up by 6.6 to 9.6 s (p99) before this.
+    """
+    now = time.monotonic()
+    earned = (now - client.allowance_at) * FLOOD_MESSAGES_PER_S
+    client.allowance = min(FLOOD_BURST_MESSAGES, client.allowance + earned) - 1
+    client.allowance_at = now
+    if client.allowance >= 0:
+        client.slowed_in_a_row = 0
+        return
+    client.slowed_in_a_row += 1
+    if client.slowed_in_a_row > FLOOD_MAX_SLOWED_MESSAGES:
+        raise WebSocketException(status.WS_1008_POLICY_VIOLATION, FLOODING)
+    await asyncio.sleep(-client.allowance / FLOOD_MESSAGES_PER_S)
+
+
+async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
+    """Close with a code and reason, unless the client has gone already.
+
+    The close frame queues behind all the client has not read, and may never go out:
+    give up after CLOSE_TIMEOUT_S (uvicorn then drops the connection once it can).
+    """
+    if websocket.application_state is WebSocketState.DISCONNECTED:
+        return  # a write to it failed: the client left
+    with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(WebSocketDisconnect):
+        await websocket.close(code, reason)
+
+
+@app.exception_handler(WebSocketException)
+async def close_refused_websocket(
+    websocket: WebSocket, refusal: WebSocketException
+) -> None:
+    # Starlette's own handler calls close() even when the client's close frame arrived
+    # with the refused message, and the close then fails with a traceback.
+    if websocket.application_state is WebSocketState.CONNECTED:
+        logger.info(
+            "Closed %s with %d: %s", websocket.url.path, refusal.code, refusal.reason
+        )
+    await close_quietly(websocket, refusal.code, refusal.reason or "")
+
+
+class ClientFaultsAsWarnings(logging.Filter):
+    """One WARNING line, instead of an ERROR with a traceback, for what clients cause.
+
+    uvicorn logs a text frame that is not valid UTF-8 (it closes the connection with 1007)
+    as a server error with a traceback. So it does a graceful shutdown that gave up on
+    connections that read nothing, and each handler it then cancels, such as one still
+    trying to close such a client. None of these is a bug in the server.
+    """
+
+    REWORDED: ClassVar[dict[str, str]] = {
+        "Invalid UTF-8 sequence received from client.": (
+            "Closed a WebSocket with 1007: its text was not valid UTF-8"
+        ),
+        "Cancel %s running task(s), timeout graceful shutdown exceeded": (
+            "Shut down without waiting any longer for clients that read nothing "
+            "(--timeout-graceful-shutdown); %s task(s) cancelled"
+        ),
+    }
+    CANCELLED = "Cancelled a handler still running when the graceful shutdown ended"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[0] if record.exc_info else None
+        if error is asyncio.CancelledError:
+            reworded: str | None = self.CANCELLED
+        else:
+            reworded = self.REWORDED.get(str(record.msg))
+        if reworded is not None:
+            record.msg = reworded
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logger.addFilter(ClientFaultsAsWarnings())
 
 
 # --- Scale out: one chat across processes and machines, through Redis --------------------
@@ -281,7 +601,17 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
 # machines behind a load balancer, clients of different processes would never see each
 # other. With REDIS_URL set, every broadcast is published to a Redis channel instead, and
 # each process relays what the channel brings to its own clients. The endpoints do not
-# change: the manager does, behind the same four methods.
+# change: the manager does, behind the same methods.
+
+if REDIS_URL:
+    try:
+        import redis
+        import redis.asyncio
+        import redis.asyncio.retry
+        import redis.backoff
+    except ImportError:
+        logger.error("REDIS_URL is set, but redis-py is not: pip install redis")
+        raise SystemExit(1) from None
 
 
 class RedisConnectionManager(ConnectionManager):
@@ -293,26 +623,67 @@ class RedisConnectionManager(ConnectionManager):
             decode_responses=True,
             socket_connect_timeout=REDIS_TIMEOUT_S,
             socket_timeout=REDIS_TIMEOUT_S,
-            # One immediate retry, on a fresh connection, covers a connection that went
-            # stale while Redis restarted. No backoff: a message held back for seconds
-            # until Redis returns would arrive late and out of place.
-            retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), retries=1),
+            # One immediate retry, on a fresh connection, for a connection that went
+            # stale while Redis restarted: that publish never ran. A publish that timed
+            # out is not retried: Redis may still run it, late.
+            retry=redis.asyncio.retry.Retry(
+                redis.backoff.NoBackoff(),
+                retries=1,
+                supported_errors=(redis.ConnectionError,),
+            ),
         )
-        self.relaying = False  # subscribed to the channel: chat clients are welcome
+        self.relaying = False  # subscribed, and Redis answers: chat clients are welcome
+        self.subscribed = asyncio.Event()
+        # When this process's current subscription began, by the wall clock: anything
+        # published before it is from before an outage, and is dropped.
+        self.session_started = 0.0
 
-    async def connect(self, websocket: WebSocket) -> Client:
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        relay = asyncio.create_task(self.relay_messages())
+        try:
+            # Start-up completes once chat clients can be welcome.
+            await self.subscribed.wait()
+            yield
+        finally:
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+            await self.redis.aclose()
+
+    async def connect(self, websocket: WebSocket, client_id: int) -> Client:
         if not self.relaying:
-            # Accept first, so the page sees the code and reason, and retries.
+            # Accept first, so the page sees the code and reason, and retries later.
             await websocket.accept()
             raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
-        return await super().connect(websocket)
+        client = await super().connect(websocket, client_id)
+        # Other processes close their connection with this id, if they have one.
+        client.token = secrets.token_hex(8)
+        await self.publish(takeover=client_id, token=client.token)
+        return client
 
-    async def broadcast(self, message: str) -> None:
+    async def broadcast(self, message: str) -> bool:
         # Redis delivers one publisher's messages in order, to every subscriber.
+        return await self.publish(text=message)
+
+    async def say(self, client: Client, acknowledgement: str, message: str) -> bool:
+        # "You wrote" only once Redis has the message: a publish can fail.
+        if not await self.broadcast(message):
+            return False
+        await self.send_personal_message(acknowledgement, client)
+        return True
+
+    async def publish(self, **fields: str | int) -> bool:
+        """Hand a message to Redis, stamped with the time; False if it was not taken."""
+        if not self.relaying:
+            return False
         try:
-            await self.redis.publish(REDIS_CHANNEL, message)
-        except redis.RedisError:
-            self.close_chat()
+            envelope = json.dumps({"at": time.time(), **fields})
+            await self.redis.publish(REDIS_CHANNEL, envelope)
+        except redis.RedisError as error:
+            self.close_chat(f"publish failed: {error}")
+            return False
+        return True
 
     async def relay_messages(self) -> None:
         """Hand each message on the channel to this process's clients, while the app runs."""
@@ -320,23 +691,77 @@ class RedisConnectionManager(ConnectionManager):
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(REDIS_CHANNEL)
-                    self.relaying = True
-                    logger.info("Chat relayed through Redis at %s", self.url)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            await super().broadcast(message["data"])
+                    await self.relay_until_silent(pubsub)
             except redis.RedisError as error:
-                if self.relaying:
-                    logger.warning(
-                        "Lost Redis at %s (%s): chat closed", self.url, error
-                    )
-                self.relaying = False
-                self.close_chat()
+                self.close_chat(str(error))
                 await asyncio.sleep(REDIS_RETRY_S)
 
-    def close_chat(self) -> None:
+    async def relay_until_silent(self, pubsub: "redis.asyncio.client.PubSub") -> None:
+        """Relay until Redis has said nothing for REDIS_TIMEOUT_S, or a publish failed.
+
+        Waiting for the next message would wait forever on a Redis that hangs (stopped,
+        cut off by the network, stuck in a slow command) rather than dies: so a quiet
+        subscription is pinged, and silence is taken for an outage.
+        """
+        loop = asyncio.get_running_loop()
+        heard_at = loop.time()
+        subscribed = False
+        while True:
+            message = await pubsub.get_message(timeout=REDIS_PING_INTERVAL_S)
+            now = loop.time()
+            if message is None and now - heard_at > REDIS_TIMEOUT_S:
+                raise redis.TimeoutError(f"no answer for {REDIS_TIMEOUT_S} s")
+            if message is None:
+                await pubsub.ping()
+            elif message["type"] == "subscribe":
+                heard_at, subscribed = now, True
+                self.welcome_clients()
+            else:
+                heard_at = now
+                await self.relay(message)
+            if subscribed and not self.relaying:
+                raise redis.ConnectionError("a publish failed")
+
+    def welcome_clients(self) -> None:
+        self.session_started = time.time()
+        self.relaying = True
+        self.subscribed.set()
+        logger.info("Chat relayed through Redis at %s", self.url)
+
+    async def relay(self, message: dict) -> None:
+        if message["type"] != "message":
+            return  # a pong
+        envelope = json.loads(message["data"])
+        # Assumes the processes' clocks agree to well under REDIS_TIMEOUT_S (one machine,
+        # or NTP): what was published before this subscription began was meant for a
+        # session that an outage ended.
+        if envelope["at"] < self.session_started:
+            return
+        if "takeover" in envelope:
+            self.take_over(envelope["takeover"], envelope["token"])
+        else:
+            await super().broadcast(envelope["text"])
+
+    def take_over(self, client_id: int, token: str) -> None:
+        """Another connection with this id joined: close ours if it joined earlier.
+
+        Redis orders the notices: a connection whose own notice has come back joined
+        before the notice at hand, one whose notice is still to come joined after it.
+        """
+        client = self.active_connections.get(client_id)
+        if client is None:
+            return
+        if client.token == token:
+            client.announced = True
+        elif client.announced:
+            self.cut_off(client, WS_4000_TAKEN_OVER, TAKEN_OVER)
+
+    def close_chat(self, why: str) -> None:
         # Without Redis, this process's clients would only see part of the room: close
-        # them with 1013, Try Again Later. The page shows the reason, and retries.
+        # them with 1013, Try Again Later, and no leave notices. The page retries.
+        if self.relaying:
+            logger.warning("Lost Redis at %s (%s): chat closed", self.url, why)
+        self.relaying = False
         for client in list(self.active_connections.values()):
             self.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
 

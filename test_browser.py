@@ -1,57 +1,30 @@
 """The page, driven in a real Chromium by Playwright, against a real uvicorn.
 
-Needs Debian's Chromium (`apt-get install chromium`): Playwright's own browser download is
-not used. Without it these tests are skipped, except under CI=true, where they fail.
+Needs a Chromium (see `browser` in conftest.py): Playwright's own browser download is not
+used. Without one these tests are skipped, except under CI=true, where they fail.
 """
 
 import base64
 import hashlib
-import os
 import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import HERE, Server, free_port, require_program, start_server
-from main import INDEX_HTML
+from conftest import HERE, Server, expect, free_port, start_server
+from main import INDEX_HTML, TAKEN_OVER
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOT = HERE / "screenshot.png"
 PAGE_HASH_KEY = "index.html sha256"
 TAB_SIZE = {"width": 560, "height": 420}
 
-try:
-    from playwright.sync_api import Browser, Page, expect
-except ImportError:  # pragma: no cover - the message below says what to do
-    Browser = Page = expect = None
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator["Browser"]:
-    if expect is None:
-        message = "playwright is not installed: pip install -r requirements.txt"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    executable = require_program(CHROMIUM, "install it with: apt-get install chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=executable, headless=True, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+else:
+    Browser = Page = object
 
 
 @pytest.fixture
@@ -59,12 +32,13 @@ def open_tab(browser: "Browser", server: Server) -> Iterator:
     """Open the page with a query string, in a fresh tab, and wait until it is connected."""
     contexts = []
 
-    def open_page(query: str = "") -> "Page":
+    def open_page(query: str = "", connected: bool = True) -> "Page":
         context = browser.new_context(viewport=TAB_SIZE)
         contexts.append(context)
         page = context.new_page()
         page.goto(f"{server.http_url}/{query}")
-        expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+        if connected:
+            expect(page.locator("#status")).to_have_attribute("data-state", "connected")
         return page
 
     yield open_page
@@ -184,6 +158,73 @@ def test_disconnect_button_is_not_retried(open_tab) -> None:
     expect(status).to_have_text("disconnected (closed by the user)")
     page.wait_for_timeout(1500)  # longer than the first retry delay
     expect(status).to_have_text("disconnected (closed by the user)")
+
+
+def test_heading_and_fields_follow_the_step(open_tab) -> None:
+    page = open_tab("?endpoint=echo")
+    expect(page.locator("h1")).to_have_text("Step 1: Echo")
+    expect(page.locator("#clientId")).to_be_hidden()
+    expect(page.locator("#itemId")).to_be_hidden()
+    page.select_option("#endpoint", "chat")
+    expect(page.locator("h1")).to_have_text("Step 3: Chat")
+    expect(page.locator("#clientId")).to_be_visible()
+    page.select_option("#endpoint", "items")
+    expect(page.locator("h1")).to_have_text("Step 4: Depends")
+    expect(page.locator("#itemId")).to_be_visible()
+    expect(page.locator("#token")).to_be_visible()
+    expect(page.locator("#clientId")).to_be_hidden()
+
+
+def test_a_client_id_that_is_not_a_number_is_caught_on_the_page(
+    open_tab, server: Server
+) -> None:
+    page = open_tab("?endpoint=chat&client_id=abc", connected=False)
+    expect(page.locator("#status")).to_have_text(
+        'disconnected (client id must be a whole number, such as 7, not "abc")'
+    )
+    page.wait_for_timeout(1000)  # longer than the first retry delay
+    assert "/chat/abc" not in server.log()  # no handshake was even tried
+
+
+def test_no_favicon_request(open_tab, server: Server) -> None:
+    open_tab("?endpoint=echo")
+    assert "favicon" not in server.log()
+
+
+def test_a_refused_handshake_is_given_up_after_a_few_attempts(
+    open_tab, server: Server
+) -> None:
+    # Step 4 without a token: the server refuses every handshake.
+    page = open_tab("?endpoint=items&item_id=foo&token=", connected=False)
+    expect(page.locator("#status")).to_contain_text(
+        "gave up after 5 attempts: the server refused the connection, or is not "
+        "running. Press Connect to try again",
+        timeout=15_000,
+    )
+    page.wait_for_timeout(1000)
+    assert server.log().count('"WebSocket /items/foo/ws" 403') == 5
+
+
+def test_depends_step_from_its_link(open_tab) -> None:
+    page = open_tab("?endpoint=items&item_id=foo&token=some-key-token")
+    expect(page.locator("#status")).to_have_text("connected (/items/foo/ws)")
+    send(page, "Hello")
+    expect(messages(page)).to_have_text(
+        [
+            "Session cookie or query token value is: some-key-token",
+            "Message text was: Hello, for item ID: foo",
+        ]
+    )
+
+
+def test_a_second_tab_with_the_same_id_takes_over(open_tab) -> None:
+    first = open_tab("?endpoint=chat&client_id=7")
+    open_tab("?endpoint=chat&client_id=7")
+    status = first.locator("#status")
+    expected = f"disconnected (code 4000: {TAKEN_OVER}; press Connect to take it back)"
+    expect(status).to_have_text(expected)
+    first.wait_for_timeout(1500)  # longer than the first retry delay: none came
+    expect(status).to_have_text(expected)
 
 
 def test_markup_in_a_message_is_shown_as_text(open_tab) -> None:

@@ -4,6 +4,7 @@ These tests drive the app in-process with Starlette's TestClient. Behaviour that
 real sockets (backpressure, abrupt disconnects, handshake headers) is in test_server.py.
 """
 
+import asyncio
 import logging
 from collections.abc import Iterator
 
@@ -146,8 +147,56 @@ def test_chat_announces_a_client_leaving(client: TestClient) -> None:
 
 
 def test_disconnect_is_idempotent() -> None:
-    manager = main.ConnectionManager()
-    manager.disconnect(object())  # never connected: nothing to do, no KeyError
+    async def disconnect_twice() -> None:
+        manager = main.ConnectionManager()
+        never_connected = main.Client(websocket=None, client_id=1)
+        manager.disconnect(never_connected)  # nothing to do, no KeyError
+        manager.disconnect(never_connected)
+
+    asyncio.run(disconnect_twice())
+
+
+def test_same_id_again_takes_over_without_a_leave_notice(client: TestClient) -> None:
+    with (
+        client.websocket_connect("/chat/1") as alice,
+        client.websocket_connect("/chat/7") as first_tab,
+    ):
+        with client.websocket_connect("/chat/7") as second_tab:
+            assert receive_close(first_tab) == (4000, main.TAKEN_OVER)
+            second_tab.send_text("still me")
+            assert second_tab.receive_text() == "You wrote: still me"
+            # The room hears the newer connection, and no "Client #7 left the chat".
+            assert alice.receive_text() == "Client #7 says: still me"
+        assert alice.receive_text() == "Client #7 left the chat"
+
+
+def test_leave_notices_of_one_turn_go_out_as_one() -> None:
+    assert main.left_the_chat([2]) == "Client #2 left the chat"
+    assert main.left_the_chat([2, 5]) == "Clients #2 and #5 left the chat"
+    assert main.left_the_chat([2, 5, 9]) == "Clients #2, #5 and #9 left the chat"
+
+
+def test_flooding_client_is_slowed_then_closed_with_1008(
+    client: TestClient, monkeypatch
+) -> None:
+    # The same rule, scaled down: 5 messages at once, then 200 a second, 3 slowed.
+    monkeypatch.setattr(main, "FLOOD_BURST_MESSAGES", 5)
+    monkeypatch.setattr(main, "FLOOD_MESSAGES_PER_S", 200)
+    monkeypatch.setattr(main, "FLOOD_MAX_SLOWED_MESSAGES", 3)
+    with client.websocket_connect("/chat/1") as flooder:
+        for i in range(5 + 3 + 1):
+            flooder.send_text(f"message {i}")
+        received = []
+        while (message := flooder.receive())["type"] == "websocket.send":
+            received.append(message["text"])
+        assert (message["code"], message["reason"]) == (1008, main.FLOODING)
+    # In order, and slowed rather than dropped, up to the close.
+    expected = [f"{prefix}message {i}" for i in range(9) for prefix in PREFIXES]
+    assert received == expected[: len(received)]
+    assert len(received) >= 2 * 6
+
+
+PREFIXES = ("You wrote: ", "Client #1 says: ")
 
 
 # --- Bad input, on every endpoint ----------------------------------------------------------
@@ -191,6 +240,100 @@ def test_message_at_limit_is_relayed(client: TestClient) -> None:
     with client.websocket_connect("/chat/1") as alice:
         alice.send_text(text)
         assert alice.receive_text() == f"You wrote: {text}"
+
+
+# --- Step 4: Depends ---------------------------------------------------------------------
+
+
+def test_depends_step_with_a_query_token(client: TestClient) -> None:
+    with client.websocket_connect("/items/foo/ws?token=some-key-token") as websocket:
+        websocket.send_text("Hello, WebSocket!")
+        assert websocket.receive_text() == (
+            "Session cookie or query token value is: some-key-token"
+        )
+        assert websocket.receive_text() == (
+            "Message text was: Hello, WebSocket!, for item ID: foo"
+        )
+
+
+def test_depends_step_with_a_cookie_and_q(client: TestClient) -> None:
+    headers = {"Cookie": "session=fakesession"}
+    with client.websocket_connect("/items/bar/ws?q=3", headers=headers) as websocket:
+        websocket.send_text("Hi")
+        assert websocket.receive_text() == (
+            "Session cookie or query token value is: fakesession"
+        )
+        assert websocket.receive_text() == "Query parameter q is: 3"
+        assert websocket.receive_text() == "Message text was: Hi, for item ID: bar"
+
+
+def test_depends_step_refuses_no_credentials_with_1008(client: TestClient) -> None:
+    assert refused_handshake(client, "/items/foo/ws").code == 1008
+
+
+def test_depends_step_refuses_a_q_that_is_not_a_number(client: TestClient) -> None:
+    refused = refused_handshake(client, "/items/foo/ws?q=bar&token=some-key-token")
+    assert refused.code == 1008
+
+
+def test_depends_step_keeps_the_project_rules(client: TestClient) -> None:
+    with client.websocket_connect("/items/foo/ws?token=t") as websocket:
+        websocket.send_bytes(b"\x00")
+        assert receive_close(websocket)[0] == 1003
+    refused = refused_handshake(
+        client, "/items/foo/ws?token=t", {"Origin": "http://evil.example"}
+    )
+    assert refused.code == 1008
+
+
+# --- Sending into the chat over HTTP ------------------------------------------------------
+
+
+@pytest.fixture
+def announce_token(monkeypatch) -> str:
+    monkeypatch.setattr(main, "ANNOUNCE_TOKEN", "s3cret")
+    return "s3cret"
+
+
+def post_message(client: TestClient, body: object, token: str | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return client.post("/chat/messages", json=body, headers=headers)
+
+
+def test_post_reaches_every_chat_client(client: TestClient, announce_token) -> None:
+    with (
+        client.websocket_connect("/chat/1") as alice,
+        client.websocket_connect("/chat/2") as bob,
+    ):
+        response = post_message(client, {"text": "Maintenance at 18:00"}, "s3cret")
+        assert response.status_code == 202
+        for websocket in (alice, bob):
+            assert websocket.receive_text() == "Server says: Maintenance at 18:00"
+
+
+def test_post_is_off_without_announce_token(client: TestClient) -> None:
+    response = post_message(client, {"text": "hi"}, "anything")
+    assert response.status_code == 403
+    assert "set to a secret" in response.json()["detail"]
+    assert "ANNOUNCE_TOKEN" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_post_refuses_a_missing_or_wrong_token(
+    client: TestClient, announce_token, token
+) -> None:
+    response = post_message(client, {"text": "hi"}, token)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    "body", [{"text": ""}, {"text": "x" * (main.MAX_MESSAGE_BYTES + 1)}, {}]
+)
+def test_post_refuses_an_empty_or_oversized_text(
+    client: TestClient, announce_token, body
+) -> None:
+    assert post_message(client, body, "s3cret").status_code == 422
 
 
 # --- Origin ----------------------------------------------------------------------------
