@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, ClassVar
 from urllib.parse import urlsplit
@@ -150,6 +150,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 class Backlog:
     """What a chat client that has fallen behind is yet to be sent, and the task sending it."""
 
+    __slots__ = ("blocked_on_socket", "made_room", "messages", "sender")
+
     def __init__(self) -> None:
         self.messages: collections.deque[str] = collections.deque()
         self.made_room = asyncio.Event()
@@ -161,6 +163,21 @@ class Backlog:
 
 class Client:
     """One chat connection, and what the manager keeps about it."""
+
+    # Fixed attributes, no __dict__: less memory per connection, and a faster delivery loop.
+    __slots__ = (
+        "allowance",
+        "allowance_at",
+        "announced",
+        "backlog",
+        "client_id",
+        "close_code",
+        "close_reason",
+        "handler_scope",
+        "slowed_in_a_row",
+        "token",
+        "websocket",
+    )
 
     def __init__(self, websocket: WebSocket, client_id: int) -> None:
         self.websocket = websocket
@@ -259,41 +276,58 @@ class ConnectionManager:
         try:
             while self.pending:
                 sent, self.pending = self.pending, []
+                everyone = [message for to, message in sent if to is None]
+                # The few clients with messages of their own: theirs, in order, among all.
+                own = {
+                    to: [message for at, message in sent if at is None or at is to]
+                    for to, _ in sent
+                    if to is not None
+                }
                 # A copy: clients join and leave while this waits for room in a backlog.
                 clients = list(self.active_connections.values())
-                deliveries = (
-                    (client, message)
-                    for client in clients
-                    for to, message in sent
-                    if to is None or to is client
-                )
-                while (
-                    behind := await self.write_while_keeping_up(deliveries)
-                ) is not None:
-                    await self.send_later(*behind)
+                position = 0
+                while position < len(clients):
+                    position, left = await self.write_while_keeping_up(
+                        clients, position, everyone, own
+                    )
+                    for message in left:
+                        await self.send_later(clients[position], message)
+                    position += 1
         finally:
             self.deliverer = None
 
     async def write_while_keeping_up(
-        self, deliveries: Iterator[tuple[Client, str]]
-    ) -> tuple[Client, str] | None:
-        """Write deliveries in turn; stop at one for a client that is behind, if any."""
-        delivery = None
+        self,
+        clients: list[Client],
+        start: int,
+        everyone: list[str],
+        own: dict[Client, list[str]],
+    ) -> tuple[int, list[str]]:
+        """Write from clients[start] on; where it stopped, and what that client is owed.
+
+        It stops at a client that is behind, or whose write would wait: that client's
+        messages then go to its backlog, in order.
+        """
+        position, messages, written = start, [], 0
         try:
             # A deadline of now: any wait is too long. uvicorn (and the TestClient) wait
             # before writing anything, so a write given up is not half-sent.
             async with asyncio.timeout(0):
-                for delivery in deliveries:
-                    client, message = delivery
+                for position in range(start, len(clients)):
+                    client = clients[position]
+                    messages = own.get(client, everyone)
                     if client.backlog is not None:
-                        return delivery
-                    try:
-                        await client.websocket.send_text(message)
-                    except GONE:
-                        self.disconnect(client)  # its handler tells the room
-                return None
+                        return position, messages
+                    written = 0
+                    for message in messages:
+                        try:
+                            await client.websocket.send_text(message)
+                        except GONE:
+                            self.disconnect(client)  # its handler tells the room
+                        written += 1
         except TimeoutError:
-            return delivery  # that client's socket is full: it falls behind
+            return position, messages[written:]  # that client's socket is full
+        return len(clients), []
 
     async def send_later(self, client: Client, message: str) -> None:
         """Queue a message for a client that is behind, waiting while its backlog is full.
