@@ -1,14 +1,15 @@
 """Measure the chat against the tutorial's own code, in the same run, on this machine.
 
-    python bench.py                  # 1,000 chat clients
-    python bench.py --clients 200    # quicker
-    python bench.py --redis          # also the chat across two workers, through Redis
+    python bench.py             # up to 10,000 clients: about 20 minutes
+    python bench.py --quick     # up to 1,000 clients: about 3 minutes
+    python bench.py --redis     # also the chat across two workers, through Redis
 
-The servers: the tutorial's code as it is taught (kept below as `naive_app`), `main:app`,
-and with --redis, `main:app` as two uvicorn workers sharing the chat through a
-redis-server. Their CPU time (every worker's, and Redis's) is read from /proc, so the load
-generator's own work (this process) does not count. Absolute figures depend on the
-machine; the ratios are the point.
+The servers: the tutorial's code as it is taught (kept below as `naive_app`), and
+`main:app`; with --redis, also `main:app` as two uvicorn workers sharing the chat through
+a redis-server. Each runs as its own uvicorn process, and its CPU time and memory (every
+worker's, and Redis's) are read from /proc, so this needs Linux; the load generator's own
+work (this process) does not count. Absolute figures depend on the machine; the ratios are
+the point. Progress goes to standard error, the tables to standard output.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -30,11 +32,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import (
+    HERE,
     RedisServer,
     Server,
+    following_along_options,
     free_port,
     process_cpu_seconds,
     process_rss_bytes,
+    production_options,
+    raise_open_files_limit,
     raw_handshake,
     read_until_close,
     start_server,
@@ -99,6 +105,7 @@ class Contender:
     workers: int = 1
     # Each worker gets REDIS_URL, pointing at a redis-server of the contender's own.
     redis: bool = False
+    options: tuple[str, ...] = ()  # more uvicorn flags
 
 
 @dataclass
@@ -141,12 +148,10 @@ def deploy(contender: Contender, log_dir: Path) -> Deployment:
     try:
         for number in range(contender.workers):
             log_path = log_dir / f"{contender.name} {number}.log"
-            worker = start_server(
-                log_path, app=contender.app, options=("--log-level", "info"), **env
-            )
+            options = ("--log-level", "warning", *contender.options)
+            worker = start_server(log_path, app=contender.app, options=options, **env)
             deployment.workers.append(worker)
-            if contender.redis:
-                wait_for_log(worker, "Chat relayed through Redis")
+
     except BaseException:
         deployment.stop()
         raise
@@ -155,106 +160,166 @@ def deploy(contender: Contender, log_dir: Path) -> Deployment:
 
 # --- Loads -----------------------------------------------------------------------------------
 
-FAN_OUT_MESSAGES = 100  # broadcast by one client as fast as it can send
-LATENCY_MESSAGES = 20  # broadcast one at a time, each once every client has the last
+CHAT_STEPS = (1000, 2000, 5000, 10_000)  # clients in the ordinary chat, step by step
+QUICK_CHAT_STEPS = (200, 500, 1000)
+CHAT_MESSAGES = 20  # one at a time, each from another client
+CHAT_WAIT_S = 1.0  # the next message goes once the last reached everyone, or after this
+SHOOTOUT_LATENCY_S = 0.5  # websocket-shootout: 95% of broadcasts reach all within this
+SHOOTOUT_SHARE = 0.95
+FAN_OUT_CLIENTS = 1000
+FAN_OUT_MESSAGES = 100  # one client's burst, sent as fast as it can
 ECHO_ROUND_TRIPS = 50  # per client, one after another
-STALL_MESSAGES, STALL_MESSAGE_BYTES = 3000, 4096
+STALL_SENDERS, STALL_MESSAGE_BYTES = 30, 4096  # each sends one burst of 100
 STALL_TIMEOUT_S = 10.0  # the tutorial's loop never finishes: stop waiting then
 QUIET_TIMEOUT_S = 3.0  # no delivery for this long: the rest is lost
 CONNECT_BATCH = 50
 RSS_SAMPLE_S = 0.02
-REPEATS = 3  # runs of each load: solo per server, then with all servers at once
+REPEATS = 3  # runs of the burst and echo loads: solo per server, then all at once
+TOP_STEP_REPEATS = 3  # runs of the ordinary chat at the largest step, alternating
 
 
 def progress(line: str) -> None:
     print(f"  ... {line}", file=sys.stderr, flush=True)
 
 
-async def connect_all(urls: list[str]) -> list[ClientConnection]:
+async def connect_all(urls: list[str], **options) -> list[ClientConnection]:
     clients: list[ClientConnection] = []
     for start in range(0, len(urls), CONNECT_BATCH):
         batch = urls[start : start + CONNECT_BATCH]
-        clients += await asyncio.gather(*(connect(u, max_queue=None) for u in batch))
+        clients += await asyncio.gather(
+            *(connect(u, max_queue=None, **options) for u in batch)
+        )
+        if start and start % 2000 == 0:
+            progress(f"{start} clients connected")
     return clients
 
 
 async def close_all(clients: list[ClientConnection]) -> None:
-    await asyncio.gather(*(client.close() for client in clients))
+    await asyncio.gather(
+        *(client.close() for client in clients), return_exceptions=True
+    )
 
 
 @dataclass
 class Deliveries:
-    """What the chat clients received of one sender's messages: `Client #0 says: seq t`."""
+    """What the chat clients received of stamped messages: `Client #N says: seq t`."""
 
-    expected: int
     count: int = 0
     latencies_s: list[float] = field(default_factory=list)
     per_message: dict[int, int] = field(default_factory=dict)
+    last_at: dict[int, float] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def read(self, client: ClientConnection) -> None:
         # Iterating ends quietly if the server closes the connection: what is missing
         # then counts as lost.
-        async for text in client:
-            if text.startswith("Client #0 says: "):
-                seq, sent_at = text.removeprefix("Client #0 says: ").split()
-                self.latencies_s.append(time.perf_counter() - float(sent_at))
-                self.per_message[int(seq)] = self.per_message.get(int(seq), 0) + 1
+        with contextlib.suppress(ConnectionClosed):
+            async for text in client:
+                now = time.perf_counter()
+                stamp = text.partition(" says: ")[2].split()
+                if len(stamp) != 2 or not stamp[0].isdigit():
+                    continue  # not a stamped message: a flooder's, say
+                seq, sent_at = int(stamp[0]), float(stamp[1])
+                self.latencies_s.append(now - sent_at)
+                self.per_message[seq] = self.per_message.get(seq, 0) + 1
+                self.last_at[seq] = now
                 self.count += 1
                 self.changed.set()
 
-    async def wait_for(self, done: Callable[[], bool]) -> None:
-        """Until `done()`, or until nothing arrives for QUIET_TIMEOUT_S."""
+    async def wait_for(self, done: Callable[[], bool], quiet_s: float) -> None:
+        """Until `done()`, or until nothing arrives for `quiet_s`."""
         while not done():
             self.changed.clear()
             try:
-                async with asyncio.timeout(QUIET_TIMEOUT_S):
+                async with asyncio.timeout(quiet_s):
                     await self.changed.wait()
             except TimeoutError:
                 return
 
 
-async def send_stamped(client: ClientConnection, seq: int) -> None:
+async def send_stamped(client: ClientConnection, seq: int) -> float:
+    sent_at = time.perf_counter()
     with contextlib.suppress(ConnectionClosed):  # cut off: the rest counts as lost
-        await client.send(f"{seq} {time.perf_counter()}")
+        await client.send(f"{seq} {sent_at}")
+    return sent_at
 
 
-async def fan_out(deployment: Deployment, client_count: int) -> dict[str, float]:
-    """One client broadcasts to all; throughput, then latency with one message in flight."""
+def percentile_ms(samples_s: list[float], p: int) -> float:
+    if len(samples_s) < 2:
+        return float("nan")
+    return statistics.quantiles([s * 1000 for s in samples_s], n=100)[p - 1]
+
+
+async def ordinary_chat(
+    deployment: "Deployment", client_count: int, **client_options
+) -> dict[str, float]:
+    """People chatting: one message at a time, each from another client.
+
+    The next message goes once the last one has reached everyone, or after CHAT_WAIT_S.
+    """
+    rss_before = deployment.rss_bytes()
+    clients = await connect_all(
+        [f"{deployment.ws_url(i)}/chat/{i}" for i in range(client_count)],
+        **client_options,
+    )
+    await asyncio.sleep(1)  # let the server settle before reading its memory
+    rss_idle = deployment.rss_bytes()
+    progress(f"{client_count} chat clients connected")
+    chat = Deliveries()
+    readers = [asyncio.create_task(chat.read(c)) for c in clients]
+    reached_all_s: list[float] = []
+    cpu_before = deployment.cpu_seconds()
+    for seq in range(CHAT_MESSAGES):
+        sender = clients[(seq * 7919) % client_count]  # a different client each time
+        sent_at = await send_stamped(sender, seq)
+        await chat.wait_for(
+            lambda n=seq: chat.per_message.get(n, 0) >= client_count, CHAT_WAIT_S
+        )
+        if chat.per_message.get(seq, 0) >= client_count:
+            reached_all_s.append(chat.last_at[seq] - sent_at)
+        else:
+            reached_all_s.append(float("inf"))
+    cpu = deployment.cpu_seconds() - cpu_before
+    rss_after = deployment.rss_bytes()
+    for reader in readers:
+        reader.cancel()
+    await close_all(clients)
+    within = sum(t <= SHOOTOUT_LATENCY_S for t in reached_all_s) / len(reached_all_s)
+    return {
+        "cpu_us_per_delivery": cpu * 1e6 / max(chat.count, 1),
+        "p50_ms": percentile_ms(chat.latencies_s, 50),
+        "p99_ms": percentile_ms(chat.latencies_s, 99),
+        "rss_mb": rss_after / 1e6,
+        "kib_per_idle_connection": (rss_idle - rss_before) / client_count / 1024,
+        "lost": client_count * CHAT_MESSAGES - chat.count,
+        "share_within_500_ms": within,
+    }
+
+
+async def fan_out(deployment: "Deployment", client_count: int) -> dict[str, float]:
+    """One client sends a burst of 100 messages as fast as it can, to all."""
     clients = await connect_all(
         [f"{deployment.ws_url(i)}/chat/{i}" for i in range(client_count)]
     )
-    progress(f"{client_count} chat clients connected")
-    burst = Deliveries(expected=client_count * FAN_OUT_MESSAGES)
+    burst = Deliveries()
+    expected = client_count * FAN_OUT_MESSAGES
     readers = [asyncio.create_task(burst.read(c)) for c in clients]
     cpu_before, started = deployment.cpu_seconds(), time.perf_counter()
     for seq in range(FAN_OUT_MESSAGES):
         await send_stamped(clients[0], seq)
-    await burst.wait_for(lambda: burst.count >= burst.expected)
+    await burst.wait_for(lambda: burst.count >= expected, QUIET_TIMEOUT_S)
     elapsed, cpu = time.perf_counter() - started, deployment.cpu_seconds() - cpu_before
     for reader in readers:
         reader.cancel()
-    progress(f"burst: {burst.count} of {burst.expected} delivered in {elapsed:.2f} s")
-
-    paced = Deliveries(expected=client_count * LATENCY_MESSAGES)
-    readers = [asyncio.create_task(paced.read(c)) for c in clients]
-    for seq in range(LATENCY_MESSAGES):
-        await send_stamped(clients[0], seq)
-        await paced.wait_for(lambda n=seq: paced.per_message.get(n, 0) >= client_count)
-    for reader in readers:
-        reader.cancel()
     await close_all(clients)
-    percentiles_ms = statistics.quantiles([s * 1000 for s in paced.latencies_s], n=100)
     return {
         "deliveries_per_s": burst.count / elapsed,
         "cpu_us_per_delivery": cpu * 1e6 / max(burst.count, 1),
-        "p50_ms": percentiles_ms[49],
-        "p99_ms": percentiles_ms[98],
-        "lost": (burst.expected - burst.count) + (paced.expected - paced.count),
+        "lost": expected - burst.count,
     }
 
 
-async def echo(deployment: Deployment, client_count: int) -> dict[str, float]:
+async def echo(deployment: "Deployment", client_count: int) -> dict[str, float]:
     clients = await connect_all(
         [f"{deployment.ws_url(i)}/ws" for i in range(client_count)]
     )
@@ -275,31 +340,37 @@ async def echo(deployment: Deployment, client_count: int) -> dict[str, float]:
     }
 
 
-async def stalled_client(deployment: Deployment, client_count: int) -> dict[str, float]:
-    """A client that stops reading sits in the room while another sends 3,000 x 4 KiB.
+async def stalled_client(
+    deployment: "Deployment", client_count: int
+) -> dict[str, float]:
+    """A client that stops reading sits in the room while 30 others send 100 x 4 KiB each.
 
-    Only the two clients: `client_count` is not used here. With several workers, the two
-    are on different ones.
+    `client_count` is not used here. With several workers, the stalled client and the
+    healthy one watched are on different ones.
     """
     stalled, _ = raw_handshake(deployment.workers[-1].port, "/chat/2", rcvbuf=4096)
     rss_before = peak_rss = deployment.rss_bytes()
+    expected = STALL_SENDERS * FAN_OUT_MESSAGES
+    senders = await connect_all(
+        [f"{deployment.ws_url(0)}/chat/{10 + n}" for n in range(STALL_SENDERS)]
+    )
     async with connect(f"{deployment.ws_url(0)}/chat/1", max_queue=None) as healthy:
-        prefix = "Client #1 says: "
         received = 0
 
         async def receive_all() -> None:
             nonlocal received
             async for text in healthy:
-                received += text.startswith(prefix)
-                if received == STALL_MESSAGES:
+                received += " says: " in text
+                if received == expected:
                     return
 
-        async def send_all() -> None:
-            for seq in range(STALL_MESSAGES):
-                await healthy.send(f"{seq:05d} ".ljust(STALL_MESSAGE_BYTES, "x"))
+        async def send_all(sender: ClientConnection) -> None:
+            for seq in range(FAN_OUT_MESSAGES):
+                await sender.send(f"{seq:05d} ".ljust(STALL_MESSAGE_BYTES, "x"))
 
         started = time.perf_counter()
-        tasks = [asyncio.create_task(receive_all()), asyncio.create_task(send_all())]
+        tasks = [asyncio.create_task(receive_all())]
+        tasks += [asyncio.create_task(send_all(s)) for s in senders]
         deadline = started + STALL_TIMEOUT_S
         while not tasks[0].done() and time.perf_counter() < deadline:
             peak_rss = max(peak_rss, deployment.rss_bytes())
@@ -307,7 +378,9 @@ async def stalled_client(deployment: Deployment, client_count: int) -> dict[str,
         elapsed = time.perf_counter() - started
         for task in tasks:
             task.cancel()
-    progress(f"healthy client: {received} of {STALL_MESSAGES} in {elapsed:.2f} s")
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(close_all(senders), QUIET_TIMEOUT_S)
+    progress(f"healthy client: {received} of {expected} in {elapsed:.2f} s")
     stalled.settimeout(QUIET_TIMEOUT_S)
     try:
         close_code = (await asyncio.to_thread(read_until_close, stalled))[0]
@@ -328,21 +401,25 @@ async def stalled_client(deployment: Deployment, client_count: int) -> dict[str,
 @dataclass
 class Load:
     name: str
-    run: Callable[[Deployment, int], Awaitable[dict[str, float]]]
+    run: Callable[["Deployment", int], Awaitable[dict[str, float]]]
     best_by: str  # over solo runs, keep the one where this is lowest
     repeats: int
     cpu_key: str | None = None  # measured again with every server loaded at once
 
 
 LOADS = [
-    Load("fan-out", fan_out, "cpu_us_per_delivery", REPEATS, "cpu_us_per_delivery"),
+    Load("burst", fan_out, "cpu_us_per_delivery", REPEATS, "cpu_us_per_delivery"),
     Load("echo", echo, "cpu_us_per_round_trip", REPEATS, "cpu_us_per_round_trip"),
     Load("stalled client", stalled_client, "seconds", 1),
 ]
 
 
 async def run_load(
-    contenders: list[Contender], load: Load, client_count: int, log_dir: Path
+    contenders: list[Contender],
+    load: Callable[..., Awaitable[dict[str, float]]],
+    client_count: int,
+    log_dir: Path,
+    **options,
 ) -> list[dict[str, float]]:
     """One run of a load against each contender at the same time, each with its clients."""
     # Fresh deployments for each run: the tutorial's never recovers from a stall.
@@ -350,22 +427,71 @@ async def run_load(
     try:
         for contender in contenders:
             deployments.append(deploy(contender, log_dir))
-        runs = (load.run(deployment, client_count) for deployment in deployments)
+        runs = (load(deployment, client_count, **options) for deployment in deployments)
         return list(await asyncio.gather(*runs))
     finally:
         for deployment in deployments:
             deployment.stop()
 
 
+async def measure_chat(
+    contenders: list[Contender], steps: tuple[int, ...], log_dir: Path
+) -> list[dict]:
+    """The ordinary chat at each step, the contenders alternating; the largest step 3 times.
+
+    At the largest step, the figures are the mean of the runs. The websocket-shootout
+    figure is the largest step at which 95% of broadcasts reached everyone in 500 ms.
+    """
+    results: list[dict] = [{"shootout": {"clients": 0}} for _ in contenders]
+    for step in steps:
+        repeats = TOP_STEP_REPEATS if step == steps[-1] else 1
+        runs: list[list[dict[str, float]]] = [[] for _ in contenders]
+        for attempt in range(1, repeats + 1):
+            for contender, samples in zip(contenders, runs, strict=True):
+                progress(
+                    f"ordinary chat, {step} clients, run {attempt}: {contender.name}"
+                )
+                [figures] = await run_load([contender], ordinary_chat, step, log_dir)
+                samples.append(figures)
+        for result, samples in zip(results, runs, strict=True):
+            within = min(s["share_within_500_ms"] for s in samples)
+            if within >= SHOOTOUT_SHARE:
+                result["shootout"]["clients"] = step
+            if step == steps[-1]:
+                result["chat"] = {
+                    k: statistics.mean(s[k] for s in samples) for k in samples[0]
+                }
+    # Without compression: the same chat, served with --ws-per-message-deflate false.
+    plain = [
+        Contender(
+            c.name,
+            c.app,
+            c.workers,
+            c.redis,
+            (*c.options, "--ws-per-message-deflate", "false"),
+        )
+        for c in contenders
+    ]
+    for contender, result in zip(plain, results, strict=True):
+        progress(
+            f"ordinary chat, {steps[-1]} clients, no compression: {contender.name}"
+        )
+        [figures] = await run_load(
+            [contender], ordinary_chat, steps[-1], log_dir, compression=None
+        )
+        result["chat, no compression"] = figures
+    return results
+
+
 async def measure(
     contenders: list[Contender], client_count: int, log_dir: Path
 ) -> list[dict]:
-    """Each load on each contender.
+    """The burst, echo and stalled-client loads on each contender.
 
-    Solo runs, alternating, keep each contender's best: wall-clock figures (throughput,
-    latency) only mean something with a server alone on the machine. CPU per operation is
-    then measured with all of them loaded at once, so that whatever else the machine is
-    doing weighs on each alike, and the median of those runs replaces the solo figure.
+    Solo runs, alternating, keep each contender's best: wall-clock figures (throughput)
+    only mean something with a server alone on the machine. CPU per operation is then
+    measured with all of them loaded at once, so that whatever else the machine is doing
+    weighs on each alike, and the median of those runs replaces the solo figure.
     """
     results: list[dict] = [{} for _ in contenders]
     for load in LOADS:
@@ -374,7 +500,7 @@ async def measure(
                 progress(
                     f"{load.name}, run {attempt} of {load.repeats}: {contender.name}"
                 )
-                [figures] = await run_load([contender], load, client_count, log_dir)
+                [figures] = await run_load([contender], load.run, client_count, log_dir)
                 best = result.get(load.name)
                 if best is None or figures[load.best_by] < best[load.best_by]:
                     result[load.name] = figures
@@ -383,7 +509,7 @@ async def measure(
         paired: list[list[float]] = [[] for _ in contenders]
         for attempt in range(1, load.repeats + 1):
             progress(f"{load.name}, CPU with all servers loaded, run {attempt}")
-            runs = await run_load(contenders, load, client_count, log_dir)
+            runs = await run_load(contenders, load.run, client_count, log_dir)
             for figures, samples in zip(runs, paired, strict=True):
                 samples.append(figures[load.cpu_key])
         for result, samples in zip(results, paired, strict=True):
@@ -391,41 +517,117 @@ async def measure(
     return results
 
 
-ROWS = [
-    ("fan-out", "deliveries_per_s", "fan-out: deliveries per second", "{:,.0f}"),
-    ("fan-out", "cpu_us_per_delivery", "fan-out: server CPU µs per delivery", "{:.1f}"),
-    ("fan-out", "p50_ms", "fan-out: p50 broadcast latency, ms", "{:.1f}"),
-    ("fan-out", "p99_ms", "fan-out: p99 broadcast latency, ms", "{:.1f}"),
-    ("fan-out", "lost", "fan-out: messages lost", "{:.0f}"),
-    ("echo", "round_trips_per_s", "echo: round trips per second", "{:,.0f}"),
+def chat_rows(step: int) -> list[tuple[str, str, str, str]]:
+    chat = f"ordinary chat, {step:,} clients"
+    return [
+        (
+            "chat",
+            "cpu_us_per_delivery",
+            f"{chat}: server CPU µs per delivery",
+            "{:.1f}",
+        ),
+        ("chat", "p50_ms", f"{chat}: p50 latency, ms", "{:.0f}"),
+        ("chat", "p99_ms", f"{chat}: p99 latency, ms", "{:.0f}"),
+        ("chat", "rss_mb", f"{chat}: server RSS, MB", "{:.0f}"),
+        (
+            "chat",
+            "kib_per_idle_connection",
+            f"{chat}: KiB per idle connection",
+            "{:.1f}",
+        ),
+        ("chat", "lost", f"{chat}: messages lost", "{:.0f}"),
+        (
+            "chat, no compression",
+            "cpu_us_per_delivery",
+            f"{chat}, no compression: server CPU µs per delivery",
+            "{:.1f}",
+        ),
+        (
+            "chat, no compression",
+            "p99_ms",
+            f"{chat}, no compression: p99 latency, ms",
+            "{:.0f}",
+        ),
+        (
+            "chat, no compression",
+            "rss_mb",
+            f"{chat}, no compression: server RSS, MB",
+            "{:.0f}",
+        ),
+        (
+            "chat, no compression",
+            "kib_per_idle_connection",
+            f"{chat}, no compression: KiB per idle connection",
+            "{:.1f}",
+        ),
+        (
+            "shootout",
+            "clients",
+            "most clients with 95% of broadcasts to all in 500 ms",
+            "{:,.0f}",
+        ),
+    ]
+
+
+LOAD_ROWS = [
+    (
+        "burst",
+        "deliveries_per_s",
+        "burst of 100 to 1,000 clients: deliveries per second",
+        "{:,.0f}",
+    ),
+    ("burst", "cpu_us_per_delivery", "burst: server CPU µs per delivery", "{:.1f}"),
+    ("burst", "lost", "burst: messages lost", "{:.0f}"),
+    (
+        "echo",
+        "round_trips_per_s",
+        "echo, 1,000 clients: round trips per second",
+        "{:,.0f}",
+    ),
     ("echo", "cpu_us_per_round_trip", "echo: server CPU µs per round trip", "{:.1f}"),
-    ("stalled client", "received", "stalled: healthy client received", "{:.0f}"),
-    ("stalled client", "seconds", "stalled: ... in seconds", "{:.2f}"),
-    ("stalled client", "close_code", "stalled: close code (0: not cut)", "{:.0f}"),
-    ("stalled client", "rss_growth_mb", "stalled: server RSS growth, MB", "{:.1f}"),
+    ("stalled client", "received", "stalled client: healthy client received", "{:.0f}"),
+    ("stalled client", "seconds", "stalled client: ... in seconds", "{:.2f}"),
+    (
+        "stalled client",
+        "close_code",
+        "stalled client: close code (0: not cut)",
+        "{:.0f}",
+    ),
+    (
+        "stalled client",
+        "rss_growth_mb",
+        "stalled client: server RSS growth, MB",
+        "{:.1f}",
+    ),
 ]
-RATIO_ROWS = {"deliveries_per_s", "cpu_us_per_delivery", "p50_ms", "p99_ms"} | {
+RATIO_KEYS = {
+    "cpu_us_per_delivery",
+    "p50_ms",
+    "p99_ms",
+    "rss_mb",
+    "kib_per_idle_connection",
+    "deliveries_per_s",
     "round_trips_per_s",
     "cpu_us_per_round_trip",
 }
 
 
-def print_table(names: list[str], results: list[dict]) -> None:
+def print_table(names: list[str], results: list[dict], rows: list) -> None:
     """A Markdown table: each contender's figures, then each against the one before it."""
     ratios = [f"{names[i]} / {names[i - 1]}" for i in range(1, len(names))]
     header = ["measure", *names, *ratios]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
-    for load, key, label, number in ROWS:
+    for load, key, label, number in rows:
         values = [result[load][key] for result in results]
         cells = [number.format(value) for value in values]
         for before, after in itertools.pairwise(values):
-            show = key in RATIO_ROWS and before
+            show = key in RATIO_KEYS and before
             cells.append(f"{after / before:.2f}x" if show else "")
         print("| " + " | ".join([label, *cells]) + " |")
 
 
-async def run(client_count: int, with_redis: bool) -> None:
+async def run(steps: tuple[int, ...], with_redis: bool, hostile: bool) -> None:
     contenders = [
         Contender("tutorial", "bench:naive_app"),
         Contender("main.py", "main:app"),
@@ -435,28 +637,341 @@ async def run(client_count: int, with_redis: bool) -> None:
             Contender("main.py, Redis, 2 workers", "main:app", 2, redis=True)
         )
     print(
-        f"{client_count} clients; server CPU from /proc; {os.cpu_count()} cores",
+        f"up to {steps[-1]} clients; server CPU and memory from /proc; "
+        f"{os.cpu_count()} cores",
         file=sys.stderr,
     )
+    names = [c.name for c in contenders]
     with tempfile.TemporaryDirectory() as log_dir:
-        results = await measure(contenders, client_count, Path(log_dir))
-    print_table([c.name for c in contenders], results)
+        chat = await measure_chat(contenders, steps, Path(log_dir))
+        loads = await measure(
+            contenders, min(FAN_OUT_CLIENTS, steps[-1]), Path(log_dir)
+        )
+        if hostile:
+            hostile_figures = await measure_hostile(Path(log_dir), steps[-1])
+    print_table(
+        names,
+        [c | l for c, l in zip(chat, loads, strict=True)],
+        chat_rows(steps[-1]) + LOAD_ROWS,
+    )
+    if hostile:
+        print()
+        print_hostile(hostile_figures)
+
+
+# --- Hostile and careless clients: main.py as uvicorn runs it, with and without flags ----
+
+HUGE_BYTES = 15 * 1024 * 1024
+HUGE_SENDERS, COMPRESSED_SENDERS = 50, 20
+FLOOD_MESSAGES, FLOOD_READERS, FLOOD_WRITER_MESSAGES = 20_000, 50, 50
+PAIR_INTERVAL_S = 0.1  # the healthy pair's pace: within the flood rate
+EXIT_WAIT_S = 10.0  # a server not gone by then is counted as hung
+SHUTDOWN_CLIENTS = (4000, 10_000)
+
+
+async def healthy_pair_latencies(server: Server, stop: asyncio.Event) -> list[float]:
+    """Two chat clients: one writes every PAIR_INTERVAL_S, the other times each message."""
+    latencies: list[float] = []
+    async with (
+        connect(f"{server.ws_url}/chat/90001", max_queue=None) as writer,
+        connect(f"{server.ws_url}/chat/90002", max_queue=None) as reader,
+    ):
+
+        async def read() -> None:
+            async for text in reader:
+                _, says, stamp = text.partition("Client #90001 says: ")
+                if says:
+                    latencies.append(time.perf_counter() - float(stamp))
+
+        reading = asyncio.create_task(read())
+        while not stop.is_set():
+            await writer.send(str(time.perf_counter()))
+            await asyncio.sleep(PAIR_INTERVAL_S)
+        await asyncio.sleep(QUIET_TIMEOUT_S / 3)
+        reading.cancel()
+    return latencies
+
+
+async def huge_messages(
+    server: Server, senders: int, compressed: bool
+) -> dict[str, float]:
+    """`senders` clients each send one 15 MiB message, beside a healthy pair."""
+    stop = asyncio.Event()
+    pair = asyncio.create_task(healthy_pair_latencies(server, stop))
+    await asyncio.sleep(0.5)
+    rss_before = peak_rss = server.rss_bytes()
+    options = {"compression": "deflate" if compressed else None, "max_size": None}
+    huge = "h" * HUGE_BYTES
+
+    async def send_one(n: int) -> int:
+        async with connect(f"{server.ws_url}/chat/{n}", **options) as client:
+            with contextlib.suppress(ConnectionClosed):
+                await client.send(huge)
+                await client.recv()  # the acknowledgement, if it was taken
+                await client.close()
+            return client.close_code or 0
+
+    sending = asyncio.gather(*(send_one(n) for n in range(senders)))
+    while not sending.done():
+        peak_rss = max(peak_rss, server.rss_bytes())
+        await asyncio.sleep(RSS_SAMPLE_S)
+    codes = await sending
+    stop.set()
+    latencies = await pair
+    return {
+        "rss_growth_mb": (peak_rss - rss_before) / 1e6,
+        "closed_1009": sum(code == 1009 for code in codes),
+        "pair_p99_ms": percentile_ms(latencies, 99),
+    }
+
+
+async def flood(server: Server) -> dict[str, float]:
+    """One client sends 20,000 messages as fast as it can; another writes at a human pace."""
+    readers = await connect_all(
+        [f"{server.ws_url}/chat/{1000 + n}" for n in range(FLOOD_READERS)]
+    )
+    chat = Deliveries()
+    reading = [asyncio.create_task(chat.read(r)) for r in readers]
+    async with (
+        connect(f"{server.ws_url}/chat/666", max_queue=None) as flooder,
+        connect(f"{server.ws_url}/chat/1", max_queue=None) as writer,
+    ):
+
+        async def send_flood() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                for n in range(FLOOD_MESSAGES):
+                    await flooder.send(f"flood {n}")
+
+        flooding = asyncio.create_task(send_flood())
+        for seq in range(FLOOD_WRITER_MESSAGES):
+            await send_stamped(writer, seq)
+            await asyncio.sleep(PAIR_INTERVAL_S)
+        expected = FLOOD_READERS * FLOOD_WRITER_MESSAGES
+        await chat.wait_for(lambda: chat.count >= expected, QUIET_TIMEOUT_S)
+        flooding.cancel()
+        flooder_code = flooder.close_code or 0
+    for task in reading:
+        task.cancel()
+    await close_all(readers)
+    return {
+        "writer_p50_ms": percentile_ms(chat.latencies_s, 50),
+        "writer_p99_ms": percentile_ms(chat.latencies_s, 99),
+        "flooder_close_code": flooder_code,
+        "healthy_cut_off": server.log().count("cut off"),
+    }
+
+
+async def cut_off_a_stalled_client(server: Server) -> object:
+    stalled, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
+    senders = await connect_all(
+        [f"{server.ws_url}/chat/{10 + n}" for n in range(STALL_SENDERS)]
+    )
+    for seq in range(FAN_OUT_MESSAGES):
+        for sender in senders:
+            await sender.send(f"{seq:05d} ".ljust(STALL_MESSAGE_BYTES, "x"))
+        if "Client #2 cut off" in server.log():
+            break
+    await asyncio.to_thread(wait_for_log, server, "Client #2 cut off")
+    await close_all(senders)
+    return stalled
+
+
+async def seconds_to_exit(server: Server) -> float:
+    started = time.perf_counter()
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(server.process.wait, EXIT_WAIT_S)
+    except Exception:  # noqa: BLE001 - still running: hung
+        return float("inf")
+    return time.perf_counter() - started
+
+
+async def exit_with_a_cut_off_client(server: Server) -> dict[str, float]:
+    stalled = await cut_off_a_stalled_client(server)
+    seconds = await seconds_to_exit(server)
+    stalled.close()
+    return {"sigterm_cut_off_s": seconds}
+
+
+async def exit_with_chat_clients(server: Server, client_count: int) -> float:
+    clients = await connect_all(
+        [f"{server.ws_url}/chat/{n}" for n in range(client_count)]
+    )
+    seconds = await seconds_to_exit(server)
+    await close_all(clients)
+    return seconds
+
+
+async def reload_after_a_cut_off(options: tuple[str, ...], log_dir: Path) -> float:
+    """Seconds from an edit of main.py to the new code serving, after a cut-off."""
+    project = Path(tempfile.mkdtemp(dir=log_dir))
+    for name in ("main.py", "index.html"):
+        shutil.copy(HERE / name, project / name)
+    server = start_server(project.with_suffix(".log"), options=options, cwd=project)
+    try:
+        wait_for_log(server, "Application startup complete")
+        stalled = await cut_off_a_stalled_client(server)
+        started = time.perf_counter()
+        with (project / "main.py").open("a") as source:
+            source.write("\nRELOADED = True\n")
+        try:
+            await asyncio.to_thread(
+                wait_for_log, server, "Application startup complete", 2
+            )
+            seconds = time.perf_counter() - started
+        except TimeoutError:
+            seconds = float("inf")
+        stalled.close()
+        return seconds
+    finally:
+        server.process.send_signal(signal.SIGINT)
+        with contextlib.suppress(Exception):
+            server.process.wait(EXIT_WAIT_S)
+        server.stop()
+
+
+def fresh_server(log_dir: Path, options: tuple[str, ...]) -> Server:
+    log_path = Path(tempfile.mkstemp(dir=log_dir, suffix=".log")[1])
+    return start_server(log_path, options=options)
+
+
+async def with_server(log_dir: Path, options: tuple[str, ...], load, *args) -> dict:
+    server = fresh_server(log_dir, options)
+    try:
+        return await load(server, *args)
+    finally:
+        server.stop()
+
+
+async def measure_hostile(log_dir: Path, max_clients: int) -> dict[str, dict]:
+    """Each hostile load on main.py as `uvicorn main:app`, and with the README's flags."""
+    setups = {
+        "uvicorn main:app": ((), ("--reload",)),
+        "with the README's flags": (production_options(), following_along_options()),
+    }
+    figures: dict[str, dict] = {}
+    for name, (options, reload_options) in setups.items():
+        result: dict[str, float] = {}
+        progress(f"hostile clients, {name}: 50 messages of 15 MiB")
+        huge = await with_server(log_dir, options, huge_messages, HUGE_SENDERS, False)
+        result |= {f"huge_{k}": v for k, v in huge.items()}
+        progress(f"hostile clients, {name}: 20 compressed messages of 15 MiB")
+        packed = await with_server(
+            log_dir, options, huge_messages, COMPRESSED_SENDERS, True
+        )
+        result |= {f"compressed_{k}": v for k, v in packed.items()}
+        progress(f"hostile clients, {name}: SIGTERM after a cut-off")
+        server = fresh_server(log_dir, options)
+        try:
+            result |= await exit_with_a_cut_off_client(server)
+        finally:
+            server.process.kill()
+            server.stop()
+        progress(f"hostile clients, {name}: --reload after a cut-off")
+        result["reload_cut_off_s"] = await reload_after_a_cut_off(
+            reload_options, log_dir
+        )
+        figures[name] = result
+    flags = figures["with the README's flags"]
+    progress("hostile clients: a flood beside 50 readers")
+    flags |= await with_server(log_dir, production_options(), flood)
+    for client_count in SHUTDOWN_CLIENTS:
+        if client_count > max_clients:
+            continue
+        progress(f"SIGTERM with {client_count} chat clients")
+        server = fresh_server(log_dir, production_options())
+        try:
+            flags[f"sigterm_{client_count}_s"] = await exit_with_chat_clients(
+                server, client_count
+            )
+        finally:
+            server.stop()
+    return figures
+
+
+HOSTILE_ROWS = [
+    ("huge_rss_growth_mb", "50 messages of 15 MiB: server RSS growth, MB", "{:.0f}"),
+    ("huge_closed_1009", "... connections closed with 1009", "{:.0f}"),
+    ("huge_pair_p99_ms", "... a healthy pair's p99 latency, ms", "{:.0f}"),
+    (
+        "compressed_rss_growth_mb",
+        "20 compressed messages of 15 MiB: server RSS growth, MB",
+        "{:.0f}",
+    ),
+    ("compressed_closed_1009", "... connections closed with 1009", "{:.0f}"),
+    (
+        "writer_p50_ms",
+        "a flood of 20,000 beside 50 readers: another writer's p50, ms",
+        "{:.0f}",
+    ),
+    ("writer_p99_ms", "... another writer's p99, ms", "{:.0f}"),
+    ("flooder_close_code", "... the flooder's close code", "{:.0f}"),
+    ("healthy_cut_off", "... healthy clients cut off", "{:.0f}"),
+    (
+        "sigterm_cut_off_s",
+        "SIGTERM after a client was cut off: seconds to exit",
+        "{:.1f}",
+    ),
+    (
+        "reload_cut_off_s",
+        "--reload after a client was cut off: seconds to the new code",
+        "{:.1f}",
+    ),
+    ("sigterm_4000_s", "SIGTERM with 4,000 chat clients: seconds to exit", "{:.1f}"),
+    ("sigterm_10000_s", "SIGTERM with 10,000 chat clients: seconds to exit", "{:.1f}"),
+]
+
+
+def print_hostile(figures: dict[str, dict]) -> None:
+    names = list(figures)
+    print("| measure | " + " | ".join(names) + " |")
+    print("|" + " --- |" * (len(names) + 1))
+    for key, label, number in HOSTILE_ROWS:
+        cells = []
+        for name in names:
+            value = figures[name].get(key)
+            hung = value == float("inf")
+            cells.append(
+                "" if value is None else "hung" if hung else number.format(value)
+            )
+        if any(cells):
+            print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Defaults: the ordinary chat at 1,000, 2,000, 5,000 and 10,000 clients; "
+        "the burst, echo and stalled-client loads with 1,000; then the hostile clients. "
+        "About 20 minutes on 2 cores; --quick: about 3. Linux only (reads /proc).",
+    )
     parser.add_argument(
-        "--clients", type=int, default=1000, help="chat and echo clients"
+        "--quick", action="store_true", help="at most 1,000 clients: about 3 minutes"
     )
     parser.add_argument(
         "--redis",
         action="store_true",
         help="also measure the chat across two workers through a redis-server of its own",
     )
+    parser.add_argument(
+        "--no-hostile", action="store_true", help="skip the hostile-client loads"
+    )
     args = parser.parse_args()
+    if not Path("/proc/self/stat").exists():
+        parser.error("needs Linux: it reads each server's CPU time from /proc")
     if args.redis and shutil.which("redis-server") is None:
         parser.error("--redis needs redis-server: apt-get install redis-server")
-    asyncio.run(run(args.clients, args.redis))
+    steps = QUICK_CHAT_STEPS if args.quick else CHAT_STEPS
+    # Each client costs a file descriptor here, and one in the server's process.
+    needed = steps[-1] + 1000
+    limit = raise_open_files_limit()
+    if limit < needed:
+        parser.error(
+            f"{steps[-1]} clients need about {needed} open files, and the hard limit "
+            f"is {limit}: raise it (`ulimit -Hn {needed}` as root, or nofile in "
+            "/etc/security/limits.conf), or use --quick"
+        )
+    asyncio.run(run(steps, args.redis, not args.no_hostile))
 
 
 if __name__ == "__main__":

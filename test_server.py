@@ -203,43 +203,35 @@ def test_message_size_limit_over_real_socket(server: Server) -> None:
     assert_nothing_went_wrong(server)
 
 
-def test_huge_messages_are_refused_before_they_are_buffered(server: Server) -> None:
+def send_huge_messages(server: Server, senders: int, **options) -> set[int]:
+    """`senders` clients each send one message of 15 MiB; the codes they were closed with."""
     huge = "h" * (15 * 1024 * 1024)
 
-    async def fifty_huge_messages() -> list[tuple[int, str]]:
-        async def send_one(n: int) -> tuple[int, str]:
-            async with open_client(f"{server.ws_url}/chat/{n}", max_size=None) as ws:
-                with contextlib.suppress(ConnectionClosed):
-                    await ws.send(huge)
-                return await closed_with(ws)
+    async def send_one(n: int) -> int:
+        async with open_client(
+            f"{server.ws_url}/chat/{n}", max_size=None, **options
+        ) as ws:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(huge)
+            return (await closed_with(ws))[0]
 
-        return await asyncio.gather(*(send_one(n) for n in range(50)))
+    async def send_all() -> list[int]:
+        return await asyncio.gather(*(send_one(n) for n in range(senders)))
 
+    return set(run(send_all()))
+
+
+def test_huge_messages_are_refused_before_they_are_buffered(server: Server) -> None:
     rss_before = server.rss_bytes()
-    closes = run(fifty_huge_messages())
-    assert {code for code, _ in closes} == {1009}
+    assert send_huge_messages(server, 50, compression=None) == {1009}
     assert server.rss_bytes() - rss_before < 200e6
     assert_nothing_went_wrong(server)
 
 
 def test_compressed_huge_messages_are_refused_too(server: Server) -> None:
     # 15 MiB of one letter compresses to about 15 KiB on the wire.
-    huge = "c" * (15 * 1024 * 1024)
-
-    async def twenty_compressed() -> list[tuple[int, str]]:
-        async def send_one(n: int) -> tuple[int, str]:
-            async with open_client(
-                f"{server.ws_url}/chat/{n}", compression="deflate", max_size=None
-            ) as ws:
-                with contextlib.suppress(ConnectionClosed):
-                    await ws.send(huge)
-                return await closed_with(ws)
-
-        return await asyncio.gather(*(send_one(n) for n in range(20)))
-
     rss_before = server.rss_bytes()
-    closes = run(twenty_compressed())
-    assert {code for code, _ in closes} == {1009}
+    assert send_huge_messages(server, 20, compression="deflate") == {1009}
     assert server.rss_bytes() - rss_before < 200e6
     assert_nothing_went_wrong(server)
 
