@@ -440,7 +440,8 @@ async def measure_chat(
     """The ordinary chat at each step, the contenders alternating; the largest step 3 times.
 
     At the largest step, the figures are the mean of the runs. The websocket-shootout
-    figure is the largest step at which 95% of broadcasts reached everyone in 500 ms.
+    figure is the largest step at which 95% of broadcasts (of all its runs) reached
+    everyone in 500 ms.
     """
     results: list[dict] = [{"shootout": {"clients": 0}} for _ in contenders]
     for step in steps:
@@ -454,7 +455,9 @@ async def measure_chat(
                 [figures] = await run_load([contender], ordinary_chat, step, log_dir)
                 samples.append(figures)
         for result, samples in zip(results, runs, strict=True):
-            within = min(s["share_within_500_ms"] for s in samples)
+            # Of all the broadcasts at this step, over every run.
+            within = statistics.mean(s["share_within_500_ms"] for s in samples)
+            result["shootout"][step] = within * 100
             if within >= SHOOTOUT_SHARE:
                 result["shootout"]["clients"] = step
             if step == steps[-1]:
@@ -560,6 +563,7 @@ def chat_rows(step: int) -> list[tuple[str, str, str, str]]:
             f"{chat}, no compression: KiB per idle connection",
             "{:.1f}",
         ),
+        ("shootout", step, f"{chat}: % of broadcasts to all in 500 ms", "{:.0f}"),
         (
             "shootout",
             "clients",
