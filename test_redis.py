@@ -6,6 +6,7 @@ stopped with SIGSTOP (then continued with SIGCONT) to test a Redis that hangs.
 """
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -234,6 +235,35 @@ def test_chat_survives_redis_restarts(
         assert run(chat_again()) == ["after"]
     for server in workers:
         assert "Lost Redis at redis://127.0.0.1" in server.log()
+        assert_nothing_went_wrong(server)
+
+
+def test_redis_lost_in_the_middle_of_a_burst(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    first, second = workers
+
+    async def burst_then_kill() -> tuple[list[str], tuple[int, str]]:
+        async with (
+            open_client(f"{first.ws_url}/chat/1") as sender,
+            open_client(f"{second.ws_url}/chat/2") as reader,
+        ):
+            for i in range(main.FLOOD_BURST_MESSAGES):
+                if i == main.FLOOD_BURST_MESSAGES // 2:
+                    redis_server.kill()
+                with contextlib.suppress(ConnectionClosed):
+                    await sender.send(f"message {i}")
+            got: list[str] = []
+            closed = await closed_with(reader, got)
+            return got, closed
+
+    got, closed = run(burst_then_kill())
+    assert closed == LOST
+    said = [m.removeprefix("Client #1 says: ") for m in got if "says" in m]
+    assert said == [f"message {i}" for i in range(len(said))]  # a prefix, in order
+    redis_server.start()
+    for server in workers:
+        wait_for_log(server, RELAYING, count=2)
         assert_nothing_went_wrong(server)
 
 
