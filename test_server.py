@@ -51,6 +51,16 @@ async def closed_with(websocket: ClientConnection) -> tuple[int, str]:
         return closed.rcvd.code, closed.rcvd.reason
 
 
+async def enter_chat_clients(
+    stack: contextlib.AsyncExitStack, server: Server, client_ids
+) -> list[ClientConnection]:
+    """Chat clients with these ids, closed when `stack` closes."""
+    return [
+        await stack.enter_async_context(open_client(f"{server.ws_url}/chat/{n}"))
+        for n in client_ids
+    ]
+
+
 async def send_bursts(
     server: Server, first_id: int, senders: int, make_text
 ) -> dict[int, list[str]]:
@@ -59,12 +69,9 @@ async def send_bursts(
         first_id + n: [make_text(n, i) for i in range(BURST)] for n in range(senders)
     }
     async with contextlib.AsyncExitStack() as stack:
-        clients = {
-            sender_id: await stack.enter_async_context(
-                open_client(f"{server.ws_url}/chat/{sender_id}")
-            )
-            for sender_id in sent
-        }
+        clients = dict(
+            zip(sent, await enter_chat_clients(stack, server, sent), strict=True)
+        )
 
         async def send_all(sender_id: int) -> None:
             for text in sent[sender_id]:
@@ -264,15 +271,8 @@ def test_refused_message_racing_its_close_frame_leaves_no_traceback(
     async def busy_chat(stop: asyncio.Event) -> None:
         # 20 writers, each well under the flood rate, and one reader.
         async with contextlib.AsyncExitStack() as stack:
-            writers = [
-                await stack.enter_async_context(
-                    open_client(f"{server.ws_url}/chat/{n}")
-                )
-                for n in range(20)
-            ]
-            reader = await stack.enter_async_context(
-                open_client(f"{server.ws_url}/chat/99")
-            )
+            writers = await enter_chat_clients(stack, server, range(20))
+            [reader] = await enter_chat_clients(stack, server, [99])
             round_number = 0
             while not stop.is_set():
                 round_number += 1
@@ -309,15 +309,8 @@ def test_refused_message_racing_its_close_frame_leaves_no_traceback(
 def test_flooder_is_closed_and_the_room_keeps_chatting(server: Server) -> None:
     async def flood_beside_a_chat() -> tuple[tuple[int, str], dict, dict]:
         async with contextlib.AsyncExitStack() as stack:
-            readers = [
-                await stack.enter_async_context(
-                    open_client(f"{server.ws_url}/chat/{1000 + i}")
-                )
-                for i in range(50)
-            ]
-            flooder = await stack.enter_async_context(
-                open_client(f"{server.ws_url}/chat/666")
-            )
+            readers = await enter_chat_clients(stack, server, range(1000, 1050))
+            [flooder] = await enter_chat_clients(stack, server, [666])
 
             async def flood() -> tuple[int, str]:
                 with contextlib.suppress(ConnectionClosed):
