@@ -36,7 +36,6 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.websockets import WebSocketState
 from pydantic import BaseModel, Field, field_validator
-from starlette.websockets import WebSocketDisconnected
 
 # uvicorn's own logger, so these lines show in the terminal uvicorn runs in.
 logger = logging.getLogger("uvicorn.error")
@@ -198,8 +197,10 @@ class Client:
         self.announced = False
 
 
-# A send to a client that has gone fails with the first; any later one, with the second.
-GONE = (WebSocketDisconnect, WebSocketDisconnected)
+# A send to a client that has gone fails with WebSocketDisconnect, and any later one with
+# Starlette's WebSocketDisconnected, a RuntimeError; so does one to a connection that
+# uvicorn closed itself (a message over --ws-max-size, a protocol error).
+GONE = (WebSocketDisconnect, RuntimeError)
 
 # Endings the room is not told about: the server restarting (1012), the chat closing for
 # everyone in this process (1013), and a client replaced by its own newer connection.
@@ -576,7 +577,7 @@ async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
     """
     if websocket.application_state is WebSocketState.DISCONNECTED:
         return  # a write to it failed: the client left
-    with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(WebSocketDisconnect):
+    with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(*GONE):
         await websocket.close(code, reason)
 
 
