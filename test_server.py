@@ -472,5 +472,9 @@ def test_allowed_origins_environment_variable(tmp_path) -> None:
         server.stop()
 
 
-def test_room_belongs_to_one_process_without_redis_url(server: Server) -> None:
-    assert "set REDIS_URL so that they share one room" in server.log()
+def test_each_worker_says_the_room_is_its_own_without_redis_url(tmp_path) -> None:
+    server = start_server(tmp_path / "uvicorn.log", options=("--workers", "2"))
+    try:
+        wait_for_log(server, "set REDIS_URL so that they share one room", count=2)
+    finally:
+        server.stop()
