@@ -436,15 +436,7 @@ async def receive_says(
     others: list[str] | None = None,
 ) -> list[str]:
     """The next `count` messages `sender` broadcast; anything else goes to `others`."""
-    prefix = f"Client #{sender} says: "
-    received: list[str] = []
-    while len(received) < count:
-        message = await websocket.recv()
-        if message.startswith(prefix):
-            received.append(message.removeprefix(prefix))
-        elif others is not None:
-            others.append(message)
-    return received
+    return (await receive_from_each(websocket, {sender: count}, others))[sender]
 
 
 async def receive_from_each(
