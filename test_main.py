@@ -10,7 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from starlette.websockets import WebSocketDisconnect
+from starlette.types import Message
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
 
 import main
 
@@ -147,13 +149,41 @@ def test_chat_announces_a_client_leaving(client: TestClient) -> None:
 
 
 def test_disconnect_is_idempotent() -> None:
+    async def not_used(message: Message | None = None) -> Message:
+        raise AssertionError("disconnect() does not talk to the client")
+
     async def disconnect_twice() -> None:
         manager = main.ConnectionManager()
-        never_connected = main.Client(websocket=None, client_id=1)
+        scope = {"type": "websocket", main.SERVER_SEND: not_used}
+        never_connected = main.Client(WebSocket(scope, not_used, not_used), client_id=1)
         manager.disconnect(never_connected)  # nothing to do, no KeyError
         manager.disconnect(never_connected)
 
     asyncio.run(disconnect_twice())
+
+
+def test_a_client_whose_write_fails_leaves_the_room_and_the_rest_still_hear() -> None:
+    heard: list[str] = []
+
+    async def connection_gone(message: Message) -> None:
+        raise ClientDisconnected  # uvicorn's: an OSError, as ASGI asks of servers
+
+    async def connection_open(message: Message) -> None:
+        heard.append(message["text"])
+
+    async def broadcast_past_a_vanished_client() -> list[int]:
+        manager = main.ConnectionManager()
+        for client_id, send in ((1, connection_gone), (2, connection_open)):
+            scope = {"type": "websocket", main.SERVER_SEND: send}
+            websocket = WebSocket(scope, connection_gone, connection_gone)
+            manager.active_connections[client_id] = main.Client(websocket, client_id)
+        await manager.broadcast("hello")
+        assert manager.deliverer is not None
+        await manager.deliverer
+        return list(manager.active_connections)
+
+    assert asyncio.run(broadcast_past_a_vanished_client()) == [2]
+    assert heard == ["hello"]
 
 
 def test_same_id_again_takes_over_without_a_leave_notice(client: TestClient) -> None:
