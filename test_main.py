@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from starlette.types import Message
+from starlette.types import Message, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
@@ -148,14 +148,23 @@ def test_chat_announces_a_client_leaving(client: TestClient) -> None:
         assert len(main.manager.active_connections) == 1
 
 
+def client_writing_with(server_send: Send, client_id: int) -> main.Client:
+    """A chat client outside any server: the manager's writes to it go to server_send."""
+
+    async def not_read() -> Message:
+        raise AssertionError("the manager does not read from clients")
+
+    scope = {"type": "websocket", main.SERVER_SEND: server_send}
+    return main.Client(WebSocket(scope, not_read, server_send), client_id)
+
+
 def test_disconnect_is_idempotent() -> None:
-    async def not_used(message: Message | None = None) -> Message:
+    async def not_used(message: Message) -> None:
         raise AssertionError("disconnect() does not talk to the client")
 
     async def disconnect_twice() -> None:
         manager = main.ConnectionManager()
-        scope = {"type": "websocket", main.SERVER_SEND: not_used}
-        never_connected = main.Client(WebSocket(scope, not_used, not_used), client_id=1)
+        never_connected = client_writing_with(not_used, client_id=1)
         manager.disconnect(never_connected)  # nothing to do, no KeyError
         manager.disconnect(never_connected)
 
@@ -174,9 +183,8 @@ def test_a_client_whose_write_fails_leaves_the_room_and_the_rest_still_hear() ->
     async def broadcast_past_a_vanished_client() -> list[int]:
         manager = main.ConnectionManager()
         for client_id, send in ((1, connection_gone), (2, connection_open)):
-            scope = {"type": "websocket", main.SERVER_SEND: send}
-            websocket = WebSocket(scope, connection_gone, connection_gone)
-            manager.active_connections[client_id] = main.Client(websocket, client_id)
+            client = client_writing_with(send, client_id)
+            manager.active_connections[client_id] = client
         await manager.broadcast("hello")
         assert manager.deliverer is not None
         await manager.deliverer
