@@ -125,6 +125,19 @@ def test_closing_a_tab_announces_leaving(open_tab) -> None:
     expect(messages(alice)).to_have_text(["Client #2 left the chat"])
 
 
+def test_anonymous_chat_in_two_tabs(open_tab) -> None:
+    alice = open_tab("?endpoint=anonymous")
+    bob = open_tab("?endpoint=anonymous")
+    expect(alice.locator("h1")).to_have_text("Step 3: Chat, anonymous")
+    send(alice, "Hello, whoever you are")
+    for page in (alice, bob):
+        expect(messages(page)).to_have_text(["Someone said: Hello, whoever you are"])
+    bob.close()
+    expect(messages(alice)).to_have_text(
+        ["Someone said: Hello, whoever you are", "A user left the chat"]
+    )
+
+
 # --- Steps 1 and 2, and the controls ----------------------------------------------------------
 
 

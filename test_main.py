@@ -148,6 +148,54 @@ def test_chat_announces_a_client_leaving(client: TestClient) -> None:
         assert len(main.manager.active_connections) == 1
 
 
+def test_anonymous_chat_is_the_first_tutorials(client: TestClient) -> None:
+    with (
+        client.websocket_connect("/chat/") as alice,
+        client.websocket_connect("/chat/") as bob,
+    ):
+        alice.send_text("hello")
+        assert alice.receive_text() == "Someone said: hello"
+        assert bob.receive_text() == "Someone said: hello"
+        with client.websocket_connect("/chat/") as carol:
+            carol.send_text("bye")
+            assert carol.receive_text() == "Someone said: bye"
+        assert alice.receive_text() == "Someone said: bye"
+        assert alice.receive_text() == "A user left the chat"
+        assert bob.receive_text() == "Someone said: bye"
+        assert bob.receive_text() == "A user left the chat"
+
+
+def test_anonymous_chat_is_a_room_of_its_own(client: TestClient) -> None:
+    with (
+        client.websocket_connect("/chat/") as someone,
+        client.websocket_connect("/chat/1") as alice,
+    ):
+        alice.send_text("named")
+        assert alice.receive_text() == "You wrote: named"
+        assert alice.receive_text() == "Client #1 says: named"
+        someone.send_text("anonymous")
+        assert someone.receive_text() == "Someone said: anonymous"
+        alice.send_text("again")
+        assert alice.receive_text() == "You wrote: again"  # nothing from /chat/ between
+
+
+def test_anonymous_departures_of_one_turn_go_out_as_one() -> None:
+    assert main.left_the_chat([None]) == "A user left the chat"
+    assert main.left_the_chat([None, None, None]) == "3 users left the chat"
+
+
+def test_a_chat_without_its_middleware_fails_before_accepting() -> None:
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing is sent: not even the accept")
+
+    websocket = WebSocket({"type": "websocket", "headers": []}, receive, send)
+    with pytest.raises(RuntimeError, match=r"app\.add_middleware\(KeepServerSend\)"):
+        asyncio.run(main.ConnectionManager().connect(websocket, 1))
+
+
 def client_writing_with(server_send: Send, client_id: int) -> main.Client:
     """A chat client outside any server: the manager's writes to it go to server_send."""
 
@@ -240,7 +288,7 @@ PREFIXES = ("You wrote: ", "Client #1 says: ")
 # --- Bad input, on every endpoint ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/ws", "/ws/3", "/chat/3"])
+@pytest.mark.parametrize("path", ["/ws", "/ws/3", "/chat/3", "/chat/"])
 def test_binary_frame_closes_with_1003(client: TestClient, path: str) -> None:
     with client.websocket_connect(path) as websocket:
         websocket.send_bytes(b"\x00\x01")
@@ -264,7 +312,7 @@ def test_binary_frame_leaves_the_rest_of_the_chat_working(client: TestClient) ->
         assert alice.receive_text() == "Client #1 says: still here"
 
 
-@pytest.mark.parametrize("path", ["/ws", "/ws/3", "/chat/3"])
+@pytest.mark.parametrize("path", ["/ws", "/ws/3", "/chat/3", "/chat/"])
 def test_message_over_limit_closes_with_1009(client: TestClient, path: str) -> None:
     with client.websocket_connect(path) as websocket:
         websocket.send_text("x" * (main.MAX_MESSAGE_BYTES + 1))
