@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -419,6 +420,150 @@ async def stalled_client(
     }
 
 
+# --- Step 5: rooms, and everyone coming back at once ---------------------------------------
+
+ROOMS = 100  # the rooms load's clients, in this many rooms of equal size
+QUICK_ROOMS = 10
+ROOM_SECONDS = 20  # one message a second in every room, for this long
+RECONNECT_AT_ONCE = 500  # handshakes in flight when everyone comes back
+
+
+@dataclass
+class RoomDeliveries:
+    """What room clients received of stamped messages: {"text": "second sent_at"}."""
+
+    count: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    last_ids: dict[int, str] = field(default_factory=dict)  # by client number
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def read(self, number: int, client: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for text in client:
+                now = time.perf_counter()
+                frame = json.loads(text)
+                if frame["type"] != "message":
+                    continue  # who joined or left
+                self.latencies_s.append(now - float(frame["text"].split()[1]))
+                self.last_ids[number] = frame["id"]
+                self.count += 1
+                self.changed.set()
+
+    wait_for = Deliveries.wait_for
+
+
+async def join_rooms(
+    deployment: "Deployment", rooms: int, numbers: range, since: dict[int, str]
+) -> tuple[list[ClientConnection], list[dict]]:
+    """Clients `numbers`, each in room `number % rooms`, once welcomed; their welcomes."""
+    at_once = asyncio.Semaphore(RECONNECT_AT_ONCE if since else CONNECT_BATCH)
+
+    async def join(number: int) -> tuple[ClientConnection, dict]:
+        path = f"/rooms/room{number % rooms}/{number}"
+        if number in since:
+            path += f"?since={since[number]}"
+        async with at_once:
+            client = await connect(
+                deployment.ws_url(number) + path, max_queue=None, max_size=None
+            )
+            return client, json.loads(await client.recv())
+
+    joined = await asyncio.gather(*(join(number) for number in numbers))
+    return [client for client, _ in joined], [welcome for _, welcome in joined]
+
+
+async def rooms_chat(deployment: "Deployment", client_count: int) -> dict[str, float]:
+    """People chatting in rooms, then every client dropping at once and coming back.
+
+    One message a second in every room, each second from another member, the rooms'
+    messages spread over the second. Then every connection is dropped without a close
+    frame (a network cut), and every client comes back with `since` = the id of the last
+    message it received.
+    """
+    rooms = min(ROOMS, max(client_count // 100, 1))
+    rss_before = deployment.rss_bytes()
+    clients, _ = await join_rooms(deployment, rooms, range(client_count), {})
+    await asyncio.sleep(1)  # let the server settle before reading its memory
+    rss_idle = deployment.rss_bytes()
+    progress(f"{client_count} clients in {rooms} rooms")
+    chat = RoomDeliveries()
+    readers = [asyncio.create_task(chat.read(n, c)) for n, c in enumerate(clients)]
+    members = client_count // rooms
+    cpu_before = deployment.cpu_seconds()
+    with measuring():
+        started = time.perf_counter()
+        for second in range(ROOM_SECONDS):
+            for room in range(rooms):
+                sender = clients[room + rooms * ((second * 37) % members)]
+                text = f"{second} {time.perf_counter()}"
+                await sender.send(json.dumps({"text": text}))
+                next_at = started + second + (room + 1) / rooms
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        expected = client_count * ROOM_SECONDS
+        await chat.wait_for(lambda: chat.count >= expected, QUIET_TIMEOUT_S)
+    cpu = deployment.cpu_seconds() - cpu_before
+    rss_after = deployment.rss_bytes()
+    for reader in readers:
+        reader.cancel()
+    figures = {
+        "cpu_us_per_delivery": cpu * 1e6 / max(chat.count, 1),
+        "p50_ms": percentile_ms(chat.latencies_s, 50),
+        "p99_ms": percentile_ms(chat.latencies_s, 99),
+        "rss_mb": rss_after / 1e6,
+        "kib_per_idle_connection": (rss_idle - rss_before) / client_count / 1024,
+        "lost": expected - chat.count,
+    }
+    progress(f"all {client_count} dropping at once, and coming back with since")
+    for client in clients:
+        client.transport.abort()
+    cpu_before, started = deployment.cpu_seconds(), time.perf_counter()
+    clients, welcomes = await join_rooms(
+        deployment, rooms, range(client_count), chat.last_ids
+    )
+    figures |= {
+        "reconnect_s": time.perf_counter() - started,
+        "reconnect_cpu_s": deployment.cpu_seconds() - cpu_before,
+        "reconnect_welcomed": len(welcomes),
+        "reconnect_missed": sum(welcome["missed"] for welcome in welcomes),
+    }
+    await close_all(clients)
+    return figures
+
+
+async def measure_rooms(
+    contender: Contender, client_count: int, log_dir: Path
+) -> dict[str, float]:
+    progress(f"rooms, {client_count} clients: {contender.name}")
+    [figures] = await run_load([contender], rooms_chat, client_count, log_dir)
+    return figures
+
+
+ROOM_ROWS = [
+    ("cpu_us_per_delivery", "server CPU µs per delivery", "{:.1f}"),
+    ("p50_ms", "p50 latency, ms", "{:.0f}"),
+    ("p99_ms", "p99 latency, ms", "{:.0f}"),
+    ("rss_mb", "server RSS, MB", "{:.0f}"),
+    ("kib_per_idle_connection", "KiB per idle connection", "{:.1f}"),
+    ("lost", "messages lost", "{:.0f}"),
+    ("reconnect_s", "all dropped at once: seconds until all are welcomed", "{:.1f}"),
+    ("reconnect_cpu_s", "... server CPU seconds", "{:.1f}"),
+    ("reconnect_welcomed", "... clients welcomed", "{:,.0f}"),
+    ("reconnect_missed", "... told they missed some", "{:.0f}"),
+]
+
+
+def print_rooms_table(client_count: int, chat: dict, rooms: dict) -> None:
+    """Step 5's rooms beside step 3's chat, both main.py, both at `client_count`."""
+    names = [f"step 3 chat, {client_count:,}", f"step 5 rooms, {client_count:,}"]
+    print(f"| measure | {names[0]} | {names[1]} | {names[1]} / {names[0]} |")
+    print("| --- | --- | --- | --- |")
+    for key, label, number in ROOM_ROWS:
+        before, after = chat.get(key), rooms[key]
+        cells = ["" if before is None else number.format(before), number.format(after)]
+        cells.append(f"{after / before:.2f}x" if key in RATIO_KEYS and before else "")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 # --- Running it --------------------------------------------------------------------------------
 
 
@@ -655,7 +800,9 @@ def print_table(names: list[str], results: list[dict], rows: list) -> None:
         print("| " + " | ".join([label, *cells]) + " |")
 
 
-async def run(steps: tuple[int, ...], with_redis: bool, hostile: bool) -> None:
+async def run(
+    steps: tuple[int, ...], with_redis: bool, hostile: bool, rooms_only: bool
+) -> None:
     contenders = [
         Contender("tutorial", "bench:naive_app"),
         Contender("main.py", "main:app"),
@@ -671,7 +818,11 @@ async def run(steps: tuple[int, ...], with_redis: bool, hostile: bool) -> None:
     )
     names = [c.name for c in contenders]
     with tempfile.TemporaryDirectory() as log_dir:
+        if rooms_only:
+            await run_rooms_only(contenders[1], steps[-1], Path(log_dir))
+            return
         chat = await measure_chat(contenders, steps, Path(log_dir))
+        rooms = await measure_rooms(contenders[1], steps[-1], Path(log_dir))
         loads = await measure(
             contenders, min(FAN_OUT_CLIENTS, steps[-1]), Path(log_dir)
         )
@@ -682,9 +833,27 @@ async def run(steps: tuple[int, ...], with_redis: bool, hostile: bool) -> None:
         [c | l for c, l in zip(chat, loads, strict=True)],
         chat_rows(steps[-1]) + LOAD_ROWS,
     )
+    print()
+    print_rooms_table(steps[-1], chat[1]["chat"], rooms)
     if hostile:
         print()
         print_hostile(hostile_figures)
+
+
+async def run_rooms_only(
+    contender: Contender, client_count: int, log_dir: Path
+) -> None:
+    """Step 5's rooms and step 3's chat, main.py alone, alternating: quicker to repeat."""
+    chats, rooms = [], []
+    for attempt in range(1, TOP_STEP_REPEATS + 1):
+        progress(f"ordinary chat, {client_count} clients, run {attempt}")
+        chats += await run_load([contender], ordinary_chat, client_count, log_dir)
+        rooms.append(await measure_rooms(contender, client_count, log_dir))
+    print_rooms_table(client_count, mean_of(chats), mean_of(rooms))
+
+
+def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
 
 
 # --- Hostile and careless clients: main.py as uvicorn runs it, with and without flags ----
@@ -984,6 +1153,11 @@ def main() -> None:
     parser.add_argument(
         "--no-hostile", action="store_true", help="skip the hostile-client loads"
     )
+    parser.add_argument(
+        "--rooms-only",
+        action="store_true",
+        help="only step 5's rooms beside step 3's chat, main.py alone, 3 runs each",
+    )
     args = parser.parse_args()
     if not Path("/proc/self/stat").exists():
         parser.error("needs Linux: it reads each server's CPU time from /proc")
@@ -999,7 +1173,7 @@ def main() -> None:
             f"is {limit}: raise it (`ulimit -Hn {needed}` as root, or nofile in "
             "/etc/security/limits.conf), or use --quick"
         )
-    uvloop.run(run(steps, args.redis, not args.no_hostile))
+    uvloop.run(run(steps, args.redis, not args.no_hostile, args.rooms_only))
 
 
 if __name__ == "__main__":

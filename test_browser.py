@@ -252,6 +252,58 @@ def test_markup_in_a_message_is_shown_as_text(open_tab) -> None:
     assert dialogs == []
 
 
+# --- Step 5: rooms ------------------------------------------------------------------------
+
+MISSED = "Some messages were missed: the room no longer holds them"
+
+
+def test_rooms_two_tabs_in_one_room_and_one_in_another(open_tab) -> None:
+    alice = open_tab("?endpoint=rooms&room=lobby&client_id=1")
+    expect(alice.locator("h1")).to_have_text("Step 5: Rooms")
+    expect(alice.locator("#members")).to_have_text("#1")
+    bob = open_tab("?endpoint=rooms&room=lobby&client_id=2")
+    carol = open_tab("?endpoint=rooms&room=kitchen&client_id=3")
+    expect(alice.locator("#members")).to_have_text("#1, #2")
+    expect(bob.locator("#members")).to_have_text("#1, #2")
+    expect(carol.locator("#members")).to_have_text("#3")
+    send(alice, "Hello, lobby")
+    send(carol, "Hello, kitchen")
+    for page in (alice, bob):
+        expect(messages(page)).to_have_text(["Client #1: Hello, lobby"])
+    expect(messages(carol)).to_have_text(["Client #3: Hello, kitchen"])
+    bob.close()
+    expect(alice.locator("#members")).to_have_text("#1")
+    # A tab joining later gets the room's history.
+    dave = open_tab("?endpoint=rooms&room=lobby&client_id=4")
+    expect(messages(dave)).to_have_text(["Client #1: Hello, lobby"])
+
+
+def test_rooms_reconnect_shows_what_was_missed_and_nothing_twice(open_tab) -> None:
+    alice = open_tab("?endpoint=rooms&room=lobby&client_id=1")
+    bob = open_tab("?endpoint=rooms&room=lobby&client_id=2")
+    send(alice, "before")
+    expect(messages(bob)).to_have_text(["Client #1: before"])
+    # Bob's connection drops (as a network blip would): the page comes back by itself.
+    bob.evaluate("socket.close(3000, 'a blip')")
+    send(alice, "while you were away")
+    expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
+    send(alice, "after")
+    expect(messages(bob)).to_have_text(
+        ["Client #1: before", "Client #1: while you were away", "Client #1: after"]
+    )
+
+
+def test_a_room_name_out_of_the_rule_is_caught_on_the_page(
+    open_tab, server: Server
+) -> None:
+    page = open_tab("?endpoint=rooms&room=a%20b&client_id=1", connected=False)
+    expect(page.locator("#status")).to_contain_text(
+        'disconnected (room must be 1 to 100 letters, digits, "_", "." or "-"'
+    )
+    page.wait_for_timeout(1000)
+    assert "/rooms/" not in server.log()
+
+
 # --- The reader's --reload loop ------------------------------------------------------------------
 
 
@@ -276,6 +328,34 @@ def test_page_reconnects_after_a_server_restart(
         expect(messages(page)).to_have_text(
             ["You wrote: back again", "Client #1 says: back again"]
         )
+    finally:
+        page.close()
+        server.stop()
+
+
+def test_rooms_page_across_a_server_restart_says_what_it_missed(
+    browser: "Browser", tmp_path: Path
+) -> None:
+    port = free_port()
+    server = start_server(tmp_path / "first.log", port=port)
+    page = browser.new_page()
+    try:
+        page.goto(f"{server.http_url}/?endpoint=rooms&room=lobby&client_id=1")
+        status = page.locator("#status")
+        expect(status).to_have_attribute("data-state", "connected")
+        send(page, "before the restart")
+        expect(messages(page)).to_have_text(["Client #1: before the restart"])
+
+        server.stop()  # the room's history, kept in that process, is gone with it
+        expect(status).to_contain_text("retrying in")
+        server = start_server(tmp_path / "second.log", port=port)
+        expect(status).to_have_attribute("data-state", "connected", timeout=10_000)
+        assert "/rooms/lobby/1?since=" in server.log()
+        send(page, "after the restart")
+        expect(messages(page)).to_have_text(
+            ["Client #1: before the restart", MISSED, "Client #1: after the restart"]
+        )
+        expect(page.locator("#messages li.missed")).to_have_count(1)
     finally:
         page.close()
         server.stop()

@@ -5,7 +5,9 @@ real sockets (backpressure, abrupt disconnects, handshake headers) is in test_se
 """
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +20,9 @@ import main
 
 
 @pytest.fixture
-def client() -> Iterator[TestClient]:
+def client(monkeypatch) -> Iterator[TestClient]:
+    # Each test's rooms are its own: a room keeps timers of the event loop it ran on.
+    monkeypatch.setattr(main, "rooms", main.RoomManager())
     # Entered, so that every connection of a test shares one event loop, as under uvicorn;
     # otherwise each websocket_connect() would run the app in a loop of its own.
     with TestClient(main.app) as client:
@@ -370,6 +374,304 @@ def test_depends_step_keeps_the_project_rules(client: TestClient) -> None:
         client, "/items/foo/ws?token=t", {"Origin": "http://evil.example"}
     )
     assert refused.code == 1008
+
+
+# --- Step 5: rooms -----------------------------------------------------------------------
+
+
+def say(websocket, text: str) -> None:
+    websocket.send_text(json.dumps({"text": text}))
+
+
+def next_of_type(websocket, kind: str) -> dict:
+    """The next frame, which must be of this type."""
+    frame = websocket.receive_json()
+    assert frame["type"] == kind, frame
+    return frame
+
+
+def message_texts(frames: list[dict]) -> list[str]:
+    return [frame["text"] for frame in frames]
+
+
+def test_room_welcome_names_the_room_the_client_and_its_members(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        assert alice.receive_json() == {
+            "type": "welcome",
+            "room": "lobby",
+            "client_id": 7,
+            "members": [7],
+            "history": [],
+            "missed": False,
+        }
+        with client.websocket_connect("/rooms/lobby/8") as bob:
+            welcome = next_of_type(bob, "welcome")
+            assert welcome["members"] == [7, 8]
+            assert next_of_type(alice, "joined") == {
+                "type": "joined",
+                "client_ids": [8],
+            }
+
+
+def test_room_message_reaches_everyone_the_sender_too(client: TestClient) -> None:
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        with client.websocket_connect("/rooms/lobby/8") as bob:
+            next_of_type(bob, "welcome")
+            next_of_type(alice, "joined")
+            say(alice, "hello")
+            mine = next_of_type(alice, "message")
+            assert set(mine) == {"type", "id", "client_id", "text"}
+            assert (mine["client_id"], mine["text"]) == (7, "hello")
+            assert isinstance(mine["id"], str)
+            assert next_of_type(bob, "message") == mine
+
+
+def test_room_history_is_the_latest_messages_oldest_first(
+    client: TestClient, monkeypatch
+) -> None:
+    monkeypatch.setattr(main, "WELCOME_HISTORY_MESSAGES", 3)
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        for i in range(5):
+            say(alice, f"message {i}")
+            next_of_type(alice, "message")
+    with client.websocket_connect("/rooms/lobby/8") as bob:
+        welcome = next_of_type(bob, "welcome")
+    assert message_texts(welcome["history"]) == ["message 2", "message 3", "message 4"]
+    assert welcome["missed"] is False
+
+
+def test_since_a_held_message_gets_everything_after_it(client: TestClient) -> None:
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        ids = []
+        for i in range(80):  # more than a welcome without `since` holds
+            say(alice, f"message {i}")
+            ids.append(next_of_type(alice, "message")["id"])
+    with client.websocket_connect(f"/rooms/lobby/7?since={ids[9]}") as alice:
+        welcome = next_of_type(alice, "welcome")
+    assert [m["id"] for m in welcome["history"]] == ids[10:]
+    assert welcome["missed"] is False
+    with client.websocket_connect(f"/rooms/lobby/7?since={ids[-1]}") as alice:
+        welcome = next_of_type(alice, "welcome")
+    assert (welcome["history"], welcome["missed"]) == ([], False)
+
+
+@pytest.mark.parametrize("since", ["1-1", "nonsense", "", "0"])
+def test_since_the_room_does_not_hold_is_missed(client: TestClient, since) -> None:
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        say(alice, "kept")
+        next_of_type(alice, "message")
+    with client.websocket_connect(f"/rooms/lobby/7?since={since}") as alice:
+        welcome = next_of_type(alice, "welcome")
+    assert message_texts(welcome["history"]) == ["kept"]
+    assert welcome["missed"] is True
+
+
+def test_since_older_than_the_history_is_missed(
+    client: TestClient, monkeypatch
+) -> None:
+    monkeypatch.setattr(main, "HISTORY_MESSAGES", 5)
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        ids = []
+        for i in range(8):
+            say(alice, f"message {i}")
+            ids.append(next_of_type(alice, "message")["id"])
+    with client.websocket_connect(f"/rooms/lobby/7?since={ids[1]}") as alice:
+        welcome = next_of_type(alice, "welcome")
+    assert message_texts(welcome["history"]) == [f"message {i}" for i in range(3, 8)]
+    assert welcome["missed"] is True
+    # The message just dropped is the last one it had: nothing after it is missing.
+    with client.websocket_connect(f"/rooms/lobby/7?since={ids[2]}") as alice:
+        welcome = next_of_type(alice, "welcome")
+    assert len(welcome["history"]) == 5
+    assert welcome["missed"] is False
+
+
+def test_history_is_bounded_by_bytes_too(client: TestClient, monkeypatch) -> None:
+    monkeypatch.setattr(main, "HISTORY_BYTES", 3 * 1024)
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        for i in range(10):
+            say(alice, f"{i} " + "x" * 1000)
+            next_of_type(alice, "message")
+    with client.websocket_connect("/rooms/lobby/8") as bob:
+        welcome = next_of_type(bob, "welcome")
+    assert [t[0] for t in message_texts(welcome["history"])] == ["8", "9"]
+
+
+def test_rooms_are_apart_and_an_id_in_two_rooms_is_two_members(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/rooms/lobby/7") as in_lobby:
+        next_of_type(in_lobby, "welcome")
+        with client.websocket_connect("/rooms/kitchen/7") as in_kitchen:
+            assert next_of_type(in_kitchen, "welcome")["members"] == [7]
+            say(in_kitchen, "only here")
+            assert next_of_type(in_kitchen, "message")["text"] == "only here"
+            say(in_lobby, "and here")
+            # Nothing from the kitchen came before, nor a "joined" or "left".
+            assert next_of_type(in_lobby, "message")["text"] == "and here"
+
+
+def test_every_member_gets_the_messages_in_the_order_of_their_ids(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/rooms/lobby/1") as one:
+        next_of_type(one, "welcome")
+        with client.websocket_connect("/rooms/lobby/2") as two:
+            next_of_type(two, "welcome")
+            next_of_type(one, "joined")
+            for i in range(20):
+                say(one, f"one {i}")
+                say(two, f"two {i}")
+            heard = [
+                [next_of_type(ws, "message") for _ in range(40)] for ws in (one, two)
+            ]
+    assert heard[0] == heard[1]
+    ids = [message["id"] for message in heard[0]]
+    assert len(set(ids)) == 40
+    assert ids == sorted(ids, key=lambda i: int(i.split("-")[1]))
+    assert sorted(message_texts(heard[0])) == sorted(
+        f"{who} {i}" for who in ("one", "two") for i in range(20)
+    )
+
+
+def test_a_client_leaving_is_announced_and_a_takeover_is_not(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/rooms/lobby/1") as alice:
+        next_of_type(alice, "welcome")
+        with client.websocket_connect("/rooms/lobby/7") as first_tab:
+            next_of_type(first_tab, "welcome")
+            next_of_type(alice, "joined")
+            with client.websocket_connect("/rooms/lobby/7") as second_tab:
+                assert next_of_type(second_tab, "welcome")["members"] == [1, 7]
+                assert receive_close(first_tab) == (4000, main.TAKEN_OVER)
+                say(second_tab, "still me")
+                # No "left" nor "joined" for 7: the same member, on a newer connection.
+                assert next_of_type(alice, "message")["text"] == "still me"
+        assert next_of_type(alice, "left") == {"type": "left", "client_ids": [7]}
+
+
+def test_joiners_of_one_moment_are_announced_together(client: TestClient) -> None:
+    with client.websocket_connect("/rooms/lobby/1") as alice:
+        next_of_type(alice, "welcome")
+        with (
+            client.websocket_connect("/rooms/lobby/2") as bob,
+            client.websocket_connect("/rooms/lobby/3") as carol,
+        ):
+            assert next_of_type(carol, "welcome")["members"] == [1, 2, 3]
+            assert next_of_type(bob, "welcome")["members"] in ([1, 2], [1, 2, 3])
+            assert next_of_type(alice, "joined")["client_ids"] == [2, 3]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["hello", "[1, 2]", '"text"', "{}", '{"text": 5}', '{"text": ""}', "{nope"],
+)
+def test_anything_but_a_text_object_closes_with_1007(
+    client: TestClient, frame: str
+) -> None:
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        alice.send_text(frame)
+        assert receive_close(alice) == (1007, main.EXPECTED_JSON)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/rooms/a b/1", "/rooms/caf%C3%A9/1", f"/rooms/{'r' * 101}/1", "/rooms/lobby/x"],
+)
+def test_a_room_name_out_of_the_rule_is_refused_at_handshake(
+    client: TestClient, path: str
+) -> None:
+    assert refused_handshake(client, path).code == 1008
+
+
+def test_a_room_name_may_use_letters_digits_and_three_signs(
+    client: TestClient,
+) -> None:
+    name = "Room_1.b-" + "r" * 91  # 100 characters
+    with client.websocket_connect(f"/rooms/{name}/1") as alice:
+        assert next_of_type(alice, "welcome")["room"] == name
+
+
+def test_past_max_rooms_a_new_room_is_refused_with_1013(
+    client: TestClient, monkeypatch
+) -> None:
+    monkeypatch.setattr(main, "MAX_ROOMS", 2)
+    with (
+        client.websocket_connect("/rooms/one/1") as one,
+        client.websocket_connect("/rooms/two/1") as two,
+    ):
+        next_of_type(one, "welcome")
+        next_of_type(two, "welcome")
+        with client.websocket_connect("/rooms/three/1") as three:
+            assert receive_close(three) == (1013, main.TOO_MANY_ROOMS)
+
+
+def test_a_room_nobody_is_in_forgets_itself(client: TestClient, monkeypatch) -> None:
+    monkeypatch.setattr(main, "ROOM_IDLE_S", 0.2)
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        say(alice, "soon forgotten")
+        last = next_of_type(alice, "message")["id"]
+    time.sleep(0.5)
+    assert "lobby" not in main.rooms.rooms
+    with client.websocket_connect(f"/rooms/lobby/7?since={last}") as alice:
+        welcome = next_of_type(alice, "welcome")
+    assert (welcome["history"], welcome["missed"]) == ([], True)
+
+
+def test_all_rooms_histories_are_bounded_together(
+    client: TestClient, monkeypatch
+) -> None:
+    monkeypatch.setattr(main, "ALL_HISTORY_BYTES", 4 * 1024)
+    for room in ("old", "new"):
+        with client.websocket_connect(f"/rooms/{room}/1") as alice:
+            next_of_type(alice, "welcome")
+            for i in range(3):
+                say(alice, f"{room} {i} " + "x" * 1000)
+                next_of_type(alice, "message")
+    assert main.rooms.history_bytes <= 4 * 1024
+    # The least recently active room forgot first.
+    with client.websocket_connect("/rooms/new/2") as bob:
+        assert len(next_of_type(bob, "welcome")["history"]) == 3
+
+
+@pytest.mark.parametrize("path", ["/rooms/lobby/3"])
+def test_rooms_keep_the_chat_rules(client: TestClient, path: str) -> None:
+    with client.websocket_connect(path) as websocket:
+        next_of_type(websocket, "welcome")
+        websocket.send_bytes(b"\x00\x01")
+        assert receive_close(websocket)[0] == 1003
+    with client.websocket_connect(path) as websocket:
+        next_of_type(websocket, "welcome")
+        websocket.send_text("x" * (main.MAX_MESSAGE_BYTES + 1))
+        assert receive_close(websocket)[0] == 1009
+    refused = refused_handshake(client, path, {"Origin": "http://evil.example"})
+    assert refused.code == 1008
+
+
+def test_a_flooding_room_client_is_closed_with_1008(
+    client: TestClient, monkeypatch
+) -> None:
+    monkeypatch.setattr(main, "FLOOD_BURST_MESSAGES", 5)
+    monkeypatch.setattr(main, "FLOOD_MESSAGES_PER_S", 200)
+    monkeypatch.setattr(main, "FLOOD_MAX_SLOWED_MESSAGES", 3)
+    with client.websocket_connect("/rooms/lobby/1") as flooder:
+        next_of_type(flooder, "welcome")
+        for i in range(5 + 3 + 1):
+            say(flooder, f"message {i}")
+        while (message := flooder.receive())["type"] == "websocket.send":
+            pass
+        assert (message["code"], message["reason"]) == (1008, main.FLOODING)
 
 
 # --- Sending into the chat over HTTP ------------------------------------------------------

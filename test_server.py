@@ -7,10 +7,12 @@ must misbehave, a raw socket.
 
 import asyncio
 import contextlib
+import json
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from conftest import (
     open_client,
     production_options,
     raw_handshake,
+    read_frame,
     read_until_close,
     receive_from_each,
     receive_says,
@@ -123,6 +126,80 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
     assert read_until_close(stalled) == (1008, main.TOO_SLOW)
     stalled.close()
     assert "Client #2 cut off" in server.log()
+    assert_nothing_went_wrong(server)
+
+
+def room_says(n: int, i: int) -> str:
+    return json.dumps({"text": f"{n}:{i:02d} " + "x" * 4090})
+
+
+async def room_message_ids(
+    websocket: ClientConnection, count: int, ids: list[str] | None = None
+) -> list[str]:
+    """The ids of the next `count` messages `websocket` receives in its room, into `ids`."""
+    ids = [] if ids is None else ids
+    while len(ids) < count:
+        frame = json.loads(await websocket.recv())
+        if frame["type"] == "message":
+            ids.append(frame["id"])
+    return ids
+
+
+def test_a_room_client_cut_off_for_not_reading_gets_everything_back(
+    server: Server,
+) -> None:
+    # Rounds of one 4 KB message from each of 20 senders until the stalled client is cut
+    # off, then ten more: what it missed stays within the room's history.
+    senders, rounds_after = 20, 10
+    stalled, head = raw_handshake(server.port, "/rooms/lobby/2", rcvbuf=4096)
+    assert head.startswith(b"HTTP/1.1 101")
+
+    async def chat_beside_a_stalled_client() -> list[str]:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    open_client(f"{server.ws_url}/rooms/lobby/{10 + n}")
+                )
+                for n in range(senders)
+            ]
+            for client in clients:  # every one welcomed: in the room
+                assert json.loads(await client.recv())["type"] == "welcome"
+            # A first, short message, which reaches even the stalled client's socket.
+            await clients[0].send(json.dumps({"text": "first"}))
+            ids = await room_message_ids(clients[0], 1)
+            rounds_left = rounds_after
+            for i in range(BURST):
+                for n, client in enumerate(clients):
+                    await client.send(room_says(n, i))
+                # The next round once this one went round: the server keeps up.
+                await room_message_ids(clients[0], len(ids) + senders, ids)
+                if "Client #2 cut off" in server.log():
+                    rounds_left -= 1
+                    if rounds_left == 0:
+                        return ids
+            raise AssertionError("never cut off")
+
+    sent = run(chat_beside_a_stalled_client())
+    wait_for_log(server, "Client #2 cut off")
+    # What the stalled client was sent: reading at last, up to its close frame.
+    received: list[str] = []
+    while (frame := read_frame(stalled))[0] != 0x8:
+        message = json.loads(frame[1])
+        if message["type"] == "message":
+            received.append(message["id"])
+    assert struct.unpack("!H", frame[1][:2])[0] == 1008
+    stalled.close()
+    assert received == sent[: len(received)]
+    assert 0 < len(received) < len(sent)
+
+    async def come_back() -> dict:
+        url = f"{server.ws_url}/rooms/lobby/2?since={received[-1]}"
+        async with open_client(url, max_size=None) as back:
+            return json.loads(await back.recv())
+
+    welcome = run(come_back())
+    assert welcome["missed"] is False
+    assert received + [message["id"] for message in welcome["history"]] == sent
     assert_nothing_went_wrong(server)
 
 
