@@ -209,12 +209,18 @@ async def connect_all(urls: list[str], **options) -> list[ClientConnection]:
     clients: list[ClientConnection] = []
     for start in range(0, len(urls), CONNECT_BATCH):
         batch = urls[start : start + CONNECT_BATCH]
-        clients += await asyncio.gather(
-            *(connect(u, max_queue=None, **options) for u in batch)
-        )
+        clients += await asyncio.gather(*(connect_client(u, **options) for u in batch))
         if start and start % 2000 == 0:
             progress(f"{start} clients connected")
     return clients
+
+
+def connect_client(url: str, **options) -> connect:
+    """A client as a browser is one: it buffers what it receives, and sends no pings of
+    its own (the server's, every 20 s, it answers). A ping from every client would cost
+    the server as much again as its own: at 10,000 idle clients, 0.047 s of CPU a second
+    instead of 0.028."""
+    return connect(url, max_queue=None, ping_interval=None, **options)
 
 
 async def close_all(clients: list[ClientConnection]) -> None:
@@ -463,8 +469,8 @@ async def join_rooms(
         if number in since:
             path += f"?since={since[number]}"
         async with at_once:
-            client = await connect(
-                deployment.ws_url(number) + path, max_queue=None, max_size=None
+            client = await connect_client(
+                deployment.ws_url(number) + path, max_size=None
             )
             return client, json.loads(await client.recv())
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -247,12 +249,11 @@ class RoomManager:
 
     def disconnect(self, client: Client) -> None:
         """Out of its room; the others are told, in one notice for all who left at once."""
-        leave_room(self, client)
+        leave_room(client)
 
     async def broadcast(self, client: Client, text: str) -> None:
         """To everyone in the client's room, the sender too: its copy acknowledges it."""
-        message = keep_message(self, client.room, client.client_id, text)  # with an id
-        await send_soon(client.room, None, message)
+        await relay.post(self, client.room, client.client_id, text)  # kept, with an id
 
 
 rooms = RoomManager()
@@ -467,14 +468,14 @@ def leave(room: ConnectionManager, client: Client) -> None:
 
 async def send_soon(room: ConnectionManager, to: Client | None, text: str) -> None:
     """Send to one client (or to all: None) with everything else of this turn: `deliver`."""
-    room.pending.append((to, websocket_send(text)))
-    start_delivering(room)
+    queue(room, to, websocket_send(text))
     if len(room.pending) >= MAX_PENDING_MESSAGES:
         # Backpressure: a writer that outpaces delivery waits for it.
         await asyncio.shield(room.deliverer)
 
 
-def start_delivering(room: ConnectionManager) -> None:
+def queue(room: ConnectionManager, to: Client | None, message: Message) -> None:
+    room.pending.append((to, message))
     if room.deliverer is None:
         room.deliverer = asyncio.create_task(deliver(room))
 
@@ -491,17 +492,9 @@ async def deliver(room: ConnectionManager) -> None:
     back, which lets the kernel send a burst in fewer packets.
     """
     try:
-        while room.pending or presence_due(room):
+        while room.pending:
             sent, room.pending = room.pending, []
-            # Step 5's rooms let their joiners in here: see `admit_joiners`.
-            welcomes = admit_joiners(room, sent)
-            everyone = [message for to, message in sent if to is None]
-            # The few clients with messages of their own: theirs, in order, among all.
-            own = {
-                to: [message for at, message in sent if at is None or at is to]
-                for to, _ in sent
-                if to is not None
-            } | welcomes
+            everyone, own = shares(sent)
             # A copy: clients join and leave while this waits for room in a backlog.
             clients = list(room.active_connections.values())
             position = 0
@@ -514,6 +507,25 @@ async def deliver(room: ConnectionManager) -> None:
                 position += 1
     finally:
         room.deliverer = None
+
+
+def shares(
+    sent: list[tuple[Client | None, Message]],
+) -> tuple[list[Message], dict[Client, list[Message]]]:
+    """What everyone gets of a turn's messages, and, for the few clients with messages
+    of their own, theirs, in order, among everyone's."""
+    everyone: list[Message] = []
+    own: dict[Client, list[Message]] = {}
+    for to, message in sent:
+        if to is None:
+            everyone.append(message)
+            for messages in own.values():
+                messages.append(message)
+        elif to in own:
+            own[to].append(message)
+        else:
+            own[to] = [*everyone, message]
+    return everyone, own
 
 
 async def write_while_keeping_up(
@@ -661,54 +673,73 @@ ALL_HISTORY_BYTES = 256 * 1024 * 1024  # all rooms: past it, the least active fo
 MAX_ROOMS = 1000  # open at once; a client asking for one more is closed with 1013
 ROOM_IDLE_S = 600.0  # a room nobody is in is forgotten, history and all, after this
 PRESENCE_INTERVAL_S = 0.25  # joiners are let in, and presence told, this often at most
+PRESENCE_GRACE_S = 15.0  # a dropped client may come back this long before it has left
+
+# Endings after which the page comes back by itself: the connection dropped without a
+# close frame (uvicorn says 1005 or 1006), or the client was cut off as too slow.
+AWAY_CLOSE_CODES = frozenset({1005, 1006, status.WS_1008_POLICY_VIOLATION})
 
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
 
 
 class Room(ConnectionManager):
-    """A step 5 room: step 3's delivery, a history, and who the others were told is in."""
+    """A step 5 room: step 3's delivery, a history, and who is in it."""
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.history = History()
         self.joining: list[tuple[Client, str | None]] = []  # and the `since` each asked
+        self.away: dict[int, float] = {}  # dropped, and when their grace ends
+        self.elsewhere: dict[
+            str, list[int]
+        ] = {}  # with Redis: other processes' members
         self.told: set[int] = set()  # the members the room was last told of
         self.told_at = -PRESENCE_INTERVAL_S  # when, by the event loop's clock
-        self.presence_changed = False  # someone left since
-        self.wake_up: asyncio.TimerHandle | None = None
+        self.presence_changed = False
+        self.doorkeeper: asyncio.Task[None] | None = None  # see `keep_the_door`
         self.empty_since = 0.0
+        self.shown_upto = (0, 0)  # with Redis: the last message id delivered here
+
+    def members(self) -> set[int]:
+        elsewhere = itertools.chain.from_iterable(self.elsewhere.values())
+        return {*self.active_connections, *self.away, *elsewhere}
+
+    def is_empty(self) -> bool:
+        return not self.active_connections and not self.joining and not self.away
 
 
 class History:
-    """A room's latest messages, encoded as sent, each with an id: `{epoch}-{number}`.
+    """A room's latest messages, encoded as sent, each with its id.
 
-    The epoch is when the room began: after a restart, or once a room was forgotten, an
-    old id is not mistaken for one of the new history's.
+    In one process the ids are `{epoch}-{number}`, the epoch being when the room began:
+    after a restart, or once a room was forgotten, an old id is not mistaken for one of
+    the new history's. Through Redis, they are the ids of the room's Redis stream.
     """
 
     def __init__(self) -> None:
         self.epoch = str(time.time_ns() // 1_000_000)
         self.next_number = 1
-        self.messages: collections.deque[str] = collections.deque()
+        self.messages: collections.deque[tuple[str, str]] = collections.deque()
         self.bytes = 0  # JSON is ASCII here (json.dumps escapes the rest): one per char
 
-    def add(self, client_id: int, text: str) -> tuple[str, int]:
-        """The message with its id, and how many bytes the history grew (or shrank)."""
-        before = self.bytes
+    def next_id(self) -> str:
+        """An id for a new message, in one process."""
         message_id = f"{self.epoch}-{self.next_number}"
         self.next_number += 1
-        message = json.dumps(
-            {"type": "message", "id": message_id, "client_id": client_id, "text": text}
-        )
-        self.messages.append(message)
-        self.bytes += len(message)
+        return message_id
+
+    def keep(self, message_id: str, frame: str) -> tuple[str, int]:
+        """Kept, with its id; the frame, and how many bytes the history grew (or shrank)."""
+        before = self.bytes
+        self.messages.append((message_id, frame))
+        self.bytes += len(frame)
         while len(self.messages) > HISTORY_MESSAGES or self.bytes > HISTORY_BYTES:
             self.drop_oldest()
-        return message, self.bytes - before
+        return frame, self.bytes - before
 
     def drop_oldest(self) -> int:
-        dropped = len(self.messages.popleft())
+        dropped = len(self.messages.popleft()[1])
         self.bytes -= dropped
         return dropped
 
@@ -720,13 +751,35 @@ class History:
         # The message just dropped still counts: nothing after it is missing.
         held = epoch == self.epoch and number.isdigit()
         if held and max(first - 1, 1) <= int(number) < self.next_number:
-            after = int(number) - first + 1
-            return list(itertools.islice(self.messages, after, None)), False
-        latest = list(self.messages)[-WELCOME_HISTORY_MESSAGES:]
-        return latest, since is not None
+            after = itertools.islice(self.messages, int(number) - first + 1, None)
+            return [frame for _, frame in after], False
+        return self.latest(), since is not None
+
+    def latest(self) -> list[str]:
+        count = min(WELCOME_HISTORY_MESSAGES, len(self.messages))
+        return [frame for _, frame in itertools.islice(reversed(self.messages), count)][
+            ::-1
+        ]
+
+
+def said(client_id: int, text: str) -> str:
+    """Who said what, as kept: the message's frame without its type and id."""
+    return json.dumps({"client_id": client_id, "text": text})
+
+
+def message_frame(message_id: str, what: str) -> str:
+    """{"type": "message", "id": ..., "client_id": ..., "text": ...}, spliced, not re-encoded."""
+    return f'{{"type": "message", "id": "{message_id}", {what[1:]}'
+
+
+def stream_order(message_id: str) -> tuple[int, int]:
+    """Ids compare as their two numbers do: `1733040000000-7` before `1733040000001-0`."""
+    first, _, second = message_id.partition("-")
+    return (int(first), int(second)) if first.isdigit() and second.isdigit() else (0, 0)
 
 
 def open_room(rooms: RoomManager, name: str) -> Room:
+    relay.refuse_if_down()  # 1013 while Redis is lost: the room would miss messages
     room = rooms.rooms.get(name)
     if room is None:
         if len(rooms.rooms) >= MAX_ROOMS:
@@ -736,9 +789,9 @@ def open_room(rooms: RoomManager, name: str) -> Room:
     return room
 
 
-def keep_message(rooms: RoomManager, room: Room, client_id: int, text: str) -> str:
-    """Into the room's history, with an id; the least active rooms forget past the total."""
-    message, grown = room.history.add(client_id, text)
+def keep_message(rooms: RoomManager, room: Room, message_id: str, frame: str) -> None:
+    """Into the room's history; the least active rooms forget first past the total."""
+    _, grown = room.history.keep(message_id, frame)
     rooms.history_bytes += grown
     rooms.rooms.move_to_end(room.name)
     for other in rooms.rooms.values():
@@ -746,80 +799,94 @@ def keep_message(rooms: RoomManager, room: Room, client_id: int, text: str) -> s
             rooms.history_bytes -= other.history.drop_oldest()
         if rooms.history_bytes <= ALL_HISTORY_BYTES:
             break
-    return message
 
 
 def let_in(room: Room, client: Client, since: str | None) -> None:
-    """Queue a joiner: `deliver` lets it in between two batches, with its welcome."""
+    """Queue a joiner: `keep_the_door` lets it in, with its welcome."""
     room.joining.append((client, since))
-    start_delivering(room)
+    call_the_doorkeeper(room)
 
 
-def leave_room(rooms: RoomManager, client: Client) -> None:
+def leave_room(client: Client) -> None:
     room = client.room
     if room is None:
         return  # refused before it had a room
-    room.joining = [
-        (joiner, since) for joiner, since in room.joining if joiner is not client
-    ]
+    room.joining = [(c, since) for c, since in room.joining if c is not client]
+    was_in = room.active_connections.get(client.key) is client
     leave(room, client)
-    if client.close_code in (1012, 1013) and client.key not in room.active_connections:
-        room.told.discard(client.key)  # quiet endings: nobody is told
-    room.presence_changed = True
-    start_delivering(room)
-    if not room.active_connections and not room.joining:
-        room.empty_since = time.monotonic()
+    if was_in and client.close_code in AWAY_CLOSE_CODES:
+        # Not gone yet: a page that lost its connection is back within seconds, and
+        # 10,000 of them coming back at once would cost a `left` and a `joined` each.
         loop = asyncio.get_running_loop()
-        loop.call_later(ROOM_IDLE_S, forget_if_idle, rooms, room)
+        room.away[client.key] = loop.time() + PRESENCE_GRACE_S
+        loop.call_later(PRESENCE_GRACE_S, presence_changed, room)
+    elif client.close_code in (1012, 1013):
+        room.told.discard(client.key)  # quiet endings: nobody is told
+    presence_changed(room)  # and, once nobody is left, see `forget_if_idle`
 
 
-def forget_if_idle(rooms: RoomManager, room: Room) -> None:
+def forget_if_idle(room: Room) -> None:
     idle_s = time.monotonic() - room.empty_since
-    nobody = not room.active_connections and not room.joining
-    if nobody and idle_s >= ROOM_IDLE_S and rooms.rooms.get(room.name) is room:
+    if room.is_empty() and idle_s >= ROOM_IDLE_S and rooms.rooms.get(room.name) is room:
         del rooms.rooms[room.name]
         rooms.history_bytes -= room.history.bytes
 
 
-def presence_due(room: ConnectionManager) -> bool:
-    """Whether joiners wait to be let in, and it is time: at most every PRESENCE_INTERVAL_S.
+def presence_changed(room: Room) -> None:
+    room.presence_changed = True
+    call_the_doorkeeper(room)
 
-    Letting each joiner in at once would cost a `joined` notice to everyone per joiner:
+
+def call_the_doorkeeper(room: Room) -> None:
+    if room.doorkeeper is None:
+        room.doorkeeper = asyncio.create_task(keep_the_door(room))
+
+
+async def keep_the_door(room: Room) -> None:
+    """Let joiners in, and tell the others who joined and left, at most every
+    PRESENCE_INTERVAL_S.
+
+    Telling each join at once would cost a `joined` notice to everyone per joiner:
     10,000 clients coming back to 100 rooms of 100 after a restart, about 500,000
-    deliveries. Batched, each room tells its members at most every PRESENCE_INTERVAL_S.
+    deliveries. Batched, each room hears at most one notice per PRESENCE_INTERVAL_S.
     """
-    if not isinstance(room, Room) or not (room.joining or room.presence_changed):
-        return False
     loop = asyncio.get_running_loop()
-    wait_s = room.told_at + PRESENCE_INTERVAL_S - loop.time()
-    if wait_s <= 0:
-        return True
-    if room.wake_up is None:
-        room.wake_up = loop.call_later(wait_s, start_delivering, room)
-    return False
+    try:
+        while room.joining or room.presence_changed:
+            await asyncio.sleep(room.told_at + PRESENCE_INTERVAL_S - loop.time())
+            joiners, room.presence_changed = list(room.joining), False
+            looked_up = await relay.look_up(room, joiners)  # with Redis: who, what
+            # Between deliveries, every message of the history has gone to the members:
+            # a joiner gets the history in its welcome, and every later message live.
+            while room.deliverer is not None:
+                await asyncio.wait([room.deliverer])
+            admit_joiners(room, joiners, looked_up)
+            room.told_at = loop.time()
+            await relay.share_presence(room)
+    finally:
+        room.doorkeeper = None
 
 
 def admit_joiners(
-    room: ConnectionManager, sent: list[tuple[Client | None, Message]]
-) -> dict[Client, list[Message]]:
-    """Let the joiners in, with their welcomes, and tell the others who joined and left.
-
-    Called by `deliver` as it takes a batch: every message of the batch, and before it,
-    is in the history, so the joiners get them in their welcomes and not again (the
-    batch goes to the others); every later message reaches them live. Nothing twice.
-    """
-    if not presence_due(room):
-        return {}
-    assert isinstance(room, Room)
-    room.told_at, room.presence_changed, room.wake_up = (
-        asyncio.get_running_loop().time(),
-        False,
-        None,
-    )
-    joiners, room.joining = room.joining, []
-    for client, _ in joiners:
+    room: Room, joiners: list[tuple[Client, str | None]], looked_up: object
+) -> None:
+    """Let the joiners in, each with its welcome; tell the others who joined and left."""
+    still_joining = [joiner for joiner in joiners if joiner in room.joining]
+    room.joining = [joiner for joiner in room.joining if joiner not in joiners]
+    others = list(room.active_connections.values())
+    for client, _ in still_joining:
         enter(room, client)  # an older connection with this id is closed with 4000
-    members = sorted(room.active_connections)
+    now = asyncio.get_running_loop().time()
+    room.away = {
+        client_id: until
+        for client_id, until in room.away.items()
+        if until > now and client_id not in room.active_connections
+    }
+    if room.is_empty():
+        room.empty_since = time.monotonic()
+        asyncio.get_running_loop().call_later(ROOM_IDLE_S, forget_if_idle, room)
+    histories = relay.histories(room, still_joining, looked_up, bool(others))
+    members = sorted(room.members())
     present = set(members)
     for kind, client_ids in (
         ("left", room.told - present),
@@ -827,17 +894,21 @@ def admit_joiners(
     ):
         if client_ids:
             notice = json.dumps({"type": kind, "client_ids": sorted(client_ids)})
-            sent.append((None, websocket_send(notice)))
+            message = websocket_send(notice)  # one for all: encoded once
+            for other in others:
+                if room.active_connections.get(other.key) is other:
+                    queue(room, other, message)
     room.told = present
-    return {
-        client: [websocket_send(welcome(room, client, members, since))]
-        for client, since in joiners
-        if room.active_connections.get(client.key) is client
-    }
+    for client, since in still_joining:
+        if room.active_connections.get(client.key) is client:
+            history, missed = histories[client]
+            frame = welcome(room, client, members, history, missed)
+            queue(room, client, websocket_send(frame))
 
 
-def welcome(room: Room, client: Client, members: list[int], since: str | None) -> str:
-    history, missed = room.history.after(since)
+def welcome(
+    room: Room, client: Client, members: list[int], history: list[str], missed: bool
+) -> str:
     fields = {"type": "welcome", "room": room.name, "client_id": client.client_id}
     fields |= {"members": members, "missed": missed}
     # The history as it is kept, encoded: spliced in, not decoded and encoded again.
@@ -1040,17 +1111,24 @@ app.add_middleware(CheckOrigin)
 #
 # Protects against a chat that cannot grow past one process: with `uvicorn main:app
 # --workers 4`, or two machines behind a load balancer, clients of different processes
-# would never see each other. With REDIS_URL set, every broadcast is published to a Redis
-# channel instead, and each process relays what the channel brings to its own clients.
-# Measured at 10,000 clients over 2 workers: 1.08x the single process's CPU per delivery.
+# would never see each other, and a client coming back to another process would find
+# none of its room's history. With REDIS_URL set, every broadcast goes through Redis, and
+# each process relays what Redis brings to its own clients. Measured at 10,000 clients
+# over 2 workers: 1.08x the single process's CPU per delivery for step 3's chat.
 # The managers do not change: what carries their broadcasts does, behind the same methods.
 
 # Unset or empty: one process, nothing else to run. Set: through Redis.
 REDIS_URL = os.environ.get("REDIS_URL", "")
-REDIS_CHANNEL = "chat"
+REDIS_CHANNEL = "chat"  # every process's messages, and who joined where
 REDIS_TIMEOUT_S = 2.0  # a Redis silent this long is lost (whether it died or hangs)
-REDIS_PING_INTERVAL_S = 0.5  # a quiet subscription is pinged this often
+REDIS_PING_INTERVAL_S = (
+    0.5  # a quiet subscription is pinged, and liveness told, this often
+)
 REDIS_RETRY_S = 1.0  # between attempts to reach Redis again once it is lost
+# A publish that Redis runs later than this after it was sent, by Redis's own clock, is
+# refused: the sender had given up on it (REDIS_TIMEOUT_S) and told nobody it went out.
+PUBLISH_DEADLINE_S = 1.5
+PROCESS_TTL_S = 5.0  # a process silent this long is gone, and its room members with it
 REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
 
 
@@ -1064,6 +1142,8 @@ class InProcessRelay:
             "set REDIS_URL so that they share one room"
         )
         yield
+
+    # Step 3's chat.
 
     async def join(self, room: ConnectionManager, client: Client) -> None:
         enter(room, client)
@@ -1082,6 +1162,30 @@ class InProcessRelay:
         await send_soon(room, client, acknowledgement)
         await self.publish(room, message)
 
+    # Step 5's rooms.
+
+    def refuse_if_down(self) -> None:
+        pass  # never down
+
+    async def post(
+        self, rooms: RoomManager, room: Room, client_id: int, text: str
+    ) -> None:
+        message_id = room.history.next_id()
+        frame = message_frame(message_id, said(client_id, text))
+        keep_message(rooms, room, message_id, frame)
+        await send_soon(room, None, frame)
+
+    async def look_up(self, room: Room, joiners: list) -> None:
+        return None  # all is here
+
+    def histories(
+        self, room: Room, joiners: list, looked_up: object, had_members: bool
+    ) -> dict[Client, tuple[list[str], bool]]:
+        return {client: room.history.after(since) for client, since in joiners}
+
+    async def share_presence(self, room: Room) -> None:
+        pass  # nobody else to tell
+
 
 if REDIS_URL:
     try:
@@ -1093,9 +1197,44 @@ if REDIS_URL:
         logger.error("REDIS_URL is set, but redis-py is not: pip install redis")
         raise SystemExit(1) from None
 
+# Publishes ARGV[3] .. ARGV[4] on the channel ARGV[2], first adding ARGV[4] to the stream
+# KEYS[1], if there is one, under a new id, which it returns; unless Redis's clock is
+# past ARGV[1], the sender's deadline. One script: the stream's ids and the channel's
+# order are the same for every process.
+PUBLISH_BEFORE_DEADLINE = """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
+  return false
+end
+local id = '-'
+if #KEYS > 0 then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '*', 'm', ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+end
+redis.call('PUBLISH', ARGV[2], id .. ' ' .. ARGV[3] .. ARGV[4])
+return id
+"""
+STREAM_ID = r"^\d+-\d+$"
+
+
+@dataclasses.dataclass
+class LookedUp:
+    """What Redis said of a room as joiners were let in."""
+
+    elsewhere: dict[str, list[int]]  # other live processes' members
+    latest: list[tuple[str, str]]  # (id, frame), oldest first
+    after: dict[str, list[tuple[str, str]]]  # by `since`: from it on, if Redis holds it
+
 
 class RedisRelay:
-    """Every process's clients in each room: broadcasts go through a Redis channel."""
+    """Every process's clients in each room: broadcasts go through Redis.
+
+    Step 3's chat publishes on a channel. Each step 5 room has a Redis stream, which
+    gives its messages their ids and keeps its history (HISTORY_MESSAGES of them), and
+    each message is published on the channel too, in the same script: a stream per room
+    for what a client missed, the channel for what happens now, as Centrifugo and
+    Discourse's MessageBus do. Who is in a room is a hash per room, a field per process.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = without_password(url)  # for the log
@@ -1105,20 +1244,23 @@ class RedisRelay:
             socket_connect_timeout=REDIS_TIMEOUT_S,
             socket_timeout=REDIS_TIMEOUT_S,
             # One immediate retry, on a fresh connection, for a connection that went
-            # stale while Redis restarted: that publish never ran. A publish that timed
-            # out is not retried: Redis may still run it, late.
+            # stale while Redis restarted: that command never ran. One that timed out
+            # is not retried: Redis may still run it, late.
             retry=redis.asyncio.retry.Retry(
                 redis.backoff.NoBackoff(),
                 retries=1,
                 supported_errors=(redis.ConnectionError,),
             ),
         )
-        self.rooms: dict[str, ConnectionManager] = {}  # by name, once used here
+        self.publish_script = self.redis.register_script(PUBLISH_BEFORE_DEADLINE)
+        self.chats: dict[
+            str, ConnectionManager
+        ] = {}  # step 3's, by name, once used here
         self.relaying = False  # subscribed, and Redis answers: chat clients are welcome
         self.subscribed = asyncio.Event()
-        # When this process's current subscription began, by the wall clock: anything
-        # published before it is from before an outage, and is dropped.
-        self.session_started = 0.0
+        self.process = ""  # this process's name in Redis, new for each session
+        self.redis_clock_offset_ms = 0.0  # Redis's clock minus this process's
+        self.others_alive: set[str] = set()  # other processes seen in rooms, alive
 
     @contextlib.asynccontextmanager
     async def running(self, app: FastAPI) -> AsyncIterator[None]:
@@ -1133,17 +1275,21 @@ class RedisRelay:
                 await relaying
             await self.redis.aclose()
 
+    # Step 3's chat.
+
     async def join(self, room: ConnectionManager, client: Client) -> None:
-        if not self.relaying:
-            raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
+        self.refuse_if_down()
+        self.chats[room.name] = room
         enter(room, client)
         if client.client_id is not None:
             # Other processes close their connection with this id, if they have one.
             client.token = secrets.token_hex(8)
-            await self.send(room, takeover=client.client_id, token=client.token)
+            takeover = {"chat": room.name, "takeover": client.client_id}
+            await self.send(takeover | {"token": client.token})
 
     async def publish(self, room: ConnectionManager, message: str) -> bool:
-        return await self.send(room, text=message)
+        self.chats[room.name] = room
+        return await self.send({"chat": room.name, "text": message})
 
     async def say(
         self,
@@ -1156,18 +1302,141 @@ class RedisRelay:
         if await self.publish(room, message):
             await send_soon(room, client, acknowledgement)
 
-    async def send(self, room: ConnectionManager, **fields: str | int) -> bool:
-        """Hand a message to Redis, stamped with the time; False if it was not taken."""
+    # Step 5's rooms.
+
+    def refuse_if_down(self) -> None:
         if not self.relaying:
-            return False
-        self.rooms[room.name] = room  # what Redis brings for this room comes here
+            # Raised after accept(), so the page sees the code and reason, and retries.
+            raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
+
+    async def post(
+        self, rooms: RoomManager, room: Room, client_id: int, text: str
+    ) -> None:
+        # Delivered, to the sender too, once it comes back through the channel.
+        await self.run_publish(
+            [f"chat:room:{room.name}"],
+            f"{room.name} ",
+            said(client_id, text),
+        )
+
+    async def look_up(self, room: Room, joiners: list) -> LookedUp | None:
+        """Who is in the room elsewhere, and the history each joiner is owed."""
+        stream = f"chat:room:{room.name}"
+        sinces = sorted({s for _, s in joiners if s and re.match(STREAM_ID, s)})
         try:
-            envelope = json.dumps({"at": time.time(), "room": room.name, **fields})
-            await self.redis.publish(REDIS_CHANNEL, envelope)
+            ask = self.redis.pipeline(transaction=False)
+            ask.hgetall(f"chat:members:{room.name}")
+            ask.xrevrange(stream, count=WELCOME_HISTORY_MESSAGES)
+            ask.pexpire(stream, int((ROOM_IDLE_S + PRESENCE_GRACE_S) * 1000))
+            for since in sinces:
+                ask.xrange(stream, min=since, count=HISTORY_MESSAGES + 1)
+            members, latest, _, *after = await ask.execute()
+            processes = [p for p in members if p != self.process]
+            alive = await self.redis.mget([f"chat:alive:{p}" for p in processes])
+        except redis.RedisError as error:
+            self.close_chat(f"looking up room {room.name}: {error}")
+            return None
+        elsewhere = {}
+        for process, is_alive in zip(processes, alive or [], strict=True):
+            if is_alive:
+                elsewhere[process] = json.loads(members[process])
+                self.others_alive.add(process)
+        return LookedUp(
+            elsewhere,
+            [(i, message_frame(i, fields["m"])) for i, fields in reversed(latest)],
+            {
+                since: [(i, message_frame(i, fields["m"])) for i, fields in entries]
+                for since, entries in zip(sinces, after, strict=True)
+            },
+        )
+
+    def histories(
+        self, room: Room, joiners: list, looked_up: object, had_members: bool
+    ) -> dict[Client, tuple[list[str], bool]]:
+        """Each joiner's history: from Redis, and what came here since, up to the last
+        message delivered here (later ones reach it live), none twice."""
+        if not isinstance(looked_up, LookedUp):
+            return {client: ([], since is not None) for client, since in joiners}
+        room.elsewhere = looked_up.elsewhere
+        seen = [m for ms in (looked_up.latest, *looked_up.after.values()) for m in ms]
+        newest = max((stream_order(i) for i, _ in seen), default=(0, 0))
+        if not had_members:
+            # Nobody here yet: what Redis had is in the welcomes, the rest comes live.
+            room.shown_upto = max(room.shown_upto, newest)
+        histories = {}
+        for client, since in joiners:
+            after = looked_up.after.get(since or "", [])
+            held = bool(after) and after[0][0] == since
+            kept = after[1:] if held else looked_up.latest
+            last = max(stream_order(kept[-1][0]) if kept else (0, 0), newest)
+            if held:
+                last = max(last, stream_order(since or ""))
+            since_then = [m for m in room.history.messages if stream_order(m[0]) > last]
+            history = [
+                frame
+                for message_id, frame in kept + since_then
+                if stream_order(message_id) <= room.shown_upto
+            ]
+            histories[client] = (history, since is not None and not held)
+        return histories
+
+    async def share_presence(self, room: Room) -> None:
+        """This process's members of the room, for the others; and takeovers."""
+        here = sorted({*room.active_connections, *room.away})
+        try:
+            tell = self.redis.pipeline(transaction=False)
+            if here:
+                tell.hset(f"chat:members:{room.name}", self.process, json.dumps(here))
+            else:
+                tell.hdel(f"chat:members:{room.name}", self.process)
+            tell.pexpire(
+                f"chat:members:{room.name}",
+                int((ROOM_IDLE_S + PRESENCE_GRACE_S) * 1000),
+            )
+            await tell.execute()
+        except redis.RedisError as error:
+            self.close_chat(f"telling who is in room {room.name}: {error}")
+            return
+        await self.send({"room": room.name, "presence": self.process})
+        for client in room.active_connections.values():
+            if not client.token:
+                client.token = secrets.token_hex(8)
+                takeover = {"room": room.name, "takeover": client.client_id}
+                await self.send(takeover | {"token": client.token})
+
+    # Both.
+
+    async def send(self, envelope: dict) -> bool:
+        return await self.run_publish([], "", json.dumps(envelope)) is not None
+
+    async def run_publish(
+        self, stream: list[str], prefix: str, text: str
+    ) -> str | None:
+        """The id Redis gave the message (`-` off the streams); None if it was not
+        taken, and the chat is then closed."""
+        if not self.relaying:
+            return None
+        deadline_ms = self.redis_now_ms() + PUBLISH_DEADLINE_S * 1000
+        idle_ms = int((ROOM_IDLE_S + PRESENCE_GRACE_S) * 1000)
+        args = [
+            int(deadline_ms),
+            REDIS_CHANNEL,
+            prefix,
+            text,
+            HISTORY_MESSAGES,
+            idle_ms,
+        ]
+        try:
+            message_id = await self.publish_script(keys=stream, args=args)
         except redis.RedisError as error:
             self.close_chat(f"publish failed: {error}")
-            return False
-        return True
+            return None
+        if message_id is None:
+            self.close_chat("a publish reached Redis after its deadline")
+        return message_id
+
+    def redis_now_ms(self) -> float:
+        return time.monotonic() * 1000 + self.redis_clock_offset_ms
 
     async def relay_messages(self) -> None:
         """Hand each message on the channel to this process's clients, while the app runs."""
@@ -1188,7 +1457,7 @@ class RedisRelay:
         subscription is pinged, and silence is taken for an outage.
         """
         loop = asyncio.get_running_loop()
-        heard_at = loop.time()
+        heard_at = beat_at = loop.time()
         in_session = False  # this subscription confirmed, and clients welcomed
         while True:
             message = await pubsub.get_message(timeout=REDIS_PING_INTERVAL_S)
@@ -1199,33 +1468,77 @@ class RedisRelay:
                 await pubsub.ping()
             elif message["type"] == "subscribe":
                 heard_at, in_session = now, True
-                self.welcome_clients()
+                await self.start_session()
             else:
                 heard_at = now
-                await self.relay(message)
+                self.relay(message)
+            if in_session and now - beat_at > REDIS_PING_INTERVAL_S:
+                beat_at = now
+                await self.heartbeat()
             if in_session and not self.relaying:
                 raise redis.ConnectionError("a publish failed")
 
-    def welcome_clients(self) -> None:
-        self.session_started = time.time()
+    async def start_session(self) -> None:
+        # A new name for each session: what an earlier one left in Redis is stale.
+        self.process = secrets.token_hex(6)
+        await self.heartbeat()
         self.relaying = True
         self.subscribed.set()
         logger.info("Chat relayed through Redis at %s", self.url)
 
-    async def relay(self, message: dict) -> None:
+    async def heartbeat(self) -> None:
+        """Tell Redis this process is alive; learn Redis's clock, and who else is."""
+        others = sorted(self.others_alive)
+        sent_ms = time.monotonic() * 1000
+        beat = self.redis.pipeline(transaction=False)
+        beat.time()
+        beat.set(f"chat:alive:{self.process}", 1, px=int(PROCESS_TTL_S * 1000))
+        if others:
+            beat.mget([f"chat:alive:{process}" for process in others])
+        (seconds, microseconds), _, *alive = await beat.execute()
+        round_trip_ms = time.monotonic() * 1000 - sent_ms
+        redis_ms = seconds * 1000 + microseconds / 1000
+        self.redis_clock_offset_ms = redis_ms - (sent_ms + round_trip_ms / 2)
+        gone = {
+            p for p, a in zip(others, alive[0] if alive else [], strict=True) if not a
+        }
+        self.others_alive -= gone
+        for room in rooms.rooms.values():  # their members have left
+            if gone & room.elsewhere.keys():
+                presence_changed(room)
+
+    def relay(self, message: dict) -> None:
         if message["type"] != "message":
             return  # a pong
-        envelope = json.loads(message["data"])
-        room = self.rooms.get(envelope["room"])
-        # Assumes the processes' clocks agree to well under REDIS_TIMEOUT_S (one machine,
-        # or NTP): what was published before this subscription began was meant for a
-        # session that an outage ended.
-        if room is None or envelope["at"] < self.session_started:
+        message_id, _, rest = message["data"].partition(" ")
+        if message_id != "-":
+            name, _, what = rest.partition(" ")
+            self.show(name, message_id, what)
             return
+        envelope = json.loads(rest)
+        if "chat" in envelope:
+            room: ConnectionManager | None = self.chats.get(envelope["chat"])
+        else:
+            room = rooms.rooms.get(envelope["room"])
+        if room is None:
+            return  # nobody here in that room
         if "takeover" in envelope:
             self.take_over(room, envelope["takeover"], envelope["token"])
+        elif "presence" in envelope:
+            if envelope["presence"] != self.process and isinstance(room, Room):
+                presence_changed(room)
         else:
-            await send_soon(room, None, envelope["text"])
+            queue(room, None, websocket_send(envelope["text"]))
+
+    def show(self, name: str, message_id: str, what: str) -> None:
+        """A room's message, to this process's members of the room, unless they have it."""
+        room = rooms.rooms.get(name)
+        if room is None or stream_order(message_id) <= room.shown_upto:
+            return
+        room.shown_upto = stream_order(message_id)
+        frame = message_frame(message_id, what)
+        keep_message(rooms, room, message_id, frame)
+        queue(room, None, websocket_send(frame))
 
     def take_over(self, room: ConnectionManager, client_id: int, token: str) -> None:
         """Another connection with this id joined: close ours if it joined earlier.
@@ -1247,9 +1560,13 @@ class RedisRelay:
         if self.relaying:
             logger.warning("Lost Redis at %s (%s): chat closed", self.url, why)
         self.relaying = False
-        for room in self.rooms.values():
-            for client in list(room.active_connections.values()):
-                cut_off(room, client, status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
+        for chat in [*self.chats.values(), *rooms.rooms.values()]:
+            clients = list(chat.active_connections.values())
+            if isinstance(chat, Room):
+                clients += [client for client, _ in chat.joining]
+                chat.joining, chat.away, chat.elsewhere = [], {}, {}
+            for client in clients:
+                cut_off(chat, client, status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
 
 
 def without_password(url: str) -> str:

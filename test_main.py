@@ -5,8 +5,10 @@ real sockets (backpressure, abrupt disconnects, handshake headers) is in test_se
 """
 
 import asyncio
+import importlib.util
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 
@@ -332,6 +334,45 @@ def test_message_at_limit_is_relayed(client: TestClient) -> None:
         assert alice.receive_text() == f"You wrote: {text}"
 
 
+def test_step_3_copied_with_the_pieces_the_readme_lists_runs_a_chat(
+    tmp_path,
+) -> None:
+    # main.py's top (imports, app, GET /), step 3, and the sections step 3 needs, with
+    # the relay for one process: what the README tells a reader to copy.
+    sections = re.split(
+        r"(?m)^(?=# --- )", main.INDEX_HTML.with_name("main.py").read_text()
+    )
+    by_title = {section.splitlines()[0]: section for section in sections[1:]}
+
+    def section(title: str) -> str:
+        [found] = [text for head, text in by_title.items() if title in head]
+        return found
+
+    relay = section("The relay")
+    copied = sections[0] + "".join(
+        section(title)
+        for title in ("Step 3", "Delivery", "What a client may send", "Closing")
+    )
+    copied += relay[relay.index("class InProcessRelay") : relay.index("if REDIS_URL:")]
+    copied += "relay = InProcessRelay()\n"
+    copied += "app.include_router(APIRouter(lifespan=relay.running))\n"
+    (tmp_path / "step3.py").write_text(copied)
+    spec = importlib.util.spec_from_file_location("step3", tmp_path / "step3.py")
+    step3 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step3)
+    assert not hasattr(step3, "rooms") and not hasattr(step3, "RedisRelay")
+    with (
+        TestClient(step3.app) as copy,
+        copy.websocket_connect("/chat/1") as alice,
+    ):
+        with copy.websocket_connect("/chat/2") as bob:
+            alice.send_text("hello")
+            assert alice.receive_text() == "You wrote: hello"
+            assert alice.receive_text() == "Client #1 says: hello"
+            assert bob.receive_text() == "Client #1 says: hello"
+        assert alice.receive_text() == "Client #2 left the chat"
+
+
 # --- Step 4: Depends ---------------------------------------------------------------------
 
 
@@ -569,6 +610,28 @@ def test_joiners_of_one_moment_are_announced_together(client: TestClient) -> Non
             assert next_of_type(carol, "welcome")["members"] == [1, 2, 3]
             assert next_of_type(bob, "welcome")["members"] in ([1, 2], [1, 2, 3])
             assert next_of_type(alice, "joined")["client_ids"] == [2, 3]
+
+
+def test_a_dropped_client_has_a_grace_to_come_back_before_it_has_left(
+    client: TestClient, monkeypatch
+) -> None:
+    monkeypatch.setattr(main, "PRESENCE_GRACE_S", 0.5)
+    with client.websocket_connect("/rooms/lobby/1") as alice:
+        next_of_type(alice, "welcome")
+        with client.websocket_connect("/rooms/lobby/2") as bob:
+            next_of_type(bob, "welcome")
+            next_of_type(alice, "joined")
+            bob.close(1006)  # the connection dropped, without a close frame
+        # Back within the grace: still a member, and nobody was told otherwise.
+        with client.websocket_connect("/rooms/lobby/2") as bob:
+            assert next_of_type(bob, "welcome")["members"] == [1, 2]
+            say(bob, "back")
+            assert next_of_type(alice, "message")["text"] == "back"
+            bob.close(1006)
+        dropped_at = time.monotonic()
+        # Not back: it has left, once the grace is over.
+        assert next_of_type(alice, "left") == {"type": "left", "client_ids": [2]}
+        assert time.monotonic() - dropped_at >= 0.4
 
 
 @pytest.mark.parametrize(
