@@ -461,16 +461,22 @@ class RoomDeliveries:
 async def join_rooms(
     deployment: "Deployment", rooms: int, numbers: range, since: dict[int, str]
 ) -> tuple[list[ClientConnection], list[dict]]:
-    """Clients `numbers`, each in room `number % rooms`, once welcomed; their welcomes."""
+    """Clients `numbers`, each in room `number % rooms`, once welcomed; their welcomes.
+
+    Coming back (with `since`), each client goes to another worker than before, where
+    there are several: as a load balancer may send it.
+    """
     at_once = asyncio.Semaphore(RECONNECT_AT_ONCE if since else CONNECT_BATCH)
 
     async def join(number: int) -> tuple[ClientConnection, dict]:
         path = f"/rooms/room{number % rooms}/{number}"
+        worker = number
         if number in since:
             path += f"?since={since[number]}"
+            worker += 1
         async with at_once:
             client = await connect_client(
-                deployment.ws_url(number) + path, max_size=None
+                deployment.ws_url(worker) + path, max_size=None
             )
             return client, json.loads(await client.recv())
 
@@ -558,15 +564,17 @@ ROOM_ROWS = [
 ]
 
 
-def print_rooms_table(client_count: int, chat: dict, rooms: dict) -> None:
-    """Step 5's rooms beside step 3's chat, both main.py, both at `client_count`."""
-    names = [f"step 3 chat, {client_count:,}", f"step 5 rooms, {client_count:,}"]
-    print(f"| measure | {names[0]} | {names[1]} | {names[1]} / {names[0]} |")
-    print("| --- | --- | --- | --- |")
+def print_rooms_table(names: list[str], results: list[dict]) -> None:
+    """Step 5's rooms beside step 3's chat: each column against the first."""
+    ratios = [f"{name} / {names[0]}" for name in names[1:]]
+    print("| " + " | ".join(["measure", *names, *ratios]) + " |")
+    print("|" + " --- |" * (1 + len(names) + len(ratios)))
     for key, label, number in ROOM_ROWS:
-        before, after = chat.get(key), rooms[key]
-        cells = ["" if before is None else number.format(before), number.format(after)]
-        cells.append(f"{after / before:.2f}x" if key in RATIO_KEYS and before else "")
+        values = [result.get(key) for result in results]
+        cells = ["" if value is None else number.format(value) for value in values]
+        for value in values[1:]:
+            show = key in RATIO_KEYS and values[0] and value is not None
+            cells.append(f"{value / values[0]:.2f}x" if show else "")
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
@@ -825,10 +833,13 @@ async def run(
     names = [c.name for c in contenders]
     with tempfile.TemporaryDirectory() as log_dir:
         if rooms_only:
-            await run_rooms_only(contenders[1], steps[-1], Path(log_dir))
+            await run_rooms_only(contenders[1:], steps[-1], Path(log_dir))
             return
         chat = await measure_chat(contenders, steps, Path(log_dir))
-        rooms = await measure_rooms(contenders[1], steps[-1], Path(log_dir))
+        rooms = [
+            await measure_rooms(contender, steps[-1], Path(log_dir))
+            for contender in contenders[1:]
+        ]
         loads = await measure(
             contenders, min(FAN_OUT_CLIENTS, steps[-1]), Path(log_dir)
         )
@@ -840,22 +851,36 @@ async def run(
         chat_rows(steps[-1]) + LOAD_ROWS,
     )
     print()
-    print_rooms_table(steps[-1], chat[1]["chat"], rooms)
+    clients = f"{steps[-1]:,} clients"
+    print_rooms_table(
+        [
+            f"step 3 chat, {clients}",
+            *(f"step 5 rooms, {c.name}" for c in contenders[1:]),
+        ],
+        [chat[1]["chat"], *rooms],
+    )
     if hostile:
         print()
         print_hostile(hostile_figures)
 
 
 async def run_rooms_only(
-    contender: Contender, client_count: int, log_dir: Path
+    contenders: list[Contender], client_count: int, log_dir: Path
 ) -> None:
-    """Step 5's rooms and step 3's chat, main.py alone, alternating: quicker to repeat."""
-    chats, rooms = [], []
+    """Step 5's rooms beside step 3's chat (main.py alone), alternating: quicker to
+    repeat. With --redis, the rooms through Redis too."""
+    chats: list[dict[str, float]] = []
+    rooms: list[list[dict[str, float]]] = [[] for _ in contenders]
     for attempt in range(1, TOP_STEP_REPEATS + 1):
         progress(f"ordinary chat, {client_count} clients, run {attempt}")
-        chats += await run_load([contender], ordinary_chat, client_count, log_dir)
-        rooms.append(await measure_rooms(contender, client_count, log_dir))
-    print_rooms_table(client_count, mean_of(chats), mean_of(rooms))
+        chats += await run_load([contenders[0]], ordinary_chat, client_count, log_dir)
+        for contender, runs in zip(contenders, rooms, strict=True):
+            runs.append(await measure_rooms(contender, client_count, log_dir))
+    clients = f"{client_count:,} clients"
+    print_rooms_table(
+        [f"step 3 chat, {clients}", *(f"step 5 rooms, {c.name}" for c in contenders)],
+        [mean_of(chats), *(mean_of(runs) for runs in rooms)],
+    )
 
 
 def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -7,7 +7,9 @@ stopped with SIGSTOP (then continued with SIGCONT) to test a Redis that hangs.
 
 import asyncio
 import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -382,3 +384,230 @@ def test_unreachable_redis_at_start_up_exits_with_one_line() -> None:
     assert len(output) == 1, output
     assert output[0].startswith(f"ERROR:    Cannot reach Redis at {url} (")
     assert output[0].endswith("): start it, or unset REDIS_URL")
+
+
+# --- Step 5: rooms across processes ---------------------------------------------------------
+
+PROCESS_GONE_BOUND_S = 10.0  # a process killed with -9: its members gone within this
+
+
+async def join_room(
+    stack: contextlib.AsyncExitStack, server: Server, path: str
+) -> tuple[ClientConnection, dict]:
+    """A step 5 client on `server`, closed with `stack`, once welcomed; its welcome."""
+    client = open_client(f"{server.ws_url}{path}", max_size=None)
+    websocket = await stack.enter_async_context(client)
+    welcome = json.loads(await websocket.recv())
+    assert welcome["type"] == "welcome", welcome
+    return websocket, welcome
+
+
+async def in_rooms(scenario):
+    """Run `scenario(stack)`; the clients it joined to rooms are closed after it."""
+    async with contextlib.AsyncExitStack() as stack:
+        return await scenario(stack)
+
+
+async def next_frame(websocket: ClientConnection, kind: str) -> dict:
+    """The next frame of this type; others (who joined, who left) are skipped."""
+    while (frame := json.loads(await websocket.recv()))["type"] != kind:
+        pass
+    return frame
+
+
+async def say_in_room(websocket: ClientConnection, text: str) -> dict:
+    """Send, and wait for the room's copy: the acknowledgement."""
+    await websocket.send(json.dumps({"text": text}))
+    while (frame := await next_frame(websocket, "message"))["text"] != text:
+        pass
+    return frame
+
+
+def test_room_members_and_messages_cross_processes(workers: list[Server]) -> None:
+    first, second = workers
+
+    async def two_processes(
+        stack: contextlib.AsyncExitStack,
+    ) -> tuple[dict, dict, dict, dict]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, bob_welcome = await join_room(stack, second, "/rooms/lobby/2")
+        joined = await next_frame(alice, "joined")
+        mine = await say_in_room(alice, "hello across")
+        heard = await next_frame(bob, "message")
+        await bob.close()
+        left = await next_frame(alice, "left")
+        await alice.close()
+        return bob_welcome, joined, (mine, heard), left
+
+    bob_welcome, joined, (mine, heard), left = run(in_rooms(two_processes))
+    assert bob_welcome["members"] == [1, 2]
+    assert joined["client_ids"] == [2]
+    assert heard == mine
+    assert (mine["client_id"], mine["text"]) == (1, "hello across")
+    assert left["client_ids"] == [2]
+    for server in workers:
+        assert_nothing_went_wrong(server)
+
+
+def test_a_client_back_on_the_other_process_gets_what_it_missed(
+    workers: list[Server],
+) -> None:
+    first, second = workers
+
+    async def drop_and_move(stack: contextlib.AsyncExitStack) -> tuple[list[str], dict]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, _ = await join_room(stack, first, "/rooms/lobby/2")
+        last = (await say_in_room(alice, "seen by bob"))["id"]
+        assert (await next_frame(bob, "message"))["id"] == last
+        await bob.close()
+        missed = [(await say_in_room(alice, f"missed {i}"))["id"] for i in range(5)]
+        _, welcome = await join_room(stack, second, f"/rooms/lobby/2?since={last}")
+        await alice.close()
+        return missed, welcome
+
+    missed, welcome = run(in_rooms(drop_and_move))
+    assert [message["id"] for message in welcome["history"]] == missed
+    assert welcome["missed"] is False
+    assert welcome["members"] == [1, 2]
+
+
+def test_a_restarted_process_catches_its_member_up_from_redis(
+    workers: list[Server], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    first, second = workers
+
+    async def before(
+        stack: contextlib.AsyncExitStack,
+    ) -> tuple[ClientConnection, ClientConnection, str]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, _ = await join_room(stack, second, "/rooms/lobby/2")
+        last = (await say_in_room(alice, "before the restart"))["id"]
+        assert (await next_frame(bob, "message"))["id"] == last
+        return alice, bob, last
+
+    async def meanwhile(alice: ClientConnection) -> list[str]:
+        return [(await say_in_room(alice, f"during {i}"))["id"] for i in range(5)]
+
+    async def scenario(
+        stack: contextlib.AsyncExitStack,
+    ) -> tuple[list[str], dict, tuple[int, str]]:
+        alice, bob, last = await before(stack)
+        second.process.send_signal(signal.SIGTERM)  # a deploy, or a --reload
+        closed = await closed_with(bob)
+        said = await meanwhile(alice)
+        await asyncio.to_thread(second.process.wait, 10)
+        restarted = await asyncio.to_thread(
+            start_server,
+            tmp_path / "restarted.log",
+            second.port,
+            options=production_options(),
+            REDIS_URL=redis_server.url,
+        )
+        try:
+            _, welcome = await join_room(
+                stack, restarted, f"/rooms/lobby/2?since={last}"
+            )
+        finally:
+            restarted.stop()
+        await alice.close()
+        return said, welcome, closed
+
+    said, welcome, closed = run(in_rooms(scenario))
+    assert closed[0] == 1012
+    assert [message["id"] for message in welcome["history"]] == said
+    assert welcome["missed"] is False
+
+
+def test_redis_stopped_for_5_s_closes_rooms_in_time_and_loses_nothing_acknowledged(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    first, second = workers
+
+    async def outage(
+        stack: contextlib.AsyncExitStack,
+    ) -> tuple[str, list[float], list[dict]]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, _ = await join_room(stack, second, "/rooms/lobby/2")
+        acknowledged = (await say_in_room(alice, "acknowledged"))["id"]
+        assert (await next_frame(bob, "message"))["id"] == acknowledged
+        redis_server.pause()
+        stopped_at = time.monotonic()
+        # Written into the outage: Redis runs it when it continues, too late.
+        await alice.send(json.dumps({"text": "ghost"}))
+        alice_got: list[str] = []
+        closes = await asyncio.gather(closed_with(alice, alice_got), closed_with(bob))
+        delay = time.monotonic() - stopped_at
+        assert closes == [LOST, LOST]
+        await asyncio.sleep(5 - delay)
+        redis_server.resume()
+        return acknowledged, delay, [json.loads(frame) for frame in alice_got]
+
+    acknowledged, delay, alice_got = run(in_rooms(outage))
+    assert delay < DETECTION_BOUND_S
+    assert all(
+        frame.get("text") != "ghost" for frame in alice_got
+    )  # never acknowledged
+    for server in workers:
+        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+
+    async def after(stack: contextlib.AsyncExitStack) -> tuple[dict, list[dict]]:
+        _, welcome = await join_room(
+            stack, second, f"/rooms/lobby/2?since={acknowledged}"
+        )
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        await say_in_room(alice, "after")
+        await asyncio.sleep(1)  # time enough for a late ghost to show up
+        _, latest = await join_room(stack, first, "/rooms/lobby/3")
+        return welcome, latest["history"]
+
+    welcome, history = run(in_rooms(after))
+    assert (welcome["history"], welcome["missed"]) == ([], False)
+    assert [message["text"] for message in history] == ["acknowledged", "after"]
+
+
+def test_redis_killed_loses_the_rooms_history_and_says_so(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    first, second = workers
+
+    async def before(stack: contextlib.AsyncExitStack) -> str:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        last = (await say_in_room(alice, "kept in Redis"))["id"]
+        redis_server.kill()
+        assert await closed_with(alice) == LOST
+        return last
+
+    last = run(in_rooms(before))
+    redis_server.start()  # persistence off: an empty Redis
+    for server in workers:
+        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+
+    async def after(stack: contextlib.AsyncExitStack) -> dict:
+        _, welcome = await join_room(stack, second, f"/rooms/lobby/1?since={last}")
+        return welcome
+
+    welcome = run(in_rooms(after))
+    assert (welcome["history"], welcome["missed"]) == ([], True)
+
+
+def test_a_process_killed_with_9_loses_its_members_in_time(
+    workers: list[Server],
+) -> None:
+    first, second = workers
+
+    async def kill_one(stack: contextlib.AsyncExitStack) -> tuple[dict, float, dict]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        _, bob_welcome = await join_room(stack, second, "/rooms/lobby/2")
+        await next_frame(alice, "joined")
+        second.process.kill()  # no goodbye: as a machine lost
+        killed_at = time.monotonic()
+        left = await next_frame(alice, "left")
+        gone_after = time.monotonic() - killed_at
+        _, carol_welcome = await join_room(stack, first, "/rooms/lobby/3")
+        return left, gone_after, carol_welcome | {"bob": bob_welcome}
+
+    left, gone_after, carol_welcome = run(in_rooms(kill_one))
+    assert carol_welcome["bob"]["members"] == [1, 2]
+    assert left["client_ids"] == [2]
+    assert gone_after < PROCESS_GONE_BOUND_S
+    assert carol_welcome["members"] == [1, 3]
