@@ -12,8 +12,8 @@ http://127.0.0.1:8000/. The file reads from the top, as the tutorial does:
   several through Redis when REDIS_URL is set).
 """
 
-# Annotations are read once the whole file has loaded: step 3 names `Client` before
-# the delivery section, after the steps, defines it.
+# Annotations are kept as strings: the manager's methods name `Client`, which the
+# delivery section, after the steps, defines.
 from __future__ import annotations
 
 import asyncio
@@ -101,15 +101,16 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 
 # --- Step 3: a chat room. The ConnectionManager, then its endpoints ------------------------
 #
-# The tutorial's manager, method for method. What happens behind them (a broadcast never
-# waits on a slow client, who is cut off) is "Delivery", after the steps; `relay` carries
-# each broadcast to the room, in this process or through Redis (the last section).
+# The tutorial's four methods, in its order, and `say`. At /chat/{client_id}, since
+# /ws/{client_id} is step 2's. Behind the methods: "Delivery" (nobody waits on a slow
+# client) and `relay` (this process, or Redis), after the steps; the README says what to
+# copy with this step.
 
 
 class ConnectionManager:
     def __init__(self, name: str = "chat") -> None:
         self.name = name  # the room's, for the relay
-        # By client id: a second connection with the same id takes over from the first.
+        # By client id (anonymous: by connection); the same id again takes over.
         self.active_connections: dict[int, Client] = {}
         self.pending: list[tuple[Client | None, Message]] = []  # see `deliver`
         self.deliverer: asyncio.Task[None] | None = None
@@ -133,11 +134,11 @@ class ConnectionManager:
         await send_soon(self, client, message)
 
     async def broadcast(self, message: str) -> bool:
-        """Queue for everyone, returning before it is written; False if Redis is lost."""
+        """Queued for everyone, not yet written; False if Redis did not take it."""
         return await relay.publish(self, message)
 
     async def say(self, client: Client, acknowledgement: str, message: str) -> None:
-        """The tutorial's two sends; through Redis, the first once Redis has the second."""
+        """FastAPI's docs' two sends; through Redis, `You wrote` once Redis has it."""
         await relay.say(self, client, acknowledgement, message)
 
 
@@ -157,7 +158,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
                 )
                 await slow_down_floods(client)  # a flooder's next message waits
     except WebSocketDisconnect as gone:
-        client.close_code = gone.code  # 1012, the server shutting down: not announced
+        client.close_code = gone.code  # 1012, a shutdown: nobody is told
     finally:
         manager.disconnect(client)  # and "Client #{client_id} left the chat"
     await close_if_cut_off(client)  # too slow, taken over, Redis lost: it is told why
@@ -227,7 +228,9 @@ async def item_endpoint(
 # message it missed, as long as its room still holds them; if not, its welcome says
 # "missed": true. The protocol, the bounds and the history are in "Rooms", after the steps.
 
-ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"  # Django Channels' rule for group names
+# Django Channels' rule for group names: no spaces or slashes, so a name fits in a URL,
+# a Redis key and the relay's messages as it is.
+ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
 
 
 class RoomManager:
@@ -276,7 +279,9 @@ async def room_endpoint(
     except WebSocketDisconnect as gone:
         client.close_code = gone.code
     finally:
-        rooms.disconnect(client)  # and {"type": "left", ...} to the others
+        rooms.disconnect(
+            client
+        )  # and, unless it may be back soon, "left" to the others
     await close_if_cut_off(client)
 
 
@@ -542,8 +547,10 @@ async def write_while_keeping_up(
     """
     position, messages, written = start, [], 0
     try:
-        # A deadline of now: any wait is too long. uvicorn (and the TestClient) wait
-        # before writing anything, so a write given up is not half-sent.
+        # A deadline of now: any wait is too long. uvicorn's default WebSocket
+        # implementations (websockets-sansio, wsproto) and the TestClient wait before
+        # writing anything, so a write given up is not half-sent. (Its legacy
+        # `--ws websockets` writes first, then waits: not for this app.)
         async with asyncio.timeout(0):
             for position in range(start, len(clients)):
                 client = clients[position]
@@ -617,11 +624,20 @@ def announce_leaving(room: ConnectionManager, client: Client) -> None:
     One notice per departure, to everyone still there, costs O(N²) when N clients leave
     at once (a network drop, a proxy restarting): batched, it costs O(N).
     """
-    if client.close_code in QUIET_CLOSE_CODES:
+    if ended_quietly(client):
         return
     room.departed.append(client.client_id)
     if room.announcer is None:
         room.announcer = asyncio.create_task(announce_departures(room))
+
+
+def ended_quietly(client: Client) -> bool:
+    """The server shutting down (1012), or the server cutting the client off with 1013
+    or 4000; not a client that chose one of those codes itself."""
+    cut_off_quietly = client.cut_off_scope.cancel_called
+    return client.close_code in QUIET_CLOSE_CODES and (
+        client.close_code == 1012 or cut_off_quietly
+    )
 
 
 async def announce_departures(room: ConnectionManager) -> None:
@@ -732,14 +748,14 @@ class History:
         self.next_number += 1
         return message_id
 
-    def keep(self, message_id: str, frame: str) -> tuple[str, int]:
-        """Kept, with its id; the frame, and how many bytes the history grew (or shrank)."""
+    def keep(self, message_id: str, frame: str) -> int:
+        """Kept, with its id; how many bytes the history grew (or shrank)."""
         before = self.bytes
         self.messages.append((message_id, frame))
         self.bytes += len(frame)
         while len(self.messages) > HISTORY_MESSAGES or self.bytes > HISTORY_BYTES:
             self.drop_oldest()
-        return frame, self.bytes - before
+        return self.bytes - before
 
     def drop_oldest(self) -> int:
         dropped = len(self.messages.popleft()[1])
@@ -800,7 +816,7 @@ def open_room(rooms: RoomManager, name: str) -> Room:
 
 def keep_message(rooms: RoomManager, room: Room, message_id: str, frame: str) -> None:
     """Into the room's history; the least active rooms forget first past the total."""
-    _, grown = room.history.keep(message_id, frame)
+    grown = room.history.keep(message_id, frame)
     rooms.history_bytes += grown
     rooms.rooms.move_to_end(room.name)
     for other in rooms.rooms.values():
@@ -829,8 +845,8 @@ def leave_room(client: Client) -> None:
         loop = asyncio.get_running_loop()
         room.away[client.key] = loop.time() + PRESENCE_GRACE_S
         loop.call_later(PRESENCE_GRACE_S, presence_changed, room)
-    elif client.close_code in (1012, 1013):
-        room.told.discard(client.key)  # quiet endings: nobody is told
+    elif ended_quietly(client) and client.key not in room.active_connections:
+        room.told.discard(client.key)  # nobody is told
     presence_changed(room)  # and, once nobody is left, see `forget_if_idle`
 
 
@@ -1012,7 +1028,7 @@ async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
     give up after CLOSE_TIMEOUT_S (uvicorn then drops the connection once it can).
     """
     if websocket.application_state is WebSocketState.DISCONNECTED:
-        return  # a write to it failed: the client left
+        return  # closed already, or the client left
     with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(*GONE):
         await websocket.close(code, reason)
 
@@ -1138,6 +1154,7 @@ REDIS_RETRY_S = 1.0  # between attempts to reach Redis again once it is lost
 # refused: the sender had given up on it (REDIS_TIMEOUT_S) and told nobody it went out.
 PUBLISH_DEADLINE_S = 1.5
 PROCESS_TTL_S = 5.0  # a process silent this long is gone, and its room members with it
+REDIS_CONNECTIONS = 50  # commands in flight at once, at most, from one process
 REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
 
 
@@ -1168,7 +1185,7 @@ class InProcessRelay:
         acknowledgement: str,
         message: str,
     ) -> None:
-        await send_soon(room, client, acknowledgement)
+        await room.send_personal_message(acknowledgement, client)
         await self.publish(room, message)
 
     # Step 5's rooms.
@@ -1252,6 +1269,9 @@ class RedisRelay:
             decode_responses=True,
             socket_connect_timeout=REDIS_TIMEOUT_S,
             socket_timeout=REDIS_TIMEOUT_S,
+            # Commands wait for one of REDIS_CONNECTIONS (see `connections`); the
+            # subscription and the heartbeat have their own.
+            max_connections=REDIS_CONNECTIONS + 4,
             # One immediate retry, on a fresh connection, for a connection that went
             # stale while Redis restarted: that command never ran. One that timed out
             # is not retried: Redis may still run it, late.
@@ -1262,13 +1282,16 @@ class RedisRelay:
             ),
         )
         self.publish_script = self.redis.register_script(PUBLISH_BEFORE_DEADLINE)
-        self.chats: dict[
-            str, ConnectionManager
-        ] = {}  # step 3's, by name, once used here
+        # Thousands of handlers may publish at once: each waits for a connection here,
+        # rather than redis-py failing past its pool's size ("Too many connections").
+        self.connections = asyncio.Semaphore(REDIS_CONNECTIONS)
+        # Step 3's managers, by name, once used here.
+        self.chats: dict[str, ConnectionManager] = {}
         self.relaying = False  # subscribed, and Redis answers: chat clients are welcome
         self.subscribed = asyncio.Event()
         self.process = ""  # this process's name in Redis, new for each session
         self.redis_clock_offset_ms = 0.0  # Redis's clock minus this process's
+        self.best_round_trip_ms = float("inf")  # of the answers that measured it
         self.others_alive: set[str] = set()  # other processes seen in rooms, alive
         self.to_announce: set[str] = set()  # rooms whose members here were rewritten
 
@@ -1310,7 +1333,7 @@ class RedisRelay:
     ) -> None:
         # "You wrote" only once Redis has the message: a publish can fail.
         if await self.publish(room, message):
-            await send_soon(room, client, acknowledgement)
+            await room.send_personal_message(acknowledgement, client)
 
     # Step 5's rooms.
 
@@ -1344,10 +1367,12 @@ class RedisRelay:
             ask.pexpire(stream, int((ROOM_IDLE_S + PRESENCE_GRACE_S) * 1000))
             if sorted(here) != room.written:
                 self.write_members(ask, room, sorted(here))
-            members, latest, *said = await ask.execute()
+            async with self.connections:
+                members, latest, *said = await ask.execute()
             after = said[: len(sinces)]
             processes = [p for p in members if p != self.process]
-            alive = await self.redis.mget([f"chat:alive:{p}" for p in processes])
+            async with self.connections:
+                alive = await self.redis.mget([f"chat:alive:{p}" for p in processes])
         except redis.RedisError as error:
             self.close_chat(f"looking up room {room.name}: {error}")
             return None
@@ -1414,7 +1439,8 @@ class RedisRelay:
             try:
                 tell = self.redis.pipeline(transaction=False)
                 self.write_members(tell, room, here)
-                await tell.execute()
+                async with self.connections:
+                    await tell.execute()
             except redis.RedisError as error:
                 self.close_chat(f"telling who is in room {room.name}: {error}")
                 return
@@ -1439,18 +1465,14 @@ class RedisRelay:
         taken, and the chat is then closed."""
         if not self.relaying:
             return None
-        deadline_ms = self.redis_now_ms() + PUBLISH_DEADLINE_S * 1000
         idle_ms = int((ROOM_IDLE_S + PRESENCE_GRACE_S) * 1000)
-        args = [
-            int(deadline_ms),
-            REDIS_CHANNEL,
-            prefix,
-            text,
-            HISTORY_MESSAGES,
-            idle_ms,
-        ]
         try:
-            message_id = await self.publish_script(keys=stream, args=args)
+            async with self.connections:
+                # The deadline once a connection is ours: from here, it is sent at once.
+                deadline_ms = int(self.redis_now_ms() + PUBLISH_DEADLINE_S * 1000)
+                args = [deadline_ms, REDIS_CHANNEL, prefix, text]
+                args += [HISTORY_MESSAGES, idle_ms]
+                message_id = await self.publish_script(keys=stream, args=args)
         except redis.RedisError as error:
             self.close_chat(f"publish failed: {error}")
             return None
@@ -1504,6 +1526,9 @@ class RedisRelay:
     async def start_session(self) -> None:
         # A new name for each session: what an earlier one left in Redis is stale.
         self.process = secrets.token_hex(6)
+        self.best_round_trip_ms = float(
+            "inf"
+        )  # Redis may have restarted, its clock too
         await self.heartbeat()
         self.relaying = True
         self.subscribed.set()
@@ -1521,7 +1546,10 @@ class RedisRelay:
         (seconds, microseconds), _, *alive = await beat.execute()
         round_trip_ms = time.monotonic() * 1000 - sent_ms
         redis_ms = seconds * 1000 + microseconds / 1000
-        self.redis_clock_offset_ms = redis_ms - (sent_ms + round_trip_ms / 2)
+        # The quickest answer tells best: a busy event loop may read an answer late.
+        if round_trip_ms <= self.best_round_trip_ms:
+            self.best_round_trip_ms = round_trip_ms
+            self.redis_clock_offset_ms = redis_ms - (sent_ms + round_trip_ms / 2)
         gone = {
             p for p, a in zip(others, alive[0] if alive else [], strict=True) if not a
         }

@@ -307,55 +307,69 @@ def test_a_room_name_out_of_the_rule_is_caught_on_the_page(
 # --- The reader's --reload loop ------------------------------------------------------------------
 
 
+class RestartingServer:
+    """uvicorn on one port, stopped and started again as a reader's --reload does."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir, self.port, self.runs = log_dir, free_port(), 0
+        self.server = self.start()
+
+    def start(self) -> Server:
+        self.runs += 1
+        log = self.log_dir / f"run {self.runs}.log"
+        self.server = start_server(log, port=self.port)
+        return self.server
+
+
+@pytest.fixture
+def restarting(tmp_path: Path) -> Iterator[RestartingServer]:
+    servers = RestartingServer(tmp_path)
+    yield servers
+    servers.server.stop()
+
+
+@pytest.fixture
+def page(browser: "Browser") -> Iterator["Page"]:
+    tab = browser.new_page()
+    yield tab
+    tab.close()
+
+
 def test_page_reconnects_after_a_server_restart(
-    browser: "Browser", tmp_path: Path
+    restarting: RestartingServer, page: "Page"
 ) -> None:
-    port = free_port()
-    server = start_server(tmp_path / "first.log", port=port)
-    page = browser.new_page()
-    try:
-        page.goto(f"{server.http_url}/?endpoint=chat&client_id=1")
-        status = page.locator("#status")
-        expect(status).to_have_attribute("data-state", "connected")
+    page.goto(f"{restarting.server.http_url}/?endpoint=chat&client_id=1")
+    status = page.locator("#status")
+    expect(status).to_have_attribute("data-state", "connected")
 
-        server.stop()
-        expect(status).to_have_attribute("data-state", "disconnected")
-        expect(status).to_contain_text("retrying in")
+    restarting.server.stop()
+    expect(status).to_have_attribute("data-state", "disconnected")
+    expect(status).to_contain_text("retrying in")
 
-        server = start_server(tmp_path / "second.log", port=port)
-        expect(status).to_have_attribute("data-state", "connected", timeout=10_000)
-        send(page, "back again")
-        expect(messages(page)).to_have_text(
-            ["You wrote: back again", "Client #1 says: back again"]
-        )
-    finally:
-        page.close()
-        server.stop()
+    restarting.start()
+    expect(status).to_have_attribute("data-state", "connected", timeout=10_000)
+    send(page, "back again")
+    expect(messages(page)).to_have_text(
+        ["You wrote: back again", "Client #1 says: back again"]
+    )
 
 
 def test_rooms_page_across_a_server_restart_says_what_it_missed(
-    browser: "Browser", tmp_path: Path
+    restarting: RestartingServer, page: "Page"
 ) -> None:
-    port = free_port()
-    server = start_server(tmp_path / "first.log", port=port)
-    page = browser.new_page()
-    try:
-        page.goto(f"{server.http_url}/?endpoint=rooms&room=lobby&client_id=1")
-        status = page.locator("#status")
-        expect(status).to_have_attribute("data-state", "connected")
-        send(page, "before the restart")
-        expect(messages(page)).to_have_text(["Client #1: before the restart"])
+    page.goto(f"{restarting.server.http_url}/?endpoint=rooms&room=lobby&client_id=1")
+    status = page.locator("#status")
+    expect(status).to_have_attribute("data-state", "connected")
+    send(page, "before the restart")
+    expect(messages(page)).to_have_text(["Client #1: before the restart"])
 
-        server.stop()  # the room's history, kept in that process, is gone with it
-        expect(status).to_contain_text("retrying in")
-        server = start_server(tmp_path / "second.log", port=port)
-        expect(status).to_have_attribute("data-state", "connected", timeout=10_000)
-        assert "/rooms/lobby/1?since=" in server.log()
-        send(page, "after the restart")
-        expect(messages(page)).to_have_text(
-            ["Client #1: before the restart", MISSED, "Client #1: after the restart"]
-        )
-        expect(page.locator("#messages li.missed")).to_have_count(1)
-    finally:
-        page.close()
-        server.stop()
+    restarting.server.stop()  # the room's history, kept in that process, is gone
+    expect(status).to_contain_text("retrying in")
+    server = restarting.start()
+    expect(status).to_have_attribute("data-state", "connected", timeout=10_000)
+    assert "/rooms/lobby/1?since=" in server.log()
+    send(page, "after the restart")
+    expect(messages(page)).to_have_text(
+        ["Client #1: before the restart", MISSED, "Client #1: after the restart"]
+    )
+    expect(page.locator("#messages li.missed")).to_have_count(1)

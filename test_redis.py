@@ -325,67 +325,6 @@ def test_hung_redis_closes_the_chat_in_time_and_leaves_no_ghosts(
         assert_nothing_went_wrong(server)
 
 
-def handshake_after_the_relay_came_back(server: Server) -> bool:
-    """Whether the page's handshake is logged after the second "Chat relayed" line."""
-    after_second = server.log().split(RELAYING, 2)[2:]
-    return any(PAGE_HANDSHAKE in text for text in after_second)
-
-
-def test_page_backs_off_while_redis_hangs_and_rejoins(
-    browser, workers: list[Server], redis_server: RedisServer
-) -> None:
-    first = workers[0]
-    page = browser.new_page()
-    try:
-        page.goto(f"{first.http_url}/?endpoint=chat&client_id=1")
-        status = page.locator("#status")
-        expect(status).to_have_attribute("data-state", "connected")
-        handshakes_before = first.log().count(PAGE_HANDSHAKE)
-        redis_server.pause()
-        expect(status).to_contain_text(f"code 1013: {main.REDIS_DOWN}")
-        page.wait_for_timeout(OUTAGE_S * 1000)
-        handshakes = first.log().count(PAGE_HANDSHAKE)
-        assert handshakes - handshakes_before <= 8
-        redis_server.resume()
-        # Each refused attempt is accepted, then closed with 1013: the page shows
-        # "connected" for a moment. Only a handshake after the relay is back sticks.
-        deadline = time.monotonic() + RECOVERY_BOUND_S + main.REDIS_TIMEOUT_S + 5
-        while not handshake_after_the_relay_came_back(first):
-            assert time.monotonic() < deadline, "the page did not rejoin"
-            time.sleep(0.1)
-        expect(status).to_have_attribute("data-state", "connected")
-        page.fill("#messageText", "back")
-        page.press("#messageText", "Enter")
-        # Through Redis, the room's copy and "You wrote" may come in either order.
-        expect(
-            page.locator("#messages li", has_text="Client #1 says: back")
-        ).to_have_count(1)
-        expect(page.locator("#messages li", has_text="You wrote: back")).to_have_count(
-            1
-        )
-    finally:
-        page.close()
-
-
-def test_unreachable_redis_at_start_up_exits_with_one_line() -> None:
-    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
-    result = subprocess.run(
-        command,
-        check=False,
-        cwd=HERE,
-        env={**os.environ, "REDIS_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=STARTUP_TIMEOUT_S,
-    )
-    assert result.returncode == 1
-    output = (result.stdout + result.stderr).strip().splitlines()
-    assert len(output) == 1, output
-    assert output[0].startswith(f"ERROR:    Cannot reach Redis at {url} (")
-    assert output[0].endswith("): start it, or unset REDIS_URL")
-
-
 # --- Step 5: rooms across processes ---------------------------------------------------------
 
 PROCESS_GONE_BOUND_S = 10.0  # a process killed with -9: its members gone within this
@@ -611,3 +550,67 @@ def test_a_process_killed_with_9_loses_its_members_in_time(
     assert left["client_ids"] == [2]
     assert gone_after < PROCESS_GONE_BOUND_S
     assert carol_welcome["members"] == [1, 3]
+
+
+# --- The page ------------------------------------------------------------------------------
+
+
+def handshake_after_the_relay_came_back(server: Server) -> bool:
+    """Whether the page's handshake is logged after the second "Chat relayed" line."""
+    after_second = server.log().split(RELAYING, 2)[2:]
+    return any(PAGE_HANDSHAKE in text for text in after_second)
+
+
+def test_page_backs_off_while_redis_hangs_and_rejoins(
+    browser, workers: list[Server], redis_server: RedisServer
+) -> None:
+    first = workers[0]
+    page = browser.new_page()
+    try:
+        page.goto(f"{first.http_url}/?endpoint=chat&client_id=1")
+        status = page.locator("#status")
+        expect(status).to_have_attribute("data-state", "connected")
+        handshakes_before = first.log().count(PAGE_HANDSHAKE)
+        redis_server.pause()
+        expect(status).to_contain_text(f"code 1013: {main.REDIS_DOWN}")
+        page.wait_for_timeout(OUTAGE_S * 1000)
+        handshakes = first.log().count(PAGE_HANDSHAKE)
+        assert handshakes - handshakes_before <= 8
+        redis_server.resume()
+        # Each refused attempt is accepted, then closed with 1013: the page shows
+        # "connected" for a moment. Only a handshake after the relay is back sticks.
+        deadline = time.monotonic() + RECOVERY_BOUND_S + main.REDIS_TIMEOUT_S + 5
+        while not handshake_after_the_relay_came_back(first):
+            assert time.monotonic() < deadline, "the page did not rejoin"
+            time.sleep(0.1)
+        expect(status).to_have_attribute("data-state", "connected")
+        page.fill("#messageText", "back")
+        page.press("#messageText", "Enter")
+        # Through Redis, the room's copy and "You wrote" may come in either order.
+        expect(
+            page.locator("#messages li", has_text="Client #1 says: back")
+        ).to_have_count(1)
+        expect(page.locator("#messages li", has_text="You wrote: back")).to_have_count(
+            1
+        )
+    finally:
+        page.close()
+
+
+def test_unreachable_redis_at_start_up_exits_with_one_line() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
+    result = subprocess.run(
+        command,
+        check=False,
+        cwd=HERE,
+        env={**os.environ, "REDIS_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT_S,
+    )
+    assert result.returncode == 1
+    output = (result.stdout + result.stderr).strip().splitlines()
+    assert len(output) == 1, output
+    assert output[0].startswith(f"ERROR:    Cannot reach Redis at {url} (")
+    assert output[0].endswith("): start it, or unset REDIS_URL")
