@@ -1444,14 +1444,22 @@ class RedisRelay:
             except redis.RedisError as error:
                 self.close_chat(f"telling who is in room {room.name}: {error}")
                 return
-        if room.name in self.to_announce:
+        # One notice for all the joiners let in: 10,000 clients coming back at once
+        # cost a notice per room each PRESENCE_INTERVAL_S, not one each.
+        joined = [
+            client for client in room.active_connections.values() if not client.token
+        ]
+        for client in joined:
+            client.token = secrets.token_hex(8)
+        if room.name in self.to_announce or joined:
             self.to_announce.discard(room.name)
-            await self.send({"room": room.name, "presence": self.process})
-        for client in room.active_connections.values():
-            if not client.token:
-                client.token = secrets.token_hex(8)
-                takeover = {"room": room.name, "takeover": client.client_id}
-                await self.send(takeover | {"token": client.token})
+            takeovers = [[client.client_id, client.token] for client in joined]
+            notice = {
+                "room": room.name,
+                "presence": self.process,
+                "takeovers": takeovers,
+            }
+            await self.send(notice)
 
     # Both.
 
@@ -1516,7 +1524,13 @@ class RedisRelay:
                 await self.start_session()
             else:
                 heard_at = now
-                self.relay(message)
+                try:
+                    self.relay(message)
+                except (ValueError, KeyError, TypeError):
+                    # Someone else publishing on the channel: not ours, not fatal.
+                    logger.warning(
+                        "Ignored a message on %s: %.80r", REDIS_CHANNEL, message
+                    )
             if in_session and now - beat_at > REDIS_PING_INTERVAL_S:
                 beat_at = now
                 await self.heartbeat()
@@ -1575,8 +1589,10 @@ class RedisRelay:
             return  # nobody here in that room
         if "takeover" in envelope:
             self.take_over(room, envelope["takeover"], envelope["token"])
-        elif "presence" in envelope:
-            if envelope["presence"] != self.process and isinstance(room, Room):
+        elif "presence" in envelope and isinstance(room, Room):
+            for client_id, token in envelope["takeovers"]:
+                self.take_over(room, client_id, token)
+            if envelope["presence"] != self.process:
                 presence_changed(room)
         else:
             queue(room, None, websocket_send(envelope["text"]))

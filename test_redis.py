@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -408,6 +409,47 @@ def test_a_client_back_on_the_other_process_gets_what_it_missed(
     assert [message["id"] for message in welcome["history"]] == missed
     assert welcome["missed"] is False
     assert welcome["members"] == [1, 2]
+
+
+def test_same_id_in_a_room_on_another_process_takes_over(workers: list[Server]) -> None:
+    first, second = workers
+
+    async def two_tabs(
+        stack: contextlib.AsyncExitStack,
+    ) -> tuple[tuple[int, str], dict]:
+        watcher, _ = await join_room(stack, first, "/rooms/lobby/1")
+        first_tab, _ = await join_room(stack, first, "/rooms/lobby/7")
+        second_tab, welcome = await join_room(stack, second, "/rooms/lobby/7")
+        closed = await closed_with(first_tab)
+        await say_in_room(second_tab, "moved over")
+        # No "left" for 7, nor a second "joined": the same member, moved.
+        frames = [json.loads(await watcher.recv()) for _ in range(2)]
+        return closed, {"welcome": welcome, "frames": frames}
+
+    closed, seen = run(in_rooms(two_tabs))
+    assert closed == (4000, main.TAKEN_OVER)
+    assert seen["welcome"]["members"] == [1, 7]
+    assert [frame["type"] for frame in seen["frames"]] == ["joined", "message"]
+    assert seen["frames"][1]["text"] == "moved over"
+    for server in workers:
+        assert_nothing_went_wrong(server)
+
+
+def test_a_foreign_message_on_the_channel_is_ignored(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    first, _ = workers
+    publish = [shutil.which("redis-cli") or "redis-cli", "-p", str(redis_server.port)]
+    for foreign in ("not for you", "- not JSON", '- {"room": "lobby"}'):
+        subprocess.run([*publish, "PUBLISH", "chat", foreign], check=True, timeout=5)
+
+    async def still_chatting(stack: contextlib.AsyncExitStack) -> dict:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        return await say_in_room(alice, "still here")
+
+    assert run(in_rooms(still_chatting))["text"] == "still here"
+    wait_for_log(first, "Ignored a message on chat")
+    assert_nothing_went_wrong(first)
 
 
 def test_a_restarted_process_catches_its_member_up_from_redis(
