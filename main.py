@@ -1361,32 +1361,41 @@ class RedisRelay:
         try:
             ask = self.redis.pipeline(transaction=False)
             ask.hgetall(f"chat:members:{room.name}")
-            ask.xrevrange(stream, count=WELCOME_HISTORY_MESSAGES)
             for since in sinces:
                 ask.xrange(stream, min=since, count=HISTORY_MESSAGES + 1)
             ask.pexpire(stream, int((ROOM_IDLE_S + PRESENCE_GRACE_S) * 1000))
             if sorted(here) != room.written:
                 self.write_members(ask, room, sorted(here))
             async with self.connections:
-                members, latest, *said = await ask.execute()
-            after = said[: len(sinces)]
+                members, *said = await ask.execute()
+            after = dict(zip(sinces, said[: len(sinces)], strict=True))
             processes = [p for p in members if p != self.process]
+            # The latest messages only for a joiner that needs them: a mass reconnect
+            # asks with `since`, and each welcome is what came after it.
+            held = [bool(after.get(s)) and after[s][0][0] == s for _, s in joiners]
+            ask = self.redis.pipeline(transaction=False)
+            ask.mget([f"chat:alive:{p}" for p in processes] or ["chat:alive:-"])
+            if not all(held):
+                ask.xrevrange(stream, count=WELCOME_HISTORY_MESSAGES)
             async with self.connections:
-                alive = await self.redis.mget([f"chat:alive:{p}" for p in processes])
+                alive, *latest = await ask.execute()
         except redis.RedisError as error:
             self.close_chat(f"looking up room {room.name}: {error}")
             return None
         elsewhere = {}
-        for process, is_alive in zip(processes, alive or [], strict=True):
+        for process, is_alive in zip(processes, alive[: len(processes)], strict=True):
             if is_alive:
                 elsewhere[process] = json.loads(members[process])
                 self.others_alive.add(process)
         return LookedUp(
             elsewhere,
-            [(i, message_frame(i, fields["m"])) for i, fields in reversed(latest)],
+            [
+                (i, message_frame(i, f["m"]))
+                for i, f in reversed(latest[0] if latest else [])
+            ],
             {
                 since: [(i, message_frame(i, fields["m"])) for i, fields in entries]
-                for since, entries in zip(sinces, after, strict=True)
+                for since, entries in after.items()
             },
         )
 
