@@ -246,12 +246,12 @@ class RoomManager:
     ) -> Client:
         client = Client(websocket, client_id)
         await websocket.accept()
-        client.room = open_room(self, room)  # past MAX_ROOMS, closed with 1013
+        client.room = open_room(self, room)  # past MAX_ROOMS, or Redis lost: 1013
         let_in(client.room, client, since)  # welcomed with what it missed
         return client
 
     def disconnect(self, client: Client) -> None:
-        """Out of its room; the others are told, in one notice for all who left at once."""
+        """Out of its room; the others are told who left, several in one notice."""
         leave_room(client)
 
     async def broadcast(self, client: Client, text: str) -> None:
@@ -279,9 +279,7 @@ async def room_endpoint(
     except WebSocketDisconnect as gone:
         client.close_code = gone.code
     finally:
-        rooms.disconnect(
-            client
-        )  # and, unless it may be back soon, "left" to the others
+        rooms.disconnect(client)  # and "left" to the others, unless it may be back
     await close_if_cut_off(client)
 
 
@@ -700,7 +698,11 @@ EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text":
 
 
 class Room(ConnectionManager):
-    """A step 5 room: step 3's delivery, a history, and who is in it."""
+    """A step 5 room: step 3's delivery, a history, and who is in it.
+
+    Only step 3's delivery state is used: clients come and go through `RoomManager`
+    and the doorkeeper, not through the methods a ConnectionManager has.
+    """
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
@@ -836,10 +838,11 @@ def leave_room(client: Client) -> None:
     room = client.room
     if room is None:
         return  # refused before it had a room
+    was_let_in = all(joiner is not client for joiner, _ in room.joining)
     room.joining = [(c, since) for c, since in room.joining if c is not client]
-    was_in = room.active_connections.get(client.key) is client
     leave(room, client)
-    if was_in and client.close_code in AWAY_CLOSE_CODES:
+    replaced = client.key in room.active_connections  # by a newer connection
+    if was_let_in and not replaced and client.close_code in AWAY_CLOSE_CODES:
         # Not gone yet: a page that lost its connection is back within seconds, and
         # 10,000 of them coming back at once would cost a `left` and a `joined` each.
         loop = asyncio.get_running_loop()
