@@ -100,11 +100,9 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 
 
 # --- Step 3: a chat room. The ConnectionManager, then its endpoints ------------------------
-#
-# The tutorial's four methods, in its order, and `say`. At /chat/{client_id}, since
-# /ws/{client_id} is step 2's. Behind the methods: "Delivery" (nobody waits on a slow
-# client) and `relay` (this process, or Redis), after the steps; the README says what to
-# copy with this step.
+# The tutorial's four methods, in its order, and `say`, at /chat/{client_id} (/ws/... is
+# step 2's). Behind them, after the steps: "Delivery" (nobody waits on a slow client), and
+# `relay` (this process, or Redis). The README says what to copy with this step.
 
 
 class ConnectionManager:
