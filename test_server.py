@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 import main
 from conftest import (
     HERE,
+    TEST_TIMEOUT_S,
     Server,
     assert_nothing_went_wrong,
     client_frame,
@@ -106,7 +107,10 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
     stalled, head = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
     assert head.startswith(b"HTTP/1.1 101")
 
-    async def chat_beside_a_stalled_client() -> tuple[dict, dict[int, list[str]]]:
+    async def chat_beside_a_stalled_client() -> tuple[dict, dict, tuple[int, str]]:
+        # The stalled client reads at last once it is cut off, while the chat goes on:
+        # the close frame behind its backlog waits CLOSE_TIMEOUT_S for it, no longer.
+        closed = asyncio.create_task(asyncio.to_thread(close_once_cut_off, stalled))
         async with open_client(f"{server.ws_url}/chat/1") as healthy:
             notices: list[str] = []
             counts = {10 + n: BURST for n in range(30)}
@@ -118,14 +122,18 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
             # Before or after the rest; with others who left at the same time, maybe.
             while not any(re.search(r"#2\b.* left the chat", n) for n in notices):
                 notices.append(await healthy.recv())
-            return sent, received
+            return sent, received, await closed
 
-    sent, received = run(chat_beside_a_stalled_client())
+    def close_once_cut_off(sock: socket.socket) -> tuple[int, str]:
+        try:
+            wait_for_log(server, "Client #2 cut off", timeout_s=TEST_TIMEOUT_S)
+            return read_until_close(sock)
+        finally:
+            sock.close()
+
+    sent, received, closed = run(chat_beside_a_stalled_client())
     assert received == sent
-    # The stalled client, reading at last, finds the close frame behind its backlog.
-    assert read_until_close(stalled) == (1008, main.TOO_SLOW)
-    stalled.close()
-    assert "Client #2 cut off" in server.log()
+    assert closed == (1008, main.TOO_SLOW)
     assert_nothing_went_wrong(server)
 
 
@@ -179,16 +187,26 @@ def test_a_room_client_cut_off_for_not_reading_gets_everything_back(
                         return ids
             raise AssertionError("never cut off")
 
-    sent = run(chat_beside_a_stalled_client())
-    wait_for_log(server, "Client #2 cut off")
-    # What the stalled client was sent: reading at last, up to its close frame.
-    received: list[str] = []
-    while (frame := read_frame(stalled))[0] != 0x8:
-        message = json.loads(frame[1])
-        if message["type"] == "message":
-            received.append(message["id"])
-    assert struct.unpack("!H", frame[1][:2])[0] == 1008
-    stalled.close()
+    def frames_once_cut_off() -> tuple[list[str], int]:
+        """What the stalled client was sent: read at last once it is cut off, up to its
+        close frame, which waits CLOSE_TIMEOUT_S for it, no longer."""
+        try:
+            wait_for_log(server, "Client #2 cut off", timeout_s=TEST_TIMEOUT_S)
+            received: list[str] = []
+            while (frame := read_frame(stalled))[0] != 0x8:
+                message = json.loads(frame[1])
+                if message["type"] == "message":
+                    received.append(message["id"])
+            return received, struct.unpack("!H", frame[1][:2])[0]
+        finally:
+            stalled.close()
+
+    async def chat_and_read() -> tuple[list[str], tuple[list[str], int]]:
+        reading = asyncio.create_task(asyncio.to_thread(frames_once_cut_off))
+        return await chat_beside_a_stalled_client(), await reading
+
+    sent, (received, code) = run(chat_and_read())
+    assert code == 1008
     assert received == sent[: len(received)]
     assert 0 < len(received) < len(sent)
 
