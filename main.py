@@ -834,8 +834,7 @@ def let_in(room: Room, client: Client, since: str | None) -> None:
 
 def leave_room(client: Client) -> None:
     room = client.room
-    if room is None:
-        return  # refused before it had a room
+    assert room is not None  # RoomManager.connect gave it one before its handler ran on
     was_let_in = all(joiner is not client for joiner, _ in room.joining)
     room.joining = [(c, since) for c, since in room.joining if c is not client]
     leave(room, client)
