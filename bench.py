@@ -179,6 +179,7 @@ ECHO_ROUND_TRIPS = 50  # per client, one after another
 STALL_SENDERS, STALL_MESSAGE_BYTES = 30, 4096  # each sends one burst of 100
 STALL_TIMEOUT_S = 10.0  # the tutorial's loop never finishes: stop waiting then
 QUIET_TIMEOUT_S = 3.0  # no delivery for this long: the rest is lost
+IDLE_SAMPLE_S = 20.0  # uvicorn's keepalive interval: every client's ping, once
 CONNECT_BATCH = 50
 RSS_SAMPLE_S = 0.02
 REPEATS = 3  # runs of the burst and echo loads: solo per server, then all at once
@@ -196,7 +197,9 @@ def measuring() -> Iterator[None]:
     The faster a server writes, the more messages wait here at once, and the more often
     the collector runs: at 10,000 clients it took 0.3 s of a 4 s run against the
     tutorial's server and 0.9 s against main.py's, delaying every message behind it, so
-    the faster server measured the slower one. Nothing made in these few seconds needs it.
+    the faster server measured the slower one. So too when 10,000 room clients come back
+    at once: their handshakes cost this process 19.5 s of CPU with the collector on, 12.7 s
+    with it off. Nothing made in these few seconds needs it.
     """
     gc.disable()
     try:
@@ -279,12 +282,43 @@ def percentile_ms(samples_s: list[float], p: int) -> float:
     return statistics.quantiles([s * 1000 for s in samples_s], n=100)[p - 1]
 
 
+async def idle_cpu_s_per_s(deployment: "Deployment") -> float:
+    """The server's CPU a second with every client connected and nothing sent: uvicorn's
+    keepalive, a ping to each client every 20 s.
+
+    Over one interval, which holds each client's ping once, however they connected: over
+    5 s, right after 10,000 chat clients connected, it measured 0.033 s a second, only
+    the pings of those that had connected 20 s before.
+    """
+    cpu_before, started = deployment.cpu_seconds(), time.perf_counter()
+    await asyncio.sleep(IDLE_SAMPLE_S)
+    return (deployment.cpu_seconds() - cpu_before) / (time.perf_counter() - started)
+
+
+def per_delivery_us(cpu_s: float, deliveries: int) -> float:
+    return cpu_s * 1e6 / max(deliveries, 1)
+
+
+def net_of_idle(
+    cpu_s: float, seconds: float, idle_cpu: float | None, deliveries: int
+) -> dict[str, float]:
+    """The CPU per delivery once what the idle clients cost over the load is taken off."""
+    if idle_cpu is None:
+        return {}
+    net_s = cpu_s - idle_cpu * seconds
+    return {
+        "idle_cpu_s_per_s": idle_cpu,
+        "cpu_us_per_delivery_net": per_delivery_us(net_s, deliveries),
+    }
+
+
 async def ordinary_chat(
-    deployment: "Deployment", client_count: int, **client_options
+    deployment: "Deployment", client_count: int, idle: bool = False, **client_options
 ) -> dict[str, float]:
     """People chatting: one message at a time, each from another client.
 
     The next message goes once the last one has reached everyone, or after CHAT_WAIT_S.
+    With `idle`, the server's CPU with nothing sent is measured first, and taken off.
     """
     rss_before = deployment.rss_bytes()
     clients = await connect_all(
@@ -294,10 +328,11 @@ async def ordinary_chat(
     await asyncio.sleep(1)  # let the server settle before reading its memory
     rss_idle = deployment.rss_bytes()
     progress(f"{client_count} chat clients connected")
+    idle_cpu = await idle_cpu_s_per_s(deployment) if idle else None
     chat = Deliveries()
     readers = [asyncio.create_task(chat.read(c)) for c in clients]
     reached_all_s: list[float] = []
-    cpu_before = deployment.cpu_seconds()
+    cpu_before, started = deployment.cpu_seconds(), time.perf_counter()
     with measuring():
         for seq in range(CHAT_MESSAGES):
             sender = clients[(seq * 7919) % client_count]  # another client each time
@@ -309,14 +344,14 @@ async def ordinary_chat(
                 reached_all_s.append(chat.last_at[seq] - sent_at)
             else:
                 reached_all_s.append(float("inf"))
-    cpu = deployment.cpu_seconds() - cpu_before
+    cpu, seconds = deployment.cpu_seconds() - cpu_before, time.perf_counter() - started
     rss_after = deployment.rss_bytes()
     for reader in readers:
         reader.cancel()
     await close_all(clients)
     within = sum(t <= SHOOTOUT_LATENCY_S for t in reached_all_s) / len(reached_all_s)
-    return {
-        "cpu_us_per_delivery": cpu * 1e6 / max(chat.count, 1),
+    return net_of_idle(cpu, seconds, idle_cpu, chat.count) | {
+        "cpu_us_per_delivery": per_delivery_us(cpu, chat.count),
         "p50_ms": percentile_ms(chat.latencies_s, 50),
         "p99_ms": percentile_ms(chat.latencies_s, 99),
         "rss_mb": rss_after / 1e6,
@@ -463,10 +498,14 @@ async def join_rooms(
 ) -> tuple[list[ClientConnection], list[dict]]:
     """Clients `numbers`, each in room `number % rooms`, once welcomed; their welcomes.
 
-    Coming back (with `since`), each client goes to another worker than before, where
-    there are several: as a load balancer may send it.
+    The first time, they join in batches of CONNECT_BATCH, as every other load's clients
+    connect (`connect_all`), so that the server's keepalive pings fall due in the same
+    turns for both loads of the comparison: connected one by one instead, 10,000 idle chat
+    clients cost the server 0.13 s of CPU a second, not 0.07. Coming back (with `since`),
+    RECONNECT_AT_ONCE at a time, each to another worker than before, where there are
+    several: as a load balancer may send it.
     """
-    at_once = asyncio.Semaphore(RECONNECT_AT_ONCE if since else CONNECT_BATCH)
+    at_once = asyncio.Semaphore(RECONNECT_AT_ONCE)
 
     async def join(number: int) -> tuple[ClientConnection, dict]:
         path = f"/rooms/room{number % rooms}/{number}"
@@ -480,7 +519,13 @@ async def join_rooms(
             )
             return client, json.loads(await client.recv())
 
-    joined = await asyncio.gather(*(join(number) for number in numbers))
+    if since:
+        joined = await asyncio.gather(*(join(number) for number in numbers))
+    else:
+        joined = []
+        for start in range(0, len(numbers), CONNECT_BATCH):
+            batch = numbers[start : start + CONNECT_BATCH]
+            joined += await asyncio.gather(*(join(number) for number in batch))
     return [client for client, _ in joined], [welcome for _, welcome in joined]
 
 
@@ -498,6 +543,7 @@ async def rooms_chat(deployment: "Deployment", client_count: int) -> dict[str, f
     await asyncio.sleep(1)  # let the server settle before reading its memory
     rss_idle = deployment.rss_bytes()
     progress(f"{client_count} clients in {rooms} rooms")
+    idle_cpu = await idle_cpu_s_per_s(deployment)
     chat = RoomDeliveries()
     readers = [asyncio.create_task(chat.read(n, c)) for n, c in enumerate(clients)]
     members = client_count // rooms
@@ -513,12 +559,12 @@ async def rooms_chat(deployment: "Deployment", client_count: int) -> dict[str, f
                 await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
         expected = client_count * ROOM_SECONDS
         await chat.wait_for(lambda: chat.count >= expected, QUIET_TIMEOUT_S)
-    cpu = deployment.cpu_seconds() - cpu_before
+    cpu, seconds = deployment.cpu_seconds() - cpu_before, time.perf_counter() - started
     rss_after = deployment.rss_bytes()
     for reader in readers:
         reader.cancel()
-    figures = {
-        "cpu_us_per_delivery": cpu * 1e6 / max(chat.count, 1),
+    figures = net_of_idle(cpu, seconds, idle_cpu, chat.count) | {
+        "cpu_us_per_delivery": per_delivery_us(cpu, chat.count),
         "p50_ms": percentile_ms(chat.latencies_s, 50),
         "p99_ms": percentile_ms(chat.latencies_s, 99),
         "rss_mb": rss_after / 1e6,
@@ -529,11 +575,13 @@ async def rooms_chat(deployment: "Deployment", client_count: int) -> dict[str, f
     for client in clients:
         client.transport.abort()
     cpu_before, started = deployment.cpu_seconds(), time.perf_counter()
-    clients, welcomes = await join_rooms(
-        deployment, rooms, range(client_count), chat.last_ids
-    )
+    with measuring():
+        clients, welcomes = await join_rooms(
+            deployment, rooms, range(client_count), chat.last_ids
+        )
+        reconnect_s = time.perf_counter() - started
     figures |= {
-        "reconnect_s": time.perf_counter() - started,
+        "reconnect_s": reconnect_s,
         "reconnect_cpu_s": deployment.cpu_seconds() - cpu_before,
         "reconnect_welcomed": len(welcomes),
         "reconnect_missed": sum(welcome["missed"] for welcome in welcomes),
@@ -552,6 +600,12 @@ async def measure_rooms(
 
 ROOM_ROWS = [
     ("cpu_us_per_delivery", "server CPU µs per delivery", "{:.1f}"),
+    ("idle_cpu_s_per_s", "... idle: server CPU s a second, nothing sent", "{:.3f}"),
+    (
+        "cpu_us_per_delivery_net",
+        "... net of idle: server CPU µs per delivery",
+        "{:.1f}",
+    ),
     ("p50_ms", "p50 latency, ms", "{:.0f}"),
     ("p99_ms", "p99 latency, ms", "{:.0f}"),
     ("rss_mb", "server RSS, MB", "{:.0f}"),
@@ -635,7 +689,9 @@ async def measure_chat(
                 progress(
                     f"ordinary chat, {step} clients, run {attempt}: {contender.name}"
                 )
-                [figures] = await run_load([contender], ordinary_chat, step, log_dir)
+                [figures] = await run_load(
+                    [contender], ordinary_chat, step, log_dir, idle=step == steps[-1]
+                )
                 samples.append(figures)
         for result, samples in zip(results, runs, strict=True):
             # Of all the broadcasts at this step, over every run.
@@ -789,6 +845,8 @@ LOAD_ROWS = [
 ]
 RATIO_KEYS = {
     "cpu_us_per_delivery",
+    "cpu_us_per_delivery_net",
+    "idle_cpu_s_per_s",
     "p50_ms",
     "p99_ms",
     "rss_mb",
@@ -873,7 +931,9 @@ async def run_rooms_only(
     rooms: list[list[dict[str, float]]] = [[] for _ in contenders]
     for attempt in range(1, TOP_STEP_REPEATS + 1):
         progress(f"ordinary chat, {client_count} clients, run {attempt}")
-        chats += await run_load([contenders[0]], ordinary_chat, client_count, log_dir)
+        chats += await run_load(
+            [contenders[0]], ordinary_chat, client_count, log_dir, idle=True
+        )
         for contender, runs in zip(contenders, rooms, strict=True):
             runs.append(await measure_rooms(contender, client_count, log_dir))
     clients = f"{client_count:,} clients"
