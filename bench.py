@@ -29,9 +29,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import uvloop
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -208,14 +209,25 @@ def measuring() -> Iterator[None]:
         gc.enable()
 
 
-async def connect_all(urls: list[str], **options) -> list[ClientConnection]:
-    clients: list[ClientConnection] = []
-    for start in range(0, len(urls), CONNECT_BATCH):
-        batch = urls[start : start + CONNECT_BATCH]
-        clients += await asyncio.gather(*(connect_client(u, **options) for u in batch))
+Item, Connected = TypeVar("Item"), TypeVar("Connected")
+
+
+async def in_batches(
+    connect_one: Callable[[Item], Awaitable[Connected]], items: Sequence[Item]
+) -> list[Connected]:
+    """connect_one(item) for every item, CONNECT_BATCH at a time, each batch once the one
+    before is done."""
+    connected: list[Connected] = []
+    for start in range(0, len(items), CONNECT_BATCH):
+        batch = items[start : start + CONNECT_BATCH]
+        connected += await asyncio.gather(*(connect_one(item) for item in batch))
         if start and start % 2000 == 0:
             progress(f"{start} clients connected")
-    return clients
+    return connected
+
+
+async def connect_all(urls: list[str], **options) -> list[ClientConnection]:
+    return await in_batches(lambda url: connect_client(url, **options), urls)
 
 
 def connect_client(url: str, **options) -> connect:
@@ -380,7 +392,7 @@ async def fan_out(deployment: "Deployment", client_count: int) -> dict[str, floa
     await close_all(clients)
     return {
         "deliveries_per_s": burst.count / elapsed,
-        "cpu_us_per_delivery": cpu * 1e6 / max(burst.count, 1),
+        "cpu_us_per_delivery": per_delivery_us(cpu, burst.count),
         "lost": expected - burst.count,
     }
 
@@ -498,12 +510,12 @@ async def join_rooms(
 ) -> tuple[list[ClientConnection], list[dict]]:
     """Clients `numbers`, each in room `number % rooms`, once welcomed; their welcomes.
 
-    The first time, they join in batches of CONNECT_BATCH, as every other load's clients
-    connect (`connect_all`), so that the server's keepalive pings fall due in the same
-    turns for both loads of the comparison: connected one by one instead, 10,000 idle chat
-    clients cost the server 0.13 s of CPU a second, not 0.07. Coming back (with `since`),
-    RECONNECT_AT_ONCE at a time, each to another worker than before, where there are
-    several: as a load balancer may send it.
+    The first time, they join `in_batches`, as every other load's clients connect, so
+    that the server's keepalive pings fall due in the same turns for both loads of the
+    comparison: connected one by one instead, 10,000 idle chat clients cost the server
+    0.13 s of CPU a second, not 0.07. Coming back (with `since`), RECONNECT_AT_ONCE at a
+    time, each to another worker than before, where there are several: as a load balancer
+    may send it.
     """
     at_once = asyncio.Semaphore(RECONNECT_AT_ONCE)
 
@@ -522,10 +534,7 @@ async def join_rooms(
     if since:
         joined = await asyncio.gather(*(join(number) for number in numbers))
     else:
-        joined = []
-        for start in range(0, len(numbers), CONNECT_BATCH):
-            batch = numbers[start : start + CONNECT_BATCH]
-            joined += await asyncio.gather(*(join(number) for number in batch))
+        joined = await in_batches(join, numbers)
     return [client for client, _ in joined], [welcome for _, welcome in joined]
 
 
