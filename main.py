@@ -1224,6 +1224,11 @@ if REDIS_URL:
     except ImportError:
         logger.error("REDIS_URL is set, but redis-py is not: pip install redis")
         raise SystemExit(1) from None
+    # What losing Redis raises. redis-py turns a failed write into a ConnectionError, but
+    # uvloop, uvicorn's event loop, raises RuntimeError for a write to a connection that
+    # has just closed (uvloop issue #506), and redis-py passes it on as it is: uncaught,
+    # it ended the relay, and the process never relayed again.
+    REDIS_FAILURES = (redis.RedisError, RuntimeError)
 
 # Publishes ARGV[3] .. ARGV[4] on the channel ARGV[2], first adding ARGV[4] to the stream
 # KEYS[1], if there is one, under a new id, which it returns; unless Redis's clock is
@@ -1381,7 +1386,7 @@ class RedisRelay:
                 ask.xrevrange(stream, count=WELCOME_HISTORY_MESSAGES)
             async with self.connections:
                 alive, *latest = await ask.execute()
-        except redis.RedisError as error:
+        except REDIS_FAILURES as error:
             self.close_chat(f"looking up room {room.name}: {error}")
             return None
         elsewhere = {}
@@ -1452,7 +1457,7 @@ class RedisRelay:
                 self.write_members(tell, room, here)
                 async with self.connections:
                     await tell.execute()
-            except redis.RedisError as error:
+            except REDIS_FAILURES as error:
                 self.close_chat(f"telling who is in room {room.name}: {error}")
                 return
         # One notice for all the joiners let in: 10,000 clients coming back at once
@@ -1492,7 +1497,7 @@ class RedisRelay:
                 args = [deadline_ms, REDIS_CHANNEL, prefix, text]
                 args += [HISTORY_MESSAGES, idle_ms]
                 message_id = await self.publish_script(keys=stream, args=args)
-        except redis.RedisError as error:
+        except REDIS_FAILURES as error:
             self.close_chat(f"publish failed: {error}")
             return None
         if message_id is None:
@@ -1509,7 +1514,7 @@ class RedisRelay:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(REDIS_CHANNEL)
                     await self.relay_until_silent(pubsub)
-            except redis.RedisError as error:
+            except REDIS_FAILURES as error:
                 self.close_chat(str(error))
                 await asyncio.sleep(REDIS_RETRY_S)
 
