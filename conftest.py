@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import concurrent.futures
 import os
 import resource
 import shlex
@@ -420,13 +421,18 @@ def open_client(url: str, **options) -> connect:
 
 
 def run(scenario, timeout_s: float = TEST_TIMEOUT_S):
-    """Run an async scenario, failing rather than hanging if it takes too long."""
+    """Run an async scenario, failing rather than hanging if it takes too long.
+
+    In a thread of its own: Playwright's sync API keeps an event loop running in this
+    one, whichever test ran before.
+    """
 
     async def bounded():
         async with asyncio.timeout(timeout_s):
             return await scenario
 
-    return asyncio.run(bounded())
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, bounded()).result()
 
 
 async def receive_says(

@@ -41,15 +41,17 @@ from fastapi import (
     HTTPException,
     Path,
     Query,
+    Request,
     WebSocket,
     WebSocketDisconnect,
     WebSocketException,
     status,
 )
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.websockets import WebSocketState
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -156,7 +158,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
                 )
                 await slow_down_floods(client)  # a flooder's next message waits
     except WebSocketDisconnect as gone:
-        client.close_code = gone.code  # 1012, a shutdown: nobody is told
+        ended_by(client, gone)  # the server shutting down: nobody is told
     finally:
         manager.disconnect(client)  # and "Client #{client_id} left the chat"
     await close_if_cut_off(client)  # too slow, taken over, Redis lost: it is told why
@@ -172,7 +174,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
                 await anonymous_manager.broadcast(f"Someone said: {data}")
                 await slow_down_floods(client)
     except WebSocketDisconnect as gone:
-        client.close_code = gone.code
+        ended_by(client, gone)
     finally:
         anonymous_manager.disconnect(client)  # and "A user left the chat"
     await close_if_cut_off(client)
@@ -275,7 +277,7 @@ async def room_endpoint(
                 await rooms.broadcast(client, text)
                 await slow_down_floods(client)
     except WebSocketDisconnect as gone:
-        client.close_code = gone.code
+        ended_by(client, gone)
     finally:
         rooms.disconnect(client)  # and "left" to the others, unless it may be back
     await close_if_cut_off(client)
@@ -321,12 +323,42 @@ def check_announce_token(
         )
 
 
+# JSON may spell each byte of the text as an escape (`\u0001`: six bytes), and a little
+# more for the braces: past six times MAX_MESSAGE_BYTES, no body is a message that fits.
+MAX_POST_BYTES = 6 * 64 * 1024 + 1024
+POST_TOO_LARGE = (
+    f"Body over {MAX_POST_BYTES} bytes: a message is at most 64 KiB of text"
+)
+
+
+async def read_chat_message(request: Request) -> ChatMessage:
+    """The body, read once the token has passed, and never more than MAX_POST_BYTES.
+
+    A body parameter would be read whole, however large, before any dependency runs.
+    """
+    too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, POST_TOO_LARGE)
+    with contextlib.suppress(ValueError):
+        if int(request.headers.get("content-length", "0")) > MAX_POST_BYTES:
+            raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_POST_BYTES:
+            raise too_large
+    try:
+        return ChatMessage.model_validate_json(body)
+    except ValidationError as invalid:
+        raise RequestValidationError(invalid.errors()) from None
+
+
 @app.post(
     "/chat/messages",
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[Depends(check_announce_token)],
 )
-async def post_chat_message(message: ChatMessage) -> dict[str, str]:
+async def post_chat_message(
+    message: Annotated[ChatMessage, Depends(read_chat_message)],
+) -> dict[str, str]:
     if not await manager.broadcast(f"Server says: {message.text}"):
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, REDIS_DOWN)
     return {"status": "sent"}
@@ -339,14 +371,14 @@ async def post_chat_message(message: ChatMessage) -> dict[str, str]:
 # chat delivered 699 of 3,000 messages and then nothing; this one all 3,000 in 2.35 s.
 #
 # The policy, in short. A client that keeps up is written to directly. One whose socket is
-# full gets a backlog of at most MAX_BACKLOG_MESSAGES, written by a task of its own; while
-# that backlog is full, the broadcast waits for room (backpressure), and once the socket
-# has taken nothing for SEND_TIMEOUT_S, the client is cut off with 1008. Departures of one
-# turn of the event loop are announced in one notice.
+# full gets a backlog of at most MAX_BACKLOG_MESSAGES, written by a task of its own. Once
+# that backlog is full while its socket still is, the client is cut off with 1008: its own
+# socket keeps it behind, and waiting for it would set the room's pace to its. A backlog
+# full only because its task has not had its turn yet (the server is busy) is waited for.
+# Departures of one turn of the event loop are announced in one notice.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a chat client that has fallen behind, at most
 MAX_PENDING_MESSAGES = 100  # sent in one turn, not yet written: writers wait for them
-SEND_TIMEOUT_S = 0.5  # a full backlog whose socket takes nothing this long: cut off
 
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
@@ -411,6 +443,7 @@ class Client:
         "close_reason",
         "cut_off_scope",
         "key",
+        "quiet",
         "room",
         "send",
         "slowed_in_a_row",
@@ -437,6 +470,8 @@ class Client:
         # Why the connection ended, as a close code: some endings are not announced.
         self.close_code = status.WS_1000_NORMAL_CLOSURE
         self.close_reason = ""
+        # The server ended it, and the room is not told: see `ended_quietly`.
+        self.quiet = False
         # Flood control (see slow_down_floods): messages it may still send at full speed.
         self.allowance = float(FLOOD_BURST_MESSAGES)
         self.allowance_at = time.monotonic()
@@ -566,12 +601,15 @@ async def write_while_keeping_up(
 
 
 async def send_later(room: ConnectionManager, client: Client, message: Message) -> None:
-    """Queue a message for a client that is behind, waiting while its backlog is full.
+    """Queue a message for a client that is behind; cut it off if its socket keeps it
+    a full backlog behind.
 
-    Waiting holds up this broadcast, and so the writer: that is backpressure, fine while
-    the server is only busy. A client whose socket has taken nothing for SEND_TIMEOUT_S
-    is cut off instead, so that it cannot stall the room.
+    A full backlog whose task is waiting on the client's socket: the client reads more
+    slowly than the room talks, and waiting for it would slow everyone to its pace,
+    however much it still reads. A full backlog whose task has not had its turn yet: the
+    server is busy, every client behind, and waiting is backpressure.
     """
+    waited_a_turn = False
     while room.active_connections.get(client.key) is client:
         backlog = client.backlog
         if backlog is None:
@@ -580,13 +618,16 @@ async def send_later(room: ConnectionManager, client: Client, message: Message) 
         if len(backlog.messages) < MAX_BACKLOG_MESSAGES:
             backlog.messages.append(message)
             return
-        backlog.made_room.clear()
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):
-                await backlog.made_room.wait()
-        except TimeoutError:
-            if backlog.blocked_on_socket:
-                cut_off(room, client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
+        if not backlog.blocked_on_socket:
+            backlog.made_room.clear()
+            await backlog.made_room.wait()
+        elif not waited_a_turn:
+            # One turn of the event loop: a socket that has just drained writes first.
+            waited_a_turn = True
+            await asyncio.sleep(0)
+        else:
+            cut_off(room, client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
+            return
 
 
 async def send_backlog(room: ConnectionManager, client: Client) -> None:
@@ -601,17 +642,25 @@ async def send_backlog(room: ConnectionManager, client: Client) -> None:
             backlog.blocked_on_socket = False
     except GONE:
         leave(room, client)
-    # Caught up: written to directly again. A broadcaster still waiting for room starts
-    # a new backlog, behind everything this one sent.
-    client.backlog = None
-    backlog.made_room.set()
+    finally:
+        # Caught up, or gone: a broadcaster still waiting for room goes on, and starts a
+        # new backlog, behind everything this one sent, if the client is still here.
+        client.backlog = None
+        backlog.made_room.set()
 
 
 def cut_off(room: ConnectionManager, client: Client, code: int, reason: str) -> None:
     """Take the client out of the room and end its handler, which then closes it."""
     leave(room, client)
     client.close_code, client.close_reason = code, reason
+    client.quiet = code in QUIET_CLOSE_CODES
     client.cut_off_scope.cancel()
+
+
+def ended_by(client: Client, gone: WebSocketDisconnect) -> None:
+    """How the client's connection ended: quietly if the server is shutting down."""
+    client.close_code = gone.code
+    client.quiet = isinstance(gone, ServerShutdown)
 
 
 def announce_leaving(room: ConnectionManager, client: Client) -> None:
@@ -630,10 +679,7 @@ def announce_leaving(room: ConnectionManager, client: Client) -> None:
 def ended_quietly(client: Client) -> bool:
     """The server shutting down (1012), or the server cutting the client off with 1013
     or 4000; not a client that chose one of those codes itself."""
-    cut_off_quietly = client.cut_off_scope.cancel_called
-    return client.close_code in QUIET_CLOSE_CODES and (
-        client.close_code == 1012 or cut_off_quietly
-    )
+    return client.quiet
 
 
 async def announce_departures(room: ConnectionManager) -> None:
@@ -694,6 +740,10 @@ PRESENCE_GRACE_S = 30.0
 AWAY_CLOSE_CODES = frozenset({1005, 1006, status.WS_1008_POLICY_VIOLATION})
 
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
+# A message's id in one process: the room's epoch, in hexadecimal, and a number. Anything
+# else a client sends as `since` is an id the room cannot place: ASCII digits only (`\d`
+# takes "²" and "١" too), no newline (`$` lets one through), no 5,000-digit number.
+IN_PROCESS_ID = r"([0-9a-f]{1,16})-([0-9]{1,18})"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
 
 
@@ -742,7 +792,7 @@ class History:
         )
         self.next_number = 1
         self.messages: collections.deque[tuple[str, str]] = collections.deque()
-        self.bytes = 0  # JSON is ASCII here (json.dumps escapes the rest): one per char
+        self.bytes = 0  # of the frames, in UTF-8, as sent
 
     def next_id(self) -> str:
         """An id for a new message, in one process."""
@@ -754,13 +804,13 @@ class History:
         """Kept, with its id; how many bytes the history grew (or shrank)."""
         before = self.bytes
         self.messages.append((message_id, frame))
-        self.bytes += len(frame)
+        self.bytes += len(frame.encode())
         while len(self.messages) > HISTORY_MESSAGES or self.bytes > HISTORY_BYTES:
             self.drop_oldest()
         return self.bytes - before
 
     def drop_oldest(self) -> int:
-        dropped = len(self.messages.popleft()[1])
+        dropped = len(self.messages.popleft()[1].encode())
         self.bytes -= dropped
         return dropped
 
@@ -768,13 +818,17 @@ class History:
         """Every message after `since`, if the history holds it; else the latest, and
         True: the client missed some."""
         first = self.next_number - len(self.messages)
-        epoch, _, number = (since or "").partition("-")
+        number = self.number_of(since)
         # The message just dropped still counts: nothing after it is missing.
-        held = epoch == self.epoch and number.isdigit()
-        if held and max(first - 1, 1) <= int(number) < self.next_number:
-            after = itertools.islice(self.messages, int(number) - first + 1, None)
+        if number is not None and max(first - 1, 1) <= number < self.next_number:
+            after = itertools.islice(self.messages, number - first + 1, None)
             return [frame for _, frame in after], False
         return self.latest(), since is not None
+
+    def number_of(self, message_id: str | None) -> int | None:
+        """The number in an id of this history's; None for anything else a client sends."""
+        match = re.fullmatch(IN_PROCESS_ID, message_id or "")
+        return int(match[2]) if match and match[1] == self.epoch else None
 
     def latest(self) -> list[str]:
         count = min(WELCOME_HISTORY_MESSAGES, len(self.messages))
@@ -794,15 +848,16 @@ def message_frame(message_id: str, what: str) -> str:
 
 
 def compact_json(value: object) -> str:
-    # No spaces: each delivery's frame is compressed for every client, and smaller
-    # frames cost less to compress and send (86 bytes for a short message, not 93).
-    return json.dumps(value, separators=(",", ":"))
+    # No spaces, and UTF-8 as it is: each delivery's frame is compressed for every
+    # client, and a smaller frame costs less to compress and send ("é" is 2 bytes, not
+    # the 6 of "\u00e9"; 86 bytes for a short message, not 93).
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def stream_order(message_id: str) -> tuple[int, int]:
     """Ids compare as their two numbers do: `1733040000000-7` before `1733040000001-0`."""
-    first, _, second = message_id.partition("-")
-    return (int(first), int(second)) if first.isdigit() and second.isdigit() else (0, 0)
+    match = re.fullmatch(STREAM_ID, message_id)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 def open_room(rooms: RoomManager, name: str) -> Room:
@@ -810,10 +865,26 @@ def open_room(rooms: RoomManager, name: str) -> Room:
     room = rooms.rooms.get(name)
     if room is None:
         if len(rooms.rooms) >= MAX_ROOMS:
-            raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, TOO_MANY_ROOMS)
+            forget_a_room_nobody_is_in(rooms)
         room = rooms.rooms[name] = Room(name)
     rooms.rooms.move_to_end(name)
     return room
+
+
+def forget_a_room_nobody_is_in(rooms: RoomManager) -> None:
+    """The least recently active room that nobody is in forgets itself, to make room;
+    if every room has someone in it, 1013. Rooms opened and left cannot lock others out:
+    to hold MAX_ROOMS, a client must keep a connection open in each."""
+    for room in rooms.rooms.values():  # the least recently active first
+        if room.is_empty():
+            forget(rooms, room)
+            return
+    raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, TOO_MANY_ROOMS)
+
+
+def forget(rooms: RoomManager, room: Room) -> None:
+    del rooms.rooms[room.name]
+    rooms.history_bytes -= room.history.bytes
 
 
 def keep_message(rooms: RoomManager, room: Room, message_id: str, frame: str) -> None:
@@ -855,8 +926,7 @@ def leave_room(client: Client) -> None:
 def forget_if_idle(room: Room) -> None:
     idle_s = time.monotonic() - room.empty_since
     if room.is_empty() and idle_s >= ROOM_IDLE_S and rooms.rooms.get(room.name) is room:
-        del rooms.rooms[room.name]
-        rooms.history_bytes -= room.history.bytes
+        forget(rooms, room)
 
 
 def presence_changed(room: Room) -> None:
@@ -950,11 +1020,20 @@ async def receive_json_text(websocket: WebSocket) -> str:
     except ValueError:
         message = None
     text = message.get("text") if isinstance(message, dict) else None
-    if not isinstance(text, str) or not text:
+    if not isinstance(text, str) or not text or not is_utf8(text):
         raise WebSocketException(
             status.WS_1007_INVALID_FRAME_PAYLOAD_DATA, EXPECTED_JSON
         )
     return text
+
+
+def is_utf8(text: str) -> bool:
+    # JSON can spell half of a UTF-16 pair ("\ud800"), which no UTF-8 frame can carry.
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- What a client may send: text of a bounded size, at a bounded rate ---------------------
@@ -981,6 +1060,11 @@ async def receive_valid_text(websocket: WebSocket) -> str:
     """
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
+        if (
+            message["code"] == status.WS_1012_SERVICE_RESTART
+            and "reason" not in message
+        ):
+            raise ServerShutdown(message["code"])
         raise WebSocketDisconnect(message["code"], message.get("reason"))
     text = message.get("text")
     if text is None:
@@ -993,6 +1077,12 @@ async def receive_valid_text(websocket: WebSocket) -> str:
             status.WS_1009_MESSAGE_TOO_BIG, f"Message over {MAX_MESSAGE_BYTES} bytes"
         )
     return text
+
+
+class ServerShutdown(WebSocketDisconnect):
+    """uvicorn closing every connection with 1012 as it shuts down. Its message has no
+    reason, where one for a client's close frame always has one, if empty: so a client
+    that closes with 1012 itself is not taken for the server."""
 
 
 async def slow_down_floods(client: Client) -> None:
@@ -1233,7 +1323,8 @@ if REDIS_URL:
 # Publishes ARGV[3] .. ARGV[4] on the channel ARGV[2], first adding ARGV[4] to the stream
 # KEYS[1], if there is one, under a new id, which it returns; unless Redis's clock is
 # past ARGV[1], the sender's deadline. One script: the stream's ids and the channel's
-# order are the same for every process.
+# order are the same for every process. The stream keeps at most ARGV[5] messages and
+# ARGV[7] bytes of them, counted in KEYS[2], and both keys expire after ARGV[6] ms.
 PUBLISH_BEFORE_DEADLINE = """
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
@@ -1241,13 +1332,23 @@ if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV
 end
 local id = '-'
 if #KEYS > 0 then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '*', 'm', ARGV[4])
+  id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
+  local bytes = redis.call('INCRBY', KEYS[2], #ARGV[4])
+  local count = redis.call('XLEN', KEYS[1])
+  while count > 1 and (count > tonumber(ARGV[5]) or bytes > tonumber(ARGV[7])) do
+    local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+    redis.call('XDEL', KEYS[1], oldest[1])
+    bytes = redis.call('DECRBY', KEYS[2], #oldest[2][2])
+    count = count - 1
+  end
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
 redis.call('PUBLISH', ARGV[2], id .. ' ' .. ARGV[3] .. ARGV[4])
 return id
 """
-STREAM_ID = r"^\d+-\d+$"
+# A Redis stream id, as `since` must be for Redis to take it: two numbers below 2**64.
+STREAM_ID = r"([0-9]{1,19})-([0-9]{1,19})"
 
 
 @dataclasses.dataclass
@@ -1354,7 +1455,7 @@ class RedisRelay:
     ) -> None:
         # Delivered, to the sender too, once it comes back through the channel.
         await self.run_publish(
-            [f"chat:room:{room.name}"],
+            [f"chat:room:{room.name}", f"chat:bytes:{room.name}"],
             f"{room.name} ",
             said(client_id, text),
         )
@@ -1363,7 +1464,7 @@ class RedisRelay:
         """Who is in the room elsewhere, and the history each joiner is owed; and, for
         the others, who is here, the joiners included, before they are welcomed."""
         stream = f"chat:room:{room.name}"
-        sinces = sorted({s for _, s in joiners if s and re.match(STREAM_ID, s)})
+        sinces = sorted({s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)})
         here = {*room.active_connections, *room.away, *(c.key for c, _ in joiners)}
         try:
             ask = self.redis.pipeline(transaction=False)
@@ -1374,8 +1475,18 @@ class RedisRelay:
             if sorted(here) != room.written:
                 self.write_members(ask, room, sorted(here))
             async with self.connections:
-                members, *said = await ask.execute()
-            after = dict(zip(sinces, said[: len(sinces)], strict=True))
+                members, *ranges = await ask.execute(raise_on_error=False)
+            if isinstance(members, Exception):
+                raise members
+            # A `since` Redis refused is that client's: it missed some, nobody else did.
+            after = {
+                since: found
+                for since, found in zip(sinces, ranges[: len(sinces)], strict=True)
+                if not isinstance(found, redis.ResponseError)
+            }
+            for result in ranges[len(sinces) :]:
+                if isinstance(result, Exception):
+                    raise result
             processes = [p for p in members if p != self.process]
             # The latest messages only for a joiner that needs them: a mass reconnect
             # asks with `since`, and each welcome is what came after it.
@@ -1439,12 +1550,14 @@ class RedisRelay:
             if held:
                 last = max(last, stream_order(since or ""))
             since_then = [m for m in room.history.messages if stream_order(m[0]) > last]
-            history = [
-                frame
-                for message_id, frame in kept + since_then
-                if stream_order(message_id) <= room.shown_upto
-            ]
-            histories[client] = (history, since is not None and not held)
+            history, cut = latest_within_bytes(
+                [
+                    frame
+                    for message_id, frame in kept + since_then
+                    if stream_order(message_id) <= room.shown_upto
+                ]
+            )
+            histories[client] = (history, since is not None and (cut or not held))
         return histories
 
     async def share_presence(self, room: Room) -> None:
@@ -1495,7 +1608,7 @@ class RedisRelay:
                 # The deadline once a connection is ours: from here, it is sent at once.
                 deadline_ms = int(self.redis_now_ms() + PUBLISH_DEADLINE_S * 1000)
                 args = [deadline_ms, REDIS_CHANNEL, prefix, text]
-                args += [HISTORY_MESSAGES, idle_ms]
+                args += [HISTORY_MESSAGES, idle_ms, HISTORY_BYTES]
                 message_id = await self.publish_script(keys=stream, args=args)
         except REDIS_FAILURES as error:
             self.close_chat(f"publish failed: {error}")
@@ -1650,6 +1763,16 @@ class RedisRelay:
                 chat.joining, chat.away, chat.elsewhere = [], {}, {}
             for client in clients:
                 cut_off(chat, client, status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
+
+
+def latest_within_bytes(frames: list[str]) -> tuple[list[str], bool]:
+    """The latest frames that fit in HISTORY_BYTES; True if older ones did not."""
+    total = 0
+    for start in range(len(frames) - 1, -1, -1):
+        total += len(frames[start].encode())
+        if total > HISTORY_BYTES:
+            return frames[start + 1 :], True
+    return frames, False
 
 
 def without_password(url: str) -> str:

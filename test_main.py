@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
 import main
+from conftest import run
 
 
 @pytest.fixture
@@ -199,7 +200,7 @@ def test_a_chat_without_its_middleware_fails_before_accepting() -> None:
 
     websocket = WebSocket({"type": "websocket", "headers": []}, receive, send)
     with pytest.raises(RuntimeError, match=r"app\.add_middleware\(KeepServerSend\)"):
-        asyncio.run(main.ConnectionManager().connect(websocket, 1))
+        run(main.ConnectionManager().connect(websocket, 1))
 
 
 def client_writing_with(server_send: Send, client_id: int) -> main.Client:
@@ -222,7 +223,7 @@ def test_disconnect_is_idempotent() -> None:
         manager.disconnect(never_connected)  # nothing to do, no KeyError
         manager.disconnect(never_connected)
 
-    asyncio.run(disconnect_twice())
+    run(disconnect_twice())
 
 
 def test_a_client_whose_write_fails_leaves_the_room_and_the_rest_still_hear() -> None:
@@ -244,8 +245,103 @@ def test_a_client_whose_write_fails_leaves_the_room_and_the_rest_still_hear() ->
         await manager.deliverer
         return list(manager.active_connections)
 
-    assert asyncio.run(broadcast_past_a_vanished_client()) == [2]
+    assert run(broadcast_past_a_vanished_client()) == [2]
     assert heard == ["hello"]
+
+
+class Socket:
+    """A client's socket as uvicorn's `send` sees it: a write waits while it is full."""
+
+    def __init__(self) -> None:
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.written: list[str] = []
+
+    async def send(self, message: Message) -> None:
+        await self.writable.wait()  # as uvicorn's does, before writing anything
+        self.written.append(message["text"])
+
+
+async def turns_of_the_event_loop(count: int = 100) -> None:
+    """Let every ready task run, `count` times over, with no clock involved."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def test_a_client_whose_socket_keeps_it_a_full_backlog_behind_is_cut_off_at_once() -> (
+    None
+):
+    async def broadcast_beside_a_full_socket() -> tuple[main.Client, Socket, list]:
+        manager = main.ConnectionManager()
+        full, healthy = Socket(), Socket()
+        full.writable.clear()  # the client reads nothing: its socket stays full
+        slow = manager.active_connections[1] = client_writing_with(full.send, 1)
+        manager.active_connections[2] = client_writing_with(healthy.send, 2)
+        sent = [f"message {i}" for i in range(main.MAX_BACKLOG_MESSAGES + 2)]
+        broadcasting = asyncio.gather(*(manager.broadcast(text) for text in sent))
+        # No timer runs meanwhile: nothing may wait on the client's socket.
+        await turns_of_the_event_loop()
+        assert broadcasting.done()
+        return slow, healthy, sent
+
+    slow, healthy, sent = run(broadcast_beside_a_full_socket())
+    assert (slow.close_code, slow.close_reason) == (
+        1008,
+        "Too slow: over 100 messages behind",
+    )
+    assert slow.cut_off_scope.cancel_called
+    assert healthy.written == sent
+
+
+def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None:
+    async def broadcast_a_burst_to_a_client_behind() -> tuple[
+        main.Client, Socket, list
+    ]:
+        manager = main.ConnectionManager()
+        socket = Socket()
+        socket.writable.clear()  # full for a moment: the client gets a backlog
+        client = manager.active_connections[1] = client_writing_with(socket.send, 1)
+        sent = [f"message {i}" for i in range(3 * main.MAX_BACKLOG_MESSAGES)]
+        first = asyncio.ensure_future(manager.broadcast(sent[0]))
+        # The delivery starts, writes nothing, and starts the client's backlog.
+        await turns_of_the_event_loop(1)
+        socket.writable.set()  # drained; its backlog's task is yet to run
+        # A burst: more than a backlog holds before that task has its turn.
+        await asyncio.gather(first, *(manager.broadcast(text) for text in sent[1:]))
+        await turns_of_the_event_loop()
+        return client, socket, sent
+
+    client, socket, sent = run(broadcast_a_burst_to_a_client_behind())
+    assert not client.cut_off_scope.cancel_called
+    assert socket.written == sent
+
+
+def test_a_client_whose_socket_drains_as_its_backlog_fills_is_not_cut_off() -> None:
+    # Its socket drains while the delivery writes to the client before it: its backlog's
+    # task is woken, and has not run yet when the delivery reaches it.
+    async def broadcast_while_it_drains() -> tuple[main.Client, Socket, list]:
+        manager = main.ConnectionManager()
+        slow, draining = Socket(), Socket()
+        slow.writable.clear()
+        sent = [f"message {i}" for i in range(main.MAX_BACKLOG_MESSAGES + 2)]
+
+        async def drains_the_other(message: Message) -> None:
+            await draining.send(message)
+            if message["text"] == sent[-1]:
+                slow.writable.set()
+
+        manager.active_connections[2] = client_writing_with(drains_the_other, 2)
+        client = manager.active_connections[1] = client_writing_with(slow.send, 1)
+        for text in sent[:-1]:  # one being written, and a full backlog behind it
+            await manager.broadcast(text)
+            await turns_of_the_event_loop(3)
+        await manager.broadcast(sent[-1])
+        await turns_of_the_event_loop()
+        return client, slow, sent
+
+    client, slow, sent = run(broadcast_while_it_drains())
+    assert not client.cut_off_scope.cancel_called
+    assert slow.written == sent
 
 
 def test_same_id_again_takes_over_without_a_leave_notice(client: TestClient) -> None:
@@ -825,3 +921,74 @@ def test_redis_url_password_is_kept_out_of_the_log() -> None:
     assert (
         main.without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     )
+
+
+# --- What one client sends hurts only its sender ---------------------------------------
+
+
+def test_a_chat_client_closing_with_1012_itself_is_announced(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/chat/1") as alice:
+        with client.websocket_connect("/chat/2") as bob:
+            bob.send_text("bye")
+            assert alice.receive_text() == "Client #2 says: bye"
+            bob.close(1012)  # a client's own 1012: it is not the server restarting
+        alice.send_text("marker")
+        assert alice.receive_text() == "Client #2 left the chat"
+        assert alice.receive_text() == "You wrote: marker"
+
+
+def test_a_room_client_closing_with_1012_itself_is_announced(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/rooms/lobby/1") as alice:
+        next_of_type(alice, "welcome")
+        with client.websocket_connect("/rooms/lobby/2") as bob:
+            next_of_type(bob, "welcome")
+            assert next_of_type(alice, "joined")["client_ids"] == [2]
+            bob.close(1012)
+        # Told before, or with, the next joiner: a later turn of presence.
+        with client.websocket_connect("/rooms/lobby/3") as carol:
+            next_of_type(carol, "welcome")
+            assert next_of_type(alice, "left") == {"type": "left", "client_ids": [2]}
+            assert next_of_type(alice, "joined") == {
+                "type": "joined",
+                "client_ids": [3],
+            }
+
+
+def test_rooms_opened_and_left_do_not_lock_new_rooms_out(
+    client: TestClient, monkeypatch
+) -> None:
+    monkeypatch.setattr(main, "MAX_ROOMS", 3)
+    for name in ("junk-1", "junk-2", "junk-3", "junk-4"):
+        with client.websocket_connect(f"/rooms/{name}/1") as opener:
+            assert next_of_type(opener, "welcome")["room"] == name
+    with client.websocket_connect("/rooms/fresh/1") as newcomer:
+        assert next_of_type(newcomer, "welcome")["room"] == "fresh"
+
+
+def test_a_welcome_is_bounded_in_bytes_as_sent(client: TestClient, monkeypatch) -> None:
+    monkeypatch.setattr(main, "HISTORY_BYTES", 20 * 1024)
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        ids = []
+        for i in range(30):
+            alice.send_text(
+                json.dumps({"text": f"{i} " + "é" * 2000}, ensure_ascii=False)
+            )
+            ids.append(next_of_type(alice, "message")["id"])
+    for path in ("/rooms/lobby/8", f"/rooms/lobby/8?since={ids[0]}"):
+        with client.websocket_connect(path) as bob:
+            welcome = bob.receive_text()
+        assert len(welcome.encode()) <= 20 * 1024 + 1024  # and the welcome's own fields
+        assert json.loads(welcome)["history"][-1]["id"] == ids[-1]
+    assert json.loads(welcome)["missed"] is True
+
+
+def test_half_of_a_utf16_pair_closes_with_1007(client: TestClient) -> None:
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        alice.send_text('{"text": "\\ud800"}')  # valid JSON, but no UTF-8 can carry it
+        assert receive_close(alice) == (1007, main.EXPECTED_JSON)

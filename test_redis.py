@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from websockets.asyncio.client import ClientConnection
@@ -356,8 +357,9 @@ async def next_frame(websocket: ClientConnection, kind: str) -> dict:
 
 
 async def say_in_room(websocket: ClientConnection, text: str) -> dict:
-    """Send, and wait for the room's copy: the acknowledgement."""
-    await websocket.send(json.dumps({"text": text}))
+    """Send, as a browser's JSON.stringify does, and wait for the room's copy: the
+    acknowledgement."""
+    await websocket.send(json.dumps({"text": text}, ensure_ascii=False))
     while (frame := await next_frame(websocket, "message"))["text"] != text:
         pass
     return frame
@@ -656,3 +658,54 @@ def test_unreachable_redis_at_start_up_exits_with_one_line() -> None:
     assert len(output) == 1, output
     assert output[0].startswith(f"ERROR:    Cannot reach Redis at {url} (")
     assert output[0].endswith("): start it, or unset REDIS_URL")
+
+
+# --- What one client sends hurts only its sender ------------------------------------------
+
+
+@pytest.mark.parametrize("since", ["1-1\n", "١-١", "18446744073709551616-0"])
+def test_a_since_redis_refuses_closes_only_that_client(
+    workers: list[Server], since: str
+) -> None:
+    first, _ = workers
+
+    async def scenario(stack: contextlib.AsyncExitStack) -> tuple[dict, list[str]]:
+        chat = await stack.enter_async_context(open_client(f"{first.ws_url}/chat/1"))
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        _, welcome = await join_room(
+            stack, first, f"/rooms/lobby/3?since={quote(since)}"
+        )
+        # Everyone else is still in: each gets what it says next.
+        await say_in_room(alice, "still here")
+        await chat.send("still chatting")
+        return welcome, await receive_says(chat, 1, 1)
+
+    welcome, heard = run(in_rooms(scenario))
+    assert welcome["missed"] is True
+    assert heard == ["still chatting"]
+    assert "Lost Redis" not in first.log()
+    assert_nothing_went_wrong(first)
+
+
+def test_a_welcome_through_redis_is_bounded_in_bytes(workers: list[Server]) -> None:
+    first, second = workers
+    text = "é" * 30_000  # 60,000 bytes of UTF-8
+
+    async def scenario(stack: contextlib.AsyncExitStack) -> list[int]:
+        senders = [
+            (await join_room(stack, first, f"/rooms/lobby/{n}"))[0] for n in range(3)
+        ]
+        ids = [
+            (await say_in_room(sender, f"{i} {text}"))["id"]
+            for i in range(20)
+            for sender in senders
+        ]
+        sizes = []
+        for path in ("/rooms/lobby/9", f"/rooms/lobby/9?since={ids[0]}"):
+            url = f"{second.ws_url}{path}"
+            async with open_client(url, max_size=None) as joiner:
+                sizes.append(len((await joiner.recv()).encode()))
+        return sizes
+
+    for size in run(in_rooms(scenario)):
+        assert size <= main.HISTORY_BYTES + 64 * 1024  # and one message, at most

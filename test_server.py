@@ -14,7 +14,10 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
+from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -573,3 +576,141 @@ def test_each_worker_says_the_room_is_its_own_without_redis_url(tmp_path) -> Non
         wait_for_log(server, "set REDIS_URL so that they share one room", count=2)
     finally:
         server.stop()
+
+
+# --- What one client sends hurts only its sender -----------------------------------------
+
+
+async def welcome_of(server: Server, path: str) -> dict:
+    async with open_client(f"{server.ws_url}{path}", max_size=None) as websocket:
+        async with asyncio.timeout(5):
+            return json.loads(await websocket.recv())
+
+
+def test_a_since_the_room_cannot_parse_is_missed_and_hurts_nobody(
+    server: Server,
+) -> None:
+    async def scenario() -> list[tuple[dict, dict]]:
+        async with open_client(f"{server.ws_url}/rooms/lobby/1") as alice:
+            assert json.loads(await alice.recv())["type"] == "welcome"
+            await alice.send(json.dumps({"text": "first"}))
+            first = json.loads(await alice.recv())["id"]
+            epoch = first.split("-")[0]
+            hostile = [f"{epoch}-²", f"{epoch}-" + "9" * 5000, f"{first}\n", "١-١"]
+            answers = []
+            for since in hostile:
+                # A hostile joiner and a legitimate one, let in together.
+                answers.append(
+                    await asyncio.gather(
+                        welcome_of(server, f"/rooms/lobby/2?since={quote(since)}"),
+                        welcome_of(server, f"/rooms/lobby/3?since={first}"),
+                    )
+                )
+            await alice.send(json.dumps({"text": "still here"}))
+            while (frame := json.loads(await alice.recv()))["type"] != "message":
+                pass
+            assert frame["text"] == "still here"
+            return answers
+
+    for hostile, legitimate in run(scenario()):
+        assert (hostile["type"], hostile["missed"]) == ("welcome", True)
+        assert (legitimate["history"], legitimate["missed"]) == ([], False)
+    assert_nothing_went_wrong(server)
+
+
+def test_a_thousand_rooms_opened_and_left_do_not_lock_new_rooms_out(
+    server: Server,
+) -> None:
+    async def open_and_leave(name: str) -> str:
+        return (await welcome_of(server, f"/rooms/{name}/1"))["type"]
+
+    async def scenario() -> tuple[set[str], dict]:
+        opened: list[str] = []
+        for batch in range(0, main.MAX_ROOMS, 50):
+            names = [f"junk-{n}" for n in range(batch, batch + 50)]
+            opened += await asyncio.gather(*(open_and_leave(n) for n in names))
+        return set(opened), await welcome_of(server, "/rooms/fresh/1")
+
+    opened, welcome = run(scenario())
+    assert opened == {"welcome"}
+    assert (welcome["type"], welcome["room"]) == ("welcome", "fresh")
+    assert_nothing_went_wrong(server)
+
+
+HUGE_POST_BYTES = 20 * 1024 * 1024
+
+
+def answer_to_a_huge_post(port: int, token: str | None) -> bytes:
+    """The response head to a POST that announces 20 MiB, of which it sends 1 MiB."""
+    head = (
+        f"POST /chat/messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {HUGE_POST_BYTES}\r\n"
+    )
+    if token is not None:
+        head += f"Authorization: Bearer {token}\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head.encode() + b"\r\n" + b'{"text": "' + b"x" * (1 << 20))
+        return sock.recv(4096).split(b"\r\n\r\n")[0]
+
+
+def test_a_huge_post_is_answered_before_its_body_is_read(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path / "uvicorn.log", options=production_options(), ANNOUNCE_TOKEN="s3cret"
+    )
+    try:
+        rss_before = server.rss_bytes()
+        for _ in range(5):
+            without = answer_to_a_huge_post(server.port, None)
+            assert without.startswith(b"HTTP/1.1 401"), without
+            wrong = answer_to_a_huge_post(server.port, "wrong")
+            assert wrong.startswith(b"HTTP/1.1 401"), wrong
+            too_big = answer_to_a_huge_post(server.port, "s3cret")
+            assert too_big.startswith(b"HTTP/1.1 413"), too_big
+        assert server.rss_bytes() - rss_before < 15e6
+    finally:
+        server.stop()
+    assert_nothing_went_wrong(server)
+
+
+def test_a_slow_reader_is_cut_off_rather_than_setting_the_rooms_pace(
+    server: Server,
+) -> None:
+    # Beside 5 senders of 8 messages of 60 KB a second (2.4 MB/s), a reader that takes
+    # two every 0.3 s: its socket is never still for long, and always full.
+    senders, per_sender, pace_s, size = 5, 60, 1 / 8, 60_000
+    slow, head = raw_handshake(server.port, "/chat/2", rcvbuf=64 * 1024)
+    assert head.startswith(b"HTTP/1.1 101")
+    reading_slowly = threading.Event()
+    reading_slowly.set()
+
+    def read_slowly_then_at_once() -> tuple[int, str]:
+        """Slowly while the chat goes on; then at once, up to its close frame."""
+        try:
+            while reading_slowly.is_set():
+                read_frame(slow), read_frame(slow)
+                time.sleep(0.3)
+            return read_until_close(slow)
+        finally:
+            slow.close()
+
+    async def chat() -> tuple[dict, list[dict], tuple[int, str]]:
+        slow_reader = asyncio.create_task(asyncio.to_thread(read_slowly_then_at_once))
+        async with contextlib.AsyncExitStack() as stack:
+            readers = await enter_chat_clients(stack, server, range(100, 120))
+            writers = await enter_chat_clients(stack, server, range(10, 10 + senders))
+            sent: dict[int, list[str]] = {10 + n: [] for n in range(senders)}
+            counts = dict.fromkeys(sent, per_sender)
+            heard = [asyncio.create_task(receive_from_each(r, counts)) for r in readers]
+            for i in range(per_sender):
+                for n, writer in enumerate(writers):
+                    sent[10 + n].append(f"{n}:{i:03d} " + "x" * size)
+                    await writer.send(sent[10 + n][-1])
+                await asyncio.sleep(pace_s)
+            received = await asyncio.gather(*heard)
+        reading_slowly.clear()
+        return sent, received, await slow_reader
+
+    sent, received, closed = run(chat())
+    assert all(each == sent for each in received)
+    assert closed == (1008, main.TOO_SLOW)
+    assert_nothing_went_wrong(server)
