@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Message, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from uvicorn.protocols.utils import ClientDisconnected
 
 import main
@@ -191,26 +191,16 @@ def test_anonymous_departures_of_one_turn_go_out_as_one() -> None:
     assert main.left_the_chat([None, None, None]) == "3 users left the chat"
 
 
-def test_a_chat_without_its_middleware_fails_before_accepting() -> None:
-    async def receive() -> Message:
-        return {"type": "websocket.connect"}
-
-    async def send(message: Message) -> None:
-        raise AssertionError("nothing is sent: not even the accept")
-
-    websocket = WebSocket({"type": "websocket", "headers": []}, receive, send)
-    with pytest.raises(RuntimeError, match=r"app\.add_middleware\(KeepServerSend\)"):
-        run(main.ConnectionManager().connect(websocket, 1))
-
-
 def client_writing_with(server_send: Send, client_id: int) -> main.Client:
-    """A chat client outside any server: the manager's writes to it go to server_send."""
+    """A chat client outside any server, accepted: the manager's writes to it go to
+    server_send, as they would go to uvicorn's `send`."""
 
     async def not_read() -> Message:
         raise AssertionError("the manager does not read from clients")
 
-    scope = {"type": "websocket", main.SERVER_SEND: server_send}
-    return main.Client(WebSocket(scope, not_read, server_send), client_id)
+    websocket = WebSocket({"type": "websocket"}, not_read, server_send)
+    websocket.application_state = WebSocketState.CONNECTED  # as after accept()
+    return main.Client(websocket, client_id)
 
 
 def test_disconnect_is_idempotent() -> None:
@@ -433,8 +423,8 @@ def test_message_at_limit_is_relayed(client: TestClient) -> None:
 def test_step_3_copied_with_the_pieces_the_readme_lists_runs_a_chat(
     tmp_path,
 ) -> None:
-    # main.py's top (imports, app, GET /), step 3, and the sections step 3 needs, with
-    # the relay for one process: what the README tells a reader to copy.
+    # main.py's top (imports, app, GET /), step 3, and what every step shares: what the
+    # README tells a reader to copy for step 3.
     sections = re.split(
         r"(?m)^(?=# --- )", main.INDEX_HTML.with_name("main.py").read_text()
     )
@@ -444,14 +434,7 @@ def test_step_3_copied_with_the_pieces_the_readme_lists_runs_a_chat(
         [found] = [text for head, text in by_title.items() if title in head]
         return found
 
-    relay = section("The relay")
-    copied = sections[0] + "".join(
-        section(title)
-        for title in ("Step 3", "Delivery", "What a client may send", "Closing")
-    )
-    copied += relay[relay.index("class InProcessRelay") : relay.index("if REDIS_URL:")]
-    copied += "relay = InProcessRelay()\n"
-    copied += "app.include_router(APIRouter(lifespan=relay.running))\n"
+    copied = sections[0] + section("Step 3") + section("What every step shares")
     (tmp_path / "step3.py").write_text(copied)
     spec = importlib.util.spec_from_file_location("step3", tmp_path / "step3.py")
     step3 = importlib.util.module_from_spec(spec)
