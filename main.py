@@ -928,9 +928,7 @@ async def room_endpoint(
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
-        rooms.disconnect(
-            room, client
-        )  # and "left" to the others, unless it may be back
+        rooms.disconnect(room, client)  # and "left", unless it may be back
     await client.close_if_cut_off()
 
 
@@ -957,6 +955,9 @@ PUBLISH_DEADLINE_S = 1.5
 PROCESS_TTL_S = 5.0  # a process silent this long is gone, and its room members with it
 REDIS_CONNECTIONS = 50  # commands in flight at once, at most, from one process
 REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
+SERVER_PAUSED = "Chat unavailable: this server was paused; try again later"
+# A publish's own key keeps its id this long: sent again meanwhile, it is not run twice.
+PUBLISHED_TTL_S = 10.0
 # What losing Redis raises. redis-py turns a failed write into a ConnectionError, but
 # uvloop, uvicorn's event loop, raises RuntimeError for a write to a connection that has
 # just closed (uvloop issue #506), and redis-py passes it on as it is.
@@ -964,32 +965,74 @@ REDIS_FAILURES = (redis.RedisError, RuntimeError)
 # A Redis stream id, as `since` must be for Redis to take it: two numbers below 2**64.
 STREAM_ID = r"([0-9]{1,19})-([0-9]{1,19})"
 
-# Publishes ARGV[3] .. ARGV[4] on the channel ARGV[2], first adding ARGV[4] to the stream
-# KEYS[1], if there is one, under a new id, which it returns; unless Redis's clock is
-# past ARGV[1], the sender's deadline. One script: the stream's ids and the channel's
-# order are the same for every process. The stream keeps at most ARGV[5] messages and
-# ARGV[7] bytes of them, counted in KEYS[2], and both keys expire after ARGV[6] ms.
-PUBLISH_BEFORE_DEADLINE = """
+# Publishes ARGV[3] .. ARGV[4] on the channel ARGV[2], unless Redis's clock is past
+# ARGV[1], the sender's deadline; in a room, first adds ARGV[4] to the room's stream,
+# KEYS[1], which gives it its id. One script: the stream's ids and the channel's order
+# are the same for every process. The stream keeps ARGV[5] messages at most, and ARGV[6]
+# bytes of their frames, counted in KEYS[2]; both keys live ARGV[7] ms. The last key is
+# the publish's own, which keeps its id for ARGV[8] ms: sent twice (redis-py retries on
+# a fresh connection when one breaks), it is published once.
+PUBLISH_ONCE_BEFORE_DEADLINE = """
+local done = redis.call('GET', KEYS[#KEYS])
+if done then
+  return done
+end
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
   return false
 end
 local id = '-'
-if #KEYS > 0 then
+if #KEYS > 1 then
   id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
-  local bytes = redis.call('INCRBY', KEYS[2], #ARGV[4])
+  local bytes = redis.call('INCRBY', KEYS[2], #ARGV[4] + #id + 26)
   local count = redis.call('XLEN', KEYS[1])
-  while count > 1 and (count > tonumber(ARGV[5]) or bytes > tonumber(ARGV[7])) do
+  while count > 1 and (count > tonumber(ARGV[5]) or bytes > tonumber(ARGV[6])) do
     local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
     redis.call('XDEL', KEYS[1], oldest[1])
-    bytes = redis.call('DECRBY', KEYS[2], #oldest[2][2])
+    bytes = redis.call('DECRBY', KEYS[2], #oldest[2][2] + #oldest[1] + 26)
     count = count - 1
   end
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
 end
 redis.call('PUBLISH', ARGV[2], id .. ' ' .. ARGV[3] .. ARGV[4])
+redis.call('SET', KEYS[#KEYS], id, 'PX', ARGV[8])
 return id
+"""
+# Reads a room for joiners in one go, so that every joiner's history comes from the same
+# moment of its stream, KEYS[1]: the members, KEYS[3], by process; the latest ARGV[5]
+# messages, if a joiner needs them; and, for each joiner's `since` (ARGV[6] on, '' for
+# none), the stream from it on, ARGV[4] at most. First writes this process's members
+# (ARGV[1], ARGV[2]: '-' leaves them, '' removes them), and the room's keys live ARGV[3]
+# ms more.
+LOOK_UP_ROOM = """
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+elseif ARGV[2] ~= '-' then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+end
+for i = 1, 3 do
+  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+end
+local found = {redis.call('HGETALL', KEYS[3]), {}}
+local latest_needed = false
+for i = 6, #ARGV do
+  local after = {}
+  if ARGV[i] ~= '' then
+    after = redis.pcall('XRANGE', KEYS[1], ARGV[i], '+', 'COUNT', ARGV[4])
+    if after.err then
+      after = {}  -- a `since` Redis refuses: that joiner missed some, nobody else
+    end
+  end
+  if #after == 0 or after[1][1] ~= ARGV[i] then
+    latest_needed = true
+  end
+  found[#found + 1] = after
+end
+if latest_needed then
+  found[2] = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[5])
+end
+return found
 """
 
 StreamEntry = tuple[str, str]  # a message's id in its room's stream, and its frame
@@ -1044,7 +1087,9 @@ class RedisRelay:
                 supported_errors=(redis.ConnectionError,),
             ),
         )
-        self.publish_script = self.redis.register_script(PUBLISH_BEFORE_DEADLINE)
+        self.publish_script = self.redis.register_script(PUBLISH_ONCE_BEFORE_DEADLINE)
+        self.look_up_script = self.redis.register_script(LOOK_UP_ROOM)
+        self.publishes = itertools.count()  # each its own key: see the script
         # Thousands of handlers may publish at once: each waits for a connection here,
         # rather than redis-py failing past its pool's size ("Too many connections").
         self.connections = asyncio.Semaphore(REDIS_CONNECTIONS)
@@ -1063,6 +1108,8 @@ class RedisRelay:
         self.process = ""  # this process's name in Redis, new for each session
         self.redis_clock_offset_ms = 0.0  # Redis's clock minus this process's
         self.best_round_trip_ms = float("inf")  # of the answers that measured it
+        self.alive_at = 0.0  # when Redis last took this process's liveness
+        self.rooms_kept_at = 0.0  # when the rooms with people in them were last kept
         self.others_alive: set[str] = set()  # other processes seen in rooms, alive
         self.to_announce: set[str] = set()  # rooms whose members here were rewritten
 
@@ -1111,82 +1158,54 @@ class RedisRelay:
         self, rooms: RoomManager, room: Room, client_id: int, text: str
     ) -> None:
         # Delivered, to the sender too, once it comes back through the channel.
-        keys = [f"chat:room:{room.name}", f"chat:bytes:{room.name}"]
-        await self.run_publish(keys, f"{room.name} ", said(client_id, text))
+        stream, count, _ = room_keys(room)
+        await self.run_publish([stream, count], f"{room.name} ", said(client_id, text))
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
-        """Who is in the room elsewhere, and the history each joiner is owed; and, for
-        the others, who is here, the joiners included, before they are welcomed."""
+        """Who is in the room elsewhere, and what each joiner is owed, read at one moment
+        of its stream; and, for the others, who is here, the joiners included."""
         state = self.in_rooms.setdefault(room, RoomInRedis())
         state.looked_up = None
-        stream = f"chat:room:{room.name}"
-        sinces = sorted({s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)})
-        here = {*room.clients.active_connections, *room.away}
-        here |= {client.key for client, _ in joiners}
+        joining = [client.key for client, _ in joiners]
+        here = sorted({*room.clients.active_connections, *room.away, *joining})
+        write = "-" if here == state.written else json.dumps(here) if here else ""
+        # A `since` Redis would refuse goes as none: that joiner missed some.
+        sinces = [s if s and re.fullmatch(STREAM_ID, s) else "" for _, s in joiners]
+        args: list[str | int] = [self.process, write, int(ROOM_IDLE_S * 1000)]
+        args += [HISTORY_MESSAGES + 1, WELCOME_HISTORY_MESSAGES, *sinces]
         try:
-            ask = self.redis.pipeline(transaction=False)
-            ask.hgetall(f"chat:members:{room.name}")
-            for since in sinces:
-                ask.xrange(stream, min=since, count=HISTORY_MESSAGES + 1)
-            ask.pexpire(stream, int((ROOM_IDLE_S + PRESENCE_GRACE_S) * 1000))
-            if sorted(here) != state.written:
-                self.write_members(ask, room, sorted(here))
             async with self.connections:
-                members, *ranges = await ask.execute(raise_on_error=False)
-            for result in [members, *ranges[len(sinces) :]]:
-                if isinstance(result, Exception):
-                    raise result
-            # A `since` Redis refused is that client's: it missed some, nobody else did.
-            after = {
-                since: found
-                for since, found in zip(sinces, ranges, strict=False)
-                if not isinstance(found, redis.ResponseError)
-            }
-            processes = [p for p in members if p != self.process]
-            # The latest messages only for a joiner that needs them: a mass reconnect
-            # asks with `since`, and each welcome is what came after it.
-            held = [
-                bool(after.get(s or "")) and after[s or ""][0][0] == s
-                for _, s in joiners
-            ]
-            ask = self.redis.pipeline(transaction=False)
-            ask.mget([f"chat:alive:{p}" for p in processes] or ["chat:alive:-"])
-            if not all(held):
-                ask.xrevrange(stream, count=WELCOME_HISTORY_MESSAGES)
+                members, latest, *after = await self.look_up_script(
+                    keys=room_keys(room), args=args
+                )
+            if write != "-":
+                self.wrote_members(room, here)
+            processes = members[::2]
+            others = [p for p in processes if p != self.process]
             async with self.connections:
-                alive, *latest = await ask.execute()
+                alive = await self.redis.mget(
+                    [f"chat:alive:{p}" for p in others] or ["-"]
+                )
         except REDIS_FAILURES as error:
             self.close_chat(f"looking up room {room.name}: {error}")
             return set()
-        state.elsewhere = {}
-        for process, is_alive in zip(processes, alive, strict=False):
-            if is_alive:
-                state.elsewhere[process] = json.loads(members[process])
-                self.others_alive.add(process)
+        listed = dict(zip(processes, members[1::2], strict=True))
+        state.elsewhere = {p: json.loads(listed[p]) for p, a in zip(others, alive) if a}
+        self.others_alive |= state.elsewhere.keys()
         state.looked_up = LookedUp(
-            [
-                (i, message_frame(i, f["m"]))
-                for i, f in reversed(latest[0] if latest else [])
-            ],
+            [(i, message_frame(i, fields[1])) for i, fields in reversed(latest)],
             {
-                since: [(i, message_frame(i, fields["m"])) for i, fields in entries]
-                for since, entries in after.items()
+                since: [(i, message_frame(i, fields[1])) for i, fields in entries]
+                for since, entries in zip(sinces, after, strict=True)
+                if since
             },
         )
         return set(itertools.chain.from_iterable(state.elsewhere.values()))
 
-    def write_members(
-        self, pipeline: redis.asyncio.client.Pipeline, room: Room, here: list[int]
-    ) -> None:
-        """Who is here, for the other processes: to be told once written."""
-        self.to_announce.add(room.name)
-        key = f"chat:members:{room.name}"
-        if here:
-            pipeline.hset(key, self.process, json.dumps(here))
-        else:
-            pipeline.hdel(key, self.process)
-        pipeline.pexpire(key, int((ROOM_IDLE_S + PRESENCE_GRACE_S) * 1000))
+    def wrote_members(self, room: Room, here: list[int]) -> None:
+        """Who is here, written for the other processes: to be told of it."""
         self.in_rooms.setdefault(room, RoomInRedis()).written = here
+        self.to_announce.add(room.name)
 
     def histories(
         self, room: Room, joiners: list[Joiner]
@@ -1226,14 +1245,21 @@ class RedisRelay:
         from their connections with the joiners' ids."""
         here = sorted({*room.clients.active_connections, *room.away})
         if here != self.in_rooms.setdefault(room, RoomInRedis()).written:
-            try:  # a joiner left before it was let in
+            stream, count, members = room_keys(room)  # someone left, or never came in
+            try:
                 tell = self.redis.pipeline(transaction=False)
-                self.write_members(tell, room, here)
+                if here:
+                    tell.hset(members, self.process, json.dumps(here))
+                else:
+                    tell.hdel(members, self.process)
+                for key in (stream, count, members):
+                    tell.pexpire(key, int(ROOM_IDLE_S * 1000))
                 async with self.connections:
                     await tell.execute()
             except REDIS_FAILURES as error:
                 self.close_chat(f"telling who is in room {room.name}: {error}")
                 return
+            self.wrote_members(room, here)
         # One notice for all the joiners let in: 10,000 clients coming back at once
         # cost a notice per room each PRESENCE_INTERVAL_S, not one each.
         joined = [
@@ -1258,29 +1284,32 @@ class RedisRelay:
     async def send(self, envelope: dict[str, Any]) -> bool:
         return await self.run_publish([], "", json.dumps(envelope)) is not None
 
-    async def run_publish(
-        self, stream: list[str], prefix: str, text: str
-    ) -> str | None:
+    async def run_publish(self, keys: list[str], prefix: str, text: str) -> str | None:
         """The id Redis gave the message (`-` off the streams); None if it was not
         taken, and the chat is then closed."""
         if not self.relaying:
             return None
-        idle_ms = int((ROOM_IDLE_S + PRESENCE_GRACE_S) * 1000)
+        own_key = f"chat:published:{self.process}:{next(self.publishes)}"
+        limits = [HISTORY_MESSAGES, HISTORY_BYTES, int(ROOM_IDLE_S * 1000)]
+        limits.append(int(PUBLISHED_TTL_S * 1000))
         try:
-            async with self.connections:
-                # The deadline once a connection is ours: from here, it is sent at once.
-                deadline_ms = int(self.redis_now_ms() + PUBLISH_DEADLINE_S * 1000)
-                args: list[str | int] = [deadline_ms, REDIS_CHANNEL, prefix, text]
-                args += [HISTORY_MESSAGES, idle_ms, HISTORY_BYTES]
-                message_id: str | None = await self.publish_script(
-                    keys=stream, args=args
-                )
+            for attempt in ("first", "once Redis's clock was learned again"):
+                async with self.connections:
+                    # The deadline once a connection is ours: it is sent at once.
+                    deadline_ms = int(self.redis_now_ms() + PUBLISH_DEADLINE_S * 1000)
+                    args: list[str | int] = [deadline_ms, REDIS_CHANNEL, prefix, text]
+                    message_id: str | None = await self.publish_script(
+                        keys=[*keys, own_key], args=[*args, *limits]
+                    )
+                if message_id is not None:
+                    return message_id
+                # Refused as late, it ran nothing: Redis's clock may have stepped.
+                await self.learn_redis_clock()
         except REDIS_FAILURES as error:
             self.close_chat(f"publish failed: {error}")
             return None
-        if message_id is None:
-            self.close_chat("a publish reached Redis after its deadline")
-        return message_id
+        self.close_chat(f"a publish reached Redis after its deadline, {attempt}")
+        return None
 
     def redis_now_ms(self) -> float:
         return time.monotonic() * 1000 + self.redis_clock_offset_ms
@@ -1309,6 +1338,9 @@ class RedisRelay:
         while True:
             message = await pubsub.get_message(timeout=REDIS_PING_INTERVAL_S)
             now = loop.time()
+            if in_session and time.monotonic() - self.alive_at > PROCESS_TTL_S:
+                self.close_after_a_pause()
+                raise redis.ConnectionError("this process was silent: a new session")
             if message is None and now - heard_at > REDIS_TIMEOUT_S:
                 raise redis.TimeoutError(f"no answer for {REDIS_TIMEOUT_S} s")
             if message is None:
@@ -1331,39 +1363,74 @@ class RedisRelay:
             if in_session and not self.relaying:
                 raise redis.ConnectionError("a publish failed")
 
+    def close_after_a_pause(self) -> None:
+        """Silent past PROCESS_TTL_S (stopped, starved of CPU), this process has been
+        counted gone by the others, and its members with it: it closes its clients
+        with 1013, and starts a new session, which they come back to with `since`.
+        Carrying on instead would keep clients that may have missed messages."""
+        silent_s = time.monotonic() - self.alive_at
+        if self.relaying:
+            logger.warning("This process was silent for %.1f s: chat closed", silent_s)
+        self.close_chat(f"silent for {silent_s:.1f} s", SERVER_PAUSED)
+
     async def start_session(self) -> None:
         # A new name for each session: what an earlier one left in Redis is stale.
         self.process = secrets.token_hex(6)
-        # Redis may have restarted, and its clock with it.
-        self.best_round_trip_ms = float("inf")
+        await self.learn_redis_clock()  # Redis may have restarted, its clock with it
         await self.heartbeat()
         self.relaying = True
         self.subscribed.set()
         logger.info("Chat relayed through Redis at %s", self.url)
 
     async def heartbeat(self) -> None:
-        """Tell Redis this process is alive; learn Redis's clock, and who else is."""
+        """Tell Redis this process is alive, and keep its rooms with people in them;
+        learn Redis's clock, and who else is alive."""
         others = sorted(self.others_alive)
         sent_ms = time.monotonic() * 1000
         beat = self.redis.pipeline(transaction=False)
         beat.time()
         beat.set(f"chat:alive:{self.process}", 1, px=int(PROCESS_TTL_S * 1000))
-        if others:
-            beat.mget([f"chat:alive:{process}" for process in others])
-        (seconds, microseconds), _, *alive = await beat.execute()
-        round_trip_ms = time.monotonic() * 1000 - sent_ms
-        redis_ms = seconds * 1000 + microseconds / 1000
-        # The quickest answer tells best: a busy event loop may read an answer late.
-        if round_trip_ms <= self.best_round_trip_ms:
-            self.best_round_trip_ms = round_trip_ms
-            self.redis_clock_offset_ms = redis_ms - (sent_ms + round_trip_ms / 2)
-        answers = alive[0] if alive else []
-        gone = {p for p, a in zip(others, answers, strict=True) if not a}
+        beat.mget([f"chat:alive:{process}" for process in others] or ["-"])
+        if sent_ms / 1000 - self.rooms_kept_at > ROOM_IDLE_S / 4:
+            # A room's keys live ROOM_IDLE_S from its last message or joiner: one that
+            # someone is in, however quiet, is kept at least four times meanwhile.
+            self.rooms_kept_at = sent_ms / 1000
+            for room in self.rooms.rooms.values():
+                for key in room_keys(room) if not room.is_empty() else ():
+                    beat.pexpire(key, int(ROOM_IDLE_S * 1000))
+        (seconds, microseconds), _, alive, *_ = await beat.execute()
+        self.alive_at = sent_ms / 1000
+        self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
+        gone = {p for p, a in zip(others, alive, strict=False) if not a}
         self.others_alive -= gone
         for room in self.rooms.rooms.values():  # their members have left
             state = self.in_rooms.get(room)
             if state is not None and gone & state.elsewhere.keys():
                 self.rooms.presence_changed(room)
+
+    async def learn_redis_clock(self) -> None:
+        """Learn Redis's clock anew, whatever was known of it."""
+        sent_ms = time.monotonic() * 1000
+        seconds, microseconds = await self.redis.time()
+        self.best_round_trip_ms = float("inf")
+        self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
+
+    def adopt_redis_clock(self, sent_ms: float, redis_ms: float) -> None:
+        """How Redis's clock stands against this process's, from an answer with its time.
+
+        The quickest answer tells best: a busy event loop may read an answer late. But
+        one that no round trip can explain tells of a step of Redis's clock (an NTP
+        correction, say): that one is taken at once.
+        """
+        round_trip_ms = time.monotonic() * 1000 - sent_ms
+        offset_ms = redis_ms - (sent_ms + round_trip_ms / 2)
+        unexplained_ms = abs(offset_ms - self.redis_clock_offset_ms)
+        if (
+            round_trip_ms <= self.best_round_trip_ms
+            or unexplained_ms > round_trip_ms + self.best_round_trip_ms
+        ):
+            self.best_round_trip_ms = round_trip_ms
+            self.redis_clock_offset_ms = offset_ms
 
     def hand_on(self, message: dict[str, Any]) -> None:
         """A message from the channel, to this process's clients it is for."""
@@ -1417,7 +1484,7 @@ class RedisRelay:
         elif client in self.announced:
             chat.cut_off(client, WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
 
-    def close_chat(self, why: str) -> None:
+    def close_chat(self, why: str, reason: str = REDIS_DOWN) -> None:
         # Without Redis, this process's clients would only see part of the room: close
         # them with 1013, Try Again Later, and no leave notices. The page retries.
         if self.relaying:
@@ -1425,9 +1492,7 @@ class RedisRelay:
         self.relaying = False
         for chat in self.chats.values():
             for client in list(chat.active_connections.values()):
-                chat.cut_off(
-                    client, status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN, quiet=True
-                )
+                chat.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True)
         for room in self.rooms.rooms.values():
             clients = [*room.clients.active_connections.values()]
             clients += [client for client, _ in room.joining]
@@ -1435,8 +1500,13 @@ class RedisRelay:
             self.in_rooms.setdefault(room, RoomInRedis()).elsewhere = {}
             for client in clients:
                 room.clients.cut_off(
-                    client, status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN, quiet=True
+                    client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True
                 )
+
+
+def room_keys(room: Room) -> list[str]:
+    """The room's stream, the bytes of its frames, and its members by process."""
+    return [f"chat:{kind}:{room.name}" for kind in ("room", "bytes", "members")]
 
 
 def stream_order(message_id: str) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -709,3 +710,355 @@ def test_a_welcome_through_redis_is_bounded_in_bytes(workers: list[Server]) -> N
 
     for size in run(in_rooms(scenario)):
         assert size <= main.HISTORY_BYTES + 64 * 1024  # and one message, at most
+
+
+# --- The relay's promises: lifetimes, pauses, mixed joiners, retries, clock steps -----------
+
+
+class RedisProxy:
+    """A TCP proxy between a worker and redis-server, in a thread of its own, that can
+    hold back or drop Redis's reply to the next command that carries a marker."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port, self.port = redis_port, free_port()
+        self.loop = asyncio.new_event_loop()
+        self.marker: bytes | None = None
+        self.connections: list[asyncio.StreamWriter] = []
+        self.cut = False  # drop the reply and the connection, rather than hold it
+        self.reply_held = threading.Event()
+        self.released = threading.Event()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self.serve, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(5)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self.pass_on, "127.0.0.1", self.port)
+        )
+        ready.set()
+        self.loop.run_forever()
+
+    def hold_reply_to(self, marker: str) -> None:
+        self.marker, self.cut = marker.encode(), False
+        self.reply_held.clear()
+        self.released.clear()
+
+    def cut_reply_to(self, marker: str) -> None:
+        self.marker, self.cut = marker.encode(), True
+        self.reply_held.clear()
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def pass_on(
+        self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter
+    ) -> None:
+        server, to_server = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self.connections += [to_client, to_server]
+        marked = asyncio.Event()  # the next reply on this connection is the one
+
+        async def requests() -> None:
+            while data := await client.read(65536):
+                if self.marker is not None and self.marker in data:
+                    self.marker = None
+                    marked.set()
+                to_server.write(data)
+                await to_server.drain()
+            to_server.close()
+
+        async def replies() -> None:
+            while data := await server.read(65536):
+                if marked.is_set():
+                    marked.clear()
+                    self.reply_held.set()
+                    if self.cut:  # Redis ran it; the worker never hears so
+                        to_client.transport.abort()
+                        to_server.transport.abort()
+                        return
+                    await asyncio.to_thread(self.released.wait, 10)
+                to_client.write(data)
+                await to_client.drain()
+            to_client.close()
+
+        with contextlib.suppress(OSError):
+            await asyncio.gather(requests(), replies())
+
+    def stop(self) -> None:
+        self.released.set()
+
+        async def close() -> None:
+            self.server.close()
+            for connection in self.connections:
+                connection.transport.abort()
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            await asyncio.wait(others, timeout=5)
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def start_workers(
+    tmp_path: Path, redis_urls: list[str], app: str = "main:app"
+) -> list[Server]:
+    """uvicorn workers sharing a chat through Redis, each at its own URL of it."""
+    servers: list[Server] = []
+    for i, url in enumerate(redis_urls, 1):
+        log_path = tmp_path / f"worker{i}.log"
+        servers.append(
+            start_server(
+                log_path,
+                app=app,
+                options=production_options(),
+                cwd=tmp_path if app != "main:app" else HERE,
+                REDIS_URL=url,
+                PYTHONPATH=str(HERE),
+            )
+        )
+    return servers
+
+
+# A room's keys expire ROOM_IDLE_S after it is left: these tests shorten the bounds in a
+# module of their own that the workers run, main.py's with other constants.
+SHORT_BOUNDS = """
+import main
+main.ROOM_IDLE_S = 2.0
+main.PRESENCE_GRACE_S = 0.5
+app = main.app
+"""
+
+
+@pytest.fixture
+def short_bound_workers(
+    redis_server: RedisServer, tmp_path: Path
+) -> Iterator[list[Server]]:
+    (tmp_path / "short_bounds.py").write_text(SHORT_BOUNDS)
+    servers = start_workers(tmp_path, [redis_server.url] * 2, app="short_bounds:app")
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def test_a_quiet_room_with_people_in_it_keeps_its_history_and_members(
+    short_bound_workers: list[Server],
+) -> None:
+    first, second = short_bound_workers
+
+    async def quiet_for_longer_than_the_expiry(stack: contextlib.AsyncExitStack):
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        await join_room(stack, second, "/rooms/lobby/2")
+        last = (await say_in_room(alice, "before a quiet spell"))["id"]
+        await asyncio.sleep(4)  # twice ROOM_IDLE_S, with nobody saying anything
+        _, welcome = await join_room(stack, second, f"/rooms/lobby/3?since={last}")
+        return welcome
+
+    welcome = run(in_rooms(quiet_for_longer_than_the_expiry))
+    assert (welcome["history"], welcome["missed"]) == ([], False)
+    assert welcome["members"] == [1, 2, 3]
+
+
+def test_a_room_nobody_is_in_is_forgotten_after_its_idle_time(
+    short_bound_workers: list[Server],
+) -> None:
+    first, second = short_bound_workers
+
+    async def leave_it(stack: contextlib.AsyncExitStack) -> str:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        last = (await say_in_room(alice, "the last word"))["id"]
+        await alice.close()
+        return last
+
+    last = run(in_rooms(leave_it))
+    time.sleep(3)  # longer than ROOM_IDLE_S, and the grace
+    welcome = run(in_rooms(lambda stack: joined(stack, second, f"?since={last}")))
+    assert (welcome["history"], welcome["missed"]) == ([], True)
+
+
+async def joined(stack: contextlib.AsyncExitStack, server: Server, query: str) -> dict:
+    return (await join_room(stack, server, f"/rooms/lobby/9{query}"))[1]
+
+
+def test_a_worker_paused_past_its_liveness_closes_its_clients_who_come_back(
+    workers: list[Server],
+) -> None:
+    # Paused longer than PROCESS_TTL_S, the others count its members gone: it closes
+    # them with 1013 as it resumes, and they come back through the front door.
+    first, second = workers
+
+    async def pause(stack: contextlib.AsyncExitStack) -> tuple:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, _ = await join_room(stack, second, "/rooms/lobby/2")
+        assert (await next_frame(alice, "joined"))["client_ids"] == [2]
+        last = (await say_in_room(alice, "before the pause"))["id"]
+        assert (await next_frame(bob, "message"))["id"] == last
+        second.process.send_signal(signal.SIGSTOP)
+        assert (await next_frame(alice, "left"))["client_ids"] == [2]
+        said = (await say_in_room(alice, "while it was paused"))["id"]
+        await asyncio.sleep(7 - main.PROCESS_TTL_S)
+        second.process.send_signal(signal.SIGCONT)
+        resumed_at = time.monotonic()
+        closed = await closed_with(bob)
+        while True:  # the page's retries: refused until the worker is back in session
+            with contextlib.suppress(ConnectionClosed, AssertionError):
+                _, welcome = await join_room(
+                    stack, second, f"/rooms/lobby/2?since={last}"
+                )
+                break
+            await asyncio.sleep(0.5)
+        rejoined = await next_frame(alice, "joined")
+        return closed, welcome, rejoined, said, time.monotonic() - resumed_at
+
+    closed, welcome, rejoined, said, back_after = run(in_rooms(pause))
+    assert closed[0] == 1013
+    assert [m["id"] for m in welcome["history"]] == [said]
+    assert welcome["missed"] is False
+    assert rejoined["client_ids"] == [2]
+    assert back_after < PROCESS_GONE_BOUND_S
+
+
+@pytest.fixture
+def proxied_workers(
+    redis_server: RedisServer, tmp_path: Path
+) -> Iterator[tuple[list[Server], RedisProxy]]:
+    """Two workers; the second reaches Redis through a proxy the test controls."""
+    proxy = RedisProxy(redis_server.port)
+    servers = start_workers(tmp_path, [redis_server.url, proxy.url])
+    yield servers, proxy
+    proxy.stop()
+    for server in servers:
+        server.stop()
+
+
+def test_joiners_with_and_without_since_let_in_together_miss_nothing(
+    proxied_workers: tuple[list[Server], RedisProxy],
+) -> None:
+    (first, second), proxy = proxied_workers
+
+    async def mixed_batch(stack: contextlib.AsyncExitStack) -> list[str]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        last = (await say_in_room(alice, "seen"))["id"]
+        await join_room(stack, second, "/rooms/lobby/4")  # the next joiners wait a turn
+        # Redis's answer to the look-up for the joiner with `since` is held back, while
+        # a message goes out: as if it came between two reads.
+        proxy.hold_reply_to(last)
+        returning = asyncio.create_task(
+            join_room(stack, second, f"/rooms/lobby/2?since={last}")
+        )
+        fresh = asyncio.create_task(join_room(stack, second, "/rooms/lobby/3"))
+        assert await asyncio.to_thread(proxy.reply_held.wait, 5)
+        between = (await say_in_room(alice, "between the reads"))["id"]
+        proxy.release()
+        back, welcome = await returning
+        await fresh
+        marker = (await say_in_room(alice, "after"))["id"]
+        ids = [message["id"] for message in welcome["history"]]
+        while marker not in ids:
+            frame = json.loads(await back.recv())
+            if frame["type"] == "message":
+                ids.append(frame["id"])
+        return [between, marker], ids, welcome["missed"]
+
+    expected, received, missed = run(in_rooms(mixed_batch))
+    assert received == expected  # each once, in order
+    assert missed is False
+
+
+def test_a_publish_whose_reply_is_lost_is_published_once(
+    proxied_workers: tuple[list[Server], RedisProxy],
+) -> None:
+    # The connection breaks after Redis ran the publish, before its reply: redis-py
+    # sends it again on a fresh connection.
+    (first, second), proxy = proxied_workers
+
+    async def cut(stack: contextlib.AsyncExitStack) -> list[str]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, _ = await join_room(stack, second, "/rooms/lobby/2")
+        await next_frame(alice, "joined")
+        proxy.cut_reply_to("once only")
+        await bob.send(json.dumps({"text": "once only"}))
+        assert await asyncio.to_thread(proxy.reply_held.wait, 5)
+        # Its next message goes once the first was published: a marker after it.
+        await bob.send(json.dumps({"text": "marker"}))
+        heard = []
+        while (frame := await next_frame(alice, "message"))["text"] != "marker":
+            heard.append(frame["text"])
+        return heard
+
+    assert run(in_rooms(cut)) == ["once only"]
+
+
+def test_a_publish_whose_reply_is_lost_in_the_chat_is_published_once(
+    proxied_workers: tuple[list[Server], RedisProxy],
+) -> None:
+    (first, second), proxy = proxied_workers
+
+    async def cut() -> list[str]:
+        async with (
+            open_client(f"{first.ws_url}/chat/1") as alice,
+            open_client(f"{second.ws_url}/chat/2") as bob,
+        ):
+            proxy.cut_reply_to("once only")
+            await bob.send("once only")
+            assert await asyncio.to_thread(proxy.reply_held.wait, 5)
+            assert await receive_says(alice, 2, 1) == ["once only"]
+            await bob.send("marker")
+            heard = []
+            while (message := await alice.recv()) != "Client #2 says: marker":
+                heard.append(message)
+            return heard
+
+    assert run(cut()) == []
+
+
+@contextlib.contextmanager
+def the_clock_stepped_forward(seconds: float) -> Iterator[None]:
+    """This machine's wall clock, which Redis's TIME reads, stepped as an NTP correction
+    steps it; back again after. (libfaketime cannot fake it for Debian's redis-server,
+    which allocates with jemalloc: libfaketime issue #130.) The workers time their
+    publishes with the monotonic clock, and Redis's answers: for them, only Redis's
+    clock has stepped."""
+    try:
+        time.clock_settime(time.CLOCK_REALTIME, time.time() + seconds)
+    except PermissionError:
+        message = "stepping the clock needs root (CAP_SYS_TIME)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield
+    finally:
+        time.clock_settime(time.CLOCK_REALTIME, time.time() - seconds)
+
+
+def test_a_step_of_redis_clock_disconnects_nobody(workers: list[Server]) -> None:
+    first, second = workers
+
+    async def step_the_clock(stack: contextlib.AsyncExitStack) -> tuple:
+        chat = await stack.enter_async_context(open_client(f"{first.ws_url}/chat/1"))
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, _ = await join_room(stack, second, "/rooms/lobby/2")
+        await say_in_room(alice, "before")
+        with the_clock_stepped_forward(5):
+            said = [await say_in_room(alice, "right after")]
+            await chat.send("chat right after")
+            said.append(await say_in_room(bob, "from the other worker"))
+            heard = [(await next_frame(alice, "message"))["text"] for _ in range(1)]
+            return said, heard, await receive_says(chat, 1, 1)
+
+    said, heard, chatted = run(in_rooms(step_the_clock))
+    assert [message["text"] for message in said] == [
+        "right after",
+        "from the other worker",
+    ]
+    assert heard == ["from the other worker"]
+    assert chatted == ["chat right after"]
+    for server in workers:
+        assert "Lost Redis" not in server.log()
+        assert_nothing_went_wrong(server)
