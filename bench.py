@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -50,6 +51,7 @@ from conftest import (
     production_options,
     raise_open_files_limit,
     raw_handshake,
+    read_frame,
     read_until_close,
     start_server,
     wait_for_log,
@@ -260,7 +262,7 @@ class Deliveries:
         with contextlib.suppress(ConnectionClosed):
             async for text in client:
                 now = time.perf_counter()
-                stamp = text.partition(" says: ")[2].split()
+                stamp = text.partition(" says: ")[2].split(maxsplit=2)[:2]
                 if len(stamp) != 2 or not stamp[0].isdigit():
                     continue  # not a stamped message: a flooder's, say
                 seq, sent_at = int(stamp[0]), float(stamp[1])
@@ -1058,6 +1060,102 @@ async def flood(server: Server) -> dict[str, float]:
     }
 
 
+SLOW_READERS, SLOW_SENDERS, SLOW_MESSAGES = 20, 5, 200
+SLOW_PACE_S, SLOW_READ_EVERY_S = 1 / 8, 0.3
+
+
+async def slow_reader(server: Server) -> dict[str, float]:
+    """A client that reads one message every 0.3 s, beside 20 readers and 5 senders of
+    200 messages of 4 KB each, 8 a second each: the readers' latency, and its fate."""
+    slow, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
+    reading_slowly = True
+
+    def read_slowly() -> None:
+        with contextlib.suppress(OSError):  # closed: by the server, or after the load
+            while reading_slowly and read_frame(slow)[0] != 0x8:
+                time.sleep(SLOW_READ_EVERY_S)
+
+    slow_reading = asyncio.create_task(asyncio.to_thread(read_slowly))
+    readers = await connect_all(
+        [f"{server.ws_url}/chat/{1000 + n}" for n in range(SLOW_READERS)]
+    )
+    senders = await connect_all(
+        [f"{server.ws_url}/chat/{10 + n}" for n in range(SLOW_SENDERS)]
+    )
+    chat = Deliveries()
+    reading = [asyncio.create_task(chat.read(r)) for r in readers]
+    for seq in range(SLOW_MESSAGES):
+        for n, sender in enumerate(senders):
+            stamp = f"{seq * SLOW_SENDERS + n} {time.perf_counter()} "
+            await sender.send(stamp.ljust(STALL_MESSAGE_BYTES, "x"))
+        await asyncio.sleep(SLOW_PACE_S)
+    expected = SLOW_READERS * SLOW_SENDERS * SLOW_MESSAGES
+    await chat.wait_for(lambda: chat.count >= expected, QUIET_TIMEOUT_S)
+    reading_slowly = False
+    with contextlib.suppress(OSError):
+        slow.shutdown(socket.SHUT_RDWR)
+    await slow_reading
+    slow.close()
+    for task in reading:
+        task.cancel()
+    await close_all(readers + senders)
+    return {
+        "slow_readers_p50_ms": percentile_ms(chat.latencies_s, 50),
+        "slow_readers_p99_ms": percentile_ms(chat.latencies_s, 99),
+        "slow_reader_cut_off": float("Client #2 cut off" in server.log()),
+        "slow_lost": expected - chat.count,
+    }
+
+
+HUGE_POST_BYTES = 20 * 1024 * 1024
+
+
+async def huge_post(server: Server) -> dict[str, float]:
+    """A POST that announces 20 MiB, without a token; the server's answer, and growth."""
+    rss_before = server.rss_bytes()
+
+    def post() -> tuple[float, float]:
+        head = (
+            f"POST /chat/messages HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {HUGE_POST_BYTES}\r\n\r\n"
+        )
+        started = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head.encode())
+            with contextlib.suppress(OSError):  # refused before the end: the point
+                for _ in range(HUGE_POST_BYTES // 65536):
+                    sock.sendall(b"x" * 65536)
+            status = sock.recv(64).split(b" ")[1]
+        return float(status), time.perf_counter() - started
+
+    status, seconds = await asyncio.to_thread(post)
+    return {
+        "post_status": status,
+        "post_s": seconds,
+        "post_rss_growth_mb": (server.rss_bytes() - rss_before) / 1e6,
+    }
+
+
+async def rooms_opened_and_left(server: Server) -> dict[str, float]:
+    """1,000 rooms, each opened by one handshake and left at once; then a new one."""
+
+    async def open_and_leave(name: str) -> str:
+        async with connect(f"{server.ws_url}/rooms/{name}/1") as client:
+            return json.loads(await client.recv())["type"]
+
+    started = time.perf_counter()
+    for batch in range(0, 1000, CONNECT_BATCH):
+        names = [f"junk-{n}" for n in range(batch, batch + CONNECT_BATCH)]
+        await asyncio.gather(*(open_and_leave(name) for name in names))
+    seconds = time.perf_counter() - started
+    try:
+        opened = await open_and_leave("fresh") == "welcome"
+    except ConnectionClosed:
+        opened = False
+    return {"junk_rooms_s": seconds, "fresh_room_opened": float(opened)}
+
+
 async def cut_off_a_stalled_client(server: Server) -> object:
     stalled, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
     senders = await connect_all(
@@ -1172,6 +1270,11 @@ async def measure_hostile(log_dir: Path, max_clients: int) -> dict[str, dict]:
     flags = figures["with the README's flags"]
     progress("hostile clients: a flood beside 50 readers")
     flags |= await with_server(log_dir, production_options(), flood)
+    progress("hostile clients: a reader that drains slowly")
+    flags |= await with_server(log_dir, production_options(), slow_reader)
+    progress("hostile clients: a POST of 20 MiB, and 1,000 rooms opened and left")
+    flags |= await with_server(log_dir, production_options(), huge_post)
+    flags |= await with_server(log_dir, production_options(), rooms_opened_and_left)
     for client_count in SHUTDOWN_CLIENTS:
         if client_count > max_clients:
             continue
@@ -1204,6 +1307,19 @@ HOSTILE_ROWS = [
     ("writer_p99_ms", "... another writer's p99, ms", "{:.0f}"),
     ("flooder_close_code", "... the flooder's close code", "{:.0f}"),
     ("healthy_cut_off", "... healthy clients cut off", "{:.0f}"),
+    (
+        "slow_readers_p50_ms",
+        "a reader draining one message per 0.3 s, beside 20: their p50, ms",
+        "{:.0f}",
+    ),
+    ("slow_readers_p99_ms", "... their p99, ms", "{:.0f}"),
+    ("slow_reader_cut_off", "... the slow reader cut off (1: yes)", "{:.0f}"),
+    ("slow_lost", "... messages lost by the others", "{:.0f}"),
+    ("post_status", "a POST announcing 20 MiB, no token: HTTP status", "{:.0f}"),
+    ("post_s", "... seconds to the answer", "{:.2f}"),
+    ("post_rss_growth_mb", "... server RSS growth, MB", "{:.0f}"),
+    ("junk_rooms_s", "1,000 rooms opened and left: seconds", "{:.1f}"),
+    ("fresh_room_opened", "... then a new room opens (1: yes)", "{:.0f}"),
     (
         "sigterm_cut_off_s",
         "SIGTERM after a client was cut off: seconds to exit",

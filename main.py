@@ -1001,10 +1001,10 @@ return id
 """
 # Reads a room for joiners in one go, so that every joiner's history comes from the same
 # moment of its stream, KEYS[1]: the members, KEYS[3], by process; the latest ARGV[5]
-# messages, if a joiner needs them; and, for each joiner's `since` (ARGV[6] on, '' for
-# none), the stream from it on, ARGV[4] at most. First writes this process's members
-# (ARGV[1], ARGV[2]: '-' leaves them, '' removes them), and the room's keys live ARGV[3]
-# ms more.
+# messages, if a joiner needs them (ARGV[6] is '1' if one has no `since`); and, for each
+# `since` the joiners asked (ARGV[7] on), the stream from it on, ARGV[4] at most. First
+# writes this process's members (ARGV[1], ARGV[2]: '-' leaves them, '' removes them),
+# and the room's keys live ARGV[3] ms more.
 LOOK_UP_ROOM = """
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[3], ARGV[1])
@@ -1015,14 +1015,11 @@ for i = 1, 3 do
   redis.call('PEXPIRE', KEYS[i], ARGV[3])
 end
 local found = {redis.call('HGETALL', KEYS[3]), {}}
-local latest_needed = false
-for i = 6, #ARGV do
-  local after = {}
-  if ARGV[i] ~= '' then
-    after = redis.pcall('XRANGE', KEYS[1], ARGV[i], '+', 'COUNT', ARGV[4])
-    if after.err then
-      after = {}  -- a `since` Redis refuses: that joiner missed some, nobody else
-    end
+local latest_needed = ARGV[6] == '1'
+for i = 7, #ARGV do
+  local after = redis.pcall('XRANGE', KEYS[1], ARGV[i], '+', 'COUNT', ARGV[4])
+  if after.err then
+    after = {}  -- a `since` Redis refuses: that joiner missed some, nobody else
   end
   if #after == 0 or after[1][1] ~= ARGV[i] then
     latest_needed = true
@@ -1169,10 +1166,11 @@ class RedisRelay:
         joining = [client.key for client, _ in joiners]
         here = sorted({*room.clients.active_connections, *room.away, *joining})
         write = "-" if here == state.written else json.dumps(here) if here else ""
-        # A `since` Redis would refuse goes as none: that joiner missed some.
-        sinces = [s if s and re.fullmatch(STREAM_ID, s) else "" for _, s in joiners]
+        # A `since` Redis would refuse counts as none: that joiner missed some.
+        sinces = sorted({s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)})
+        one_without = "1" if len(sinces) < len({s for _, s in joiners}) else "0"
         args: list[str | int] = [self.process, write, int(ROOM_IDLE_S * 1000)]
-        args += [HISTORY_MESSAGES + 1, WELCOME_HISTORY_MESSAGES, *sinces]
+        args += [HISTORY_MESSAGES + 1, WELCOME_HISTORY_MESSAGES, one_without, *sinces]
         try:
             async with self.connections:
                 members, latest, *after = await self.look_up_script(
@@ -1197,7 +1195,6 @@ class RedisRelay:
             {
                 since: [(i, message_frame(i, fields[1])) for i, fields in entries]
                 for since, entries in zip(sinces, after, strict=True)
-                if since
             },
         )
         return set(itertools.chain.from_iterable(state.elsewhere.values()))
@@ -1326,14 +1323,17 @@ class RedisRelay:
                 await asyncio.sleep(REDIS_RETRY_S)
 
     async def relay_until_silent(self, pubsub: redis.asyncio.client.PubSub) -> None:
-        """Relay until Redis has said nothing for REDIS_TIMEOUT_S, or a publish failed.
+        """Relay until Redis leaves a ping unanswered for REDIS_TIMEOUT_S, or a publish
+        failed.
 
         Waiting for the next message would wait forever on a Redis that hangs (stopped,
         cut off by the network, stuck in a slow command) rather than dies: so a quiet
-        subscription is pinged, and silence is taken for an outage.
+        subscription is pinged, and a ping unanswered is taken for an outage. Silence
+        is timed from the ping: a loop that was busy, not Redis, is not an outage.
         """
         loop = asyncio.get_running_loop()
-        heard_at = beat_at = loop.time()
+        beat_at = loop.time()
+        pinged_at: float | None = None  # a ping not answered yet
         in_session = False  # this subscription confirmed, and clients welcomed
         while True:
             message = await pubsub.get_message(timeout=REDIS_PING_INTERVAL_S)
@@ -1341,15 +1341,17 @@ class RedisRelay:
             if in_session and time.monotonic() - self.alive_at > PROCESS_TTL_S:
                 self.close_after_a_pause()
                 raise redis.ConnectionError("this process was silent: a new session")
-            if message is None and now - heard_at > REDIS_TIMEOUT_S:
-                raise redis.TimeoutError(f"no answer for {REDIS_TIMEOUT_S} s")
-            if message is None:
+            if message is None and pinged_at is None:
                 await pubsub.ping()
+                pinged_at = now
+            elif message is None:
+                if now - (pinged_at or now) > REDIS_TIMEOUT_S:
+                    raise redis.TimeoutError(f"no answer for {REDIS_TIMEOUT_S} s")
             elif message["type"] == "subscribe":
-                heard_at, in_session = now, True
+                pinged_at, in_session = None, True
                 await self.start_session()
             else:
-                heard_at = now
+                pinged_at = None
                 try:
                     self.hand_on(message)
                 except (ValueError, KeyError, TypeError):

@@ -1062,3 +1062,25 @@ def test_a_step_of_redis_clock_disconnects_nobody(workers: list[Server]) -> None
     for server in workers:
         assert "Lost Redis" not in server.log()
         assert_nothing_went_wrong(server)
+
+
+def test_a_worker_stopped_for_less_than_its_liveness_keeps_its_clients(
+    workers: list[Server],
+) -> None:
+    # Its own loop was stopped, not Redis: nothing was lost, and nobody is closed.
+    first, second = workers
+
+    async def stop_it(stack: contextlib.AsyncExitStack) -> list[str]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, _ = await join_room(stack, second, "/rooms/lobby/2")
+        await next_frame(alice, "joined")
+        second.process.send_signal(signal.SIGSTOP)
+        await say_in_room(alice, "while it was stopped")
+        await asyncio.sleep(main.REDIS_TIMEOUT_S + 1 - 0.2)
+        second.process.send_signal(signal.SIGCONT)
+        await asyncio.sleep(main.REDIS_PING_INTERVAL_S * 2)
+        await say_in_room(alice, "after")
+        return [(await next_frame(bob, "message"))["text"] for _ in range(2)]
+
+    assert run(in_rooms(stop_it)) == ["while it was stopped", "after"]
+    assert "Lost Redis" not in second.log()
