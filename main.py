@@ -1,16 +1,19 @@
 """FastAPI WebSockets, step by step: echo, client ids, a chat, rooms, and several processes.
 
-Run it with `uvicorn main:app --reload --reload-exclude .venv --timeout-graceful-shutdown 3`
-and open http://127.0.0.1:8000/. The file reads from the top, as the tutorial does:
+Python 3.11+. Follow along with `uvicorn main:app --reload --reload-exclude .venv
+--timeout-graceful-shutdown 3` and open http://127.0.0.1:8000/; in production, add
+`--ws-max-size 65536` (the README says why each flag is there). The file reads from the
+top, as the tutorial does, each step building on the ones before it, never on a later:
 
 - the app, and `GET /`, the page;
-- step 1, echo; step 2, a client id; step 3, the chat: its ConnectionManager, how a
-  broadcast reaches everyone without waiting on anyone, and its endpoints; step 4,
-  FastAPI's "Using Depends"; then sending into the chat over HTTP;
+- step 1, echo; step 2, a client id; step 3, the chat: the tutorial's ConnectionManager,
+  how its broadcast reaches everyone without waiting on anyone, then its endpoints;
+  step 4, FastAPI's "Using Depends";
 - step 5, named rooms with history, built on step 3; step 6, one chat across processes
   through Redis, plugged into steps 3 and 5 behind the interfaces they declare;
-- last, what every step shares: what a client may send, flood control, closing and the
-  log, the origin check.
+- what every step shares, in one section: the few guards each step calls by name, and
+  whose names say what they do (receive_valid_text, FloodControl, close_quietly);
+- last, sending into step 3's chat over HTTP.
 """
 
 from __future__ import annotations
@@ -73,10 +76,12 @@ async def get() -> FileResponse:
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
-# Every step relies on the guards of the last section, "What every step shares": each
+# Every step relies on the guards of "What every step shares", after the steps: each
 # WebSocket's Origin is checked before its endpoint runs (CheckOrigin); endpoints read
-# with receive_valid_text (text only, at most 64 KiB); chat clients are slowed by
-# FloodControl; closing, and the log, show no traceback for anything a client does.
+# with receive_valid_text, the tutorial's receive_text but for text only, at most 64 KiB
+# (else the connection closes with 1003 or 1009); a chat client that floods is slowed by
+# FloodControl; close_quietly closes with a code and reason; and the log shows no
+# traceback for anything a client does.
 
 
 # --- Step 1: echo. Accept, then receive and send in a loop ---------------------------------
@@ -94,6 +99,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 
 # --- Step 2: a client id in the path, and noticing when the client leaves ------------------
+#
+# One reply, as FastAPI's docs and the second tutorial send it (the first tutorial sends
+# "Message text was" and "Client ID" apart): the text that step 3's chat goes on to use.
 
 
 @app.websocket("/ws/{client_id}")
@@ -109,15 +117,25 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 
 # --- Step 3: a chat room. The ConnectionManager, then its endpoints ------------------------
 #
-# The tutorial's broadcast awaits each client in turn, so one client that stops reading
-# stalls the room: beside one, the tutorial's chat delivered 699 of 3,000 messages, then
-# nothing; this one all 3,000 (bench.py). This manager never waits on a client's socket:
+# The tutorial's manager, its four methods in its order, with these changes:
+# - the chat is at /chat/{client_id}: the second tutorial puts it at /ws/{client_id},
+#   which is step 2's here; /chat/ is the first tutorial's anonymous chat;
+# - active_connections is a dict by client id: the same id again (a second tab) takes
+#   over, and the older connection is closed with 4000;
+# - disconnect() tells the others itself: several who leave at once get one notice;
+# - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone;
+# - where a message goes is the manager's relay: this process's clients, by default.
+#
+# And its broadcast never waits on a client's socket. The tutorial's awaits each client
+# in turn, so one that stops reading stalls the room: beside one, the tutorial's chat
+# delivered 699 of 3,000 messages, then nothing; this one all 3,000 (bench.py). Here:
 # - a message is written at once to each client whose socket takes it;
 # - a client whose socket is full is queued the rest, up to MAX_BACKLOG_MESSAGES, and a
 #   task of its own writes them as the socket drains;
 # - once that backlog is full while the socket still is, the client is cut off (1008):
 #   it reads more slowly than the room talks, and waiting would slow everyone to it.
-# The messages of one moment go out together, and so do departures, in one notice.
+# Messages sent in one moment (one turn of the event loop, before the delivery task
+# runs) are written together, each client's back to back.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_PENDING_MESSAGES = 100  # sent and not yet written: a writer past this waits
@@ -196,7 +214,7 @@ class DeliverHere:
 class ConnectionManager:
     def __init__(self, name: str = "chat") -> None:
         self.name = name  # a relay may carry several managers: this tells them apart
-        # By client id; the same id again takes over (see `enter`).
+        # By client id (anonymous: by connection); the same id again takes over.
         self.active_connections: dict[int, Client] = {}
         self.relay: ChatRelay = DeliverHere()
         self.pending: list[tuple[Client | None, str]] = []  # see `deliver`
@@ -248,6 +266,7 @@ class ConnectionManager:
         """To one client, or all (None), with the moment's others; backpressure too."""
         self.queue(to, message)
         if len(self.pending) >= MAX_PENDING_MESSAGES and self.deliverer is not None:
+            # Shielded: a writer that leaves meanwhile does not cancel everyone's.
             await asyncio.shield(self.deliverer)
 
     def queue(self, to: Client | None, message: str) -> None:
@@ -261,12 +280,12 @@ class ConnectionManager:
         try:
             while self.pending:
                 sent, self.pending = self.pending, []
-                shared = shares(sent)
+                outgoing = by_recipient(sent)
                 clients = list(self.active_connections.values())  # they come and go
                 position = 0
                 while position < len(clients):
                     position, unwritten = await self.write_at_once(
-                        clients, position, shared
+                        clients, position, outgoing
                     )
                     for message in unwritten:
                         await self.send_later(clients[position], message)
@@ -275,14 +294,14 @@ class ConnectionManager:
             self.deliverer = None
 
     async def write_at_once(
-        self, clients: list[Client], start: int, shares: Shares
+        self, clients: list[Client], start: int, outgoing: Outgoing
     ) -> tuple[int, list[str]]:
         """Write to clients[start:] until one's socket is full: where, and what it owes."""
-        everyone, own = shares
+        everyone, own = outgoing
         position, messages, written = start, everyone, 0
         try:
             # A deadline of now: a write that would wait for a full socket is given up.
-            # uvicorn waits before it writes anything, so nothing is half-sent.
+            # uvicorn's send waits for room before it writes: nothing is half-sent.
             async with asyncio.timeout(0):
                 for position in range(start, len(clients)):
                     client = clients[position]
@@ -300,9 +319,8 @@ class ConnectionManager:
         return len(clients), []
 
     async def send_later(self, client: Client, message: str) -> None:
-        """Queue a message for a client behind. A full backlog whose task waits on the
-        socket: the client reads more slowly than the room talks, however much it reads.
-        One whose task has not had its turn: the server is busy, and waiting is fine."""
+        """Queue a message for a client behind. Its backlog full: cut off if its task
+        waits on its socket (it reads too slowly), else wait (the server is busy)."""
         waited_a_turn = False
         while self.active_connections.get(client.key) is client:
             backlog = client.backlog
@@ -361,12 +379,12 @@ class ConnectionManager:
             self.announcer = None
 
 
-# What everyone gets of a moment's messages, and, by client, what those with messages of
-# their own ("You wrote") get: theirs and everyone's, in order.
-Shares = tuple[list[str], dict["Client", list[str]]]
+# What everyone is sent of a moment's messages, and, by client, what those with messages
+# of their own ("You wrote") are sent: theirs and everyone's, in order.
+Outgoing = tuple[list[str], dict["Client", list[str]]]
 
 
-def shares(sent: list[tuple[Client | None, str]]) -> Shares:
+def by_recipient(sent: list[tuple[Client | None, str]]) -> Outgoing:
     everyone = [message for to, message in sent if to is None]
     own = {to: [m for t, m in sent if t in (None, to)] for to, _ in sent if to}
     return everyone, own
@@ -463,83 +481,6 @@ async def item_endpoint(
             )
     except WebSocketDisconnect:
         pass
-
-
-# --- Sending into step 3's chat from HTTP, or from any code ---------------------------------
-#
-# manager.broadcast() is all it takes, from an endpoint, a background job or a scheduled
-# task in this app. Protects against a POST that anyone can send, of any size: the token
-# is checked, then the body is read, and never more of it than a message can take.
-
-# Unset or empty: POST /chat/messages refuses everyone. Set: the bearer token it takes.
-ANNOUNCE_TOKEN = os.environ.get("ANNOUNCE_TOKEN", "")
-# JSON may spell each byte of the text as an escape (`\u0001`, six bytes), and a little
-# more for the braces: past six times MAX_MESSAGE_BYTES, no body is a message that fits.
-MAX_POST_BYTES = 6 * 64 * 1024 + 1024
-POST_TOO_LARGE = f"Body over {MAX_POST_BYTES} bytes: a message is 64 KiB at most"
-CHAT_UNAVAILABLE = "Chat unavailable: the message was not sent; try again later"
-
-
-class ChatMessage(BaseModel):
-    text: str = Field(min_length=1)
-
-    @field_validator("text")
-    @classmethod
-    def fits_in_one_message(cls, text: str) -> str:
-        if len(text.encode()) > MAX_MESSAGE_BYTES:
-            raise ValueError(f"must be at most {MAX_MESSAGE_BYTES} bytes in UTF-8")
-        return text
-
-
-def check_announce_token(
-    credentials: Annotated[
-        HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))
-    ],
-) -> None:
-    if not ANNOUNCE_TOKEN:
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            "Sending into the chat over HTTP is off: start the server with "
-            "ANNOUNCE_TOKEN set to a secret, and send it as a bearer token",
-        )
-    given = credentials.credentials if credentials is not None else ""
-    if not secrets.compare_digest(given.encode(), ANNOUNCE_TOKEN.encode()):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "Missing or wrong token: send Authorization: Bearer <ANNOUNCE_TOKEN>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
-async def read_chat_message(request: Request) -> ChatMessage:
-    """The body, read once the token has passed, and never more than MAX_POST_BYTES:
-    a body parameter would be read whole, whatever its size, before the token."""
-    too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, POST_TOO_LARGE)
-    with contextlib.suppress(ValueError):
-        if int(request.headers.get("content-length", "0")) > MAX_POST_BYTES:
-            raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_POST_BYTES:
-            raise too_large
-    try:
-        return ChatMessage.model_validate_json(body)
-    except ValidationError as invalid:
-        raise RequestValidationError(invalid.errors()) from None
-
-
-@app.post(
-    "/chat/messages",
-    status_code=status.HTTP_202_ACCEPTED,
-    dependencies=[Depends(check_announce_token)],  # before the body is read
-)
-async def post_chat_message(
-    message: Annotated[ChatMessage, Depends(read_chat_message)],
-) -> dict[str, str]:
-    if not await manager.broadcast(f"Server says: {message.text}"):
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, CHAT_UNAVAILABLE)
-    return {"status": "sent"}
 
 
 # --- Step 5: named rooms, who is here, and nothing missed after a reconnect ---------------
@@ -649,7 +590,7 @@ class Room:
         self.away: dict[int, float] = {}  # dropped, and when their grace ends
         self.told: set[int] = set()  # the members the others were last told of
         self.told_at = -PRESENCE_INTERVAL_S  # when, by the event loop's clock
-        self.presence_changed = False
+        self.presence_to_tell = False
         self.doorkeeper: asyncio.Task[None] | None = None  # see `keep_the_door`
         self.empty_since = 0.0
 
@@ -716,7 +657,7 @@ class RoomManager:
     ) -> tuple[Room, Client]:
         await websocket.accept()
         client = Client(websocket, client_id)
-        room = self.open_room(room_name)  # past MAX_ROOMS, or the relay closed: 1013
+        room = self.open_room(room_name)  # full (MAX_ROOMS), or no relay now: 1013
         room.joining.append((client, since))  # let in, with its welcome: see below
         self.call_the_doorkeeper(room)
         return room, client
@@ -784,7 +725,7 @@ class RoomManager:
                 break
 
     def presence_changed(self, room: Room) -> None:
-        room.presence_changed = True
+        room.presence_to_tell = True
         self.call_the_doorkeeper(room)
 
     def call_the_doorkeeper(self, room: Room) -> None:
@@ -798,9 +739,9 @@ class RoomManager:
         """
         loop = asyncio.get_running_loop()
         try:
-            while room.joining or room.presence_changed:
+            while room.joining or room.presence_to_tell:
                 await asyncio.sleep(room.told_at + PRESENCE_INTERVAL_S - loop.time())
-                joiners, room.presence_changed = list(room.joining), False
+                joiners, room.presence_to_tell = list(room.joining), False
                 elsewhere = await self.relay.look_up(room, joiners)
                 # Between two deliveries, every message kept has gone to the members: a
                 # joiner gets the history in its welcome, and every later message live.
@@ -1744,3 +1685,80 @@ def origin_allowed(origin: str | None, scope: Scope) -> bool:
 
 
 app.add_middleware(CheckOrigin)
+
+
+# --- Sending into step 3's chat from HTTP, or from any code ---------------------------------
+#
+# manager.broadcast() is all it takes, from an endpoint, a background job or a scheduled
+# task in this app. Protects against a POST that anyone can send, of any size: the token
+# is checked, then the body is read, and never more of it than a message can take.
+
+# Unset or empty: POST /chat/messages refuses everyone. Set: the bearer token it takes.
+ANNOUNCE_TOKEN = os.environ.get("ANNOUNCE_TOKEN", "")
+# JSON may spell each byte of the text as an escape (`\u0001`, six bytes), and a little
+# more for the braces: past this, no body is a message that fits.
+MAX_POST_BYTES = 6 * MAX_MESSAGE_BYTES + 1024
+POST_TOO_LARGE = f"Body over {MAX_POST_BYTES} bytes: a message is 64 KiB at most"
+CHAT_UNAVAILABLE = "Chat unavailable: the message was not sent; try again later"
+
+
+class ChatMessage(BaseModel):
+    text: str = Field(min_length=1)
+
+    @field_validator("text")
+    @classmethod
+    def fits_in_one_message(cls, text: str) -> str:
+        if len(text.encode()) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"must be at most {MAX_MESSAGE_BYTES} bytes in UTF-8")
+        return text
+
+
+def check_announce_token(
+    credentials: Annotated[
+        HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))
+    ],
+) -> None:
+    if not ANNOUNCE_TOKEN:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "Sending into the chat over HTTP is off: start the server with "
+            "ANNOUNCE_TOKEN set to a secret, and send it as a bearer token",
+        )
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), ANNOUNCE_TOKEN.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "Missing or wrong token: send Authorization: Bearer <ANNOUNCE_TOKEN>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+async def read_chat_message(request: Request) -> ChatMessage:
+    """The body, read once the token has passed, and never more than MAX_POST_BYTES:
+    a body parameter would be read whole, whatever its size, before the token."""
+    too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, POST_TOO_LARGE)
+    with contextlib.suppress(ValueError):
+        if int(request.headers.get("content-length", "0")) > MAX_POST_BYTES:
+            raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_POST_BYTES:
+            raise too_large
+    try:
+        return ChatMessage.model_validate_json(body)
+    except ValidationError as invalid:
+        raise RequestValidationError(invalid.errors()) from None
+
+
+@app.post(
+    "/chat/messages",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(check_announce_token)],  # before the body is read
+)
+async def post_chat_message(
+    message: Annotated[ChatMessage, Depends(read_chat_message)],
+) -> dict[str, str]:
+    if not await manager.broadcast(f"Server says: {message.text}"):
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, CHAT_UNAVAILABLE)
+    return {"status": "sent"}
