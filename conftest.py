@@ -304,9 +304,9 @@ def find_chromium() -> str:
     return require_program("chromium", hint)
 
 
-# Per module: Playwright's sync API keeps an event loop running in this thread, where
-# the other tests call asyncio.run().
-@pytest.fixture(scope="module")
+# One for the whole run: Playwright's sync API keeps an event loop running in this
+# thread, and every async scenario of the other tests runs in a thread of its own (`run`).
+@pytest.fixture(scope="session")
 def browser() -> Iterator:
     if expect is None:
         message = "playwright is not installed: pip install -r requirements-test.txt"

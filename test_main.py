@@ -24,7 +24,10 @@ from conftest import run
 
 @pytest.fixture
 def client(monkeypatch) -> Iterator[TestClient]:
-    # Each test's rooms are its own: a room keeps timers of the event loop it ran on.
+    # Each test starts from an empty chat and no rooms: the endpoints use these at call
+    # time, and a manager keeps tasks and timers of the event loop it ran on.
+    monkeypatch.setattr(main, "manager", main.ConnectionManager())
+    monkeypatch.setattr(main, "anonymous_manager", main.ConnectionManager("anonymous"))
     monkeypatch.setattr(main, "rooms", main.RoomManager())
     # Entered, so that every connection of a test shares one event loop, as under uvicorn;
     # otherwise each websocket_connect() would run the app in a loop of its own.
@@ -151,8 +154,7 @@ def test_chat_announces_a_client_leaving(client: TestClient) -> None:
             bob.send_text("bye")
             assert alice.receive_text() == "Client #2 says: bye"
         assert alice.receive_text() == "Client #2 left the chat"
-        assert list(main.manager.active_connections) != []
-        assert len(main.manager.active_connections) == 1
+        assert list(main.manager.active_connections) == [1]
 
 
 def test_anonymous_chat_is_the_first_tutorials(client: TestClient) -> None:
