@@ -29,6 +29,7 @@ import main
 from conftest import (
     HERE,
     REDIS_DOWN,
+    SAYS,
     STARTUP_TIMEOUT_S,
     TAKEN_OVER,
     YOU_WROTE,
@@ -195,6 +196,56 @@ def test_order_of_two_senders_across_processes(workers: list[Server]) -> None:
         assert received == {1: sent, 2: sent}
 
 
+def test_every_acknowledged_message_reaches_every_reader_of_every_process(
+    workers: list[Server],
+) -> None:
+    # Four writers, two on each process, all at once, under two readers on each.
+    writers, count = {1: 0, 2: 1, 3: 0, 4: 1}, 60
+
+    async def write_at_once() -> tuple[dict[int, list[str]], list[dict]]:
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def enter(client_id: int, process: int) -> ClientConnection:
+                url = f"{workers[process].ws_url}/chat/{client_id}"
+                return await stack.enter_async_context(open_client(url))
+
+            writing = {n: await enter(n, process) for n, process in writers.items()}
+            readers = [await enter(100 + i, i % 2) for i in range(4)]
+            counts = dict.fromkeys(writers, count)
+            hearing = [
+                asyncio.create_task(receive_from_each(reader, counts))
+                for reader in readers
+            ]
+
+            async def write(n: int) -> list[str]:
+                for i in range(count):
+                    await writing[n].send(f"{n}.{i}")
+                # Its acknowledgements, in order; the room's messages come between.
+                acknowledged: list[str] = []
+                while len(acknowledged) < count:
+                    message = await writing[n].recv()
+                    if message.startswith("You wrote: "):
+                        acknowledged.append(message.removeprefix("You wrote: "))
+                    else:
+                        assert_said(message)
+                return acknowledged
+
+            acknowledged = await asyncio.gather(*(write(n) for n in writers))
+            return dict(zip(writers, acknowledged, strict=True)), await asyncio.gather(
+                *hearing
+            )
+
+    def assert_said(message: str) -> None:
+        assert message.startswith(tuple(f"Client #{n} says: " for n in writers))
+
+    acknowledged, heard = run(write_at_once())
+    assert acknowledged == {n: [f"{n}.{i}" for i in range(count)] for n in writers}
+    for received in heard:
+        assert received == acknowledged
+    for server in workers:
+        assert_nothing_went_wrong(server)
+
+
 def test_same_id_on_another_process_takes_over(workers: list[Server]) -> None:
     first, second = workers
 
@@ -230,6 +281,31 @@ def test_post_reaches_chat_clients_of_every_process(workers: list[Server]) -> No
             return [await here.recv(), await there.recv()]
 
     assert run(announce()) == ["Server says: Deploying at 18:00"] * 2
+
+
+def test_a_process_shutting_down_tells_no_other_process_its_clients_left(
+    workers: list[Server],
+) -> None:
+    first, second = workers
+
+    async def shut_one_down() -> tuple[tuple[int, str], list[str]]:
+        async with (
+            open_client(f"{first.ws_url}/chat/1") as alice,
+            open_client(f"{second.ws_url}/chat/2") as bob,
+        ):
+            await bob.send("bye")
+            assert await receive_says(alice, 2, 1) == ["bye"]
+            second.process.send_signal(signal.SIGTERM)  # a deploy: bob comes back
+            closed = await closed_with(bob, ignore=f"{YOU_WROTE}|{SAYS}")
+            await asyncio.to_thread(second.process.wait, 10)
+            # Its handlers have all ended: a leave notice would have come before this.
+            await alice.send("still here")
+            return closed, sorted([await alice.recv(), await alice.recv()])
+
+    closed, heard = run(shut_one_down())
+    assert closed[0] == 1012
+    assert heard == ["Client #1 says: still here", "You wrote: still here"]
+    assert_nothing_went_wrong(first)
 
 
 def test_chat_survives_redis_restarts(
@@ -443,6 +519,49 @@ def test_room_members_and_messages_cross_processes(workers: list[Server]) -> Non
     assert heard == mine
     assert (mine["client_id"], mine["text"]) == (1, "hello across")
     assert left["client_ids"] == [2]
+    for server in workers:
+        assert_nothing_went_wrong(server)
+
+
+def test_members_on_two_processes_hear_a_room_in_one_order(
+    workers: list[Server],
+) -> None:
+    # Four senders, two on each process, all at once, and a reader on each process.
+    senders, count = 4, 50
+
+    async def at_once(stack: contextlib.AsyncExitStack) -> list[list[tuple]]:
+        clients = [
+            (await join_room(stack, workers[n % 2], f"/rooms/lobby/{10 + n}"))[0]
+            for n in range(senders)
+        ]
+        clients += [
+            (await join_room(stack, workers[n], f"/rooms/lobby/{100 + n}"))[0]
+            for n in range(2)
+        ]
+
+        async def send(n: int) -> None:
+            for i in range(count):
+                await clients[n].send(json.dumps({"text": f"{n}.{i}"}))
+
+        async def hear(client: ClientConnection) -> list[tuple]:
+            heard = []
+            while len(heard) < senders * count:
+                # Those who joined after it come first.
+                frame = await next_frame(client, "message", ignore={"joined"})
+                heard.append((frame["id"], frame["client_id"], frame["text"]))
+            return heard
+
+        hearing = [asyncio.create_task(hear(client)) for client in clients]
+        await asyncio.gather(*(send(n) for n in range(senders)))
+        return await asyncio.gather(*hearing)
+
+    heard = run(in_rooms(at_once))
+    assert all(each == heard[0] for each in heard)  # senders and readers, both sides
+    ids = [message_id for message_id, _, _ in heard[0]]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    for n in range(senders):  # each sender's, once each, in the order it sent them
+        texts = [text for _, sender, text in heard[0] if sender == 10 + n]
+        assert texts == [f"{n}.{i}" for i in range(count)]
     for server in workers:
         assert_nothing_went_wrong(server)
 

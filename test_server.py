@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -514,6 +515,45 @@ def test_flooder_is_closed_and_the_room_keeps_chatting(server: Server) -> None:
     assert_nothing_went_wrong(server)
 
 
+def test_a_flooder_is_slowed_down_in_its_own_socket_not_in_the_room(
+    server: Server,
+) -> None:
+    # Its burst, then as many as it may send slowed down before it is closed.
+    count = BURST + main.FLOOD_MAX_SLOWED_MESSAGES
+    per_s = main.FLOOD_MESSAGES_PER_S
+
+    async def flood_beside_a_writer() -> tuple[list[str], list[float]]:
+        async with contextlib.AsyncExitStack() as stack:
+            reader, writer, flooder = await enter_chat_clients(
+                stack, server, [1000, 2, 666]
+            )
+            started = time.monotonic()
+            for i in range(count):  # all at once, into its socket
+                await flooder.send(f"flood {i}")
+            heard: list[str] = []
+            flood_at: list[float] = []
+            while len(flood_at) < count:
+                heard.append(await reader.recv())
+                if heard[-1].startswith("Client #666 says: "):
+                    flood_at.append(time.monotonic() - started)
+                    if len(flood_at) == BURST + 5:  # being slowed down: meanwhile,
+                        await writer.send("meanwhile")
+            return heard, flood_at
+
+    heard, flood_at = run(flood_beside_a_writer())
+    flood = [f"Client #666 says: flood {i}" for i in range(count)]
+    assert [message for message in heard if message in flood] == flood
+    assert [m for m in heard if m not in flood] == ["Client #2 says: meanwhile"]
+    # After its burst, no more than FLOOD_MESSAGES_PER_S: each message reached the room
+    # no sooner than that pace allows. (A lower bound: a slow machine is only later.)
+    for i, seconds in enumerate(flood_at):
+        assert seconds >= (i - BURST) / per_s - 0.001, (i, flood_at)
+    # The rest waited in its own socket, not in the room: another writer's message,
+    # sent once the flooder was slowed down, went ahead of them.
+    assert heard.index("Client #2 says: meanwhile") < heard.index(flood[-1])
+    assert_nothing_went_wrong(server)
+
+
 # --- Departures and shutdown ---------------------------------------------------------------------
 
 
@@ -624,6 +664,15 @@ def test_cross_site_origin_gets_403(server: Server) -> None:
     sock.close()
     assert head.startswith(b"HTTP/1.1 403")
     assert "Refused WebSocket from origin http://evil.example" in server.log()
+
+
+@pytest.mark.parametrize(
+    "path", ["/rooms/a%20b/1", f"/rooms/{'r' * 101}/1", "/rooms/lobby/x", "/chat/1.5"]
+)
+def test_a_bad_room_name_or_client_id_gets_403(server: Server, path: str) -> None:
+    sock, head = raw_handshake(server.port, path)
+    sock.close()
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 403 Forbidden", head
 
 
 def test_own_origin_and_no_origin_are_accepted(server: Server) -> None:
@@ -802,4 +851,140 @@ def test_a_slow_reader_is_cut_off_rather_than_setting_the_rooms_pace(
     sent, received, closed = run(chat())
     assert all(each == sent for each in received)
     assert closed == (1008, TOO_SLOW)
+    assert_nothing_went_wrong(server)
+
+
+# --- Step 5: joining while the room talks, and who has left --------------------------------
+
+
+def test_a_client_joining_while_messages_flow_gets_each_one_once(
+    server: Server,
+) -> None:
+    # 10 senders each send a message every 20 ms, all at once (the server busy taking
+    # them in as joiners are let in); 10 clients join one after another meanwhile.
+    senders, per_sender, joiners = 10, 50, 10
+    newcomers = {10 + n for n in range(senders)} | {100 + k for k in range(joiners)}
+
+    def joining(frame: dict) -> bool:
+        return frame["type"] == "joined" and set(frame["client_ids"]) <= newcomers
+
+    async def until_the_end(websocket: ClientConnection) -> list[str]:
+        """The ids of the messages it receives, up to the watcher's "the end"."""
+        ids: list[str] = []
+        while True:
+            frame = json.loads(await websocket.recv())
+            if frame["type"] != "message":
+                assert joining(frame), frame  # those who joined after it
+                continue
+            ids.append(frame["id"])
+            if frame["text"] == "the end":
+                return ids
+
+    async def scenario() -> tuple[list[str], list[tuple[dict, list[str]]]]:
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def enter(client_id: int) -> tuple[ClientConnection, dict]:
+                url = f"{server.ws_url}/rooms/lobby/{client_id}"
+                client = await stack.enter_async_context(open_client(url))
+                return client, json.loads(await client.recv())
+
+            watcher, _ = await enter(1)
+            clients = [(await enter(10 + n))[0] for n in range(senders)]
+            watching = asyncio.create_task(until_the_end(watcher))
+
+            async def send_steadily() -> None:
+                for i in range(per_sender):
+                    for n, sender in enumerate(clients):
+                        await sender.send(json.dumps({"text": f"{n}:{i}"}))
+                    await asyncio.sleep(0.02)
+
+            async def join_meanwhile(k: int) -> tuple[ClientConnection, dict]:
+                await asyncio.sleep(0.1 * k)
+                joiner, welcome = await enter(100 + k)
+                assert welcome["type"] == "welcome", welcome
+                return joiner, welcome
+
+            entering = [asyncio.create_task(join_meanwhile(k)) for k in range(joiners)]
+            await send_steadily()
+            entered = await asyncio.gather(*entering)
+            await watcher.send(json.dumps({"text": "the end"}))
+            return await watching, [
+                (welcome, await until_the_end(joiner)) for joiner, welcome in entered
+            ]
+
+    everything, joined = run(scenario())
+    assert len(everything) == senders * per_sender + 1
+    for welcome, live in joined:
+        ids = [message["id"] for message in welcome["history"]] + live
+        # From the first message of its history on, every message, once, in order.
+        first = everything.index(ids[0])
+        assert ids == everything[first:]
+        # A welcome without `since` holds the latest 50, or all there were.
+        assert len(welcome["history"]) == 50 or first == 0
+    assert_nothing_went_wrong(server)
+
+
+GRACE_S = 1.0
+
+
+def start_with_a_short_grace(tmp_path: Path) -> Server:
+    """main.py under uvicorn, with PRESENCE_GRACE_S of GRACE_S rather than 30 s."""
+    (tmp_path / "short_grace.py").write_text(
+        f"import main\n\nmain.PRESENCE_GRACE_S = {GRACE_S}\napp = main.app\n"
+    )
+    return start_server(
+        tmp_path / "uvicorn.log",
+        app="short_grace:app",
+        options=production_options(),
+        PYTHONPATH=str(tmp_path),
+    )
+
+
+def test_a_dropped_room_client_is_a_member_for_its_grace_then_has_left(
+    tmp_path: Path,
+) -> None:
+    server = start_with_a_short_grace(tmp_path)
+
+    def dropping_client() -> tuple[socket.socket, dict]:
+        """Client #2 in the lobby, on a raw socket that can drop without a close frame."""
+        sock, head = raw_handshake(server.port, "/rooms/lobby/2")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return sock, json.loads(read_frame(sock)[1])
+
+    async def scenario() -> tuple[list[dict], dict, float]:
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def enter(client_id: int) -> tuple[ClientConnection, dict]:
+                url = f"{server.ws_url}/rooms/lobby/{client_id}"
+                client = await stack.enter_async_context(open_client(url))
+                return client, json.loads(await client.recv())
+
+            alice, _ = await enter(1)
+            bob, _ = await asyncio.to_thread(dropping_client)
+            heard = [json.loads(await alice.recv())]  # joined: 2
+            reset(bob)  # uvicorn reports 1005: no close frame came
+            # The reset is taken in at once, long before carol's handshake is through:
+            # her "joined" goes out in a turn that knows bob dropped.
+            await enter(3)
+            heard.append(json.loads(await alice.recv()))
+            bob, back = await asyncio.to_thread(dropping_client)  # within the grace
+            await alice.send(json.dumps({"text": "marker"}))
+            heard.append(json.loads(await alice.recv()))
+            reset(bob)  # and not back this time
+            dropped_at = time.monotonic()
+            heard.append(json.loads(await alice.recv()))
+            return heard, back, time.monotonic() - dropped_at
+
+    try:
+        heard, back, left_after_s = run(scenario())
+    finally:
+        server.stop()
+    assert heard[:2] == [
+        {"type": "joined", "client_ids": [2]},
+        {"type": "joined", "client_ids": [3]},  # and no "left" for 2: in its grace
+    ]
+    assert back["members"] == [1, 2, 3]
+    assert (heard[2]["type"], heard[2]["text"]) == ("message", "marker")  # no "joined"
+    assert heard[3] == {"type": "left", "client_ids": [2]}
+    assert left_after_s >= GRACE_S
     assert_nothing_went_wrong(server)
