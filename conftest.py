@@ -4,6 +4,7 @@ import asyncio
 import base64
 import concurrent.futures
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 HERE = Path(__file__).parent
 README = HERE / "README.md"
@@ -28,6 +30,25 @@ TEST_TIMEOUT_S = 30.0  # an async scenario that takes longer fails instead of ha
 
 
 TEST_HARD_LIMIT_S = 60  # any test still running then has hung: fail it, move on
+
+# What a client is told, word for word, as the README promises it: a typo in main.py
+# fails the tests. (test_main.py checks that the README still says each of these.)
+TOO_SLOW = "Too slow: over 100 messages behind"
+TAKEN_OVER = "Replaced by a newer connection with the same client id"
+FLOODING = "Flooding: over 10 messages a second"
+TOO_MANY_ROOMS = "Too many rooms open (over 1000): try again later"
+EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
+README_REASONS = (TOO_SLOW, TAKEN_OVER, FLOODING, TOO_MANY_ROOMS, EXPECTED_JSON)
+# The README gives only the codes of these; the words are main.py's, as a reader sees
+# them on the page.
+BINARY_REFUSED = "Binary frames are not supported: send text"
+TOO_BIG = "Message over 65536 bytes"
+REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
+
+# What the chat says, as patterns for the frames a test names as ones it ignores.
+YOU_WROTE = r"You wrote: .*"
+SAYS = r"Client #\d+ says: .*"
+LEFT_THE_CHAT = r"Clients? #.* left the chat"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -165,6 +186,20 @@ def start_server(
     **env: str,
 ) -> Server:
     """Start `uvicorn app` with extra command-line options and environment variables."""
+    server = launch_server(log_path, port, app, options, cwd, **env)
+    wait_until_listening(server)
+    return server
+
+
+def launch_server(
+    log_path: Path,
+    port: int | None = None,
+    app: str = "main:app",
+    options: tuple[str, ...] = (),
+    cwd: Path = HERE,
+    **env: str,
+) -> Server:
+    """`uvicorn app`, started but maybe not listening yet: see wait_until_listening."""
     port = port or free_port()
     address = ("--host", "127.0.0.1", "--port", str(port))
     command = [sys.executable, "-m", "uvicorn", app, *address, *options]
@@ -176,20 +211,35 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = Server(port, process, log_path)
+    return Server(port, process, log_path)
+
+
+def wait_until_listening(server: Server) -> None:
     try:
-        wait_for_port(port, process, STARTUP_TIMEOUT_S)
+        wait_for_port(server.port, server.process, STARTUP_TIMEOUT_S)
     except (RuntimeError, TimeoutError):
         server.stop()
         raise RuntimeError(f"uvicorn did not start:\n{server.log()}") from None
-    return server
 
 
-def assert_nothing_went_wrong(server: Server) -> None:
-    """No traceback and no ERROR line: clients leaving, however rudely, are ordinary."""
+# main.py's one WARNING line, without its traceback, for any record carrying a
+# CancelledError, and for uvicorn's line when a graceful shutdown gives up.
+CANCELLED_HANDLER = "Cancelled a handler still running when the graceful shutdown ended"
+SHUTDOWN_GAVE_UP = "Shut down without waiting any longer"
+
+
+def assert_nothing_went_wrong(server: Server, shutdown_gave_up: bool = False) -> None:
+    """No traceback and no ERROR line: clients leaving, however rudely, are ordinary.
+
+    Nor a cancelled handler, unless the test made a graceful shutdown give up: main.py
+    logs any CancelledError as that one WARNING line, so elsewhere it could hide a bug.
+    """
     log = server.log()
     assert "Traceback" not in log, log
     assert "ERROR" not in log, log
+    if not shutdown_gave_up:
+        assert CANCELLED_HANDLER not in log, log
+        assert SHUTDOWN_GAVE_UP not in log, log
 
 
 @pytest.fixture
@@ -304,9 +354,9 @@ def find_chromium() -> str:
     return require_program("chromium", hint)
 
 
-# Per module: Playwright's sync API keeps an event loop running in this thread, where
-# the other tests call asyncio.run().
-@pytest.fixture(scope="module")
+# One for the whole run: Playwright's sync API keeps an event loop running in this
+# thread, and every async scenario of the other tests runs in a thread of its own (`run`).
+@pytest.fixture(scope="session")
 def browser() -> Iterator:
     if expect is None:
         message = "playwright is not installed: pip install -r requirements-test.txt"
@@ -395,6 +445,8 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes]:
 
 
 def read_until_close(sock: socket.socket) -> tuple[int, str]:
+    """The close code and reason, after whatever comes first: for a client that stopped
+    reading, a backlog of the chat it was sent (bench.py reads those this way too)."""
     while True:
         opcode, payload = read_frame(sock)
         if opcode == 0x8:
@@ -439,22 +491,63 @@ async def receive_says(
     websocket: ClientConnection,
     sender: int,
     count: int,
-    others: list[str] | None = None,
+    ignore: str | None = None,
+    ignored: list[str] | None = None,
 ) -> list[str]:
-    """The next `count` messages `sender` broadcast; anything else goes to `others`."""
-    return (await receive_from_each(websocket, {sender: count}, others))[sender]
+    """The next `count` messages `sender` broadcast; see receive_from_each."""
+    received = await receive_from_each(websocket, {sender: count}, ignore, ignored)
+    return received[sender]
 
 
 async def receive_from_each(
-    websocket: ClientConnection, counts: dict[int, int], others: list[str] | None = None
+    websocket: ClientConnection,
+    counts: dict[int, int],
+    ignore: str | None = None,
+    ignored: list[str] | None = None,
 ) -> dict[int, list[str]]:
-    """What `websocket` receives from each sender, until it has `counts[sender]` of each."""
+    """What `websocket` receives from each sender, until it has `counts[sender]` of each.
+
+    Any other frame fails the test, unless it matches `ignore` (a regular expression,
+    matched whole): those go to `ignored`, if given.
+    """
     received: dict[int, list[str]] = {sender: [] for sender in counts}
     while any(len(received[s]) < counts[s] for s in counts):
         message = await websocket.recv()
-        sender, _, text = message.removeprefix("Client #").partition(" says: ")
-        if sender.isdigit() and int(sender) in received:
-            received[int(sender)].append(text)
-        elif others is not None:
-            others.append(message)
+        said = re.fullmatch(r"Client #(\d+) says: (.*)", message, re.DOTALL)
+        if said and int(said[1]) in received:
+            received[int(said[1])].append(said[2])
+        else:
+            assert_ignored(message, ignore, ignored)
     return received
+
+
+def assert_ignored(
+    frame: str, ignore: str | None, ignored: list[str] | None = None
+) -> None:
+    """A frame the test did not wait for fails it, unless the test said to ignore it."""
+    if ignore is None or not re.fullmatch(ignore, frame, re.DOTALL):
+        raise AssertionError(f"unexpected frame: {frame[:300]!r}")
+    if ignored is not None:
+        ignored.append(frame)
+
+
+async def closed_with(
+    websocket: ClientConnection,
+    ignore: str | None = None,
+    into: list[str] | None = None,
+) -> tuple[int, str]:
+    """Read until the server closes the connection; its close code and reason.
+
+    A frame before the close fails the test, unless the test collects them `into` a
+    list, to check them itself, or names what it ignores (`ignore`, as above).
+    """
+    try:
+        while True:
+            message = await websocket.recv()
+            if into is not None:
+                into.append(message)
+            else:
+                assert_ignored(message, ignore)
+    except ConnectionClosed as closed:
+        assert closed.rcvd is not None, "closed without a close frame"
+        return closed.rcvd.code, closed.rcvd.reason

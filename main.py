@@ -260,7 +260,8 @@ class ConnectionManager:
         if self.active_connections.get(client.key) is client:
             del self.active_connections[client.key]
         if client.backlog is not None and client.backlog.sender is not None:
-            client.backlog.sender.cancel()
+            client.backlog.sender.cancel()  # cancelled before it ran, it sets nothing:
+            client.backlog.made_room.set()  # a delivery waiting for room goes on
 
     async def send_soon(self, to: Client | None, message: str) -> None:
         """To one client, or all (None), with the moment's others; backpressure too."""
@@ -300,20 +301,21 @@ class ConnectionManager:
         everyone, own = outgoing
         position, messages, written = start, everyone, 0
         try:
-            # A deadline of now: a write that would wait for a full socket is given up.
-            # uvicorn's send waits for room before it writes: nothing is half-sent.
+            # A deadline of now: a write that would wait for a full socket is given up;
+            # uvicorn waits before writing (not its legacy --ws websockets): none half-sent.
             async with asyncio.timeout(0):
                 for position in range(start, len(clients)):
                     client = clients[position]
-                    messages = own.get(client, everyone)
+                    messages, written = own.get(client, everyone), 0
                     if client.backlog is not None:
                         return position, messages  # behind already: after its backlog
-                    for written, message in enumerate(messages):
+                    for message in messages:
                         try:
                             await client.websocket.send_text(message)
                         except GONE:
                             self.leave(client)  # its handler tells the room
                             break
+                        written += 1
         except TimeoutError:
             return position, messages[written:]
         return len(clients), []
@@ -512,7 +514,8 @@ PRESENCE_INTERVAL_S = 0.25  # joiners are let in, and presence told, this often 
 # server's pages to be back after a network cut (10,000 took about 20 s in bench.py).
 PRESENCE_GRACE_S = 30.0
 # Endings after which the page comes back by itself: the connection dropped without a
-# close frame (uvicorn says 1005 or 1006), or the client was cut off as too slow.
+# close frame (uvicorn says 1005 or 1006), or the client was cut off as too slow; and
+# the server's own quiet endings (a restart, 1012).
 AWAY_CLOSE_CODES = frozenset({1005, 1006, status.WS_1008_POLICY_VIOLATION})
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
 SERVER_ERROR = "Server error: try again later"
@@ -668,14 +671,14 @@ class RoomManager:
         room.joining = [(c, since) for c, since in room.joining if c is not client]
         room.clients.leave(client)
         replaced = client.key in room.clients.active_connections  # by a newer one
-        if was_let_in and not replaced and client.close_code in AWAY_CLOSE_CODES:
-            # Not gone yet: a page that lost its connection is back within seconds, and
-            # 10,000 coming back at once would cost a `left` and a `joined` each.
+        away = client.quiet or client.close_code in AWAY_CLOSE_CODES
+        if was_let_in and not replaced and away:
+            # Not gone yet: a page that lost its connection, or whose server restarts,
+            # is back within seconds, and 10,000 coming back at once would cost a
+            # `left` and a `joined` each.
             loop = asyncio.get_running_loop()
             room.away[client.key] = loop.time() + PRESENCE_GRACE_S
             loop.call_later(PRESENCE_GRACE_S, self.presence_changed, room)
-        elif client.quiet and not replaced:
-            room.told.discard(client.key)  # nobody is told
         self.presence_changed(room)  # and, once nobody is left, see `forget_if_idle`
 
     async def broadcast(self, room: Room, client_id: int, text: str) -> None:
@@ -925,6 +928,7 @@ end
 local id = '-'
 if #KEYS > 1 then
   id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
+  -- A message's frame is its text, its id, and 26 bytes of JSON: message_frame().
   local bytes = redis.call('INCRBY', KEYS[2], #ARGV[4] + #id + 26)
   local count = redis.call('XLEN', KEYS[1])
   while count > 1 and (count > tonumber(ARGV[5]) or bytes > tonumber(ARGV[6])) do
@@ -1317,8 +1321,11 @@ class RedisRelay:
         self.close_chat(f"silent for {silent_s:.1f} s", SERVER_PAUSED)
 
     async def start_session(self) -> None:
-        # A new name for each session: what an earlier one left in Redis is stale.
+        # A new name for each session: what an earlier one left in Redis is stale, and
+        # every room's members here are to be written again, under the new name.
         self.process = secrets.token_hex(6)
+        for state in self.in_rooms.values():
+            state.written = None
         await self.learn_redis_clock()  # Redis may have restarted, its clock with it
         await self.heartbeat()
         self.relaying = True
@@ -1533,6 +1540,8 @@ FLOOD_BURST_MESSAGES = 100  # a chat client may send this many at full speed,
 FLOOD_MESSAGES_PER_S = 10  # then this many a second: its next message is read later,
 FLOOD_MAX_SLOWED_MESSAGES = 20  # and slowed down this many times in a row: closed
 FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages a second"
+BINARY_REFUSED = "Binary frames are not supported: send text"
+TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 
 
@@ -1549,14 +1558,9 @@ async def receive_valid_text(websocket: WebSocket) -> str:
         raise WebSocketDisconnect(message["code"], message.get("reason"))
     text: str | None = message.get("text")
     if text is None:
-        raise WebSocketException(
-            status.WS_1003_UNSUPPORTED_DATA,
-            "Binary frames are not supported: send text",
-        )
+        raise WebSocketException(status.WS_1003_UNSUPPORTED_DATA, BINARY_REFUSED)
     if len(text.encode()) > MAX_MESSAGE_BYTES:
-        raise WebSocketException(
-            status.WS_1009_MESSAGE_TOO_BIG, f"Message over {MAX_MESSAGE_BYTES} bytes"
-        )
+        raise WebSocketException(status.WS_1009_MESSAGE_TOO_BIG, TOO_BIG)
     return text
 
 
@@ -1625,13 +1629,13 @@ class ClientFaultsAsWarnings(logging.Filter):
         ),
     }
     CANCELLED = "Cancelled a handler still running when the graceful shutdown ended"
+    # How uvicorn cancels a handler once it gave up: any other CancelledError is a bug.
+    GAVE_UP = ("Task cancelled, timeout graceful shutdown exceeded",)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[0] if record.exc_info else None
-        if error is asyncio.CancelledError:
-            reworded: str | None = self.CANCELLED
-        else:
-            reworded = self.REWORDED.get(str(record.msg))
+        error = record.exc_info[1] if record.exc_info else None
+        ended = isinstance(error, asyncio.CancelledError) and error.args == self.GAVE_UP
+        reworded = self.CANCELLED if ended else self.REWORDED.get(str(record.msg))
         if reworded is not None:
             record.msg = reworded
             record.levelno, record.levelname = logging.WARNING, "WARNING"

@@ -5,8 +5,11 @@ used. Without one these tests are skipped, except under CI=true, where they fail
 """
 
 import base64
+import contextlib
 import hashlib
+import socket
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +17,16 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import HERE, Server, expect, free_port, start_server
-from main import INDEX_HTML, TAKEN_OVER
+from conftest import (
+    HERE,
+    TAKEN_OVER,
+    Server,
+    expect,
+    free_port,
+    start_server,
+    wait_for_log,
+)
+from main import INDEX_HTML
 
 SCREENSHOT = HERE / "screenshot.png"
 PAGE_HASH_KEY = "index.html sha256"
@@ -27,16 +38,32 @@ else:
     Browser = Page = object
 
 
+# Longer than any delay before the page tries again (5 s at most, jitter included).
+ALL_RETRY_DELAYS_MS = 10_000
+
+
 @pytest.fixture
 def open_tab(browser: "Browser", server: Server) -> Iterator:
-    """Open the page with a query string, in a fresh tab, and wait until it is connected."""
+    """Open the page with a query string, in a fresh tab, and wait until it is connected.
+
+    With `clock`, the page's timers run only when the test moves its clock on (`page.
+    clock.run_for`): a retry the page should not make is shown not to be due, at once.
+    With `port`, the page is loaded from there (a proxy in front of the server).
+    """
     contexts = []
 
-    def open_page(query: str = "", connected: bool = True) -> "Page":
+    def open_page(
+        query: str = "",
+        connected: bool = True,
+        clock: bool = False,
+        port: int | None = None,
+    ) -> "Page":
         context = browser.new_context(viewport=TAB_SIZE)
         contexts.append(context)
         page = context.new_page()
-        page.goto(f"{server.http_url}/{query}")
+        if clock:
+            page.clock.install()
+        page.goto(f"http://127.0.0.1:{port or server.port}/{query}")
         if connected:
             expect(page.locator("#status")).to_have_attribute("data-state", "connected")
         return page
@@ -165,11 +192,11 @@ def test_switching_endpoint_with_the_controls(open_tab) -> None:
 
 
 def test_disconnect_button_is_not_retried(open_tab) -> None:
-    page = open_tab("?endpoint=echo")
+    page = open_tab("?endpoint=echo", clock=True)
     page.click("#disconnect")
     status = page.locator("#status")
     expect(status).to_have_text("disconnected (closed by the user)")
-    page.wait_for_timeout(1500)  # longer than the first retry delay
+    page.clock.run_for(ALL_RETRY_DELAYS_MS)  # a retry would have started: "connecting"
     expect(status).to_have_text("disconnected (closed by the user)")
 
 
@@ -191,30 +218,46 @@ def test_heading_and_fields_follow_the_step(open_tab) -> None:
 def test_a_client_id_that_is_not_a_number_is_caught_on_the_page(
     open_tab, server: Server
 ) -> None:
-    page = open_tab("?endpoint=chat&client_id=abc", connected=False)
-    expect(page.locator("#status")).to_have_text(
-        'disconnected (client id must be a whole number, such as 7, not "abc")'
-    )
-    page.wait_for_timeout(1000)  # longer than the first retry delay
+    page = open_tab("?endpoint=chat&client_id=abc", connected=False, clock=True)
+    status = page.locator("#status")
+    caught = 'disconnected (client id must be a whole number, such as 7, not "abc")'
+    expect(status).to_have_text(caught)
+    page.clock.run_for(ALL_RETRY_DELAYS_MS)  # nor is it tried again later
+    expect(status).to_have_text(caught)
+    # A handshake from this page, after any it would have tried before.
+    page.fill("#clientId", "7")
+    page.click("#connect")
+    wait_for_log(server, '"WebSocket /chat/7" [accepted]')
     assert "/chat/abc" not in server.log()  # no handshake was even tried
 
 
 def test_no_favicon_request(open_tab, server: Server) -> None:
-    open_tab("?endpoint=echo")
-    assert "favicon" not in server.log()
+    page = open_tab("?endpoint=echo")
+    # Chromium asks a site for /favicon.ico once a page without a <link rel="icon">
+    # has loaded: this one, then one that has none, where it asks (or has asked).
+    page.goto(f"{server.http_url}/no-such-page")
+    wait_for_log(server, "GET /favicon.ico")
+    log = server.log()
+    assert log.index("GET /no-such-page") < log.index("GET /favicon.ico"), log
 
 
 def test_a_refused_handshake_is_given_up_after_a_few_attempts(
     open_tab, server: Server
 ) -> None:
     # Step 4 without a token: the server refuses every handshake.
-    page = open_tab("?endpoint=items&item_id=foo&token=", connected=False)
-    expect(page.locator("#status")).to_contain_text(
+    page = open_tab("?endpoint=items&item_id=foo&token=", connected=False, clock=True)
+    status = page.locator("#status")
+    for _ in range(4):  # each refusal, then the time until the next attempt
+        expect(status).to_contain_text("retrying in")
+        page.clock.run_for(ALL_RETRY_DELAYS_MS)
+    gave_up = (
         "gave up after 5 attempts: the server refused the connection, or is not "
-        "running. Press Connect to try again",
-        timeout=15_000,
+        "running. Press Connect to try again"
     )
-    page.wait_for_timeout(1000)
+    expect(status).to_contain_text(gave_up)
+    page.clock.run_for(ALL_RETRY_DELAYS_MS)  # no sixth attempt is due
+    expect(status).to_contain_text(gave_up)
+    wait_for_log(server, '"WebSocket /items/foo/ws" 403', count=5)
     assert server.log().count('"WebSocket /items/foo/ws" 403') == 5
 
 
@@ -231,12 +274,12 @@ def test_depends_step_from_its_link(open_tab) -> None:
 
 
 def test_a_second_tab_with_the_same_id_takes_over(open_tab) -> None:
-    first = open_tab("?endpoint=chat&client_id=7")
+    first = open_tab("?endpoint=chat&client_id=7", clock=True)
     open_tab("?endpoint=chat&client_id=7")
     status = first.locator("#status")
     expected = f"disconnected (code 4000: {TAKEN_OVER}; press Connect to take it back)"
     expect(status).to_have_text(expected)
-    first.wait_for_timeout(1500)  # longer than the first retry delay: none came
+    first.clock.run_for(ALL_RETRY_DELAYS_MS)  # no retry is due: it would take it back
     expect(status).to_have_text(expected)
 
 
@@ -278,19 +321,93 @@ def test_rooms_two_tabs_in_one_room_and_one_in_another(open_tab) -> None:
     expect(messages(dave)).to_have_text(["Client #1: Hello, lobby"])
 
 
-def test_rooms_reconnect_shows_what_was_missed_and_nothing_twice(open_tab) -> None:
+class Network:
+    """A TCP proxy in front of the server, whose connections can be cut as a network
+    failure cuts them: each side's TCP connection reset, no WebSocket close frame."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = threading.Event()
+        self.up.set()
+        self.connections: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.up.wait()  # while down, a new connection waits, as over a dead link
+            far = socket.create_connection(("127.0.0.1", self.server.port))
+            with self.lock:
+                self.connections += [near, far]
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(
+                    target=self.relay, args=(source, sink), daemon=True
+                ).start()
+
+    @staticmethod
+    def relay(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def down(self) -> None:
+        """Every connection reset; new ones wait until `back`."""
+        self.up.clear()
+        with self.lock:
+            cut, self.connections = self.connections, []
+        for sock in cut:
+            # SO_LINGER 0: close() sends a reset. Shutting reads first wakes the thread
+            # reading it, which would otherwise hold the socket open.
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+            sock.close()
+
+    def back(self) -> None:
+        self.up.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.down()
+        self.back()
+
+
+@pytest.fixture
+def network(server: Server) -> Iterator[Network]:
+    proxy = Network(server)
+    yield proxy
+    proxy.close()
+
+
+def test_rooms_page_back_from_a_dropped_connection_asks_for_what_it_missed(
+    open_tab, network: Network, server: Server
+) -> None:
     alice = open_tab("?endpoint=rooms&room=lobby&client_id=1")
-    bob = open_tab("?endpoint=rooms&room=lobby&client_id=2")
+    bob = open_tab("?endpoint=rooms&room=lobby&client_id=2", port=network.port)
     send(alice, "before")
     expect(messages(bob)).to_have_text(["Client #1: before"])
-    # Bob's connection drops (as a network blip would): the page comes back by itself.
-    bob.evaluate("socket.close(3000, 'a blip')")
-    send(alice, "while you were away")
+    network.down()
+    expect(bob.locator("#status")).to_contain_text("code 1006")  # no close frame
+    # While bob is away, more than a welcome without `since` holds (50).
+    away = [f"away {i}" for i in range(60)]
+    alice.evaluate(
+        "texts => texts.forEach((text) => socket.send(JSON.stringify({ text })))", away
+    )
+    expect(messages(alice)).to_have_count(1 + len(away))
+    network.back()
     expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
     send(alice, "after")
-    expect(messages(bob)).to_have_text(
-        ["Client #1: before", "Client #1: while you were away", "Client #1: after"]
-    )
+    said = ["before", *away, "after"]
+    expect(messages(bob)).to_have_text([f"Client #1: {text}" for text in said])
+    assert "/rooms/lobby/2?since=" in server.log()
 
 
 def test_a_room_name_out_of_the_rule_is_caught_on_the_page(
@@ -300,8 +417,11 @@ def test_a_room_name_out_of_the_rule_is_caught_on_the_page(
     expect(page.locator("#status")).to_contain_text(
         'disconnected (room must be 1 to 100 letters, digits, "_", "." or "-"'
     )
-    page.wait_for_timeout(1000)
-    assert "/rooms/" not in server.log()
+    # A handshake from this page, after any it would have tried before.
+    page.fill("#room", "lobby")
+    page.click("#connect")
+    wait_for_log(server, '"WebSocket /rooms/lobby/1" [accepted]')
+    assert server.log().count("WebSocket /rooms/") == 1
 
 
 # --- The reader's --reload loop ------------------------------------------------------------------

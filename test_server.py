@@ -16,20 +16,30 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 import main
 from conftest import (
+    BINARY_REFUSED,
+    FLOODING,
     HERE,
+    LEFT_THE_CHAT,
+    SAYS,
     TEST_TIMEOUT_S,
+    TOO_SLOW,
+    YOU_WROTE,
     Server,
+    assert_ignored,
     assert_nothing_went_wrong,
     client_frame,
     close_frame,
+    closed_with,
     following_along_options,
     open_client,
     production_options,
@@ -46,16 +56,6 @@ from conftest import (
 
 BURST = main.FLOOD_BURST_MESSAGES  # what one sender may send at full speed
 EXIT_BOUND_S = 8.0  # "exits rather than hangs"; the figures are in the issue notes
-
-
-async def closed_with(websocket: ClientConnection) -> tuple[int, str]:
-    """Read until the server closes the connection; its close code and reason."""
-    try:
-        while True:
-            await websocket.recv()
-    except ConnectionClosed as closed:
-        assert closed.rcvd is not None, "closed without a close frame"
-        return closed.rcvd.code, closed.rcvd.reason
 
 
 async def enter_chat_clients(
@@ -84,7 +84,14 @@ async def send_bursts(
             for text in sent[sender_id]:
                 await clients[sender_id].send(text)
             # Stay until the room has had them all: this client's own copies came back.
-            await receive_says(clients[sender_id], sender_id, len(sent[sender_id]))
+            # The rest (its "You wrote", the others' bursts, who left) is the readers'
+            # to check.
+            await receive_says(
+                clients[sender_id],
+                sender_id,
+                len(sent[sender_id]),
+                ignore=f"{YOU_WROTE}|{SAYS}|{LEFT_THE_CHAT}",
+            )
 
         await asyncio.gather(*(send_all(sender_id) for sender_id in sent))
     return sent
@@ -117,14 +124,17 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
         async with open_client(f"{server.ws_url}/chat/1") as healthy:
             notices: list[str] = []
             counts = {10 + n: BURST for n in range(30)}
-            reader = asyncio.create_task(receive_from_each(healthy, counts, notices))
+            # Senders leave once done, and the stalled client once cut off.
+            reader = asyncio.create_task(
+                receive_from_each(healthy, counts, LEFT_THE_CHAT, notices)
+            )
             sent = await send_bursts(
                 server, 10, 30, lambda n, i: f"{n}:{i:03d} " + "x" * 4090
             )
             received = await reader
             # Before or after the rest; with others who left at the same time, maybe.
             while not any(re.search(r"#2\b.* left the chat", n) for n in notices):
-                notices.append(await healthy.recv())
+                assert_ignored(await healthy.recv(), LEFT_THE_CHAT, notices)
             return sent, received, await closed
 
     def close_once_cut_off(sock: socket.socket) -> tuple[int, str]:
@@ -136,7 +146,7 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
 
     sent, received, closed = run(chat_beside_a_stalled_client())
     assert received == sent
-    assert closed == (1008, main.TOO_SLOW)
+    assert closed == (1008, TOO_SLOW)
     assert_nothing_went_wrong(server)
 
 
@@ -145,14 +155,22 @@ def room_says(n: int, i: int) -> str:
 
 
 async def room_message_ids(
-    websocket: ClientConnection, count: int, ids: list[str] | None = None
+    websocket: ClientConnection,
+    count: int,
+    ids: list[str] | None = None,
+    ignore: Callable[[dict], bool] | None = None,
 ) -> list[str]:
-    """The ids of the next `count` messages `websocket` receives in its room, into `ids`."""
+    """The ids of the next `count` messages `websocket` receives in its room, into `ids`.
+
+    Any other frame fails the test, unless `ignore(frame)` says it may come.
+    """
     ids = [] if ids is None else ids
     while len(ids) < count:
         frame = json.loads(await websocket.recv())
         if frame["type"] == "message":
             ids.append(frame["id"])
+        else:
+            assert ignore is not None and ignore(frame), frame
     return ids
 
 
@@ -162,33 +180,13 @@ def test_a_room_client_cut_off_for_not_reading_gets_everything_back(
     # Rounds of one 4 KB message from each of 20 senders until the stalled client is cut
     # off, then ten more: what it missed stays within the room's history.
     senders, rounds_after = 20, 10
+    sender_ids = {10 + n for n in range(senders)}
     stalled, head = raw_handshake(server.port, "/rooms/lobby/2", rcvbuf=4096)
     assert head.startswith(b"HTTP/1.1 101")
 
-    async def chat_beside_a_stalled_client() -> list[str]:
-        async with contextlib.AsyncExitStack() as stack:
-            clients = [
-                await stack.enter_async_context(
-                    open_client(f"{server.ws_url}/rooms/lobby/{10 + n}")
-                )
-                for n in range(senders)
-            ]
-            for client in clients:  # every one welcomed: in the room
-                assert json.loads(await client.recv())["type"] == "welcome"
-            # A first, short message, which reaches even the stalled client's socket.
-            await clients[0].send(json.dumps({"text": "first"}))
-            ids = await room_message_ids(clients[0], 1)
-            rounds_left = rounds_after
-            for i in range(BURST):
-                for n, client in enumerate(clients):
-                    await client.send(room_says(n, i))
-                # The next round once this one went round: the server keeps up.
-                await room_message_ids(clients[0], len(ids) + senders, ids)
-                if "Client #2 cut off" in server.log():
-                    rounds_left -= 1
-                    if rounds_left == 0:
-                        return ids
-            raise AssertionError("never cut off")
+    def senders_joining(frame: dict) -> bool:
+        # Nothing about client 2, cut off as too slow: within its grace, it has not left.
+        return frame["type"] == "joined" and set(frame["client_ids"]) <= sender_ids
 
     def frames_once_cut_off() -> tuple[list[str], int]:
         """What the stalled client was sent: read at last once it is cut off, up to its
@@ -196,31 +194,70 @@ def test_a_room_client_cut_off_for_not_reading_gets_everything_back(
         try:
             wait_for_log(server, "Client #2 cut off", timeout_s=TEST_TIMEOUT_S)
             received: list[str] = []
+            welcome = json.loads(read_frame(stalled)[1])
+            assert welcome["type"] == "welcome", welcome
             while (frame := read_frame(stalled))[0] != 0x8:
                 message = json.loads(frame[1])
                 if message["type"] == "message":
                     received.append(message["id"])
+                else:
+                    assert senders_joining(message), message
             return received, struct.unpack("!H", frame[1][:2])[0]
         finally:
             stalled.close()
 
-    async def chat_and_read() -> tuple[list[str], tuple[list[str], int]]:
-        reading = asyncio.create_task(asyncio.to_thread(frames_once_cut_off))
-        return await chat_beside_a_stalled_client(), await reading
+    async def chat_beside_a_stalled_client(
+        stack: contextlib.AsyncExitStack, clients: list[ClientConnection]
+    ) -> list[str]:
+        for client in clients:  # every one welcomed: in the room
+            assert json.loads(await client.recv())["type"] == "welcome"
+        # A first, short message, which reaches even the stalled client's socket.
+        await clients[0].send(json.dumps({"text": "first"}))
+        ids = await room_message_ids(clients[0], 1, ignore=senders_joining)
+        rounds_left = rounds_after
+        for i in range(BURST):
+            for n, client in enumerate(clients):
+                await client.send(room_says(n, i))
+            # The next round once this one went round: the server keeps up.
+            await room_message_ids(clients[0], len(ids) + senders, ids, senders_joining)
+            if "Client #2 cut off" in server.log():
+                rounds_left -= 1
+                if rounds_left == 0:
+                    return ids
+        raise AssertionError("never cut off")
 
-    sent, (received, code) = run(chat_and_read())
+    async def scenario() -> tuple[list[str], list[str], int, dict, list[list[str]]]:
+        reading = asyncio.create_task(asyncio.to_thread(frames_once_cut_off))
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    open_client(f"{server.ws_url}/rooms/lobby/{n}")
+                )
+                for n in sorted(sender_ids)
+            ]
+            sent = await chat_beside_a_stalled_client(stack, clients)
+            received, code = await reading
+            url = f"{server.ws_url}/rooms/lobby/2?since={received[-1]}"
+            back = await stack.enter_async_context(open_client(url, max_size=None))
+            welcome = json.loads(await back.recv())
+            # Back within its grace: the others were told neither that it left nor
+            # that it joined. Each hears the last message next, after all it was sent.
+            await clients[0].send(json.dumps({"text": "last"}))
+            heard = [
+                await room_message_ids(client, len(sent) + 1, ignore=senders_joining)
+                for client in clients[1:]
+            ]
+            last = await room_message_ids(clients[0], 1, ignore=senders_joining)
+            heard.append(sent + last)
+            return sent, received, code, welcome, heard
+
+    sent, received, code, welcome, heard = run(scenario())
     assert code == 1008
     assert received == sent[: len(received)]
     assert 0 < len(received) < len(sent)
-
-    async def come_back() -> dict:
-        url = f"{server.ws_url}/rooms/lobby/2?since={received[-1]}"
-        async with open_client(url, max_size=None) as back:
-            return json.loads(await back.recv())
-
-    welcome = run(come_back())
     assert welcome["missed"] is False
     assert received + [message["id"] for message in welcome["history"]] == sent
+    assert all(ids[:-1] == sent for ids in heard)
     assert_nothing_went_wrong(server)
 
 
@@ -236,7 +273,11 @@ def test_bursts_reach_every_healthy_client_in_order(server: Server) -> None:
             for i in range(readers)
         ]
         counts = {n: BURST for n in range(senders)}
-        reading = [asyncio.create_task(receive_from_each(c, counts)) for c in clients]
+        # Each sender leaves once its burst has gone round.
+        reading = [
+            asyncio.create_task(receive_from_each(c, counts, LEFT_THE_CHAT))
+            for c in clients
+        ]
         sent = await send_bursts(server, 0, senders, lambda n, i: f"message {n}.{i}")
         received = await asyncio.gather(*reading)
         await asyncio.gather(*(client.close() for client in clients))
@@ -268,7 +309,9 @@ def test_clients_coming_and_going_mid_broadcast_lose_nothing(server: Server) -> 
     async def broadcast_through_churn() -> tuple[dict, dict[int, list[str]]]:
         async with open_client(f"{server.ws_url}/chat/1") as watcher:
             counts = {10 + n: BURST for n in range(5)}
-            reader = asyncio.create_task(receive_from_each(watcher, counts))
+            # Passers-by say hello; they, the vanished clients and the senders leave.
+            passing = rf"Client #2\d\d says: hello|{LEFT_THE_CHAT}"
+            reader = asyncio.create_task(receive_from_each(watcher, counts, passing))
             churner = asyncio.create_task(churn())
             sent = await send_bursts(server, 10, 5, lambda n, i: f"message {n}.{i}")
             await churner
@@ -293,18 +336,18 @@ def test_steps_1_and_2_take_a_vanished_client_quietly(server: Server) -> None:
 
 
 def test_message_size_limit_over_real_socket(server: Server) -> None:
-    async def send_sizes() -> tuple[str, tuple[int, str]]:
+    async def send_sizes() -> tuple[list[str], tuple[int, str]]:
         async with open_client(f"{server.ws_url}/chat/1", max_size=None) as websocket:
-            await websocket.send("y" * main.MAX_MESSAGE_BYTES)
-            echoed = await websocket.recv()
-            await websocket.send("z" * (main.MAX_MESSAGE_BYTES + 1))
+            await websocket.send("y" * 65536)
+            echoed = [await websocket.recv(), await websocket.recv()]
+            await websocket.send("z" * 65537)
             return echoed, await closed_with(websocket)
 
-    echoed, (code, reason) = run(send_sizes())
-    assert echoed == "You wrote: " + "y" * main.MAX_MESSAGE_BYTES
-    # uvicorn refuses it (--ws-max-size) before reading the rest of it.
-    assert code == 1009
-    assert str(main.MAX_MESSAGE_BYTES) in reason
+    echoed, closed = run(send_sizes())
+    assert echoed == ["You wrote: " + "y" * 65536, "Client #1 says: " + "y" * 65536]
+    # uvicorn refuses it (--ws-max-size) before reading the rest of it, in its words.
+    assert closed[0] == 1009
+    assert closed[1].endswith("exceeds limit of 65536 bytes"), closed
     assert_nothing_went_wrong(server)
 
 
@@ -318,7 +361,8 @@ def send_huge_messages(server: Server, senders: int, **options) -> set[int]:
         ) as ws:
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(huge)
-            return (await closed_with(ws))[0]
+            # The other senders, closed, leave the chat.
+            return (await closed_with(ws, ignore=LEFT_THE_CHAT))[0]
 
     async def send_all() -> list[int]:
         return await asyncio.gather(*(send_one(n) for n in range(senders)))
@@ -377,59 +421,136 @@ def test_refused_message_racing_its_close_frame_leaves_no_traceback(
                 for writer in writers:
                     await writer.send(f"busy {round_number}")
                 counts = dict.fromkeys(range(20), 1)
-                await receive_from_each(reader, counts)
+                # The refused clients leave the chat.
+                await receive_from_each(reader, counts, LEFT_THE_CHAT)
                 await asyncio.sleep(0.2)
 
-    def refuse_and_close(attempt: int) -> None:
+    def refuse_and_close(attempt: int) -> tuple[str, int, str]:
         sock, _ = raw_handshake(server.port, f"/chat/{100 + attempt}")
+        kind = "binary" if attempt % 2 else "oversized"
         refused = (
             client_frame(0x2, b"\x00")
-            if attempt % 2
-            else client_frame(0x1, b"y" * (main.MAX_MESSAGE_BYTES + 1))
+            if kind == "binary"
+            else client_frame(0x1, b"y" * 65537)
         )
         sock.sendall(refused + close_frame(1000))  # in the same write
-        with contextlib.suppress(OSError):
-            read_until_close(sock)
-        sock.close()
+        try:
+            # The busy chat's messages may come first; the reader checks those.
+            while (frame := read_frame(sock))[0] == 0x1:
+                assert_ignored(frame[1].decode(), f"{SAYS}|{LEFT_THE_CHAT}")
+        finally:
+            sock.close()
+        opcode, payload = frame
+        assert opcode == 0x8, (kind, opcode, payload[:80])
+        (code,) = struct.unpack("!H", payload[:2])
+        return kind, code, payload[2:].decode()
 
-    async def race() -> None:
+    async def race() -> list[tuple[str, int, str]]:
         stop = asyncio.Event()
         chat = asyncio.create_task(busy_chat(stop))
-        for attempt in range(40):
-            await asyncio.to_thread(refuse_and_close, attempt)
+        closes = [
+            await asyncio.to_thread(refuse_and_close, attempt) for attempt in range(40)
+        ]
         stop.set()
         await chat
+        return closes
 
-    run(race())
+    for kind, code, reason in run(race()):
+        if kind == "oversized":  # refused by uvicorn (--ws-max-size), in its words
+            assert code == 1009
+            assert reason.endswith("exceeds limit of 65536 bytes"), reason
+        else:
+            # uvicorn read the client's close frame with the refused one, and echoed it
+            # before the app could close with 1003; or the app was first.
+            assert (code, reason) in ((1000, ""), (1003, BINARY_REFUSED))
     assert_nothing_went_wrong(server)
 
 
 def test_flooder_is_closed_and_the_room_keeps_chatting(server: Server) -> None:
-    async def flood_beside_a_chat() -> tuple[tuple[int, str], dict, dict]:
+    async def flood_beside_a_chat() -> tuple:
         async with contextlib.AsyncExitStack() as stack:
             readers = await enter_chat_clients(stack, server, range(1000, 1050))
-            [flooder] = await enter_chat_clients(stack, server, [666])
+            [flooder, last] = await enter_chat_clients(stack, server, [666, 2])
 
-            async def flood() -> tuple[int, str]:
+            async def flood() -> tuple[tuple[int, str], float]:
+                started = time.monotonic()
                 with contextlib.suppress(ConnectionClosed):
                     for i in range(20_000):
                         await flooder.send(f"flood {i}")
-                return await closed_with(flooder)
+                # What it was sent back, the readers check.
+                everything = f"{YOU_WROTE}|{SAYS}|{LEFT_THE_CHAT}"
+                closed = await closed_with(flooder, ignore=everything)
+                return closed, time.monotonic() - started
 
-            counts = {1: BURST}
-            reading = [
-                asyncio.create_task(receive_from_each(r, counts)) for r in readers
-            ]
+            async def hear(reader: ClientConnection) -> tuple[list[str], list[str]]:
+                ordinary: list[str] = []
+                flood: list[str] = []
+                while (message := await reader.recv()) != "Client #2 says: the end":
+                    said = re.fullmatch(r"Client #(1|666) says: (.*)", message)
+                    if said:
+                        (ordinary if said[1] == "1" else flood).append(said[2])
+                    else:  # the ordinary sender and the flooder leave
+                        assert_ignored(message, LEFT_THE_CHAT)
+                return ordinary, flood
+
+            hearing = [asyncio.create_task(hear(reader)) for reader in readers]
             flooding = asyncio.create_task(flood())
             sent = await send_bursts(server, 1, 1, lambda n, i: f"ordinary {i}")
-            return await flooding, sent, await asyncio.gather(*reading)
+            flooded = await flooding
+            await last.send("the end")
+            return flooded, sent[1], await asyncio.gather(*hearing)
 
-    flooder_closed, sent, received = run(flood_beside_a_chat())
-    assert flooder_closed == (1008, main.FLOODING)
-    for each in received:
-        assert each == sent
-    assert "Client #666 says: flood 2000" not in server.log()
+    (closed, flood_s), sent, heard = run(flood_beside_a_chat())
+    assert closed == (1008, FLOODING)
+    # Of its 20,000, the room heard its burst, then the ones it sent while slowed down,
+    # in order: no more than the rule lets through in the time it flooded, and at least
+    # as many as it takes to be slowed FLOOD_MAX_SLOWED_MESSAGES times in a row.
+    at_most = BURST + main.FLOOD_MESSAGES_PER_S * flood_s + 1
+    at_least = BURST + main.FLOOD_MAX_SLOWED_MESSAGES + 1
+    for ordinary, flood in heard:
+        assert ordinary == sent
+        assert flood == [f"flood {i}" for i in range(len(flood))]
+        assert at_least <= len(flood) <= at_most
     assert "cut off" not in server.log()  # no healthy client was
+    assert_nothing_went_wrong(server)
+
+
+def test_a_flooder_is_slowed_down_in_its_own_socket_not_in_the_room(
+    server: Server,
+) -> None:
+    # Its burst, then as many as it may send slowed down before it is closed.
+    count = BURST + main.FLOOD_MAX_SLOWED_MESSAGES
+    per_s = main.FLOOD_MESSAGES_PER_S
+
+    async def flood_beside_a_writer() -> tuple[list[str], list[float]]:
+        async with contextlib.AsyncExitStack() as stack:
+            reader, writer, flooder = await enter_chat_clients(
+                stack, server, [1000, 2, 666]
+            )
+            started = time.monotonic()
+            for i in range(count):  # all at once, into its socket
+                await flooder.send(f"flood {i}")
+            heard: list[str] = []
+            flood_at: list[float] = []
+            while len(flood_at) < count:
+                heard.append(await reader.recv())
+                if heard[-1].startswith("Client #666 says: "):
+                    flood_at.append(time.monotonic() - started)
+                    if len(flood_at) == BURST + 5:  # being slowed down: meanwhile,
+                        await writer.send("meanwhile")
+            return heard, flood_at
+
+    heard, flood_at = run(flood_beside_a_writer())
+    flood = [f"Client #666 says: flood {i}" for i in range(count)]
+    assert [message for message in heard if message in flood] == flood
+    assert [m for m in heard if m not in flood] == ["Client #2 says: meanwhile"]
+    # After its burst, no more than FLOOD_MESSAGES_PER_S: each message reached the room
+    # no sooner than that pace allows. (A lower bound: a slow machine is only later.)
+    for i, seconds in enumerate(flood_at):
+        assert seconds >= (i - BURST) / per_s - 0.001, (i, flood_at)
+    # The rest waited in its own socket, not in the room: another writer's message,
+    # sent once the flooder was slowed down, went ahead of them.
+    assert heard.index("Client #2 says: meanwhile") < heard.index(flood[-1])
     assert_nothing_went_wrong(server)
 
 
@@ -507,7 +628,7 @@ def test_sigterm_with_a_cut_off_client_exits(server: Server) -> None:
     finally:
         stalled.close()
     assert "Shut down without waiting any longer" in server.log()
-    assert_nothing_went_wrong(server)
+    assert_nothing_went_wrong(server, shutdown_gave_up=True)
 
 
 def test_reload_after_a_cut_off_brings_the_new_code_up(tmp_path: Path) -> None:
@@ -543,6 +664,15 @@ def test_cross_site_origin_gets_403(server: Server) -> None:
     sock.close()
     assert head.startswith(b"HTTP/1.1 403")
     assert "Refused WebSocket from origin http://evil.example" in server.log()
+
+
+@pytest.mark.parametrize(
+    "path", ["/rooms/a%20b/1", f"/rooms/{'r' * 101}/1", "/rooms/lobby/x", "/chat/1.5"]
+)
+def test_a_bad_room_name_or_client_id_gets_403(server: Server, path: str) -> None:
+    sock, head = raw_handshake(server.port, path)
+    sock.close()
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 403 Forbidden", head
 
 
 def test_own_origin_and_no_origin_are_accepted(server: Server) -> None:
@@ -607,8 +737,10 @@ def test_a_since_the_room_cannot_parse_is_missed_and_hurts_nobody(
                     )
                 )
             await alice.send(json.dumps({"text": "still here"}))
+            # The joiners came and went: alice hears who, then her message.
             while (frame := json.loads(await alice.recv()))["type"] != "message":
-                pass
+                assert frame["type"] in ("joined", "left"), frame
+                assert set(frame["client_ids"]) <= {2, 3}, frame
             assert frame["text"] == "still here"
             return answers
 
@@ -700,7 +832,13 @@ def test_a_slow_reader_is_cut_off_rather_than_setting_the_rooms_pace(
             writers = await enter_chat_clients(stack, server, range(10, 10 + senders))
             sent: dict[int, list[str]] = {10 + n: [] for n in range(senders)}
             counts = dict.fromkeys(sent, per_sender)
-            heard = [asyncio.create_task(receive_from_each(r, counts)) for r in readers]
+            # The slow reader, once cut off, leaves.
+            heard = [
+                asyncio.create_task(
+                    receive_from_each(r, counts, "Client #2 left the chat")
+                )
+                for r in readers
+            ]
             for i in range(per_sender):
                 for n, writer in enumerate(writers):
                     sent[10 + n].append(f"{n}:{i:03d} " + "x" * size)
@@ -712,5 +850,141 @@ def test_a_slow_reader_is_cut_off_rather_than_setting_the_rooms_pace(
 
     sent, received, closed = run(chat())
     assert all(each == sent for each in received)
-    assert closed == (1008, main.TOO_SLOW)
+    assert closed == (1008, TOO_SLOW)
+    assert_nothing_went_wrong(server)
+
+
+# --- Step 5: joining while the room talks, and who has left --------------------------------
+
+
+def test_a_client_joining_while_messages_flow_gets_each_one_once(
+    server: Server,
+) -> None:
+    # 10 senders each send a message every 20 ms, all at once (the server busy taking
+    # them in as joiners are let in); 10 clients join one after another meanwhile.
+    senders, per_sender, joiners = 10, 50, 10
+    newcomers = {10 + n for n in range(senders)} | {100 + k for k in range(joiners)}
+
+    def joining(frame: dict) -> bool:
+        return frame["type"] == "joined" and set(frame["client_ids"]) <= newcomers
+
+    async def until_the_end(websocket: ClientConnection) -> list[str]:
+        """The ids of the messages it receives, up to the watcher's "the end"."""
+        ids: list[str] = []
+        while True:
+            frame = json.loads(await websocket.recv())
+            if frame["type"] != "message":
+                assert joining(frame), frame  # those who joined after it
+                continue
+            ids.append(frame["id"])
+            if frame["text"] == "the end":
+                return ids
+
+    async def scenario() -> tuple[list[str], list[tuple[dict, list[str]]]]:
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def enter(client_id: int) -> tuple[ClientConnection, dict]:
+                url = f"{server.ws_url}/rooms/lobby/{client_id}"
+                client = await stack.enter_async_context(open_client(url))
+                return client, json.loads(await client.recv())
+
+            watcher, _ = await enter(1)
+            clients = [(await enter(10 + n))[0] for n in range(senders)]
+            watching = asyncio.create_task(until_the_end(watcher))
+
+            async def send_steadily() -> None:
+                for i in range(per_sender):
+                    for n, sender in enumerate(clients):
+                        await sender.send(json.dumps({"text": f"{n}:{i}"}))
+                    await asyncio.sleep(0.02)
+
+            async def join_meanwhile(k: int) -> tuple[ClientConnection, dict]:
+                await asyncio.sleep(0.1 * k)
+                joiner, welcome = await enter(100 + k)
+                assert welcome["type"] == "welcome", welcome
+                return joiner, welcome
+
+            entering = [asyncio.create_task(join_meanwhile(k)) for k in range(joiners)]
+            await send_steadily()
+            entered = await asyncio.gather(*entering)
+            await watcher.send(json.dumps({"text": "the end"}))
+            return await watching, [
+                (welcome, await until_the_end(joiner)) for joiner, welcome in entered
+            ]
+
+    everything, joined = run(scenario())
+    assert len(everything) == senders * per_sender + 1
+    for welcome, live in joined:
+        ids = [message["id"] for message in welcome["history"]] + live
+        # From the first message of its history on, every message, once, in order.
+        first = everything.index(ids[0])
+        assert ids == everything[first:]
+        # A welcome without `since` holds the latest 50, or all there were.
+        assert len(welcome["history"]) == 50 or first == 0
+    assert_nothing_went_wrong(server)
+
+
+GRACE_S = 1.0
+
+
+def start_with_a_short_grace(tmp_path: Path) -> Server:
+    """main.py under uvicorn, with PRESENCE_GRACE_S of GRACE_S rather than 30 s."""
+    (tmp_path / "short_grace.py").write_text(
+        f"import main\n\nmain.PRESENCE_GRACE_S = {GRACE_S}\napp = main.app\n"
+    )
+    return start_server(
+        tmp_path / "uvicorn.log",
+        app="short_grace:app",
+        options=production_options(),
+        PYTHONPATH=str(tmp_path),
+    )
+
+
+def test_a_dropped_room_client_is_a_member_for_its_grace_then_has_left(
+    tmp_path: Path,
+) -> None:
+    server = start_with_a_short_grace(tmp_path)
+
+    def dropping_client() -> tuple[socket.socket, dict]:
+        """Client #2 in the lobby, on a raw socket that can drop without a close frame."""
+        sock, head = raw_handshake(server.port, "/rooms/lobby/2")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return sock, json.loads(read_frame(sock)[1])
+
+    async def scenario() -> tuple[list[dict], dict, float]:
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def enter(client_id: int) -> tuple[ClientConnection, dict]:
+                url = f"{server.ws_url}/rooms/lobby/{client_id}"
+                client = await stack.enter_async_context(open_client(url))
+                return client, json.loads(await client.recv())
+
+            alice, _ = await enter(1)
+            bob, _ = await asyncio.to_thread(dropping_client)
+            heard = [json.loads(await alice.recv())]  # joined: 2
+            reset(bob)  # uvicorn reports 1005: no close frame came
+            # The reset is taken in at once, long before carol's handshake is through:
+            # her "joined" goes out in a turn that knows bob dropped.
+            await enter(3)
+            heard.append(json.loads(await alice.recv()))
+            bob, back = await asyncio.to_thread(dropping_client)  # within the grace
+            await alice.send(json.dumps({"text": "marker"}))
+            heard.append(json.loads(await alice.recv()))
+            reset(bob)  # and not back this time
+            dropped_at = time.monotonic()
+            heard.append(json.loads(await alice.recv()))
+            return heard, back, time.monotonic() - dropped_at
+
+    try:
+        heard, back, left_after_s = run(scenario())
+    finally:
+        server.stop()
+    assert heard[:2] == [
+        {"type": "joined", "client_ids": [2]},
+        {"type": "joined", "client_ids": [3]},  # and no "left" for 2: in its grace
+    ]
+    assert back["members"] == [1, 2, 3]
+    assert (heard[2]["type"], heard[2]["text"]) == ("message", "marker")  # no "joined"
+    assert heard[3] == {"type": "left", "client_ids": [2]}
+    assert left_after_s >= GRACE_S
     assert_nothing_went_wrong(server)
