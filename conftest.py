@@ -38,12 +38,15 @@ TAKEN_OVER = "Replaced by a newer connection with the same client id"
 FLOODING = "Flooding: over 10 messages a second"
 TOO_MANY_ROOMS = "Too many rooms open (over 1000): try again later"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
-README_REASONS = (TOO_SLOW, TAKEN_OVER, FLOODING, TOO_MANY_ROOMS, EXPECTED_JSON)
-# The README gives only the codes of these; the words are main.py's, as a reader sees
-# them on the page.
 BINARY_REFUSED = "Binary frames are not supported: send text"
 TOO_BIG = "Message over 65536 bytes"
 REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
+SERVER_PAUSED = "Chat unavailable: this server was paused; try again later"
+NOT_SENT = "Chat unavailable: the message was not sent; try again later"
+README_REASONS = (
+    *(TOO_SLOW, TAKEN_OVER, FLOODING, TOO_MANY_ROOMS, EXPECTED_JSON, BINARY_REFUSED),
+    *(TOO_BIG, REDIS_DOWN, SERVER_PAUSED, NOT_SENT),
+)
 
 # What the chat says, as patterns for the frames a test names as ones it ignores.
 YOU_WROTE = r"You wrote: .*"

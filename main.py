@@ -76,12 +76,15 @@ async def get() -> FileResponse:
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
-# Every step relies on the guards of "What every step shares", after the steps: each
-# WebSocket's Origin is checked before its endpoint runs (CheckOrigin); endpoints read
-# with receive_valid_text, the tutorial's receive_text but for text only, at most 64 KiB
-# (else the connection closes with 1003 or 1009); a chat client that floods is slowed by
-# FloodControl; close_quietly closes with a code and reason; and the log shows no
-# traceback for anything a client does.
+# Every step relies on the guards of "What every step shares", after the steps, each
+# named for what it does, so that a step reads without them:
+# - every WebSocket's Origin is checked before its endpoint runs (CheckOrigin);
+# - endpoints read with receive_valid_text: the tutorial's receive_text, but text only,
+#   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
+#   closes every connection with 1012, as it shuts down, it raises ServerShutdown;
+# - a chat client that floods is slowed down by FloodControl;
+# - close_quietly closes with a code and a reason, giving up after 5 s on a client that
+#   reads nothing; and the log shows no traceback for anything a client does.
 
 
 # --- Step 1: echo. Accept, then receive and send in a loop ---------------------------------
@@ -124,18 +127,23 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   over, and the older connection is closed with 4000;
 # - disconnect() tells the others itself: several who leave at once get one notice;
 # - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone;
-# - where a message goes is the manager's relay: this process's clients, by default.
+# - where a message goes is the manager's relay: by default DeliverHere, this process's
+#   clients, which always takes it; it is the one piece another relay would replace.
 #
 # And its broadcast never waits on a client's socket. The tutorial's awaits each client
 # in turn, so one that stops reading stalls the room: beside one, the tutorial's chat
 # delivered 699 of 3,000 messages, then nothing; this one all 3,000 (bench.py). Here:
-# - a message is written at once to each client whose socket takes it;
+# - a message is written at once to each client whose socket takes it (uvicorn, and the
+#   kernel, buffer what a client has not read yet: "full" is when they hold no more);
 # - a client whose socket is full is queued the rest, up to MAX_BACKLOG_MESSAGES, and a
 #   task of its own writes them as the socket drains;
 # - once that backlog is full while the socket still is, the client is cut off (1008):
 #   it reads more slowly than the room talks, and waiting would slow everyone to it.
-# Messages sent in one moment (one turn of the event loop, before the delivery task
-# runs) are written together, each client's back to back.
+#   What it was yet to be sent is dropped; its close frame waits behind what it has not
+#   read, 5 s at most, and the page reconnects to a chat that has gone on.
+# A delivery may wait for a backlog's task to have its turn (the server is busy), never
+# for a client's socket. Messages sent in one moment (one turn of the event loop, before
+# the delivery task runs) are written together, each client's back to back.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_PENDING_MESSAGES = 100  # sent and not yet written: a writer past this waits
@@ -499,6 +507,13 @@ async def item_endpoint(
 # client's id, the members, the history, whether some was missed); then each `message`
 # ({"id", "client_id", "text"}, to everyone, the sender too), and `joined` and `left`
 # ({"client_ids": [...]}). From the client: {"text": T}; anything else closes with 1007.
+#
+# How it builds on step 3: a Room holds a step 3 ConnectionManager for its clients (the
+# delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
+# doorkeeper task lets joiners in between two deliveries, so that a joiner's history
+# and the messages it gets live meet exactly. Where a room's messages, ids and members
+# live is the rooms' relay: by default RoomsHere, this process; its five calls are the
+# places where another relay would do something else, and here most do nothing.
 
 # Django Channels' rule for group names: no spaces or slashes, so a name fits in a URL,
 # a key and a channel's messages as it is.
@@ -529,7 +544,8 @@ Joiner = tuple[Client, str | None]  # a client being let in, and the `since` it 
 
 
 class History:
-    """A room's latest messages, encoded as sent, each with its id.
+    """A room's latest messages, each with its id, kept as sent: in UTF-8, so that its
+    bounds are what it holds (a str with one emoji takes four bytes a character).
 
     An id is `{epoch}-{number}`, the epoch being when the room began: after a restart,
     or once a room was forgotten, an old id is not mistaken for one of the new history's.
@@ -538,8 +554,8 @@ class History:
     def __init__(self) -> None:
         self.epoch = f"{time.time_ns() // 1_000_000:x}"  # hexadecimal: shorter frames
         self.next_number = 1
-        self.messages: collections.deque[tuple[str, str]] = collections.deque()
-        self.bytes = 0  # of the frames, in UTF-8
+        self.messages: collections.deque[tuple[str, bytes]] = collections.deque()
+        self.bytes = 0  # of the frames
 
     def next_id(self) -> str:
         message_id = f"{self.epoch}-{self.next_number}"
@@ -548,15 +564,15 @@ class History:
 
     def keep(self, message_id: str, frame: str) -> int:
         """Kept, with its id; how many bytes the history grew (or shrank)."""
-        before = self.bytes
-        self.messages.append((message_id, frame))
-        self.bytes += len(frame.encode())
+        before, encoded = self.bytes, frame.encode()
+        self.messages.append((message_id, encoded))
+        self.bytes += len(encoded)
         while len(self.messages) > HISTORY_MESSAGES or self.bytes > HISTORY_BYTES:
             self.drop_oldest()
         return self.bytes - before
 
     def drop_oldest(self) -> int:
-        dropped = len(self.messages.popleft()[1].encode())
+        dropped = len(self.messages.popleft()[1])
         self.bytes -= dropped
         return dropped
 
@@ -568,7 +584,7 @@ class History:
         # The message just dropped still counts: nothing after it is missing.
         if number is not None and max(first - 1, 1) <= number < self.next_number:
             after = itertools.islice(self.messages, number - first + 1, None)
-            return [frame for _, frame in after], False
+            return [frame.decode() for _, frame in after], False
         return self.latest(), since is not None
 
     def number_of(self, message_id: str | None) -> int | None:
@@ -579,7 +595,7 @@ class History:
     def latest(self) -> list[str]:
         count = min(WELCOME_HISTORY_MESSAGES, len(self.messages))
         latest = itertools.islice(reversed(self.messages), count)
-        return [frame for _, frame in latest][::-1]
+        return [frame.decode() for _, frame in latest][::-1]
 
 
 class Room:
@@ -602,8 +618,9 @@ class Room:
 
 
 class RoomRelay(Protocol):
-    """What carries step 5's rooms: this process, by default (the class below); any
-    other relay takes the same calls."""
+    """What carries step 5's rooms: this process, by default (RoomsHere, below): it is
+    always open, posts into the room's own history, knows no members elsewhere, reads
+    each joiner's history from the room, and has nobody else to tell of presence."""
 
     def check_open(self) -> None: ...
 
@@ -1171,7 +1188,11 @@ class RedisRelay:
             last = max(stream_order(kept[-1][0]) if kept else (0, 0), newest)
             if held:
                 last = max(last, stream_order(since or ""))
-            since_then = [m for m in room.history.messages if stream_order(m[0]) > last]
+            since_then = [
+                (i, frame.decode())
+                for i, frame in room.history.messages
+                if stream_order(i) > last
+            ]
             history, cut = latest_within_bytes(
                 [
                     frame

@@ -68,10 +68,14 @@ def close_at_once(*websockets) -> None:
 def refused_handshake(
     client: TestClient, path: str, headers: dict[str, str] | None = None
 ) -> WebSocketDisconnect:
-    """The error a handshake fails with; fails the test if the handshake succeeds."""
-    with pytest.raises(WebSocketDisconnect) as refused:
-        client.websocket_connect(path, headers=headers or {}).__enter__()
-    return refused.value
+    """The error a handshake fails with; fails the test if the handshake succeeds
+    (after closing that connection, so that its handler ends and nothing hangs)."""
+    try:
+        with client.websocket_connect(path, headers=headers or {}):
+            pass
+    except WebSocketDisconnect as refused:
+        return refused
+    pytest.fail(f"{path} was accepted")
 
 
 # --- The page ----------------------------------------------------------------------------
@@ -342,24 +346,29 @@ def test_a_client_whose_socket_keeps_it_a_full_backlog_behind_is_cut_off_at_once
 
 
 def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None:
-    async def broadcast_a_burst_to_a_client_behind() -> tuple[
-        main.Client, Socket, list
-    ]:
+    async def a_burst_to_a_client_whose_socket_was_full_for_a_moment() -> tuple:
         manager = main.ConnectionManager()
-        socket = Socket()
-        socket.writable.clear()  # full for a moment: the client gets a backlog
-        client = manager.active_connections[1] = client_writing_with(socket.send, 1)
+        socket, first_write = Socket(), True
+        socket.writable.clear()
+
+        async def full_for_a_moment(message: Message) -> None:
+            nonlocal first_write
+            if first_write:  # it drains at the next turn of the event loop
+                first_write = False
+                asyncio.get_running_loop().call_soon(socket.writable.set)
+            await socket.send(message)
+
+        client = manager.active_connections[1] = client_writing_with(
+            full_for_a_moment, 1
+        )
+        # One moment's burst: more than a backlog holds before its task has its turn.
         sent = [f"message {i}" for i in range(3 * main.MAX_BACKLOG_MESSAGES)]
-        first = asyncio.ensure_future(manager.broadcast(sent[0]))
-        # The delivery starts, writes nothing, and starts the client's backlog.
-        await turns_of_the_event_loop(1)
-        socket.writable.set()  # drained; its backlog's task is yet to run
-        # A burst: more than a backlog holds before that task has its turn.
-        await asyncio.gather(first, *(manager.broadcast(text) for text in sent[1:]))
+        for text in sent:
+            manager.queue(None, text)
         await turns_of_the_event_loop()
         return client, socket, sent
 
-    client, socket, sent = run(broadcast_a_burst_to_a_client_behind())
+    client, socket, sent = run(a_burst_to_a_client_whose_socket_was_full_for_a_moment())
     assert not client.cut_off_scope.cancel_called
     assert socket.written == sent
 
@@ -381,6 +390,32 @@ def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> Non
         return waiting.done()
 
     assert run(leave_while_the_delivery_waits())
+
+
+def test_joiners_are_let_in_between_two_deliveries_never_during_one() -> None:
+    # A message kept in the history but not yet delivered would reach a joiner twice:
+    # in its welcome, and live.
+    async def join_while_a_delivery_is_under_way() -> tuple[bool, bool]:
+        rooms = main.RoomManager()
+        room = rooms.open_room("lobby")
+        delivered = asyncio.Event()
+
+        async def delivery_under_way() -> None:
+            try:
+                await delivered.wait()
+            finally:
+                room.clients.deliverer = None
+
+        room.clients.deliverer = asyncio.ensure_future(delivery_under_way())
+        room.joining.append((client_writing_with(Socket().send, 7), None))
+        rooms.call_the_doorkeeper(room)
+        await turns_of_the_event_loop()
+        let_in_during = 7 in room.clients.active_connections
+        delivered.set()
+        await turns_of_the_event_loop()
+        return let_in_during, 7 in room.clients.active_connections
+
+    assert run(join_while_a_delivery_is_under_way()) == (False, True)
 
 
 def test_a_client_whose_socket_drains_as_its_backlog_fills_is_not_cut_off() -> None:

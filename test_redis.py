@@ -29,8 +29,10 @@ from websockets.exceptions import ConnectionClosed
 import main
 from conftest import (
     HERE,
+    NOT_SENT,
     REDIS_DOWN,
     SAYS,
+    SERVER_PAUSED,
     STARTUP_TIMEOUT_S,
     TAKEN_OVER,
     YOU_WROTE,
@@ -54,7 +56,6 @@ from conftest import (
 RELAYING = "Chat relayed through Redis"
 PAGE_HANDSHAKE = '"WebSocket /chat/1" [accepted]'
 LOST = (1013, REDIS_DOWN)
-NOT_SENT = "Chat unavailable: the message was not sent; try again later"
 # A hung Redis is noticed within REDIS_TIMEOUT_S of silence, after at most one ping
 # interval; the rest is the time to close the clients.
 DETECTION_BOUND_S = 3.5
@@ -1175,7 +1176,7 @@ def test_a_worker_paused_past_its_liveness_closes_its_clients_who_come_back(
         return closed, welcome, rejoined, said, time.monotonic() - resumed_at
 
     closed, welcome, rejoined, said, back_after = run(in_rooms(pause))
-    assert closed == (1013, "Chat unavailable: this server was paused; try again later")
+    assert closed == (1013, SERVER_PAUSED)
     assert [m["id"] for m in welcome["history"]] == [said]
     assert welcome["missed"] is False
     assert rejoined["client_ids"] == [2]
