@@ -139,9 +139,10 @@ def process_cpu_seconds(pid: int) -> float:
     return (user + system) / os.sysconf("SC_CLK_TCK")
 
 
-def process_rss_bytes(pid: int) -> int:
+def process_rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory now; with field="VmHWM", at its highest since the process began."""
     status = Path(f"/proc/{pid}/status").read_text()
-    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+    line = next(line for line in status.splitlines() if line.startswith(f"{field}:"))
     return int(line.split()[1]) * 1024
 
 
@@ -169,6 +170,9 @@ class Server:
 
     def rss_bytes(self) -> int:
         return process_rss_bytes(self.process.pid)
+
+    def peak_rss_bytes(self) -> int:
+        return process_rss_bytes(self.process.pid, "VmHWM")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -250,7 +254,14 @@ def server(tmp_path: Path) -> Iterator[Server]:
     """uvicorn with the README's production flags."""
     running = start_server(tmp_path / "uvicorn.log", options=production_options())
     yield running
-    running.stop()
+    stop_with_no_traceback(running)
+
+
+def stop_with_no_traceback(server: Server) -> None:
+    """Stopped; and nothing it ran, up to its end, raised past main.py's handlers, in
+    whatever test, checked or not."""
+    server.stop()
+    assert "Traceback" not in server.log(), server.log()
 
 
 def wait_for_log(

@@ -25,6 +25,7 @@ from conftest import (
     FLOODING,
     README,
     README_REASONS,
+    REDIS_DOWN,
     TAKEN_OVER,
     TOO_BIG,
     TOO_MANY_ROOMS,
@@ -334,6 +335,7 @@ def test_a_client_whose_socket_keeps_it_a_full_backlog_behind_is_cut_off_at_once
         # No timer runs meanwhile: nothing may wait on the client's socket.
         await turns_of_the_event_loop()
         assert broadcasting.done()
+        await broadcasting  # and raised nothing
         return slow, healthy, sent
 
     slow, healthy, sent = run(broadcast_beside_a_full_socket())
@@ -387,7 +389,10 @@ def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> Non
         client.backlog.sender = asyncio.ensure_future(asyncio.sleep(0))
         manager.leave(client)  # before that task ran
         await turns_of_the_event_loop(3)
-        return waiting.done()
+        done = waiting.done()
+        if done:
+            waiting.result()  # and raised nothing
+        return done
 
     assert run(leave_while_the_delivery_waits())
 
@@ -808,8 +813,13 @@ def test_a_client_leaving_is_announced_and_a_takeover_is_not(
                 assert next_of_type(second_tab, "welcome")["members"] == [1, 7]
                 assert receive_close(first_tab) == (4000, TAKEN_OVER)
                 say(second_tab, "still me")
-                # No "left" nor "joined" for 7: the same member, on a newer connection.
+                assert next_of_type(second_tab, "message")["text"] == "still me"
                 assert next_of_type(alice, "message")["text"] == "still me"
+                # No "left" nor "joined" for 7, even once presence has had its turn:
+                # the same member, on a newer connection.
+                time.sleep(2 * main.PRESENCE_INTERVAL_S)
+                say(alice, "marker")
+                assert next_of_type(alice, "message")["text"] == "marker"
         assert next_of_type(alice, "left") == {"type": "left", "client_ids": [7]}
 
 
@@ -1051,7 +1061,60 @@ def test_redis_url_password_is_kept_out_of_the_log() -> None:
     )
 
 
+# What uvicorn's ASGI `receive` gives every connection as it shuts down: 1012, and no
+# "reason" key, where a client's own close frame always has one.
+UVICORN_SHUTTING_DOWN = {"type": "websocket.disconnect", "code": 1012}
+
+
+def test_losing_redis_closes_every_client_quietly_with_1013() -> None:
+    # Quiet: a relay back before their handlers end must not tell anyone they left.
+    async def lose_redis() -> list[main.Client]:
+        chat, rooms = main.ConnectionManager(), main.RoomManager()
+        # Nothing is sent to Redis here: the relay connects only once it runs.
+        relay = main.RedisRelay("redis://127.0.0.1:9/0", [chat], rooms)
+        relay.relaying = True
+        in_chat = chat.active_connections[1] = client_writing_with(Socket().send, 1)
+        room = rooms.open_room("lobby")
+        in_room = client_writing_with(Socket().send, 2)
+        room.clients.enter(in_room)
+        joining = client_writing_with(Socket().send, 3)
+        room.joining.append((joining, None))
+        relay.close_chat("gone")
+        await relay.redis.aclose()
+        return [in_chat, in_room, joining]
+
+    for closed in run(lose_redis()):
+        assert (closed.close_code, closed.close_reason) == (1013, REDIS_DOWN)
+        assert closed.quiet
+
+
 # --- What one client sends hurts only its sender ---------------------------------------
+
+
+def test_the_server_s_own_1012_tells_nobody_a_chat_client_left(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/chat/1") as alice:
+        with client.websocket_connect("/chat/2") as bob:
+            bob.send_text("bye")
+            assert alice.receive_text() == "Client #2 says: bye"
+            bob.send(UVICORN_SHUTTING_DOWN)
+        alice.send_text("marker")  # a notice of bob's leaving would come first
+        assert alice.receive_text() == "You wrote: marker"
+
+
+def test_the_server_s_own_1012_keeps_a_room_member_as_away(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/rooms/lobby/1") as alice:
+        next_of_type(alice, "welcome")
+        with client.websocket_connect("/rooms/lobby/2") as bob:
+            next_of_type(bob, "welcome")
+            assert next_of_type(alice, "joined")["client_ids"] == [2]
+            bob.send(UVICORN_SHUTTING_DOWN)
+        with client.websocket_connect("/rooms/lobby/3") as carol:
+            assert next_of_type(carol, "welcome")["members"] == [1, 2, 3]
+            assert alice.receive_json() == {"type": "joined", "client_ids": [3]}
 
 
 def test_a_chat_client_closing_with_1012_itself_is_announced(

@@ -49,6 +49,7 @@ from conftest import (
     receive_says,
     run,
     start_server,
+    stop_with_no_traceback,
     wait_for_log,
     wait_until_listening,
 )
@@ -83,7 +84,7 @@ def workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[list[Server]]
     finally:
         redis_server.resume()  # in case a test left it stopped
         for server in servers:
-            server.stop()
+            stop_with_no_traceback(server)
 
 
 def post(server: Server, text: str) -> tuple[int, dict]:
@@ -607,15 +608,22 @@ def test_same_id_in_a_room_on_another_process_takes_over(workers: list[Server]) 
         second_tab, welcome = await join_room(stack, second, "/rooms/lobby/7")
         closed = await closed_with(first_tab)
         await say_in_room(second_tab, "moved over")
-        # No "left" for 7, nor a second "joined": the same member, moved.
+        # No "left" for 7, nor a second "joined", even once presence has had its turn
+        # in both processes: the same member, moved.
         frames = [json.loads(await watcher.recv()) for _ in range(2)]
+        await asyncio.sleep(2 * main.PRESENCE_INTERVAL_S)
+        frames.append(await say_in_room(watcher, "marker"))  # and nothing before it
         return closed, {"welcome": welcome, "frames": frames}
 
     closed, seen = run(in_rooms(two_tabs))
     assert closed == (4000, TAKEN_OVER)
     assert seen["welcome"]["members"] == [1, 7]
-    assert [frame["type"] for frame in seen["frames"]] == ["joined", "message"]
-    assert seen["frames"][1]["text"] == "moved over"
+    assert [frame["type"] for frame in seen["frames"]] == [
+        "joined",
+        "message",
+        "message",
+    ]
+    assert [frame["text"] for frame in seen["frames"][1:]] == ["moved over", "marker"]
     for server in workers:
         assert_nothing_went_wrong(server)
 
@@ -947,26 +955,35 @@ def test_a_welcome_through_redis_is_bounded_in_bytes(workers: list[Server]) -> N
     first, second = workers
     text = "é" * 30_000  # 60,000 bytes of UTF-8
 
-    async def scenario(stack: contextlib.AsyncExitStack) -> list[int]:
+    async def scenario(
+        stack: contextlib.AsyncExitStack,
+    ) -> tuple[list[str], list[tuple[int, dict]]]:
         senders = [
             (await join_room(stack, first, f"/rooms/lobby/{n}"))[0] for n in range(3)
         ]
         # Each waits for its own copy; the others' messages, and who joined, come
         # between.
         ids = [
-            (await say_in_room(sender, f"{i} {text}", {"joined", "message"}))["id"]
+            (await say_in_room(sender, f"{i} {n} {text}", {"joined", "message"}))["id"]
             for i in range(20)
-            for sender in senders
+            for n, sender in enumerate(senders)
         ]
-        sizes = []
+        welcomes = []
         for path in ("/rooms/lobby/9", f"/rooms/lobby/9?since={ids[0]}"):
             url = f"{second.ws_url}{path}"
             async with open_client(url, max_size=None) as joiner:
-                sizes.append(len((await joiner.recv()).encode()))
-        return sizes
+                frame = await joiner.recv()
+                welcomes.append((len(frame.encode()), json.loads(frame)))
+        return ids, welcomes
 
-    for size in run(in_rooms(scenario)):
-        assert size <= main.HISTORY_BYTES + 64 * 1024  # and one message, at most
+    ids, welcomes = run(in_rooms(scenario))
+    for size, welcome in welcomes:
+        # 3.6 MB were said: the welcome holds the latest, up to the bound, and one
+        # message more at most.
+        assert main.HISTORY_BYTES // 2 < size <= main.HISTORY_BYTES + 64 * 1024
+        assert welcome["history"][-1]["id"] == ids[-1]
+    # Asked for all after the first: more than the bound holds, so some were missed.
+    assert welcomes[1][1]["missed"] is True
 
 
 # --- The relay's promises: lifetimes, pauses, mixed joiners, retries, clock steps -----------
@@ -1193,7 +1210,7 @@ def proxied_workers(
     yield servers, proxy
     proxy.stop()
     for server in servers:
-        server.stop()
+        stop_with_no_traceback(server)
 
 
 def test_joiners_with_and_without_since_let_in_together_miss_nothing(
@@ -1201,7 +1218,16 @@ def test_joiners_with_and_without_since_let_in_together_miss_nothing(
 ) -> None:
     (first, second), proxy = proxied_workers
 
-    async def mixed_batch(stack: contextlib.AsyncExitStack) -> list[str]:
+    async def ids_until(websocket: ClientConnection, welcome: dict, last: str) -> list:
+        """The welcome's history, then what comes live, up to `last`: their ids."""
+        ids = [message["id"] for message in welcome["history"]]
+        while last not in ids:
+            frame = json.loads(await websocket.recv())
+            if frame["type"] == "message":
+                ids.append(frame["id"])
+        return ids
+
+    async def mixed_batch(stack: contextlib.AsyncExitStack) -> tuple[list, dict]:
         alice, _ = await join_room(stack, first, "/rooms/lobby/1")
         last = (await say_in_room(alice, "seen"))["id"]
         await join_room(stack, second, "/rooms/lobby/4")  # the next joiners wait a turn
@@ -1217,19 +1243,20 @@ def test_joiners_with_and_without_since_let_in_together_miss_nothing(
         # The joiners are told to alice when they are let in: before or after this.
         between = (await say_in_room(alice, "between the reads", {"joined"}))["id"]
         proxy.release()
-        back, welcome = await returning
-        await fresh
+        back, back_welcome = await returning
+        new, new_welcome = await fresh
         marker = (await say_in_room(alice, "after", {"joined"}))["id"]
-        ids = [message["id"] for message in welcome["history"]]
-        while marker not in ids:
-            frame = json.loads(await back.recv())
-            if frame["type"] == "message":
-                ids.append(frame["id"])
-        return [between, marker], ids, welcome["missed"]
+        heard = {
+            "back": await ids_until(back, back_welcome, marker),
+            "new": await ids_until(new, new_welcome, marker),
+        }
+        missed = {"back": back_welcome["missed"], "new": new_welcome["missed"]}
+        return [last, between, marker], {"heard": heard, "missed": missed}
 
-    expected, received, missed = run(in_rooms(mixed_batch))
-    assert received == expected  # each once, in order
-    assert missed is False
+    (seen, between, marker), got = run(in_rooms(mixed_batch))
+    # Each once, in order: the returning one after what it had seen, the new one all.
+    assert got["heard"] == {"back": [between, marker], "new": [seen, between, marker]}
+    assert got["missed"] == {"back": False, "new": False}
 
 
 def test_a_publish_whose_reply_is_lost_is_published_once(
