@@ -118,9 +118,10 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
         logger.info("Client #%d left the chat", client_id)
 
 
-# --- Step 3: a chat room. The ConnectionManager, then its endpoints ------------------------
+# --- Step 3: a chat room. The ConnectionManager and its endpoints --------------------------
 #
-# The tutorial's manager, its four methods in its order, with these changes:
+# The second tutorial's manager (the first has no send_personal_message), its four
+# methods in its order, with these changes:
 # - the chat is at /chat/{client_id}: the second tutorial puts it at /ws/{client_id},
 #   which is step 2's here; /chat/ is the first tutorial's anonymous chat;
 # - active_connections is a dict by client id: the same id again (a second tab) takes
@@ -162,7 +163,7 @@ class Client:
     def __init__(self, websocket: WebSocket, client_id: int | None) -> None:
         self.websocket = websocket
         self.client_id = client_id
-        # Where the manager keeps it: its id, or, in the anonymous chat, itself.
+        # Where the manager keeps it: its id, or, in the anonymous chat, a number its own.
         self.key = client_id if client_id is not None else id(self)
         self.backlog: Backlog | None = None  # only while its socket is full
         # Its handler runs in this scope: cancelled, it ends even while it waits.
@@ -309,8 +310,9 @@ class ConnectionManager:
         everyone, own = outgoing
         position, messages, written = start, everyone, 0
         try:
-            # A deadline of now: a write that would wait for a full socket is given up;
-            # uvicorn waits before writing (not its legacy --ws websockets): none half-sent.
+            # A deadline of now: a write that would wait for a full socket is given up.
+            # uvicorn's default (uvicorn[standard]'s websockets-sansio) waits for room
+            # before it writes, so none is half-sent; its legacy --ws websockets does not.
             async with asyncio.timeout(0):
                 for position in range(start, len(clients)):
                     client = clients[position]
@@ -526,11 +528,11 @@ MAX_ROOMS = 1000  # with someone in each; past it, 1013 (an empty one makes room
 ROOM_IDLE_S = 600.0  # a room nobody is in is forgotten, history and all, after this
 PRESENCE_INTERVAL_S = 0.25  # joiners are let in, and presence told, this often at most
 # A dropped client may come back this long before it has left: time enough for a whole
-# server's pages to be back after a network cut (10,000 took about 20 s in bench.py).
+# server's pages to be back after a network cut (10,000 took 10 to 24 s in bench.py).
 PRESENCE_GRACE_S = 30.0
-# Endings after which the page comes back by itself: the connection dropped without a
-# close frame (uvicorn says 1005 or 1006), or the client was cut off as too slow; and
-# the server's own quiet endings (a restart, 1012).
+# Close codes after which the page comes back by itself: the connection dropped without
+# a close frame (uvicorn says 1005 or 1006), or the client was cut off as too slow. The
+# server's own quiet endings (a restart's 1012) count too: see `client.quiet`.
 AWAY_CLOSE_CODES = frozenset({1005, 1006, status.WS_1008_POLICY_VIOLATION})
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
 SERVER_ERROR = "Server error: try again later"
@@ -849,7 +851,7 @@ async def receive_json_text(websocket: WebSocket) -> str:
     data = await receive_valid_text(websocket)
     try:
         message = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[…", nested past Python's limit
         message = None
     text = message.get("text") if isinstance(message, dict) else None
     if not isinstance(text, str) or not text or not is_utf8(text):
@@ -945,13 +947,13 @@ end
 local id = '-'
 if #KEYS > 1 then
   id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
-  -- A message's frame is its text, its id, and 26 bytes of JSON: message_frame().
-  local bytes = redis.call('INCRBY', KEYS[2], #ARGV[4] + #id + 26)
+  -- A message's frame is what was said, its id, and 25 bytes more: message_frame().
+  local bytes = redis.call('INCRBY', KEYS[2], #ARGV[4] + #id + 25)
   local count = redis.call('XLEN', KEYS[1])
   while count > 1 and (count > tonumber(ARGV[5]) or bytes > tonumber(ARGV[6])) do
     local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
     redis.call('XDEL', KEYS[1], oldest[1])
-    bytes = redis.call('DECRBY', KEYS[2], #oldest[2][2] + #oldest[1] + 26)
+    bytes = redis.call('DECRBY', KEYS[2], #oldest[2][2] + #oldest[1] + 25)
     count = count - 1
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[7])

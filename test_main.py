@@ -859,7 +859,10 @@ def test_a_dropped_client_has_a_grace_to_come_back_before_it_has_left(
 
 @pytest.mark.parametrize(
     "frame",
-    ["hello", "[1, 2]", '"text"', "{}", '{"text": 5}', '{"text": ""}', "{nope"],
+    [
+        *("hello", "[1, 2]", '"text"', "{}", '{"text": 5}', '{"text": ""}', "{nope"),
+        "[" * 20_000,  # nested past Python's recursion limit, in 20 KB
+    ],
 )
 def test_anything_but_a_text_object_closes_with_1007(
     client: TestClient, frame: str
@@ -1046,6 +1049,18 @@ def test_allowed_origins_lets_another_site_in(client: TestClient, monkeypatch) -
     with client.websocket_connect(
         "/ws", headers={"Origin": "https://chat.example"}
     ) as websocket:
+        websocket.send_text("ok")
+        assert websocket.receive_text() == "Message text was: ok"
+
+
+def test_a_page_opened_as_a_file_is_let_in_only_once_allowed(
+    client: TestClient, monkeypatch
+) -> None:
+    # A browser sends "Origin: null" for a page opened from file://.
+    refused = refused_handshake(client, "/ws", {"Origin": "null"})
+    assert (refused.code, refused.reason) == (1008, "Origin null is not allowed")
+    monkeypatch.setattr(main, "ALLOWED_ORIGINS", frozenset({"null"}))  # as README says
+    with client.websocket_connect("/ws", headers={"Origin": "null"}) as websocket:
         websocket.send_text("ok")
         assert websocket.receive_text() == "Message text was: ok"
 
