@@ -605,7 +605,7 @@ class Room:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.clients = ConnectionManager(name)  # step 3's delivery and takeovers
+        self.manager = ConnectionManager(name)  # step 3's delivery and takeovers
         self.history = History()
         self.joining: list[Joiner] = []
         self.away: dict[int, float] = {}  # dropped, and when their grace ends
@@ -616,7 +616,7 @@ class Room:
         self.empty_since = 0.0
 
     def is_empty(self) -> bool:
-        return not (self.clients.active_connections or self.joining or self.away)
+        return not (self.manager.active_connections or self.joining or self.away)
 
 
 class RoomRelay(Protocol):
@@ -651,7 +651,7 @@ class RoomsHere:
         message_id = room.history.next_id()
         frame = message_frame(message_id, said(client_id, text))
         rooms.keep(room, message_id, frame)
-        await room.clients.send_soon(None, frame)
+        await room.manager.send_soon(None, frame)
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
         return set()  # no members but this process's
@@ -669,8 +669,8 @@ class RoomManager:
     """Step 3's manager for many rooms, each a room of step 3's with a history."""
 
     def __init__(self) -> None:
-        # By name, the least recently active first: see `open_room`.
-        self.rooms: collections.OrderedDict[str, Room] = collections.OrderedDict()
+        # The rooms, the least recently active first: see `open_room`.
+        self.by_name: collections.OrderedDict[str, Room] = collections.OrderedDict()
         self.history_bytes = 0  # of all rooms together: see `keep`
         self.relay: RoomRelay = RoomsHere()
 
@@ -688,8 +688,8 @@ class RoomManager:
         """Out of its room; the others are told who left, several in one notice."""
         was_let_in = all(joiner is not client for joiner, _ in room.joining)
         room.joining = [(c, since) for c, since in room.joining if c is not client]
-        room.clients.leave(client)
-        replaced = client.key in room.clients.active_connections  # by a newer one
+        room.manager.leave(client)
+        replaced = client.key in room.manager.active_connections  # by a newer one
         away = client.quiet or client.close_code in AWAY_CLOSE_CODES
         if was_let_in and not replaced and away:
             # Not gone yet: a page that lost its connection, or whose server restarts,
@@ -706,27 +706,27 @@ class RoomManager:
 
     def open_room(self, name: str) -> Room:
         self.relay.check_open()
-        room = self.rooms.get(name)
+        room = self.by_name.get(name)
         if room is None:
-            if len(self.rooms) >= MAX_ROOMS:
+            if len(self.by_name) >= MAX_ROOMS:
                 self.forget_a_room_nobody_is_in()
-            room = self.rooms[name] = Room(name)
-        self.rooms.move_to_end(name)
+            room = self.by_name[name] = Room(name)
+        self.by_name.move_to_end(name)
         return room
 
     def forget_a_room_nobody_is_in(self) -> None:
         """The least recently active room nobody is in forgets itself to make room; if
         everyone is in one, 1013. So rooms opened and left lock nobody out: to hold
         MAX_ROOMS, a client must keep a connection open in each."""
-        for room in self.rooms.values():  # the least recently active first
+        for room in self.by_name.values():  # the least recently active first
             if room.is_empty():
                 self.forget(room)
                 return
         raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, TOO_MANY_ROOMS)
 
     def forget(self, room: Room) -> None:
-        if self.rooms.get(room.name) is room:
-            del self.rooms[room.name]
+        if self.by_name.get(room.name) is room:
+            del self.by_name[room.name]
             self.history_bytes -= room.history.bytes
 
     def forget_if_idle(self, room: Room) -> None:
@@ -736,11 +736,11 @@ class RoomManager:
     def keep(self, room: Room, message_id: str, frame: str) -> None:
         """Into the room's history; past ALL_HISTORY_BYTES, the least active rooms
         forget their oldest messages first."""
-        if self.rooms.get(room.name) is not room:
+        if self.by_name.get(room.name) is not room:
             return  # forgotten meanwhile
         self.history_bytes += room.history.keep(message_id, frame)
-        self.rooms.move_to_end(room.name)
-        for other in self.rooms.values():
+        self.by_name.move_to_end(room.name)
+        for other in self.by_name.values():
             while self.history_bytes > ALL_HISTORY_BYTES and other.history.messages:
                 self.history_bytes -= other.history.drop_oldest()
             if self.history_bytes <= ALL_HISTORY_BYTES:
@@ -767,7 +767,7 @@ class RoomManager:
                 elsewhere = await self.relay.look_up(room, joiners)
                 # Between two deliveries, every message kept has gone to the members: a
                 # joiner gets the history in its welcome, and every later message live.
-                while (delivering := room.clients.deliverer) is not None:
+                while (delivering := room.manager.deliverer) is not None:
                     await asyncio.wait([delivering])
                 self.admit_joiners(room, joiners, elsewhere)
                 room.told_at = loop.time()
@@ -776,7 +776,7 @@ class RoomManager:
             # A bug, not a client's doing: the joiners are told, not left waiting.
             logger.exception("Letting clients into room %s failed", room.name)
             for client, _ in room.joining:
-                room.clients.cut_off(
+                room.manager.cut_off(
                     client, status.WS_1011_INTERNAL_ERROR, SERVER_ERROR
                 )
             room.joining = []
@@ -791,19 +791,19 @@ class RoomManager:
         joiners = [joiner for joiner in joiners if joiner in room.joining]
         room.joining = [joiner for joiner in room.joining if joiner not in joiners]
         histories = self.relay.histories(room, joiners)
-        others = list(room.clients.active_connections.values())
+        others = list(room.manager.active_connections.values())
         for client, _ in joiners:
-            room.clients.enter(client)  # an older connection with this id gets 4000
+            room.manager.enter(client)  # an older connection with this id gets 4000
         loop = asyncio.get_running_loop()
         room.away = {
             client_id: until
             for client_id, until in room.away.items()
-            if until > loop.time() and client_id not in room.clients.active_connections
+            if until > loop.time() and client_id not in room.manager.active_connections
         }
         if room.is_empty():
             room.empty_since = time.monotonic()
             loop.call_later(ROOM_IDLE_S, self.forget_if_idle, room)
-        present = {*room.clients.active_connections, *room.away, *elsewhere}
+        present = {*room.manager.active_connections, *room.away, *elsewhere}
         for kind, client_ids in (
             ("left", room.told - present),
             ("joined", present - room.told),
@@ -811,14 +811,14 @@ class RoomManager:
             if client_ids:
                 notice = compact_json({"type": kind, "client_ids": sorted(client_ids)})
                 for other in others:
-                    if room.clients.active_connections.get(other.key) is other:
-                        room.clients.queue(other, notice)
+                    if room.manager.active_connections.get(other.key) is other:
+                        room.manager.queue(other, notice)
         room.told = present
         for client, _ in joiners:
-            if room.clients.active_connections.get(client.key) is client:
+            if room.manager.active_connections.get(client.key) is client:
                 history, missed = histories[client]
                 frame = welcome(room, client, sorted(present), history, missed)
-                room.clients.queue(client, frame)
+                room.manager.queue(client, frame)
 
 
 def welcome(
@@ -1128,7 +1128,7 @@ class RedisRelay:
         state = self.in_rooms.setdefault(room, RoomInRedis())
         state.looked_up = None
         joining = [client.key for client, _ in joiners]
-        here = sorted({*room.clients.active_connections, *room.away, *joining})
+        here = sorted({*room.manager.active_connections, *room.away, *joining})
         write = "-" if here == state.written else json.dumps(here) if here else ""
         # A `since` Redis would refuse counts as none: that joiner missed some.
         sinces = sorted({s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)})
@@ -1179,7 +1179,7 @@ class RedisRelay:
             return {client: ([], since is not None) for client, since in joiners}
         seen = [m for ms in (found.latest, *found.after.values()) for m in ms]
         newest = max((stream_order(i) for i, _ in seen), default=(0, 0))
-        if not room.clients.active_connections:
+        if not room.manager.active_connections:
             # Nobody here yet: what Redis had is in the welcomes, the rest comes live.
             state.shown_upto = max(state.shown_upto, newest)
         histories = {}
@@ -1208,7 +1208,7 @@ class RedisRelay:
     async def share_presence(self, room: Room) -> None:
         """Tell the other processes to look again at who is in the room; and take over
         from their connections with the joiners' ids."""
-        here = sorted({*room.clients.active_connections, *room.away})
+        here = sorted({*room.manager.active_connections, *room.away})
         if here != self.in_rooms.setdefault(room, RoomInRedis()).written:
             stream, count, members = room_keys(room)  # someone left, or never came in
             try:
@@ -1229,7 +1229,7 @@ class RedisRelay:
         # cost a notice per room each PRESENCE_INTERVAL_S, not one each.
         joined = [
             client
-            for client in room.clients.active_connections.values()
+            for client in room.manager.active_connections.values()
             if client not in self.tokens
         ]
         for client in joined:
@@ -1368,7 +1368,7 @@ class RedisRelay:
             # A room's keys live ROOM_IDLE_S from its last message or joiner: one that
             # someone is in, however quiet, is kept at least four times meanwhile.
             self.rooms_kept_at = sent_ms / 1000
-            for room in self.rooms.rooms.values():
+            for room in self.rooms.by_name.values():
                 for key in room_keys(room) if not room.is_empty() else ():
                     beat.pexpire(key, int(ROOM_IDLE_S * 1000))
         (seconds, microseconds), _, alive, *_ = await beat.execute()
@@ -1376,7 +1376,7 @@ class RedisRelay:
         self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
         gone = {p for p, a in zip(others, alive, strict=False) if not a}
         self.others_alive -= gone
-        for room in self.rooms.rooms.values():  # their members have left
+        for room in self.rooms.by_name.values():  # their members have left
             state = self.in_rooms.get(room)
             if state is not None and gone & state.elsewhere.keys():
                 self.rooms.presence_changed(room)
@@ -1422,17 +1422,17 @@ class RedisRelay:
             elif chat is not None:
                 chat.queue(None, envelope["text"])
             return
-        room = self.rooms.rooms.get(envelope["room"])
+        room = self.rooms.by_name.get(envelope["room"])
         if room is None:
             return  # nobody here in that room
         for client_id, token in envelope["takeovers"]:
-            self.take_over(room.clients, client_id, token)
+            self.take_over(room.manager, client_id, token)
         if envelope["presence"] != self.process:
             self.rooms.presence_changed(room)
 
     def show(self, name: str, message_id: str, what: str) -> None:
         """A room's message, to this process's members of the room, unless they have it."""
-        room = self.rooms.rooms.get(name)
+        room = self.rooms.by_name.get(name)
         if room is None:
             return
         state = self.in_rooms.setdefault(room, RoomInRedis())
@@ -1441,7 +1441,7 @@ class RedisRelay:
         state.shown_upto = stream_order(message_id)
         frame = message_frame(message_id, what)
         self.rooms.keep(room, message_id, frame)
-        room.clients.queue(None, frame)
+        room.manager.queue(None, frame)
 
     def take_over(self, chat: ConnectionManager, client_id: int, token: str) -> None:
         """Another connection with this id joined: close ours if it joined earlier.
@@ -1466,13 +1466,13 @@ class RedisRelay:
         for chat in self.chats.values():
             for client in list(chat.active_connections.values()):
                 chat.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True)
-        for room in self.rooms.rooms.values():
-            clients = [*room.clients.active_connections.values()]
+        for room in self.rooms.by_name.values():
+            clients = [*room.manager.active_connections.values()]
             clients += [client for client, _ in room.joining]
             room.joining, room.away = [], {}
             self.in_rooms.setdefault(room, RoomInRedis()).elsewhere = {}
             for client in clients:
-                room.clients.cut_off(
+                room.manager.cut_off(
                     client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True
                 )
 

@@ -409,16 +409,16 @@ def test_joiners_are_let_in_between_two_deliveries_never_during_one() -> None:
             try:
                 await delivered.wait()
             finally:
-                room.clients.deliverer = None
+                room.manager.deliverer = None
 
-        room.clients.deliverer = asyncio.ensure_future(delivery_under_way())
+        room.manager.deliverer = asyncio.ensure_future(delivery_under_way())
         room.joining.append((client_writing_with(Socket().send, 7), None))
         rooms.call_the_doorkeeper(room)
         await turns_of_the_event_loop()
-        let_in_during = 7 in room.clients.active_connections
+        let_in_during = 7 in room.manager.active_connections
         delivered.set()
         await turns_of_the_event_loop()
-        return let_in_during, 7 in room.clients.active_connections
+        return let_in_during, 7 in room.manager.active_connections
 
     assert run(join_while_a_delivery_is_under_way()) == (False, True)
 
@@ -914,7 +914,7 @@ def test_a_room_nobody_is_in_forgets_itself(client: TestClient, monkeypatch) -> 
         say(alice, "soon forgotten")
         last = next_of_type(alice, "message")["id"]
     forgotten_by = time.monotonic() + 5
-    while "lobby" in main.rooms.rooms:  # its timer fires ROOM_IDLE_S after it emptied
+    while "lobby" in main.rooms.by_name:  # its timer fires ROOM_IDLE_S after it emptied
         assert time.monotonic() < forgotten_by, "never forgotten"
         time.sleep(0.02)
     with client.websocket_connect(f"/rooms/lobby/7?since={last}") as alice:
@@ -1091,7 +1091,7 @@ def test_losing_redis_closes_every_client_quietly_with_1013() -> None:
         in_chat = chat.active_connections[1] = client_writing_with(Socket().send, 1)
         room = rooms.open_room("lobby")
         in_room = client_writing_with(Socket().send, 2)
-        room.clients.enter(in_room)
+        room.manager.enter(in_room)
         joining = client_writing_with(Socket().send, 3)
         room.joining.append((joining, None))
         relay.close_chat("gone")
