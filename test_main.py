@@ -1106,62 +1106,50 @@ def test_losing_redis_closes_every_client_quietly_with_1013() -> None:
 # --- What one client sends hurts only its sender ---------------------------------------
 
 
-def test_the_server_s_own_1012_tells_nobody_a_chat_client_left(
-    client: TestClient,
+# A client's own close frame, as uvicorn hands it on: with a reason, if empty.
+CLIENT_CLOSING_WITH_1012 = {"type": "websocket.disconnect", "code": 1012, "reason": ""}
+ENDINGS_WITH_1012 = pytest.mark.parametrize(
+    ("ending", "left"),
+    [(UVICORN_SHUTTING_DOWN, False), (CLIENT_CLOSING_WITH_1012, True)],
+    ids=["the server's own, quiet", "a client's own, announced"],
+)
+
+
+@ENDINGS_WITH_1012
+def test_a_chat_hears_of_a_1012_only_a_client_sent(
+    client: TestClient, ending: dict, left: bool
 ) -> None:
     with client.websocket_connect("/chat/1") as alice:
         with client.websocket_connect("/chat/2") as bob:
             bob.send_text("bye")
             assert alice.receive_text() == "Client #2 says: bye"
-            bob.send(UVICORN_SHUTTING_DOWN)
-        alice.send_text("marker")  # a notice of bob's leaving would come first
-        assert alice.receive_text() == "You wrote: marker"
+            bob.send(ending)
+        alice.send_text("marker")  # after the notice of bob's leaving, if any
+        notice = ["Client #2 left the chat"] if left else []
+        heard = [alice.receive_text() for _ in range(len(notice) + 1)]
+        assert heard == [*notice, "You wrote: marker"]
 
 
-def test_the_server_s_own_1012_keeps_a_room_member_as_away(
-    client: TestClient,
+@ENDINGS_WITH_1012
+def test_a_room_hears_of_a_1012_only_a_client_sent(
+    client: TestClient, ending: dict, left: bool
 ) -> None:
     with client.websocket_connect("/rooms/lobby/1") as alice:
         next_of_type(alice, "welcome")
         with client.websocket_connect("/rooms/lobby/2") as bob:
             next_of_type(bob, "welcome")
             assert next_of_type(alice, "joined")["client_ids"] == [2]
-            bob.send(UVICORN_SHUTTING_DOWN)
-        with client.websocket_connect("/rooms/lobby/3") as carol:
-            assert next_of_type(carol, "welcome")["members"] == [1, 2, 3]
-            assert alice.receive_json() == {"type": "joined", "client_ids": [3]}
-
-
-def test_a_chat_client_closing_with_1012_itself_is_announced(
-    client: TestClient,
-) -> None:
-    with client.websocket_connect("/chat/1") as alice:
-        with client.websocket_connect("/chat/2") as bob:
-            bob.send_text("bye")
-            assert alice.receive_text() == "Client #2 says: bye"
-            bob.close(1012)  # a client's own 1012: it is not the server restarting
-        alice.send_text("marker")
-        assert alice.receive_text() == "Client #2 left the chat"
-        assert alice.receive_text() == "You wrote: marker"
-
-
-def test_a_room_client_closing_with_1012_itself_is_announced(
-    client: TestClient,
-) -> None:
-    with client.websocket_connect("/rooms/lobby/1") as alice:
-        next_of_type(alice, "welcome")
-        with client.websocket_connect("/rooms/lobby/2") as bob:
-            next_of_type(bob, "welcome")
-            assert next_of_type(alice, "joined")["client_ids"] == [2]
-            bob.close(1012)
+            bob.send(ending)
         # Told before, or with, the next joiner: a later turn of presence.
         with client.websocket_connect("/rooms/lobby/3") as carol:
-            next_of_type(carol, "welcome")
-            assert next_of_type(alice, "left") == {"type": "left", "client_ids": [2]}
-            assert next_of_type(alice, "joined") == {
-                "type": "joined",
-                "client_ids": [3],
-            }
+            members = next_of_type(carol, "welcome")["members"]
+            assert members == ([1, 3] if left else [1, 2, 3])
+            if left:
+                assert next_of_type(alice, "left") == {
+                    "type": "left",
+                    "client_ids": [2],
+                }
+            assert alice.receive_json() == {"type": "joined", "client_ids": [3]}
 
 
 def test_rooms_opened_and_left_do_not_lock_new_rooms_out(
