@@ -111,17 +111,6 @@ def test_echo_replies_with_message_text(client: TestClient) -> None:
         assert websocket.receive_text() == "Message text was: again"
 
 
-def test_echo_client_leaving_logs_nothing(client: TestClient, caplog) -> None:
-    with client.websocket_connect("/ws") as websocket:
-        websocket.send_text("bye")
-        websocket.receive_text()
-    # Leaving the block closed the socket; a new round trip proves the handler finished.
-    with client.websocket_connect("/ws") as websocket:
-        websocket.send_text("ping")
-        assert websocket.receive_text() == "Message text was: ping"
-    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
-
-
 # --- Step 2: client id -------------------------------------------------------------------
 
 
@@ -136,13 +125,9 @@ def test_client_leaving_is_logged(client: TestClient, caplog) -> None:
     with client.websocket_connect("/ws/7") as websocket:
         websocket.send_text("hi")
         websocket.receive_text()
-    with client.websocket_connect(
-        "/ws/8"
-    ) as websocket:  # waits for #7's handler to end
-        websocket.send_text("hi")
-        websocket.receive_text()
+    # Leaving the block waits for the handler; its traceback-free end over a real
+    # socket is test_server's test_steps_1_and_2_take_a_vanished_client_quietly.
     assert "Client #7 left the chat" in caplog.messages
-    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 @pytest.mark.parametrize("path", ["/ws/abc", "/ws/1.5", "/chat/abc"])
@@ -838,13 +823,17 @@ def test_joiners_of_one_moment_are_announced_together(client: TestClient) -> Non
 def test_a_dropped_client_has_a_grace_to_come_back_before_it_has_left(
     client: TestClient, monkeypatch
 ) -> None:
-    monkeypatch.setattr(main, "PRESENCE_GRACE_S", 0.5)
+    monkeypatch.setattr(main, "PRESENCE_GRACE_S", 1.0)
     with client.websocket_connect("/rooms/lobby/1") as alice:
         next_of_type(alice, "welcome")
         with client.websocket_connect("/rooms/lobby/2") as bob:
             next_of_type(bob, "welcome")
             next_of_type(alice, "joined")
             bob.close(1006)  # the connection dropped, without a close frame
+        # Presence has had its turn, and nobody was told it left: it is away.
+        time.sleep(2 * main.PRESENCE_INTERVAL_S)
+        say(alice, "marker")
+        assert next_of_type(alice, "message")["text"] == "marker"
         # Back within the grace: still a member, and nobody was told otherwise.
         with client.websocket_connect("/rooms/lobby/2") as bob:
             assert next_of_type(bob, "welcome")["members"] == [1, 2]
@@ -854,7 +843,7 @@ def test_a_dropped_client_has_a_grace_to_come_back_before_it_has_left(
         dropped_at = time.monotonic()
         # Not back: it has left, once the grace is over.
         assert next_of_type(alice, "left") == {"type": "left", "client_ids": [2]}
-        assert time.monotonic() - dropped_at >= 0.4
+        assert time.monotonic() - dropped_at >= 0.9
 
 
 @pytest.mark.parametrize(
