@@ -934,7 +934,10 @@ STREAM_ID = r"([0-9]{1,19})-([0-9]{1,19})"
 # are the same for every process. The stream keeps ARGV[5] messages at most, and ARGV[6]
 # bytes of their frames, counted in KEYS[2]; both keys live ARGV[7] ms. The last key is
 # the publish's own, which keeps its id for ARGV[8] ms: sent twice (redis-py retries on
-# a fresh connection when one breaks), it is published once.
+# a fresh connection when one breaks), it is published once. A frame is ARGV[4], its id
+# and ARGV[9] bytes more: FRAME_EXTRA_BYTES.
+# What message_frame() adds to what was said, beside the id.
+FRAME_EXTRA_BYTES = len(message_frame("", "{}")) - len("{}")
 PUBLISH_ONCE_BEFORE_DEADLINE = """
 local done = redis.call('GET', KEYS[#KEYS])
 if done then
@@ -947,13 +950,12 @@ end
 local id = '-'
 if #KEYS > 1 then
   id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
-  -- A message's frame is what was said, its id, and 25 bytes more: message_frame().
-  local bytes = redis.call('INCRBY', KEYS[2], #ARGV[4] + #id + 25)
+  local bytes = redis.call('INCRBY', KEYS[2], #ARGV[4] + #id + tonumber(ARGV[9]))
   local count = redis.call('XLEN', KEYS[1])
   while count > 1 and (count > tonumber(ARGV[5]) or bytes > tonumber(ARGV[6])) do
     local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
     redis.call('XDEL', KEYS[1], oldest[1])
-    bytes = redis.call('DECRBY', KEYS[2], #oldest[2][2] + #oldest[1] + 25)
+    bytes = redis.call('DECRBY', KEYS[2], #oldest[2][2] + #oldest[1] + tonumber(ARGV[9]))
     count = count - 1
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
@@ -1256,7 +1258,7 @@ class RedisRelay:
             return None
         own_key = f"chat:published:{self.process}:{next(self.publishes)}"
         limits = [HISTORY_MESSAGES, HISTORY_BYTES, int(ROOM_IDLE_S * 1000)]
-        limits.append(int(PUBLISHED_TTL_S * 1000))
+        limits += [int(PUBLISHED_TTL_S * 1000), FRAME_EXTRA_BYTES]
         try:
             for attempt in ("first", "once Redis's clock was learned again"):
                 async with self.connections:
