@@ -26,7 +26,6 @@ from conftest import (
     start_server,
     wait_for_log,
 )
-from main import INDEX_HTML
 
 SCREENSHOT = HERE / "screenshot.png"
 PAGE_HASH_KEY = "index.html sha256"
@@ -117,9 +116,8 @@ def save_side_by_side(browser: "Browser", pages: list["Page"], path: Path) -> No
     Chromium's anti-aliasing varies by a pixel from run to run, so the file records the
     SHA-256 of the index.html it shows (in a PNG text chunk) instead of being compared.
     """
-    page_hash = (
-        f"{PAGE_HASH_KEY}\0{hashlib.sha256(INDEX_HTML.read_bytes()).hexdigest()}"
-    )
+    page = (HERE / "index.html").read_bytes()
+    page_hash = f"{PAGE_HASH_KEY}\0{hashlib.sha256(page).hexdigest()}"
     images = "".join(
         f'<img src="data:image/png;base64,{base64.b64encode(page.screenshot()).decode()}">'
         for page in pages

@@ -23,6 +23,7 @@ from conftest import (
     BINARY_REFUSED,
     EXPECTED_JSON,
     FLOODING,
+    HERE,
     README,
     README_REASONS,
     REDIS_DOWN,
@@ -86,7 +87,7 @@ def test_page_is_index_html_from_disk(client: TestClient) -> None:
     response = client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert response.content == main.INDEX_HTML.read_bytes()
+    assert response.content == (HERE / "index.html").read_bytes()
 
 
 def test_page_is_read_on_every_request(
@@ -549,9 +550,7 @@ def test_step_3_copied_with_the_pieces_the_readme_lists_runs_a_chat(
 ) -> None:
     # main.py's top (imports, app, GET /), step 3, and what every step shares: what the
     # README tells a reader to copy for step 3.
-    sections = re.split(
-        r"(?m)^(?=# --- )", main.INDEX_HTML.with_name("main.py").read_text()
-    )
+    sections = re.split(r"(?m)^(?=# --- )", (HERE / "main.py").read_text())
     by_title = {section.splitlines()[0]: section for section in sections[1:]}
 
     def section(title: str) -> str:
@@ -922,9 +921,12 @@ def test_all_rooms_histories_are_bounded_together(
                 say(alice, f"{room} {i} " + "x" * 1000)
                 next_of_type(alice, "message")
     assert main.rooms.history_bytes <= 4 * 1024
-    # The least recently active room forgot first.
+    # The least recently active room forgot first: what the rooms hold is what is kept.
     with client.websocket_connect("/rooms/new/2") as bob:
-        assert len(next_of_type(bob, "welcome")["history"]) == 3
+        new = [m["text"][:5] for m in next_of_type(bob, "welcome")["history"]]
+    with client.websocket_connect("/rooms/old/2") as bob:
+        old = [m["text"][:5] for m in next_of_type(bob, "welcome")["history"]]
+    assert (old, new) == ([], ["new 0", "new 1", "new 2"])
 
 
 @pytest.mark.parametrize("path", ["/rooms/lobby/3"])
@@ -1072,7 +1074,7 @@ UVICORN_SHUTTING_DOWN = {"type": "websocket.disconnect", "code": 1012}
 
 def test_losing_redis_closes_every_client_quietly_with_1013() -> None:
     # Quiet: a relay back before their handlers end must not tell anyone they left.
-    async def lose_redis() -> list[main.Client]:
+    async def lose_redis() -> tuple[list[main.Client], list[object]]:
         chat, rooms = main.ConnectionManager(), main.RoomManager()
         # Nothing is sent to Redis here: the relay connects only once it runs.
         relay = main.RedisRelay("redis://127.0.0.1:9/0", [chat], rooms)
@@ -1085,11 +1087,15 @@ def test_losing_redis_closes_every_client_quietly_with_1013() -> None:
         room.joining.append((joining, None))
         relay.close_chat("gone")
         await relay.redis.aclose()
-        return [in_chat, in_room, joining]
+        left = [chat.active_connections, room.manager.active_connections, room.joining]
+        return [in_chat, in_room, joining], left
 
-    for closed in run(lose_redis()):
+    closed_clients, left = run(lose_redis())
+    for closed in closed_clients:
+        assert closed.cut_off_scope.cancel_called  # its handler ends
         assert (closed.close_code, closed.close_reason) == (1013, REDIS_DOWN)
         assert closed.quiet
+    assert left == [{}, {}, []]
 
 
 # --- What one client sends hurts only its sender ---------------------------------------
