@@ -133,21 +133,22 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #
 # And its broadcast never waits on a client's socket. The tutorial's awaits each client
 # in turn, so one that stops reading stalls the room: beside one, the tutorial's chat
-# delivered 699 of 3,000 messages, then nothing; this one all 3,000 (bench.py). Here:
-# - a message is written at once to each client whose socket takes it (uvicorn, and the
-#   kernel, buffer what a client has not read yet: "full" is when they hold no more);
-# - a client whose socket is full is queued the rest, up to MAX_BACKLOG_MESSAGES, and a
-#   task of its own writes them as the socket drains;
-# - once that backlog is full while the socket still is, the client is cut off (1008):
+# delivered 699 of 3,000 messages, then nothing; this one all 3,000 (bench.py). How:
+# - send_in_batch adds a message to the batch: the messages sent in this turn of the
+#   event loop, for everyone or for one client; one task, deliver_batches, writes each;
+# - write_at_once writes a batch to each client whose socket takes it now (uvicorn, and
+#   the kernel, buffer what a client has not read yet: "full" is when they hold no more);
+# - add_to_backlog keeps the rest for a client whose socket is full, up to
+#   MAX_BACKLOG_MESSAGES, and write_backlog, a task of its own, writes them as it drains;
+# - once that backlog is full while the socket still is, cut_off closes it with 1008:
 #   it reads more slowly than the room talks, and waiting would slow everyone to it.
 #   What it was yet to be sent is dropped; its close frame waits behind what it has not
 #   read, 5 s at most, and the page reconnects to a chat that has gone on.
 # A delivery may wait for a backlog's task to have its turn (the server is busy), never
-# for a client's socket. Messages sent in one moment (one turn of the event loop, before
-# the delivery task runs) are written together, each client's back to back.
+# for a client's socket.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
-MAX_PENDING_MESSAGES = 100  # sent and not yet written: a writer past this waits
+MAX_BATCH_MESSAGES = 100  # sent and not yet written: a writer past this waits
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
@@ -210,23 +211,22 @@ class DeliverHere:
         chat.enter(client)
 
     async def publish(self, chat: ConnectionManager, message: str) -> bool:
-        await chat.send_soon(None, message)
+        await chat.send_in_batch(None, message)
         return True
 
     async def say(
         self, chat: ConnectionManager, to: Client, ack: str, text: str
     ) -> None:
         await chat.send_personal_message(ack, to)
-        await chat.send_soon(None, text)
+        await chat.send_in_batch(None, text)
 
 
 class ConnectionManager:
-    def __init__(self, name: str = "chat") -> None:
-        self.name = name  # a relay may carry several managers: this tells them apart
+    def __init__(self) -> None:
         # By client id (anonymous: by connection); the same id again takes over.
         self.active_connections: dict[int, Client] = {}
         self.relay: ChatRelay = DeliverHere()
-        self.pending: list[tuple[Client | None, str]] = []  # see `deliver`
+        self.batch: list[tuple[Client | None, str]] = []  # see `send_in_batch`
         self.deliverer: asyncio.Task[None] | None = None
         self.departed: list[int | None] = []  # see `announce_leaving`
         self.announcer: asyncio.Task[None] | None = None
@@ -245,7 +245,7 @@ class ConnectionManager:
             self.announce_leaving(client)
 
     async def send_personal_message(self, message: str, client: Client) -> None:
-        await self.send_soon(client, message)
+        await self.send_in_batch(client, message)
 
     async def broadcast(self, message: str) -> bool:
         """To everyone, the writer too; False if the relay did not take it."""
@@ -272,24 +272,23 @@ class ConnectionManager:
             client.backlog.sender.cancel()  # cancelled before it ran, it sets nothing:
             client.backlog.made_room.set()  # a delivery waiting for room goes on
 
-    async def send_soon(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None), with the moment's others; backpressure too."""
-        self.queue(to, message)
-        if len(self.pending) >= MAX_PENDING_MESSAGES and self.deliverer is not None:
+    async def send_in_batch(self, to: Client | None, message: str) -> None:
+        """To one client, or all (None), in this turn's batch; a full batch waits."""
+        self.add_to_batch(to, message)
+        if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
             # Shielded: a writer that leaves meanwhile does not cancel everyone's.
             await asyncio.shield(self.deliverer)
 
-    def queue(self, to: Client | None, message: str) -> None:
-        self.pending.append((to, message))
+    def add_to_batch(self, to: Client | None, message: str) -> None:
+        self.batch.append((to, message))
         if self.deliverer is None:
-            self.deliverer = asyncio.create_task(self.deliver())
+            self.deliverer = asyncio.create_task(self.deliver_batches())
 
-    async def deliver(self) -> None:
-        """Write the messages of each moment to every client, in order, waiting on none:
-        what a client's full socket cannot take at once goes to its backlog."""
+    async def deliver_batches(self) -> None:
+        """Write each batch to all, in order, waiting on none: see add_to_backlog."""
         try:
-            while self.pending:
-                sent, self.pending = self.pending, []
+            while self.batch:
+                sent, self.batch = self.batch, []
                 outgoing = by_recipient(sent)
                 clients = list(self.active_connections.values())  # they come and go
                 position = 0
@@ -298,7 +297,7 @@ class ConnectionManager:
                         clients, position, outgoing
                     )
                     for message in unwritten:
-                        await self.send_later(clients[position], message)
+                        await self.add_to_backlog(clients[position], message)
                     position += 1
         finally:
             self.deliverer = None
@@ -330,7 +329,7 @@ class ConnectionManager:
             return position, messages[written:]
         return len(clients), []
 
-    async def send_later(self, client: Client, message: str) -> None:
+    async def add_to_backlog(self, client: Client, message: str) -> None:
         """Queue a message for a client behind. Its backlog full: cut off if its task
         waits on its socket (it reads too slowly), else wait (the server is busy)."""
         waited_a_turn = False
@@ -338,7 +337,9 @@ class ConnectionManager:
             backlog = client.backlog
             if backlog is None:
                 backlog = client.backlog = Backlog()
-                backlog.sender = asyncio.create_task(self.send_backlog(client, backlog))
+                backlog.sender = asyncio.create_task(
+                    self.write_backlog(client, backlog)
+                )
             if len(backlog.messages) < MAX_BACKLOG_MESSAGES:
                 backlog.messages.append(message)
                 return
@@ -353,7 +354,7 @@ class ConnectionManager:
                 self.cut_off(client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
                 return
 
-    async def send_backlog(self, client: Client, backlog: Backlog) -> None:
+    async def write_backlog(self, client: Client, backlog: Backlog) -> None:
         try:
             while backlog.messages:
                 message = backlog.messages.popleft()
@@ -377,7 +378,7 @@ class ConnectionManager:
         client.cut_off_scope.cancel()
 
     def announce_leaving(self, client: Client) -> None:
-        """Departures of one moment in one notice: O(N), not O(N²), as N leave at once."""
+        """Departures of one turn in one notice: O(N), not O(N²), as N leave at once."""
         self.departed.append(client.client_id)
         if self.announcer is None:
             self.announcer = asyncio.create_task(self.announce_departures())
@@ -391,7 +392,7 @@ class ConnectionManager:
             self.announcer = None
 
 
-# What everyone is sent of a moment's messages, and, by client, what those with messages
+# What everyone is sent of a batch, and, by client, what those with messages
 # of their own ("You wrote") are sent: theirs and everyone's, in order.
 Outgoing = tuple[list[str], dict["Client", list[str]]]
 
@@ -415,7 +416,7 @@ def left_the_chat(client_ids: list[int | None]) -> str:
 
 
 manager = ConnectionManager()
-anonymous_manager = ConnectionManager("anonymous")  # the first tutorial's /chat/
+anonymous_manager = ConnectionManager()  # the first tutorial's /chat/
 
 
 @app.websocket("/chat/{client_id}")
@@ -605,7 +606,7 @@ class Room:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.manager = ConnectionManager(name)  # step 3's delivery and takeovers
+        self.manager = ConnectionManager()  # step 3's delivery and takeovers
         self.history = History()
         self.joining: list[Joiner] = []
         self.away: dict[int, float] = {}  # dropped, and when their grace ends
@@ -651,7 +652,7 @@ class RoomsHere:
         message_id = room.history.next_id()
         frame = message_frame(message_id, said(client_id, text))
         rooms.keep(room, message_id, frame)
-        await room.manager.send_soon(None, frame)
+        await room.manager.send_in_batch(None, frame)
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
         return set()  # no members but this process's
@@ -812,13 +813,13 @@ class RoomManager:
                 notice = compact_json({"type": kind, "client_ids": sorted(client_ids)})
                 for other in others:
                     if room.manager.active_connections.get(other.key) is other:
-                        room.manager.queue(other, notice)
+                        room.manager.add_to_batch(other, notice)
         room.told = present
         for client, _ in joiners:
             if room.manager.active_connections.get(client.key) is client:
                 history, missed = histories[client]
                 frame = welcome(room, client, sorted(present), history, missed)
-                room.manager.queue(client, frame)
+                room.manager.add_to_batch(client, frame)
 
 
 def welcome(
@@ -1030,7 +1031,7 @@ class RedisRelay:
     """
 
     def __init__(
-        self, url: str, chats: list[ConnectionManager], rooms: RoomManager
+        self, url: str, chats: dict[str, ConnectionManager], rooms: RoomManager
     ) -> None:
         self.url = without_password(url)  # for the log
         self.redis = redis.asyncio.Redis.from_url(
@@ -1056,7 +1057,8 @@ class RedisRelay:
         # Thousands of handlers may publish at once: each waits for a connection here,
         # rather than redis-py failing past its pool's size ("Too many connections").
         self.connections = asyncio.Semaphore(REDIS_CONNECTIONS)
-        self.chats = {chat.name: chat for chat in chats}
+        self.chats = chats  # by the name they have in Redis's messages
+        self.chat_names = {chat: name for name, chat in chats.items()}
         self.rooms = rooms
         self.in_rooms: weakref.WeakKeyDictionary[Room, RoomInRedis] = (
             weakref.WeakKeyDictionary()
@@ -1097,11 +1099,11 @@ class RedisRelay:
         if client.client_id is not None:
             # Other processes close their connection with this id, if they have one.
             self.tokens[client] = secrets.token_hex(8)
-            takeover = {"chat": manager.name, "takeover": client.client_id}
+            takeover = {"chat": self.chat_names[manager], "takeover": client.client_id}
             await self.send(takeover | {"token": self.tokens[client]})
 
     async def publish(self, manager: ConnectionManager, message: str) -> bool:
-        return await self.send({"chat": manager.name, "text": message})
+        return await self.send({"chat": self.chat_names[manager], "text": message})
 
     async def say(
         self, manager: ConnectionManager, client: Client, ack: str, message: str
@@ -1131,7 +1133,7 @@ class RedisRelay:
         state.looked_up = None
         joining = [client.key for client, _ in joiners]
         here = sorted({*room.manager.active_connections, *room.away, *joining})
-        write = "-" if here == state.written else json.dumps(here) if here else ""
+        write = members_to_write(here, state.written)
         # A `since` Redis would refuse counts as none: that joiner missed some.
         sinces = sorted({s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)})
         one_without = "1" if len(sinces) < len({s for _, s in joiners}) else "0"
@@ -1146,10 +1148,7 @@ class RedisRelay:
                 self.wrote_members(room, here)
             processes = members[::2]
             others = [p for p in processes if p != self.process]
-            async with self.connections:
-                alive = await self.redis.mget(
-                    [f"chat:alive:{p}" for p in others] or ["-"]
-                )
+            alive = await self.which_are_alive(others) if others else []
         except REDIS_FAILURES as error:
             self.close_chat(f"looking up room {room.name}: {error}")
             return set()
@@ -1164,6 +1163,11 @@ class RedisRelay:
             },
         )
         return set(itertools.chain.from_iterable(state.elsewhere.values()))
+
+    async def which_are_alive(self, processes: list[str]) -> list[bool]:
+        async with self.connections:
+            keys = [f"chat:alive:{process}" for process in processes]
+            return [value is not None for value in await self.redis.mget(keys)]
 
     def wrote_members(self, room: Room, here: list[int]) -> None:
         """Who is here, written for the other processes: to be told of it."""
@@ -1323,7 +1327,7 @@ class RedisRelay:
             else:
                 pinged_at = None
                 try:
-                    self.hand_on(message)
+                    self.on_channel_message(message)
                 except (ValueError, KeyError, TypeError):
                     # Someone else publishing on the channel: not ours, not fatal.
                     logger.warning(
@@ -1365,6 +1369,7 @@ class RedisRelay:
         beat = self.redis.pipeline(transaction=False)
         beat.time()
         beat.set(f"chat:alive:{self.process}", 1, px=int(PROCESS_TTL_S * 1000))
+        # MGET takes one key at least: "-" is one nobody sets.
         beat.mget([f"chat:alive:{process}" for process in others] or ["-"])
         if sent_ms / 1000 - self.rooms_kept_at > ROOM_IDLE_S / 4:
             # A room's keys live ROOM_IDLE_S from its last message or joiner: one that
@@ -1407,14 +1412,14 @@ class RedisRelay:
             self.best_round_trip_ms = round_trip_ms
             self.redis_clock_offset_ms = offset_ms
 
-    def hand_on(self, message: dict[str, Any]) -> None:
+    def on_channel_message(self, message: dict[str, Any]) -> None:
         """A message from the channel, to this process's clients it is for."""
         if message["type"] != "message":
             return  # a pong
         message_id, _, rest = message["data"].partition(" ")
         if message_id != "-":
             name, _, what = rest.partition(" ")
-            self.show(name, message_id, what)
+            self.deliver_room_message(name, message_id, what)
             return
         envelope = json.loads(rest)
         if "chat" in envelope:
@@ -1422,7 +1427,7 @@ class RedisRelay:
             if chat is not None and "takeover" in envelope:
                 self.take_over(chat, envelope["takeover"], envelope["token"])
             elif chat is not None:
-                chat.queue(None, envelope["text"])
+                chat.add_to_batch(None, envelope["text"])
             return
         room = self.rooms.by_name.get(envelope["room"])
         if room is None:
@@ -1432,7 +1437,7 @@ class RedisRelay:
         if envelope["presence"] != self.process:
             self.rooms.presence_changed(room)
 
-    def show(self, name: str, message_id: str, what: str) -> None:
+    def deliver_room_message(self, name: str, message_id: str, what: str) -> None:
         """A room's message, to this process's members of the room, unless they have it."""
         room = self.rooms.by_name.get(name)
         if room is None:
@@ -1443,7 +1448,7 @@ class RedisRelay:
         state.shown_upto = stream_order(message_id)
         frame = message_frame(message_id, what)
         self.rooms.keep(room, message_id, frame)
-        room.manager.queue(None, frame)
+        room.manager.add_to_batch(None, frame)
 
     def take_over(self, chat: ConnectionManager, client_id: int, token: str) -> None:
         """Another connection with this id joined: close ours if it joined earlier.
@@ -1477,6 +1482,14 @@ class RedisRelay:
                 room.manager.cut_off(
                     client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True
                 )
+
+
+def members_to_write(here: list[int], written: list[int] | None) -> str:
+    """What the look-up script writes of this process's members: "-" leaves them as
+    written, "" removes them, else the list."""
+    if here == written:
+        return "-"
+    return json.dumps(here) if here else ""
 
 
 def room_keys(room: Room) -> list[str]:
@@ -1525,12 +1538,14 @@ def exit_unless_redis_answers(url: str) -> None:
         raise SystemExit(1) from None
 
 
-def use_redis(url: str, chats: list[ConnectionManager], rooms: RoomManager) -> None:
+def use_redis(
+    url: str, chats: dict[str, ConnectionManager], rooms: RoomManager
+) -> None:
     """Steps 3 and 5 through Redis: one relay for the chats and the rooms, running while
     the app does."""
     exit_unless_redis_answers(url)
     relay = RedisRelay(url, chats, rooms)
-    for chat in chats:
+    for chat in chats.values():
         chat.relay = relay
     rooms.relay = relay
     app.include_router(APIRouter(lifespan=relay.running))
@@ -1546,7 +1561,7 @@ async def say_the_chat_is_this_processes(app: FastAPI) -> AsyncIterator[None]:
 
 
 if REDIS_URL:
-    use_redis(REDIS_URL, [manager, anonymous_manager], rooms)
+    use_redis(REDIS_URL, {"chat": manager, "anonymous": anonymous_manager}, rooms)
 else:
     app.include_router(APIRouter(lifespan=say_the_chat_is_this_processes))
 

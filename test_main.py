@@ -39,7 +39,7 @@ def client(monkeypatch) -> Iterator[TestClient]:
     # Each test starts from an empty chat and no rooms: the endpoints use these at call
     # time, and a manager keeps tasks and timers of the event loop it ran on.
     monkeypatch.setattr(main, "manager", main.ConnectionManager())
-    monkeypatch.setattr(main, "anonymous_manager", main.ConnectionManager("anonymous"))
+    monkeypatch.setattr(main, "anonymous_manager", main.ConnectionManager())
     monkeypatch.setattr(main, "rooms", main.RoomManager())
     # Entered, so that every connection of a test shares one event loop, as under uvicorn;
     # otherwise each websocket_connect() would run the app in a loop of its own.
@@ -349,10 +349,10 @@ def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None
         client = manager.active_connections[1] = client_writing_with(
             full_for_a_moment, 1
         )
-        # One moment's burst: more than a backlog holds before its task has its turn.
+        # One batch's burst: more than a backlog holds before its task has its turn.
         sent = [f"message {i}" for i in range(3 * main.MAX_BACKLOG_MESSAGES)]
         for text in sent:
-            manager.queue(None, text)
+            manager.add_to_batch(None, text)
         await turns_of_the_event_loop()
         return client, socket, sent
 
@@ -369,7 +369,7 @@ def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> Non
         client = manager.active_connections[1] = client_writing_with(Socket().send, 1)
         client.backlog = main.Backlog()
         client.backlog.messages.extend(["queued"] * main.MAX_BACKLOG_MESSAGES)
-        waiting = asyncio.ensure_future(manager.send_later(client, "one more"))
+        waiting = asyncio.ensure_future(manager.add_to_backlog(client, "one more"))
         await turns_of_the_event_loop(3)
         assert not waiting.done()  # a full backlog whose task has not had its turn
         client.backlog.sender = asyncio.ensure_future(asyncio.sleep(0))
@@ -1077,7 +1077,7 @@ def test_losing_redis_closes_every_client_quietly_with_1013() -> None:
     async def lose_redis() -> tuple[list[main.Client], list[object]]:
         chat, rooms = main.ConnectionManager(), main.RoomManager()
         # Nothing is sent to Redis here: the relay connects only once it runs.
-        relay = main.RedisRelay("redis://127.0.0.1:9/0", [chat], rooms)
+        relay = main.RedisRelay("redis://127.0.0.1:9/0", {"chat": chat}, rooms)
         relay.relaying = True
         in_chat = chat.active_connections[1] = client_writing_with(Socket().send, 1)
         room = rooms.open_room("lobby")
