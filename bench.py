@@ -463,7 +463,7 @@ async def stalled_client(
     progress(f"healthy client: {received} of {expected} in {elapsed:.2f} s")
     stalled.settimeout(QUIET_TIMEOUT_S)
     try:
-        close_code = (await asyncio.to_thread(read_until_close, stalled))[0]
+        close_code = (await asyncio.to_thread(read_until_close, stalled, ".*"))[0]
     except OSError:
         close_code = 0  # no close frame: never cut off
     stalled.close()

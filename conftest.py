@@ -458,14 +458,18 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes]:
     return first & 0x0F, read_exactly(sock, length)
 
 
-def read_until_close(sock: socket.socket) -> tuple[int, str]:
-    """The close code and reason, after whatever comes first: for a client that stopped
-    reading, a backlog of the chat it was sent (bench.py reads those this way too)."""
+def read_until_close(sock: socket.socket, ignore: str | None = None) -> tuple[int, str]:
+    """The close code and reason. A text frame before it fails the test unless it
+    matches `ignore` (as in assert_ignored): for a client that stopped reading, the
+    backlog of the chat it was sent."""
     while True:
         opcode, payload = read_frame(sock)
         if opcode == 0x8:
             (code,) = struct.unpack("!H", payload[:2])
             return code, payload[2:].decode()
+        if opcode != 0x9:  # a ping is uvicorn's, not the app's
+            assert opcode == 0x1, (opcode, payload[:80])
+            assert_ignored(payload.decode(), ignore)
 
 
 def reset(sock: socket.socket) -> None:

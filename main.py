@@ -12,7 +12,7 @@ top, as the tutorial does, each step building on the ones before it, never on a 
 - step 5, named rooms with history, built on step 3; step 6, one chat across processes
   through Redis, plugged into steps 3 and 5 behind the interfaces they declare;
 - what every step shares, in one section: the few guards each step calls by name, and
-  whose names say what they do (receive_valid_text, FloodControl, close_quietly);
+  whose names say what they do (receive_valid_text, FloodControl, close_or_give_up);
 - last, sending into step 3's chat over HTTP.
 """
 
@@ -78,12 +78,15 @@ async def get() -> FileResponse:
 
 # Every step relies on the guards of "What every step shares", after the steps, each
 # named for what it does, so that a step reads without them:
-# - every WebSocket's Origin is checked before its endpoint runs (CheckOrigin);
+# - every WebSocket's Origin is checked before its endpoint runs (CheckOrigin): a page
+#   from another host is refused, and so is one opened from disk (its Origin is "null")
+#   unless ALLOWED_ORIGINS lists it. The tutorials' pages connect to ws://localhost:8000:
+#   open them at http://localhost:8000, not 127.0.0.1, which is another host;
 # - endpoints read with receive_valid_text: the tutorial's receive_text, but text only,
 #   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
 #   closes every connection with 1012, as it shuts down, it raises ServerShutdown;
 # - a chat client that floods is slowed down by FloodControl;
-# - close_quietly closes with a code and a reason, giving up after 5 s on a client that
+# - close_or_give_up closes with a code and a reason, giving up after 5 s on a client that
 #   reads nothing; and the log shows no traceback for anything a client does.
 
 
@@ -126,6 +129,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   which is step 2's here; /chat/ is the first tutorial's anonymous chat;
 # - active_connections is a dict by client id: the same id again (a second tab) takes
 #   over, and the older connection is closed with 4000;
+# - connect() returns a Client, the manager's record of a connection, which disconnect()
+#   and send_personal_message() take where the tutorial passes the WebSocket;
 # - disconnect() tells the others itself: several who leave at once get one notice;
 # - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone;
 # - where a message goes is the manager's relay: by default DeliverHere, this process's
@@ -134,7 +139,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # And its broadcast never waits on a client's socket. The tutorial's awaits each client
 # in turn, so one that stops reading stalls the room: beside one, the tutorial's chat
 # delivered 699 of 3,000 messages, then nothing; this one all 3,000 (bench.py). How:
-# - send_in_batch adds a message to the batch: the messages sent in this turn of the
+# - add_to_batch adds a message to the batch: the messages sent in this turn of the
 #   event loop, for everyone or for one client; one task, deliver_batches, writes each;
 # - write_at_once writes a batch to each client whose socket takes it now (uvicorn, and
 #   the kernel, buffer what a client has not read yet: "full" is when they hold no more);
@@ -142,13 +147,13 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   MAX_BACKLOG_MESSAGES, and write_backlog, a task of its own, writes them as it drains;
 # - once that backlog is full while the socket still is, cut_off closes it with 1008:
 #   it reads more slowly than the room talks, and waiting would slow everyone to it.
-#   What it was yet to be sent is dropped; its close frame waits behind what it has not
-#   read, 5 s at most, and the page reconnects to a chat that has gone on.
+#   The messages it had yet to be sent are dropped; its close frame waits behind what
+#   it has not read, 5 s at most, and the page reconnects to a chat that has gone on.
 # A delivery may wait for a backlog's task to have its turn (the server is busy), never
 # for a client's socket.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
-MAX_BATCH_MESSAGES = 100  # sent and not yet written: a writer past this waits
+MAX_BATCH_MESSAGES = 100  # in a batch, not yet written: a sender past this waits
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
@@ -167,7 +172,7 @@ class Client:
         # Where the manager keeps it: its id, or, in the anonymous chat, a number its own.
         self.key = client_id if client_id is not None else id(self)
         self.backlog: Backlog | None = None  # only while its socket is full
-        # Its handler runs in this scope: cancelled, it ends even while it waits.
+        # Its handler runs in this anyio scope (Starlette's): cancelled, it ends at once.
         self.cut_off_scope = anyio.CancelScope()
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
         self.quiet = False  # ended by the server, and nobody is told
@@ -180,7 +185,7 @@ class Client:
         if self.cut_off_scope.cancelled_caught:
             who = "(anonymous)" if self.client_id is None else f"#{self.client_id}"
             logger.info("Client %s cut off: %s", who, self.close_reason)
-            await close_quietly(self.websocket, self.close_code, self.close_reason)
+            await close_or_give_up(self.websocket, self.close_code, self.close_reason)
 
 
 class Backlog:
@@ -189,9 +194,21 @@ class Backlog:
     def __init__(self) -> None:
         self.messages: collections.deque[str] = collections.deque()
         self.made_room = asyncio.Event()
-        self.sender: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
         # While the task waits for the socket: the client is not reading what it gets.
         self.waiting_on_socket = False
+
+
+# What everyone is sent of a batch, and, by client, what those with messages
+# of their own ("You wrote") are sent: theirs and everyone's, in order.
+Outgoing = tuple[list[str], dict["Client", list[str]]]
+
+
+def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
+    everyone = [message for to, message in batch if to is None]
+    addressed = {to for to, _ in batch if to is not None}
+    own = {c: [message for to, message in batch if to in (None, c)] for c in addressed}
+    return everyone, own
 
 
 class ChatRelay(Protocol):
@@ -200,7 +217,7 @@ class ChatRelay(Protocol):
     async def join(self, chat: ConnectionManager, client: Client) -> None: ...
     async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
     async def say(
-        self, chat: ConnectionManager, to: Client, ack: str, text: str
+        self, chat: ConnectionManager, client: Client, ack: str, text: str
     ) -> None: ...
 
 
@@ -211,14 +228,14 @@ class DeliverHere:
         chat.enter(client)
 
     async def publish(self, chat: ConnectionManager, message: str) -> bool:
-        await chat.send_in_batch(None, message)
+        await chat.add_to_batch(None, message)
         return True
 
     async def say(
-        self, chat: ConnectionManager, to: Client, ack: str, text: str
+        self, chat: ConnectionManager, client: Client, ack: str, text: str
     ) -> None:
-        await chat.send_personal_message(ack, to)
-        await chat.send_in_batch(None, text)
+        await chat.send_personal_message(ack, client)
+        await chat.add_to_batch(None, text)
 
 
 class ConnectionManager:
@@ -226,7 +243,7 @@ class ConnectionManager:
         # By client id (anonymous: by connection); the same id again takes over.
         self.active_connections: dict[int, Client] = {}
         self.relay: ChatRelay = DeliverHere()
-        self.batch: list[tuple[Client | None, str]] = []  # see `send_in_batch`
+        self.batch: list[tuple[Client | None, str]] = []  # see `add_to_batch`
         self.deliverer: asyncio.Task[None] | None = None
         self.departed: list[int | None] = []  # see `announce_leaving`
         self.announcer: asyncio.Task[None] | None = None
@@ -245,10 +262,10 @@ class ConnectionManager:
             self.announce_leaving(client)
 
     async def send_personal_message(self, message: str, client: Client) -> None:
-        await self.send_in_batch(client, message)
+        await self.add_to_batch(client, message)
 
     async def broadcast(self, message: str) -> bool:
-        """To everyone, the writer too; False if the relay did not take it."""
+        """To everyone, the sender too; False if the relay did not take it."""
         return await self.relay.publish(self, message)
 
     async def say(self, client: Client, ack: str, text: str) -> None:
@@ -268,18 +285,19 @@ class ConnectionManager:
         # Safe twice, and for a connection that a newer one with its id has replaced.
         if self.active_connections.get(client.key) is client:
             del self.active_connections[client.key]
-        if client.backlog is not None and client.backlog.sender is not None:
-            client.backlog.sender.cancel()  # cancelled before it ran, it sets nothing:
+        if client.backlog is not None and client.backlog.task is not None:
+            client.backlog.task.cancel()  # cancelled before it ran, it sets nothing:
             client.backlog.made_room.set()  # a delivery waiting for room goes on
 
-    async def send_in_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None), in this turn's batch; a full batch waits."""
-        self.add_to_batch(to, message)
+    async def add_to_batch(self, to: Client | None, message: str) -> None:
+        """To one client, or all (None); past MAX_BATCH_MESSAGES, waits for a write."""
+        self.add_to_batch_now(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
-            # Shielded: a writer that leaves meanwhile does not cancel everyone's.
+            # Shielded: a sender that leaves meanwhile does not cancel everyone's.
             await asyncio.shield(self.deliverer)
 
-    def add_to_batch(self, to: Client | None, message: str) -> None:
+    def add_to_batch_now(self, to: Client | None, message: str) -> None:
+        """The same, for a caller that cannot wait: it never does."""
         self.batch.append((to, message))
         if self.deliverer is None:
             self.deliverer = asyncio.create_task(self.deliver_batches())
@@ -310,8 +328,8 @@ class ConnectionManager:
         position, messages, written = start, everyone, 0
         try:
             # A deadline of now: a write that would wait for a full socket is given up.
-            # uvicorn's default (uvicorn[standard]'s websockets-sansio) waits for room
-            # before it writes, so none is half-sent; its legacy --ws websockets does not.
+            # uvicorn's default (websockets-sansio, in the version requirements.txt pins)
+            # waits for room before it writes: none is half-sent. Its legacy one does not.
             async with asyncio.timeout(0):
                 for position in range(start, len(clients)):
                     client = clients[position]
@@ -337,9 +355,7 @@ class ConnectionManager:
             backlog = client.backlog
             if backlog is None:
                 backlog = client.backlog = Backlog()
-                backlog.sender = asyncio.create_task(
-                    self.write_backlog(client, backlog)
-                )
+                backlog.task = asyncio.create_task(self.write_backlog(client, backlog))
             if len(backlog.messages) < MAX_BACKLOG_MESSAGES:
                 backlog.messages.append(message)
                 return
@@ -392,17 +408,6 @@ class ConnectionManager:
             self.announcer = None
 
 
-# What everyone is sent of a batch, and, by client, what those with messages
-# of their own ("You wrote") are sent: theirs and everyone's, in order.
-Outgoing = tuple[list[str], dict["Client", list[str]]]
-
-
-def by_recipient(sent: list[tuple[Client | None, str]]) -> Outgoing:
-    everyone = [message for to, message in sent if to is None]
-    own = {to: [m for t, m in sent if t in (None, to)] for to, _ in sent if to}
-    return everyone, own
-
-
 def left_the_chat(client_ids: list[int | None]) -> str:
     """`Client #2 left the chat`, or `Clients #2, #5 and #9 left the chat`; in the
     anonymous chat, `A user left the chat`, or `3 users left the chat`."""
@@ -434,7 +439,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
-        manager.disconnect(client)  # and "Client #{client_id} left the chat"
+        manager.disconnect(client)  # "Client #N left the chat", unless quiet
     await client.close_if_cut_off()  # too slow, or taken over: it is told why
 
 
@@ -451,7 +456,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
-        anonymous_manager.disconnect(client)  # and "A user left the chat"
+        anonymous_manager.disconnect(client)  # "A user left the chat", unless quiet
     await client.close_if_cut_off()
 
 
@@ -652,7 +657,7 @@ class RoomsHere:
         message_id = room.history.next_id()
         frame = message_frame(message_id, said(client_id, text))
         rooms.keep(room, message_id, frame)
-        await room.manager.send_in_batch(None, frame)
+        await room.manager.add_to_batch(None, frame)
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
         return set()  # no members but this process's
@@ -813,13 +818,13 @@ class RoomManager:
                 notice = compact_json({"type": kind, "client_ids": sorted(client_ids)})
                 for other in others:
                     if room.manager.active_connections.get(other.key) is other:
-                        room.manager.add_to_batch(other, notice)
+                        room.manager.add_to_batch_now(other, notice)
         room.told = present
         for client, _ in joiners:
             if room.manager.active_connections.get(client.key) is client:
                 history, missed = histories[client]
                 frame = welcome(room, client, sorted(present), history, missed)
-                room.manager.add_to_batch(client, frame)
+                room.manager.add_to_batch_now(client, frame)
 
 
 def welcome(
@@ -1089,28 +1094,37 @@ class RedisRelay:
             relaying.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await relaying
+            await self.stay_alive_through_a_restart()
             await self.redis.aclose()
+
+    async def stay_alive_through_a_restart(self) -> None:
+        """Stopping, as for a deploy: the other processes count this one's members for
+        PRESENCE_GRACE_S more, as one process counts a client whose server restarts."""
+        if self.relaying:
+            grace_ms = int(PRESENCE_GRACE_S * 1000)
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self.redis.set(f"chat:alive:{self.process}", 1, px=grace_ms)
 
     # Step 3's chat: ChatRelay.
 
-    async def join(self, manager: ConnectionManager, client: Client) -> None:
+    async def join(self, chat: ConnectionManager, client: Client) -> None:
         self.check_open()
-        manager.enter(client)
+        chat.enter(client)
         if client.client_id is not None:
             # Other processes close their connection with this id, if they have one.
             self.tokens[client] = secrets.token_hex(8)
-            takeover = {"chat": self.chat_names[manager], "takeover": client.client_id}
+            takeover = {"chat": self.chat_names[chat], "takeover": client.client_id}
             await self.send(takeover | {"token": self.tokens[client]})
 
-    async def publish(self, manager: ConnectionManager, message: str) -> bool:
-        return await self.send({"chat": self.chat_names[manager], "text": message})
+    async def publish(self, chat: ConnectionManager, message: str) -> bool:
+        return await self.send({"chat": self.chat_names[chat], "text": message})
 
     async def say(
-        self, manager: ConnectionManager, client: Client, ack: str, message: str
+        self, chat: ConnectionManager, client: Client, ack: str, text: str
     ) -> None:
         # "You wrote" only once Redis has the message: a publish can fail.
-        if await self.publish(manager, message):
-            await manager.send_personal_message(ack, client)
+        if await self.publish(chat, text):
+            await chat.send_personal_message(ack, client)
 
     # Step 5's rooms: RoomRelay.
 
@@ -1427,7 +1441,7 @@ class RedisRelay:
             if chat is not None and "takeover" in envelope:
                 self.take_over(chat, envelope["takeover"], envelope["token"])
             elif chat is not None:
-                chat.add_to_batch(None, envelope["text"])
+                chat.add_to_batch_now(None, envelope["text"])
             return
         room = self.rooms.by_name.get(envelope["room"])
         if room is None:
@@ -1448,7 +1462,7 @@ class RedisRelay:
         state.shown_upto = stream_order(message_id)
         frame = message_frame(message_id, what)
         self.rooms.keep(room, message_id, frame)
-        room.manager.add_to_batch(None, frame)
+        room.manager.add_to_batch_now(None, frame)
 
     def take_over(self, chat: ConnectionManager, client_id: int, token: str) -> None:
         """Another connection with this id joined: close ours if it joined earlier.
@@ -1611,7 +1625,7 @@ class ServerShutdown(WebSocketDisconnect):
 
 class FloodControl:
     """A token bucket: FLOOD_BURST_MESSAGES at full speed, then FLOOD_MESSAGES_PER_S. A
-    flooder's next messages wait in its own socket, so it slows itself, not the room."""
+    flooder's next messages wait in its own connection: it slows itself, not the room."""
 
     def __init__(self) -> None:
         self.allowance = float(FLOOD_BURST_MESSAGES)  # messages it may send at once
@@ -1632,7 +1646,7 @@ class FloodControl:
         await asyncio.sleep(-self.allowance / FLOOD_MESSAGES_PER_S)
 
 
-async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
+async def close_or_give_up(websocket: WebSocket, code: int, reason: str) -> None:
     """Close with a code and reason, unless the client has gone; the close frame waits
     behind all the client has not read, so give up after CLOSE_TIMEOUT_S."""
     if websocket.application_state is WebSocketState.DISCONNECTED:
@@ -1651,7 +1665,7 @@ async def close_refused_websocket(
         logger.info(
             "Closed %s with %d: %s", websocket.url.path, refusal.code, refusal.reason
         )
-    await close_quietly(websocket, refusal.code, refusal.reason or "")
+    await close_or_give_up(websocket, refusal.code, refusal.reason or "")
 
 
 class ClientFaultsAsWarnings(logging.Filter):

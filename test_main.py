@@ -5,6 +5,7 @@ real sockets (backpressure, abrupt disconnects, handshake headers) is in test_se
 """
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
@@ -307,6 +308,22 @@ async def turns_of_the_event_loop(count: int = 100) -> None:
         await asyncio.sleep(0)
 
 
+def test_a_close_frame_the_client_never_reads_is_given_up_on(monkeypatch) -> None:
+    monkeypatch.setattr(main, "CLOSE_TIMEOUT_S", 0.2)
+
+    async def close_a_client_that_reads_nothing() -> float:
+        full = Socket()
+        full.writable.clear()  # the close frame waits behind what it has not read
+        client = client_writing_with(full.send, 2)
+        started = time.monotonic()
+        # Without the bound, this waits for ever: wait_for fails it.
+        closing = main.close_or_give_up(client.websocket, 1008, "Too slow")
+        await asyncio.wait_for(closing, 3)
+        return time.monotonic() - started
+
+    assert run(close_a_client_that_reads_nothing()) >= 0.2
+
+
 def test_a_client_whose_socket_keeps_it_a_full_backlog_behind_is_cut_off_at_once() -> (
     None
 ):
@@ -352,7 +369,7 @@ def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None
         # One batch's burst: more than a backlog holds before its task has its turn.
         sent = [f"message {i}" for i in range(3 * main.MAX_BACKLOG_MESSAGES)]
         for text in sent:
-            manager.add_to_batch(None, text)
+            manager.add_to_batch_now(None, text)
         await turns_of_the_event_loop()
         return client, socket, sent
 
@@ -372,7 +389,7 @@ def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> Non
         waiting = asyncio.ensure_future(manager.add_to_backlog(client, "one more"))
         await turns_of_the_event_loop(3)
         assert not waiting.done()  # a full backlog whose task has not had its turn
-        client.backlog.sender = asyncio.ensure_future(asyncio.sleep(0))
+        client.backlog.task = asyncio.ensure_future(asyncio.sleep(0))
         manager.leave(client)  # before that task ran
         await turns_of_the_event_loop(3)
         done = waiting.done()
@@ -788,7 +805,10 @@ def test_every_member_gets_the_messages_in_the_order_of_their_ids(
 def test_a_client_leaving_is_announced_and_a_takeover_is_not(
     client: TestClient,
 ) -> None:
-    with client.websocket_connect("/rooms/lobby/1") as alice:
+    with (
+        client.websocket_connect("/rooms/lobby/1") as alice,
+        contextlib.ExitStack() as stack,
+    ):
         next_of_type(alice, "welcome")
         with client.websocket_connect("/rooms/lobby/7") as first_tab:
             next_of_type(first_tab, "welcome")
@@ -799,11 +819,16 @@ def test_a_client_leaving_is_announced_and_a_takeover_is_not(
                 say(second_tab, "still me")
                 assert next_of_type(second_tab, "message")["text"] == "still me"
                 assert next_of_type(alice, "message")["text"] == "still me"
-                # No "left" nor "joined" for 7, even once presence has had its turn:
-                # the same member, on a newer connection.
-                time.sleep(2 * main.PRESENCE_INTERVAL_S)
-                say(alice, "marker")
-                assert next_of_type(alice, "message")["text"] == "marker"
+                # No "left" nor "joined" for 7: the same member, on a newer connection.
+                # A joiner's turn tells whatever is due, so one would come before it.
+                newcomer = stack.enter_context(
+                    client.websocket_connect("/rooms/lobby/9")
+                )
+                next_of_type(newcomer, "welcome")
+                assert next_of_type(alice, "joined") == {
+                    "type": "joined",
+                    "client_ids": [9],
+                }
         assert next_of_type(alice, "left") == {"type": "left", "client_ids": [7]}
 
 
@@ -1059,12 +1084,21 @@ def test_a_page_opened_as_a_file_is_let_in_only_once_allowed(
 # --- Scale out -------------------------------------------------------------------------
 
 
-def test_redis_url_password_is_kept_out_of_the_log() -> None:
-    url = "redis://user:s3cret@redis.example:6379/0"
-    assert main.without_password(url) == "redis://user:***@redis.example:6379/0"
-    assert (
-        main.without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
-    )
+def test_redis_url_password_is_kept_out_of_the_log(caplog) -> None:
+    async def lose_redis() -> None:
+        # Nothing is sent to Redis here: the relay connects only once it runs.
+        url = "redis://user:s3cret@127.0.0.1:9/0"
+        relay = main.RedisRelay(
+            url, {"chat": main.ConnectionManager()}, main.RoomManager()
+        )
+        relay.relaying = True
+        relay.close_chat("gone")
+        await relay.redis.aclose()
+
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        run(lose_redis())
+    assert "Lost Redis at redis://user:***@127.0.0.1:9/0 (gone)" in caplog.text
+    assert "s3cret" not in caplog.text
 
 
 # What uvicorn's ASGI `receive` gives every connection as it shuts down: 1012, and no
@@ -1072,8 +1106,8 @@ def test_redis_url_password_is_kept_out_of_the_log() -> None:
 UVICORN_SHUTTING_DOWN = {"type": "websocket.disconnect", "code": 1012}
 
 
-def test_losing_redis_closes_every_client_quietly_with_1013() -> None:
-    # Quiet: a relay back before their handlers end must not tell anyone they left.
+def test_losing_redis_cuts_every_client_off_quietly_with_1013() -> None:
+    # Each handler ends, to close with 1013, and quietly: nobody is told they left.
     async def lose_redis() -> tuple[list[main.Client], list[object]]:
         chat, rooms = main.ConnectionManager(), main.RoomManager()
         # Nothing is sent to Redis here: the relay connects only once it runs.
@@ -1187,3 +1221,33 @@ def test_the_readme_promises_the_reasons_the_tests_expect() -> None:
     readme = README.read_text()
     for reason in README_REASONS:
         assert f"`{reason}`" in readme, reason
+
+
+# Each limit as the README states it, and its value: main.py must hold what it promises.
+README_LIMITS = [
+    ("100 messages at once (`FLOOD_BURST_MESSAGES`)", "FLOOD_BURST_MESSAGES", 100),
+    ("then 10 a second (`FLOOD_MESSAGES_PER_S`)", "FLOOD_MESSAGES_PER_S", 10),
+    ("Slowed 20 times in a row", "FLOOD_MAX_SLOWED_MESSAGES", 20),
+    ("at most 100 messages (`MAX_BACKLOG_MESSAGES`)", "MAX_BACKLOG_MESSAGES", 100),
+    ("Text over 64 KiB (`MAX_MESSAGE_BYTES`)", "MAX_MESSAGE_BYTES", 64 * 1024),
+    ("over 385 KiB (`MAX_POST_BYTES`)", "MAX_POST_BYTES", 385 * 1024),
+    ("every 0.25 s (`PRESENCE_INTERVAL_S`)", "PRESENCE_INTERVAL_S", 0.25),
+    ("for 30 s (`PRESENCE_GRACE_S`)", "PRESENCE_GRACE_S", 30),
+    ("`HISTORY_MESSAGES`, `HISTORY_BYTES` | 500,", "HISTORY_MESSAGES", 500),
+    ("`HISTORY_MESSAGES`, `HISTORY_BYTES` | 500, 2 MiB", "HISTORY_BYTES", 2 << 20),
+    ("`ALL_HISTORY_BYTES` | 256 MiB", "ALL_HISTORY_BYTES", 256 << 20),
+    ("`MAX_ROOMS` | 1,000", "MAX_ROOMS", 1000),
+    ("`ROOM_IDLE_S` | 600 s", "ROOM_IDLE_S", 600),
+    ("for 5 s (`PROCESS_TTL_S`)", "PROCESS_TTL_S", 5),
+    ("for 2 s (`REDIS_TIMEOUT_S`)", "REDIS_TIMEOUT_S", 2),
+    ("1.5 s after sending (`PUBLISH_DEADLINE_S`)", "PUBLISH_DEADLINE_S", 1.5),
+    ("on the channel `chat`", "REDIS_CHANNEL", "chat"),
+]
+
+
+@pytest.mark.parametrize(("stated", "name", "value"), README_LIMITS)
+def test_main_holds_each_limit_the_readme_states(
+    stated: str, name: str, value: object
+) -> None:
+    assert stated in " ".join(README.read_text().split())
+    assert getattr(main, name) == value

@@ -121,7 +121,7 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
 
     async def chat_beside_a_stalled_client() -> tuple[dict, dict, tuple[int, str]]:
         # The stalled client reads at last once it is cut off, while the chat goes on:
-        # the close frame behind its backlog waits CLOSE_TIMEOUT_S for it, no longer.
+        # it gets the close frame behind its backlog.
         closed = asyncio.create_task(asyncio.to_thread(close_once_cut_off, stalled))
         async with open_client(f"{server.ws_url}/chat/1") as healthy:
             notices: list[str] = []
@@ -146,7 +146,7 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
     def close_once_cut_off(sock: socket.socket) -> tuple[int, str]:
         try:
             wait_for_log(server, "Client #2 cut off", timeout_s=TEST_TIMEOUT_S)
-            return read_until_close(sock)
+            return read_until_close(sock, f"{SAYS}|{LEFT_THE_CHAT}")
         finally:
             sock.close()
 
@@ -354,7 +354,9 @@ def test_steps_1_and_2_take_a_vanished_client_quietly(server: Server) -> None:
 # --- Hostile clients -----------------------------------------------------------------------------
 
 
-def test_message_size_limit_over_real_socket(server: Server) -> None:
+def test_the_readme_s_command_takes_64_kib_and_refuses_a_byte_more(
+    server: Server,
+) -> None:
     async def send_sizes() -> tuple[list[str], tuple[int, str]]:
         async with open_client(f"{server.ws_url}/chat/1", max_size=None) as websocket:
             await websocket.send("y" * 65536)
@@ -364,7 +366,8 @@ def test_message_size_limit_over_real_socket(server: Server) -> None:
 
     echoed, closed = run(send_sizes())
     assert echoed == ["You wrote: " + "y" * 65536, "Client #1 says: " + "y" * 65536]
-    # uvicorn refuses it (--ws-max-size) before reading the rest of it, in its words.
+    # The README's --ws-max-size: uvicorn refuses it before reading the rest, in its
+    # words (test_main checks the app's own limit, for a server run without the flag).
     assert closed[0] == 1009
     assert closed[1].endswith("exceeds limit of 65536 bytes"), closed
     assert_nothing_went_wrong(server)
@@ -394,7 +397,9 @@ def send_huge_messages(server: Server, senders: int, **options) -> set[tuple[int
     return set(run(send_all()))
 
 
-def test_huge_messages_are_refused_before_they_are_buffered(server: Server) -> None:
+def test_the_readme_s_ws_max_size_refuses_huge_messages_before_buffering(
+    server: Server,
+) -> None:
     rss_before = server.rss_bytes()
     # Refused by uvicorn (--ws-max-size), in its words, before a message is buffered.
     assert send_huge_messages(server, 50, compression=None) == {UVICORN_TOO_BIG}
@@ -402,7 +407,9 @@ def test_huge_messages_are_refused_before_they_are_buffered(server: Server) -> N
     assert_nothing_went_wrong(server)
 
 
-def test_compressed_huge_messages_are_refused_too(server: Server) -> None:
+def test_the_readme_s_ws_max_size_refuses_compressed_huge_messages_too(
+    server: Server,
+) -> None:
     # 15 MiB of one letter compresses to about 15 KiB on the wire.
     rss_before = server.rss_bytes()
     assert send_huge_messages(server, 20, compression="deflate") == {UVICORN_TOO_BIG}
@@ -425,7 +432,7 @@ def test_invalid_utf8_closes_with_1007_without_a_traceback(server: Server) -> No
     for name, frames in INVALID_UTF8.items():
         sock, _ = raw_handshake(server.port, "/chat/3")
         sock.sendall(b"".join(frames))
-        assert read_until_close(sock)[0] == 1007, name
+        assert read_until_close(sock, LEFT_THE_CHAT)[0] == 1007, name
         sock.close()
     log = server.log()
     assert log.count("WARNING:  Closed a WebSocket with 1007") == len(INVALID_UTF8)
@@ -492,7 +499,7 @@ def test_refused_message_racing_its_close_frame_leaves_no_traceback(
     # Either way the app read each binary frame first, and refused it, in one line.
     binary = sum(kind == "binary" for kind, _, _ in closes)
     wait_for_log(server, f"with 1003: {BINARY_REFUSED}", count=binary, timeout_s=5)
-    assert server.log().count(f"with 1003: {BINARY_REFUSED}") == binary == 20
+    assert server.log().count(f"with 1003: {BINARY_REFUSED}") == binary
     assert_nothing_went_wrong(server)
 
 
@@ -545,7 +552,7 @@ def test_flooder_is_closed_and_the_room_keeps_chatting(server: Server) -> None:
     assert_nothing_went_wrong(server)
 
 
-def test_a_flooder_is_slowed_down_in_its_own_socket_not_in_the_room(
+def test_a_flooder_is_slowed_down_alone_not_the_room(
     server: Server,
 ) -> None:
     # Its burst, then as many as it may send slowed down before it is closed.
@@ -578,7 +585,7 @@ def test_a_flooder_is_slowed_down_in_its_own_socket_not_in_the_room(
     # no sooner than that pace allows. (A lower bound: a slow machine is only later.)
     for i, seconds in enumerate(flood_at):
         assert seconds >= (i - BURST) / per_s - 0.001, (i, flood_at)
-    # The rest waited in its own socket, not in the room: another writer's message,
+    # The rest waited in its own connection, not in the room: another writer's message,
     # sent once the flooder was slowed down, went ahead of them.
     assert heard.index("Client #2 says: meanwhile") < heard.index(flood[-1])
     assert_nothing_went_wrong(server)
@@ -616,25 +623,33 @@ def test_mass_departure_is_announced_in_batches(server: Server) -> None:
     assert_nothing_went_wrong(server)
 
 
-def test_shutdown_under_a_busy_chat_exits_in_time_with_no_traceback(
+def test_shutdown_under_a_busy_chat_ends_every_handler_with_no_traceback(
     server: Server,
 ) -> None:
-    # The 1012 is uvicorn's, sent to every client before a handler runs again: checked
-    # as what the page relies on to come back. test_main shows the app keeps it quiet.
-    async def shut_down_under_a_chat() -> list[int | None]:
+    # uvicorn writes its 1012 to every client at once, before a handler runs again, so
+    # no client could hear a leave notice here (test_main shows the app keeps a 1012
+    # quiet). What is the app's: each handler, mid-broadcast, ends with no traceback.
+    async def shut_down_under_a_chat() -> None:
         clients = [await open_client(f"{server.ws_url}/chat/{n}") for n in range(200)]
 
-        async def close_code(client: ClientConnection) -> int | None:
+        async def read_until_closed(client: ClientConnection) -> None:
             with contextlib.suppress(ConnectionClosed):
-                async for _ in client:
-                    pass
-            return client.close_code
+                async for frame in client:
+                    assert_ignored(str(frame), f"{SAYS}|{YOU_WROTE}")
 
-        reading = [asyncio.create_task(close_code(client)) for client in clients]
+        async def keep_talking(client: ClientConnection) -> None:
+            with contextlib.suppress(ConnectionClosed):
+                for i in range(BURST):  # 10 a second, until the server closes it
+                    await client.send(f"busy {i}")
+                    await asyncio.sleep(0.1)
+
+        reading = [asyncio.create_task(read_until_closed(c)) for c in clients]
+        talking = [asyncio.create_task(keep_talking(c)) for c in clients[:5]]
+        await asyncio.sleep(0.5)  # the chat under way
         server.process.send_signal(signal.SIGTERM)
-        return await asyncio.gather(*reading)
+        await asyncio.gather(*reading, *talking)
 
-    assert set(run(shut_down_under_a_chat())) == {1012}
+    run(shut_down_under_a_chat())
     exited_after_sigterm(server)
     assert_nothing_went_wrong(server)
 
@@ -645,7 +660,9 @@ def exited_after_sigterm(server: Server) -> None:
     assert "Finished server process" in server.log()
 
 
-def test_sigterm_with_a_cut_off_client_exits(server: Server) -> None:
+def test_sigterm_beside_a_cut_off_client_gives_up_in_one_warning_line(
+    server: Server,
+) -> None:
     stalled = cut_off_a_stalled_client(server)
     server.process.send_signal(signal.SIGTERM)
     try:
@@ -656,7 +673,7 @@ def test_sigterm_with_a_cut_off_client_exits(server: Server) -> None:
     assert_nothing_went_wrong(server, shutdown_gave_up=True)
 
 
-def test_reload_after_a_cut_off_brings_the_new_code_up(tmp_path: Path) -> None:
+def test_a_reload_after_a_cut_off_leaves_no_traceback(tmp_path: Path) -> None:
     # The README's command for following along, in a copy of the project it can edit.
     for name in ("main.py", "index.html"):
         shutil.copy(HERE / name, tmp_path / name)
@@ -859,7 +876,7 @@ def test_a_huge_post_is_answered_before_its_body_is_read(tmp_path: Path) -> None
     assert_nothing_went_wrong(server)
 
 
-def test_a_slow_reader_is_cut_off_rather_than_setting_the_rooms_pace(
+def test_a_slow_reader_is_cut_off_and_the_others_get_every_message(
     server: Server,
 ) -> None:
     # Beside 5 senders of 8 messages of 60 KB a second (2.4 MB/s), a reader that takes
@@ -876,7 +893,7 @@ def test_a_slow_reader_is_cut_off_rather_than_setting_the_rooms_pace(
             while reading_slowly.is_set():
                 read_frame(slow), read_frame(slow)
                 time.sleep(0.3)
-            return read_until_close(slow)
+            return read_until_close(slow, f"{SAYS}|{LEFT_THE_CHAT}")
         finally:
             slow.close()
 
