@@ -22,6 +22,11 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+# main.py reads these as it is imported, and so do the servers the tests start: each
+# test sets what it needs, and a value left in the shell must not change what it checks.
+for setting in ("REDIS_URL", "ANNOUNCE_TOKEN", "ALLOWED_ORIGINS"):
+    os.environ.pop(setting, None)
+
 HERE = Path(__file__).parent
 README = HERE / "README.md"
 STARTUP_TIMEOUT_S = 15.0
@@ -84,15 +89,17 @@ def readme_command(start: str) -> tuple[str, ...]:
     """The options of the README's command line that begins with `start`.
 
     The tests run uvicorn as the README tells readers to, flag for flag; --host and
-    --port are left out, since the tests pick a free loopback port of their own.
+    --port are left out, since the tests pick a free loopback port of their own, and
+    --workers, since the tests start each worker themselves.
     """
     lines = [line for line in README.read_text().splitlines() if line.startswith(start)]
     assert len(lines) == 1, f"README.md has {len(lines)} lines starting {start!r}"
-    words = shlex.split(lines[0])[2:]  # after `uvicorn main:app`
+    words = shlex.split(lines[0])
+    words = words[words.index("main:app") + 1 :]  # after `[VAR=value] uvicorn main:app`
     options: list[str] = []
     while words:
         word = words.pop(0)
-        if word in ("--host", "--port"):
+        if word in ("--host", "--port", "--workers"):
             words.pop(0)
         else:
             options.append(word)
@@ -101,6 +108,11 @@ def readme_command(start: str) -> tuple[str, ...]:
 
 def production_options() -> tuple[str, ...]:
     return readme_command("uvicorn main:app --host")
+
+
+def redis_options() -> tuple[str, ...]:
+    """The README's command for several processes sharing one chat through Redis."""
+    return readme_command("REDIS_URL=")
 
 
 def following_along_options() -> tuple[str, ...]:

@@ -79,9 +79,9 @@ async def get() -> FileResponse:
 # Every step relies on the guards of "What every step shares", after the steps, each
 # named for what it does, so that a step reads without them:
 # - every WebSocket's Origin is checked before its endpoint runs (CheckOrigin): a page
-#   from another host is refused, and so is one opened from disk (its Origin is "null")
-#   unless ALLOWED_ORIGINS lists it. The tutorials' pages connect to ws://localhost:8000:
-#   open them at http://localhost:8000, not 127.0.0.1, which is another host;
+#   from another host is refused, and so is one opened from disk, as the tutorials'
+#   pages are (its Origin is "null"), unless ALLOWED_ORIGINS lists it (the README says
+#   how); this file's page, at GET /, is served by the app itself and let in;
 # - endpoints read with receive_valid_text: the tutorial's receive_text, but text only,
 #   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
 #   closes every connection with 1012, as it shuts down, it raises ServerShutdown;
@@ -132,17 +132,19 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - connect() returns a Client, the manager's record of a connection, which disconnect()
 #   and send_personal_message() take where the tutorial passes the WebSocket;
 # - disconnect() tells the others itself: several who leave at once get one notice;
-# - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone;
+# - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone (the
+#   second tutorial defines send_personal_message, and its endpoint never calls it);
 # - where a message goes is the manager's relay: by default DeliverHere, this process's
-#   clients, which always takes it; it is the one piece another relay would replace.
+#   clients; it is the one piece another relay would replace.
 #
 # And its broadcast never waits on a client's socket. The tutorial's awaits each client
 # in turn, so one that stops reading stalls the room: beside one, the tutorial's chat
 # delivered 699 of 3,000 messages, then nothing; this one all 3,000 (bench.py). How:
 # - add_to_batch adds a message to the batch: the messages sent in this turn of the
 #   event loop, for everyone or for one client; one task, deliver_batches, writes each;
-# - write_at_once writes a batch to each client whose socket takes it now (uvicorn, and
-#   the kernel, buffer what a client has not read yet: "full" is when they hold no more);
+# - write_without_waiting writes a batch to each client whose socket takes it now
+#   (uvicorn, and the kernel, buffer what a client has not read: "full" is when they
+#   hold no more);
 # - add_to_backlog keeps the rest for a client whose socket is full, up to
 #   MAX_BACKLOG_MESSAGES, and write_backlog, a task of its own, writes them as it drains;
 # - once that backlog is full while the socket still is, cut_off closes it with 1008:
@@ -150,7 +152,14 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   The messages it had yet to be sent are dropped; its close frame waits behind what
 #   it has not read, 5 s at most, and the page reconnects to a chat that has gone on.
 # A delivery may wait for a backlog's task to have its turn (the server is busy), never
-# for a client's socket.
+# for a client's socket. So "over 100 messages behind" counts what its buffers hold
+# besides; and in a chat that falls silent, a stalled client keeps its place until it
+# reads or leaves: it slows nobody.
+#
+# The tutorial's broadcast has a second fault: a write to a client that has gone raises
+# in the sender's handler, whose `except WebSocketDisconnect` then takes the sender out
+# and leaves the gone client in. Here a failed write takes out the client it was for
+# (GONE, below); its own handler tells the others it left.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # in a batch, not yet written: a sender past this waits
@@ -193,7 +202,7 @@ class Backlog:
 
     def __init__(self) -> None:
         self.messages: collections.deque[str] = collections.deque()
-        self.made_room = asyncio.Event()
+        self.has_space = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         # While the task waits for the socket: the client is not reading what it gets.
         self.waiting_on_socket = False
@@ -204,10 +213,17 @@ class Backlog:
 Outgoing = tuple[list[str], dict["Client", list[str]]]
 
 
+# In one pass, however many clients a batch addresses one by one.
 def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
-    everyone = [message for to, message in batch if to is None]
-    addressed = {to for to, _ in batch if to is not None}
-    own = {c: [message for to, message in batch if to in (None, c)] for c in addressed}
+    everyone: list[str] = []
+    own: dict[Client, list[str]] = {}
+    for to, message in batch:
+        if to is not None:  # theirs, after everyone's before it
+            own.setdefault(to, everyone.copy()).append(message)
+        else:
+            everyone.append(message)
+            for messages in own.values():
+                messages.append(message)
     return everyone, own
 
 
@@ -240,17 +256,14 @@ class DeliverHere:
 
 class ConnectionManager:
     def __init__(self) -> None:
-        # By client id (anonymous: by connection); the same id again takes over.
-        self.active_connections: dict[int, Client] = {}
+        self.active_connections: dict[int, Client] = {}  # by Client.key: one each
         self.relay: ChatRelay = DeliverHere()
         self.batch: list[tuple[Client | None, str]] = []  # see `add_to_batch`
         self.deliverer: asyncio.Task[None] | None = None
         self.departed: list[int | None] = []  # see `announce_leaving`
         self.announcer: asyncio.Task[None] | None = None
 
-    async def connect(
-        self, websocket: WebSocket, client_id: int | None = None
-    ) -> Client:
+    async def connect(self, websocket: WebSocket, client_id: int | None) -> Client:
         await websocket.accept()
         client = Client(websocket, client_id)
         await self.relay.join(self, client)  # an older one with this id gets 4000
@@ -275,7 +288,7 @@ class ConnectionManager:
     # How a message reaches everyone without waiting on anyone.
 
     def enter(self, client: Client) -> None:
-        """Into the room; an older connection with the same id is closed with 4000."""
+        """Into the chat; an older connection with the same id is closed with 4000."""
         older = self.active_connections.get(client.key)
         if older is not None:
             self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
@@ -286,18 +299,17 @@ class ConnectionManager:
         if self.active_connections.get(client.key) is client:
             del self.active_connections[client.key]
         if client.backlog is not None and client.backlog.task is not None:
-            client.backlog.task.cancel()  # cancelled before it ran, it sets nothing:
-            client.backlog.made_room.set()  # a delivery waiting for room goes on
+            client.backlog.task.cancel()  # before it ran, it would never set has_space,
+            client.backlog.has_space.set()  # and a delivery waiting for space would wait
 
     async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None); past MAX_BATCH_MESSAGES, waits for a write."""
+        """To one client, or all (None); past MAX_BATCH_MESSAGES, waits (`_now`: never)."""
         self.add_to_batch_now(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
             # Shielded: a sender that leaves meanwhile does not cancel everyone's.
             await asyncio.shield(self.deliverer)
 
     def add_to_batch_now(self, to: Client | None, message: str) -> None:
-        """The same, for a caller that cannot wait: it never does."""
         self.batch.append((to, message))
         if self.deliverer is None:
             self.deliverer = asyncio.create_task(self.deliver_batches())
@@ -311,7 +323,7 @@ class ConnectionManager:
                 clients = list(self.active_connections.values())  # they come and go
                 position = 0
                 while position < len(clients):
-                    position, unwritten = await self.write_at_once(
+                    position, unwritten = await self.write_without_waiting(
                         clients, position, outgoing
                     )
                     for message in unwritten:
@@ -320,16 +332,15 @@ class ConnectionManager:
         finally:
             self.deliverer = None
 
-    async def write_at_once(
+    async def write_without_waiting(
         self, clients: list[Client], start: int, outgoing: Outgoing
     ) -> tuple[int, list[str]]:
-        """Write to clients[start:] until one's socket is full: where, and what it owes."""
+        """Write to clients[start:] until one's socket is full; its place, and the rest."""
         everyone, own = outgoing
         position, messages, written = start, everyone, 0
         try:
             # A deadline of now: a write that would wait for a full socket is given up.
-            # uvicorn's default (websockets-sansio, in the version requirements.txt pins)
-            # waits for room before it writes: none is half-sent. Its legacy one does not.
+            # uvicorn's sansio protocol (as pinned) waits, then writes: none is half-sent.
             async with asyncio.timeout(0):
                 for position in range(start, len(clients)):
                     client = clients[position]
@@ -348,8 +359,7 @@ class ConnectionManager:
         return len(clients), []
 
     async def add_to_backlog(self, client: Client, message: str) -> None:
-        """Queue a message for a client behind. Its backlog full: cut off if its task
-        waits on its socket (it reads too slowly), else wait (the server is busy)."""
+        """Its backlog full: cut off if its socket is too, else wait (a busy server)."""
         waited_a_turn = False
         while self.active_connections.get(client.key) is client:
             backlog = client.backlog
@@ -360,8 +370,8 @@ class ConnectionManager:
                 backlog.messages.append(message)
                 return
             if not backlog.waiting_on_socket:
-                backlog.made_room.clear()
-                await backlog.made_room.wait()
+                backlog.has_space.clear()
+                await backlog.has_space.wait()
             elif not waited_a_turn:
                 # One turn of the event loop: a socket that has just drained goes first.
                 waited_a_turn = True
@@ -374,16 +384,16 @@ class ConnectionManager:
         try:
             while backlog.messages:
                 message = backlog.messages.popleft()
-                backlog.made_room.set()
+                backlog.has_space.set()
                 backlog.waiting_on_socket = True
                 await client.websocket.send_text(message)
                 backlog.waiting_on_socket = False
         except GONE:
             self.leave(client)
         finally:
-            # Caught up, or gone: written to at once again; a delivery waiting goes on.
+            # Caught up, or gone: no backlog now, and a delivery waiting for space goes on.
             client.backlog = None
-            backlog.made_room.set()
+            backlog.has_space.set()
 
     def cut_off(
         self, client: Client, code: int, reason: str, quiet: bool = False
@@ -445,7 +455,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
 
 @app.websocket("/chat/")
 async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
-    client = await anonymous_manager.connect(websocket)
+    client = await anonymous_manager.connect(websocket, None)
     flood_control = FloodControl()
     try:
         with client.cut_off_scope:

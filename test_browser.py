@@ -7,6 +7,7 @@ used. Without one these tests are skipped, except under CI=true, where they fail
 import base64
 import contextlib
 import hashlib
+import re
 import socket
 import struct
 import threading
@@ -245,8 +246,13 @@ def test_a_refused_handshake_is_given_up_after_a_few_attempts(
     # Step 4 without a token: the server refuses every handshake.
     page = open_tab("?endpoint=items&item_id=foo&token=", connected=False, clock=True)
     status = page.locator("#status")
-    for _ in range(4):  # each refusal, then the time until the next attempt
+    # Each refusal, then the time until the next attempt: 0.5 s, doubling each time,
+    # less up to half of it at random (the README's back-off, with its jitter).
+    for low_s, high_s in [(0.25, 0.5), (0.5, 1), (1, 2), (2, 4)]:
         expect(status).to_contain_text("retrying in")
+        found = re.search(r"retrying in (\d+\.\d) s", status.inner_text())
+        assert found is not None, status.inner_text()
+        assert low_s - 0.05 <= float(found[1]) <= high_s + 0.05, found[0]
         page.clock.run_for(ALL_RETRY_DELAYS_MS)
     gave_up = (
         "gave up after 5 attempts: the server refused the connection, or is not "
