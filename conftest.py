@@ -534,8 +534,10 @@ async def receive_from_each(
     counts: dict[int, int],
     ignore: str | None = None,
     ignored: list[str] | None = None,
+    order: list[str] | None = None,
 ) -> dict[int, list[str]]:
-    """What `websocket` receives from each sender, until it has `counts[sender]` of each.
+    """What `websocket` receives from each sender, until it has `counts[sender]` of each;
+    in `order`, if given, every one of them as it came.
 
     Any other frame fails the test, unless it matches `ignore` (a regular expression,
     matched whole): those go to `ignored`, if given.
@@ -546,6 +548,8 @@ async def receive_from_each(
         said = re.fullmatch(r"Client #(\d+) says: (.*)", message, re.DOTALL)
         if said and int(said[1]) in received:
             received[int(said[1])].append(said[2])
+            if order is not None:
+                order.append(message)
         else:
             assert_ignored(message, ignore, ignored)
     return received

@@ -3,10 +3,10 @@
 Python 3.11+. Follow along with `uvicorn main:app --reload --reload-exclude .venv
 --timeout-graceful-shutdown 3` and open http://127.0.0.1:8000/; in production, add
 `--ws-max-size 65536` (the README says why each flag is there). The file reads from the
-top, as the tutorial does, each step building on the ones before it, never on a later:
+top, as the tutorials do, each step building on the ones before it, never on a later:
 
 - the app, and `GET /`, the page;
-- step 1, echo; step 2, a client id; step 3, the chat: the tutorial's ConnectionManager,
+- step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager,
   how its broadcast reaches everyone without waiting on anyone, then its endpoints;
   step 4, FastAPI's "Using Depends";
 - step 5, named rooms with history, built on step 3; step 6, one chat across processes
@@ -82,7 +82,7 @@ async def get() -> FileResponse:
 #   from another host is refused, and so is one opened from disk, as the tutorials'
 #   pages are (its Origin is "null"), unless ALLOWED_ORIGINS lists it (the README says
 #   how); this file's page, at GET /, is served by the app itself and let in;
-# - endpoints read with receive_valid_text: the tutorial's receive_text, but text only,
+# - endpoints read with receive_valid_text: the tutorials' receive_text, but text only,
 #   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
 #   closes every connection with 1012, as it shuts down, it raises ServerShutdown;
 # - a chat client that floods is slowed down by FloodControl;
@@ -126,20 +126,22 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # The second tutorial's manager (the first has no send_personal_message), its four
 # methods in its order, with these changes:
 # - the chat is at /chat/{client_id}: the second tutorial puts it at /ws/{client_id},
-#   which is step 2's here; /chat/ is the first tutorial's anonymous chat;
+#   which step 2 answers here (of two routes on one path, the first wins, and the other
+#   is never reached); /chat/ is the first tutorial's anonymous chat;
 # - active_connections is a dict by client id: the same id again (a second tab) takes
 #   over, and the older connection is closed with 4000;
 # - connect() returns a Client, the manager's record of a connection, which disconnect()
-#   and send_personal_message() take where the tutorial passes the WebSocket;
+#   and send_personal_message() take where the tutorials pass the WebSocket;
 # - disconnect() tells the others itself: several who leave at once get one notice;
 # - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone (the
 #   second tutorial defines send_personal_message, and its endpoint never calls it);
 # - where a message goes is the manager's relay: by default DeliverHere, this process's
 #   clients; it is the one piece another relay would replace.
 #
-# And its broadcast never waits on a client's socket. The tutorial's awaits each client
-# in turn, so one that stops reading stalls the room: beside one, the tutorial's chat
-# delivered 699 of 3,000 messages, then nothing; this one all 3,000 (bench.py). How:
+# And its broadcast never waits on a client's socket. The tutorials' awaits each client
+# in turn, so one client that stops reading stalls the whole room. In bench.py, with one
+# such client among 30 senders of 100 messages each, a healthy client of the tutorials'
+# chat received 699 of the 3,000 messages, then nothing; of this one, all 3,000. How:
 # - add_to_batch adds a message to the batch: the messages sent in this turn of the
 #   event loop, for everyone or for one client; one task, deliver_batches, writes each;
 # - write_without_waiting writes a batch to each client whose socket takes it now
@@ -152,11 +154,11 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   The messages it had yet to be sent are dropped; its close frame waits behind what
 #   it has not read, 5 s at most, and the page reconnects to a chat that has gone on.
 # A delivery may wait for a backlog's task to have its turn (the server is busy), never
-# for a client's socket. So "over 100 messages behind" counts what its buffers hold
-# besides; and in a chat that falls silent, a stalled client keeps its place until it
-# reads or leaves: it slows nobody.
+# for a client's socket. A client cut off is more than 100 messages behind: its
+# buffers held some before its backlog began. In a chat that falls silent, a stalled
+# client keeps its place until it reads or leaves: it slows nobody meanwhile.
 #
-# The tutorial's broadcast has a second fault: a write to a client that has gone raises
+# The tutorials' broadcast has a second fault: a write to a client that has gone raises
 # in the sender's handler, whose `except WebSocketDisconnect` then takes the sender out
 # and leaves the gone client in. Here a failed write takes out the client it was for
 # (GONE, below); its own handler tells the others it left.
@@ -178,13 +180,12 @@ class Client:
     def __init__(self, websocket: WebSocket, client_id: int | None) -> None:
         self.websocket = websocket
         self.client_id = client_id
-        # Where the manager keeps it: its id, or, in the anonymous chat, a number its own.
-        self.key = client_id if client_id is not None else id(self)
+        self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
         self.backlog: Backlog | None = None  # only while its socket is full
-        # Its handler runs in this anyio scope (Starlette's): cancelled, it ends at once.
+        # The endpoint's loop runs in it; cancelled by cut_off, the handler ends at once.
         self.cut_off_scope = anyio.CancelScope()
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
-        self.quiet = False  # ended by the server, and nobody is told
+        self.quiet = False  # a restart, a takeover: nobody is told it left
 
     def left_with(self, gone: WebSocketDisconnect) -> None:
         self.close_code = gone.code
@@ -213,7 +214,7 @@ class Backlog:
 Outgoing = tuple[list[str], dict["Client", list[str]]]
 
 
-# In one pass, however many clients a batch addresses one by one.
+# One pass over the batch, even when it holds a message for each of many clients.
 def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
     everyone: list[str] = []
     own: dict[Client, list[str]] = {}
@@ -282,11 +283,10 @@ class ConnectionManager:
         return await self.relay.publish(self, message)
 
     async def say(self, client: Client, ack: str, text: str) -> None:
-        """FastAPI's docs' two sends: "You wrote" to the writer, the text to all."""
+        """FastAPI's docs' two sends: the ack, "You wrote", to the writer; text to all."""
         await self.relay.say(self, client, ack, text)
 
-    # How a message reaches everyone without waiting on anyone.
-
+    # Who is in the chat, and telling the others who left.
     def enter(self, client: Client) -> None:
         """Into the chat; an older connection with the same id is closed with 4000."""
         older = self.active_connections.get(client.key)
@@ -302,8 +302,32 @@ class ConnectionManager:
             client.backlog.task.cancel()  # before it ran, it would never set has_space,
             client.backlog.has_space.set()  # and a delivery waiting for space would wait
 
+    def cut_off(
+        self, client: Client, code: int, reason: str, quiet: bool = False
+    ) -> None:
+        """Out of the chat, its handler ended: closed with `code` and `reason`."""
+        self.leave(client)
+        client.close_code, client.close_reason, client.quiet = code, reason, quiet
+        client.cut_off_scope.cancel()
+
+    def announce_leaving(self, client: Client) -> None:
+        """Departures of one turn in one notice: O(N), not O(N²), as N leave at once."""
+        self.departed.append(client.client_id)
+        if self.announcer is None:
+            self.announcer = asyncio.create_task(self.announce_departures())
+
+    async def announce_departures(self) -> None:
+        try:
+            while self.departed:
+                client_ids, self.departed = self.departed, []
+                await self.broadcast(left_the_chat(client_ids))
+        finally:
+            self.announcer = None
+
+    # How a message reaches everyone without waiting on anyone.
+
     async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None); past MAX_BATCH_MESSAGES, waits (`_now`: never)."""
+        """To one client, or all (None); waits while MAX_BATCH_MESSAGES are unwritten."""
         self.add_to_batch_now(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
             # Shielded: a sender that leaves meanwhile does not cancel everyone's.
@@ -315,7 +339,7 @@ class ConnectionManager:
             self.deliverer = asyncio.create_task(self.deliver_batches())
 
     async def deliver_batches(self) -> None:
-        """Write each batch to all, in order, waiting on none: see add_to_backlog."""
+        """Write each batch to all, in order, never waiting on a client's socket."""
         try:
             while self.batch:
                 sent, self.batch = self.batch, []
@@ -339,8 +363,8 @@ class ConnectionManager:
         everyone, own = outgoing
         position, messages, written = start, everyone, 0
         try:
-            # A deadline of now: a write that would wait for a full socket is given up.
-            # uvicorn's sansio protocol (as pinned) waits, then writes: none is half-sent.
+            # Deadline now: a write that must wait for a full socket is given up, one that
+            # need not is never cut (uvicorn's sansio, as pinned, waits, then writes).
             async with asyncio.timeout(0):
                 for position in range(start, len(clients)):
                     client = clients[position]
@@ -394,28 +418,6 @@ class ConnectionManager:
             # Caught up, or gone: no backlog now, and a delivery waiting for space goes on.
             client.backlog = None
             backlog.has_space.set()
-
-    def cut_off(
-        self, client: Client, code: int, reason: str, quiet: bool = False
-    ) -> None:
-        """Out of the room, its handler ended: closed with `code` and `reason`."""
-        self.leave(client)
-        client.close_code, client.close_reason, client.quiet = code, reason, quiet
-        client.cut_off_scope.cancel()
-
-    def announce_leaving(self, client: Client) -> None:
-        """Departures of one turn in one notice: O(N), not O(N²), as N leave at once."""
-        self.departed.append(client.client_id)
-        if self.announcer is None:
-            self.announcer = asyncio.create_task(self.announce_departures())
-
-    async def announce_departures(self) -> None:
-        try:
-            while self.departed:
-                client_ids, self.departed = self.departed, []
-                await self.broadcast(left_the_chat(client_ids))
-        finally:
-            self.announcer = None
 
 
 def left_the_chat(client_ids: list[int | None]) -> str:
@@ -1592,7 +1594,7 @@ else:
 
 # --- What every step shares: what a client may send, flood control, closing, the origin check
 #
-# Protects against what the tutorial's code lets any client do: crash a handler with a
+# Protects against what the tutorials' code lets any client do: crash a handler with a
 # binary frame, send 16 MiB at a time, flood the room, fill the log with tracebacks, and,
 # from another site's page, connect with the user's cookies. Measured: one client sending
 # 20,000 messages held another writer's up by 6.6 to 9.6 s (p99) before flood control.

@@ -48,7 +48,8 @@ def open_tab(browser: "Browser", server: Server) -> Iterator:
 
     With `clock`, the page's timers run only when the test moves its clock on (`page.
     clock.run_for`): a retry the page should not make is shown not to be due, at once.
-    With `port`, the page is loaded from there (a proxy in front of the server).
+    With `port`, the page is loaded from there (a proxy in front of the server). With
+    `count_closes`, `window.closedSockets` counts the close events its sockets had.
     """
     contexts = []
 
@@ -57,10 +58,13 @@ def open_tab(browser: "Browser", server: Server) -> Iterator:
         connected: bool = True,
         clock: bool = False,
         port: int | None = None,
+        count_closes: bool = False,
     ) -> "Page":
         context = browser.new_context(viewport=TAB_SIZE)
         contexts.append(context)
         page = context.new_page()
+        if count_closes:
+            page.add_init_script(COUNT_CLOSES)
         if clock:
             page.clock.install()
         page.goto(f"http://127.0.0.1:{port or server.port}/{query}")
@@ -71,6 +75,18 @@ def open_tab(browser: "Browser", server: Server) -> Iterator:
     yield open_page
     for context in contexts:
         context.close()
+
+
+# Counted before the page's own onclose runs, in the same event.
+COUNT_CLOSES = """
+window.closedSockets = 0;
+window.WebSocket = class extends window.WebSocket {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("close", () => { window.closedSockets += 1; });
+  }
+};
+"""
 
 
 def send(page: "Page", text: str) -> None:
@@ -191,10 +207,11 @@ def test_switching_endpoint_with_the_controls(open_tab) -> None:
 
 
 def test_disconnect_button_is_not_retried(open_tab) -> None:
-    page = open_tab("?endpoint=echo", clock=True)
+    page = open_tab("?endpoint=echo", clock=True, count_closes=True)
     page.click("#disconnect")
     status = page.locator("#status")
     expect(status).to_have_text("disconnected (closed by the user)")
+    page.wait_for_function("window.closedSockets === 1")  # its onclose has run
     page.clock.run_for(ALL_RETRY_DELAYS_MS)  # a retry would have started: "connecting"
     expect(status).to_have_text("disconnected (closed by the user)")
 
@@ -250,10 +267,16 @@ def test_a_refused_handshake_is_given_up_after_a_few_attempts(
     # less up to half of it at random (the README's back-off, with its jitter).
     for low_s, high_s in [(0.25, 0.5), (0.5, 1), (1, 2), (2, 4)]:
         expect(status).to_contain_text("retrying in")
-        found = re.search(r"retrying in (\d+\.\d) s", status.inner_text())
-        assert found is not None, status.inner_text()
-        assert low_s - 0.05 <= float(found[1]) <= high_s + 0.05, found[0]
-        page.clock.run_for(ALL_RETRY_DELAYS_MS)
+        waiting = status.inner_text()
+        found = re.search(r"retrying in (\d+\.\d) s", waiting)
+        assert found is not None, waiting
+        delay_ms = float(found[1]) * 1000  # as shown: to 50 ms
+        assert low_s * 1000 - 50 <= delay_ms <= high_s * 1000 + 50, found[0]
+        # And it waits that long: not 100 ms less, and no more than 100 ms more.
+        page.clock.run_for(int(delay_ms) - 100)
+        expect(status).to_have_text(waiting)
+        page.clock.run_for(200)
+        expect(status).not_to_have_text(waiting)
     gave_up = (
         "gave up after 5 attempts: the server refused the connection, or is not "
         "running. Press Connect to try again"

@@ -173,7 +173,7 @@ def test_order_of_two_senders_across_processes(workers: list[Server]) -> None:
     first, second = workers
     sent = [f"message {i}" for i in range(main.FLOOD_BURST_MESSAGES)]
 
-    async def bursts() -> list[dict[int, list[str]]]:
+    async def bursts() -> tuple[list[dict[int, list[str]]], list[list[str]]]:
         async with (
             open_client(f"{first.ws_url}/chat/1") as one,
             open_client(f"{second.ws_url}/chat/2") as two,
@@ -181,23 +181,27 @@ def test_order_of_two_senders_across_processes(workers: list[Server]) -> None:
             open_client(f"{second.ws_url}/chat/4") as other_process,
         ):
             counts = {1: len(sent), 2: len(sent)}
+            orders: list[list[str]] = [[], [], [], []]
             readers = [
                 # The senders hear their own "You wrote" too.
-                asyncio.create_task(receive_from_each(c, counts, ignore))
-                for c, ignore in (
-                    (one, YOU_WROTE),
-                    (two, YOU_WROTE),
-                    (same_process, None),
-                    (other_process, None),
+                asyncio.create_task(receive_from_each(c, counts, ignore, None, order))
+                for c, ignore, order in zip(
+                    (one, two, same_process, other_process),
+                    (YOU_WROTE, YOU_WROTE, None, None),
+                    orders,
+                    strict=True,
                 )
             ]
             for text in sent:
                 await one.send(text)
                 await two.send(text)
-            return await asyncio.gather(*readers)
+            return await asyncio.gather(*readers), orders
 
-    for received in run(bursts()):
-        assert received == {1: sent, 2: sent}
+    received, orders = run(bursts())
+    for each in received:
+        assert each == {1: sent, 2: sent}
+    # One order for every reader, on either process: Redis's.
+    assert all(order == orders[0] for order in orders), orders
 
 
 def test_every_acknowledged_message_reaches_every_reader_of_every_process(
