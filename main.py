@@ -62,7 +62,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# uvicorn's own logger, so these lines show in the terminal uvicorn runs in.
+# uvicorn's own logger ("uvicorn.error" is its name for its main log, errors or not),
+# so these lines show in the terminal uvicorn runs in.
 logger = logging.getLogger("uvicorn.error")
 
 INDEX_HTML = FilePath(__file__).with_name("index.html")
@@ -80,8 +81,8 @@ async def get() -> FileResponse:
 # named for what it does, so that a step reads without them:
 # - every WebSocket's Origin is checked before its endpoint runs (CheckOrigin): a page
 #   from another host is refused, and so is one opened from disk, as the tutorials'
-#   pages are (its Origin is "null"), unless ALLOWED_ORIGINS lists it (the README says
-#   how); this file's page, at GET /, is served by the app itself and let in;
+#   pages are (its Origin is "null"), unless ALLOWED_ORIGINS lists it: run uvicorn with
+#   ALLOWED_ORIGINS=null set to try those pages. The page at GET / is let in;
 # - endpoints read with receive_valid_text: the tutorials' receive_text, but text only,
 #   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
 #   closes every connection with 1012, as it shuts down, it raises ServerShutdown;
@@ -1407,11 +1408,11 @@ class RedisRelay:
         (seconds, microseconds), _, alive, *_ = await beat.execute()
         self.alive_at = sent_ms / 1000
         self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
-        gone = {p for p, a in zip(others, alive, strict=False) if not a}
-        self.others_alive -= gone
+        lapsed = {p for p, a in zip(others, alive, strict=False) if not a}
+        self.others_alive -= lapsed
         for room in self.rooms.by_name.values():  # their members have left
             state = self.in_rooms.get(room)
-            if state is not None and gone & state.elsewhere.keys():
+            if state is not None and lapsed & state.elsewhere.keys():
                 self.rooms.presence_changed(room)
 
     async def learn_redis_clock(self) -> None:

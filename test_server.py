@@ -661,7 +661,7 @@ def exited_after_sigterm(server: Server) -> None:
     assert "Finished server process" in server.log()
 
 
-def test_sigterm_beside_a_cut_off_client_gives_up_in_one_warning_line(
+def test_sigterm_beside_a_cut_off_client_gives_up_with_a_warning_not_a_traceback(
     server: Server,
 ) -> None:
     stalled = cut_off_a_stalled_client(server)
@@ -673,8 +673,10 @@ def test_sigterm_beside_a_cut_off_client_gives_up_in_one_warning_line(
     log = server.log()
     assert log.count(SHUTDOWN_GAVE_UP) == 1, log
     warnings = [line for line in log.splitlines() if line.startswith("WARNING")]
-    # Besides it, one line for each handler cancelled: the stalled client's.
-    assert len(warnings) == 2 and log.count(CANCELLED_HANDLER) == 1, warnings
+    # Besides it, one line for each handler cancelled: the stalled client's, unless its
+    # close had already been given up on (CLOSE_TIMEOUT_S from the cut-off).
+    cancelled = log.count(CANCELLED_HANDLER)
+    assert cancelled <= 1 and len(warnings) == 1 + cancelled, warnings
     assert_nothing_went_wrong(server, shutdown_gave_up=True)
 
 
