@@ -722,14 +722,7 @@ def test_a_restarted_process_catches_its_member_up_from_redis(
         second.process.send_signal(signal.SIGTERM)  # a deploy, or a --reload
         await closed_with(bob)
         said = await meanwhile(alice)
-        await asyncio.to_thread(second.process.wait, 10)
-        restarted = await asyncio.to_thread(
-            start_server,
-            tmp_path / "restarted.log",
-            second.port,
-            options=redis_options(),
-            REDIS_URL=redis_server.url,
-        )
+        restarted = await start_again(second, redis_server, tmp_path)
         try:
             _, welcome = await join_room(
                 stack, restarted, f"/rooms/lobby/2?since={last}"
@@ -743,6 +736,22 @@ def test_a_restarted_process_catches_its_member_up_from_redis(
     said, welcome = run(in_rooms(scenario))
     assert [message["id"] for message in welcome["history"]] == said
     assert welcome["missed"] is False
+
+
+async def start_again(
+    worker: Server, redis_server: RedisServer, tmp_path: Path, down_s: float = 0
+) -> Server:
+    """The worker, stopping after a SIGTERM, on its port again `down_s` after it ended:
+    a deploy."""
+    await asyncio.to_thread(worker.process.wait, 10)
+    await asyncio.sleep(down_s)
+    return await asyncio.to_thread(
+        start_server,
+        tmp_path / "restarted.log",
+        worker.port,
+        options=redis_options(),
+        REDIS_URL=redis_server.url,
+    )
 
 
 def test_a_room_member_s_process_restarting_is_not_heard_as_a_leaving(
@@ -759,15 +768,9 @@ def test_a_room_member_s_process_restarting_is_not_heard_as_a_leaving(
         await asyncio.sleep(main.PRESENCE_INTERVAL_S)
         second.process.send_signal(signal.SIGTERM)  # a deploy: bob will be back
         await closed_with(bob)
-        await asyncio.to_thread(second.process.wait, 10)
         # Down for longer than a killed process would count as alive (PROCESS_TTL_S).
-        await asyncio.sleep(main.PROCESS_TTL_S + 1)
-        restarted = await asyncio.to_thread(
-            start_server,
-            tmp_path / "restarted.log",
-            second.port,
-            options=redis_options(),
-            REDIS_URL=redis_server.url,
+        restarted = await start_again(
+            second, redis_server, tmp_path, main.PROCESS_TTL_S + 1
         )
         try:
             await join_room(stack, restarted, "/rooms/lobby/2")
