@@ -119,13 +119,19 @@ def following_along_options() -> tuple[str, ...]:
     return readme_command("uvicorn main:app --reload")
 
 
+HANDED_OUT_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """A free loopback port, never 8000: a reader's own `uvicorn main:app` may be there."""
+    """A free loopback port, never 8000 (a reader's own `uvicorn main:app` may be there),
+    nor one handed out before in this run: two servers started together, each told a
+    port that was free a moment before, could otherwise both be told the same one."""
     while True:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        if port != 8000:
+        if port != 8000 and port not in HANDED_OUT_PORTS:
+            HANDED_OUT_PORTS.add(port)
             return port
 
 

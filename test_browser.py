@@ -6,6 +6,7 @@ used. Without one these tests are skipped, except under CI=true, where they fail
 
 import base64
 import contextlib
+import datetime
 import hashlib
 import re
 import socket
@@ -66,7 +67,11 @@ def open_tab(browser: "Browser", server: Server) -> Iterator:
         if count_closes:
             page.add_init_script(COUNT_CLOSES)
         if clock:
-            page.clock.install()
+            # Paused from the start: installed alone, the fake clock also runs on by
+            # itself, and a retry could come while a test looks at the one before.
+            start = datetime.datetime.now()
+            page.clock.install(time=start)
+            page.clock.pause_at(start + datetime.timedelta(seconds=1))
         page.goto(f"http://127.0.0.1:{port or server.port}/{query}")
         if connected:
             expect(page.locator("#status")).to_have_attribute("data-state", "connected")
