@@ -476,6 +476,12 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes]:
     return first & 0x0F, read_exactly(sock, length)
 
 
+def close_code_and_reason(payload: bytes) -> tuple[int, str]:
+    """What a close frame's payload says."""
+    (code,) = struct.unpack("!H", payload[:2])
+    return code, payload[2:].decode()
+
+
 def read_until_close(sock: socket.socket, ignore: str | None = None) -> tuple[int, str]:
     """The close code and reason. A text frame before it fails the test unless it
     matches `ignore` (as in assert_ignored): for a client that stopped reading, the
@@ -483,8 +489,7 @@ def read_until_close(sock: socket.socket, ignore: str | None = None) -> tuple[in
     while True:
         opcode, payload = read_frame(sock)
         if opcode == 0x8:
-            (code,) = struct.unpack("!H", payload[:2])
-            return code, payload[2:].decode()
+            return close_code_and_reason(payload)
         if opcode != 0x9:  # a ping is uvicorn's, not the app's
             assert opcode == 0x1, (opcode, payload[:80])
             assert_ignored(payload.decode(), ignore)

@@ -1116,7 +1116,7 @@ class RedisRelay:
         if self.relaying:
             grace_ms = int(PRESENCE_GRACE_S * 1000)
             with contextlib.suppress(*REDIS_FAILURES):
-                await self.redis.set(f"chat:alive:{self.process}", 1, px=grace_ms)
+                await self.redis.set(alive_key(self.process), 1, px=grace_ms)
 
     # Step 3's chat: ChatRelay.
 
@@ -1193,7 +1193,7 @@ class RedisRelay:
 
     async def which_are_alive(self, processes: list[str]) -> list[bool]:
         async with self.connections:
-            keys = [f"chat:alive:{process}" for process in processes]
+            keys = [alive_key(process) for process in processes]
             return [value is not None for value in await self.redis.mget(keys)]
 
     def wrote_members(self, room: Room, here: list[int]) -> None:
@@ -1395,9 +1395,9 @@ class RedisRelay:
         sent_ms = time.monotonic() * 1000
         beat = self.redis.pipeline(transaction=False)
         beat.time()
-        beat.set(f"chat:alive:{self.process}", 1, px=int(PROCESS_TTL_S * 1000))
+        beat.set(alive_key(self.process), 1, px=int(PROCESS_TTL_S * 1000))
         # MGET takes one key at least: "-" is one nobody sets.
-        beat.mget([f"chat:alive:{process}" for process in others] or ["-"])
+        beat.mget([alive_key(process) for process in others] or ["-"])
         if sent_ms / 1000 - self.rooms_kept_at > ROOM_IDLE_S / 4:
             # A room's keys live ROOM_IDLE_S from its last message or joiner: one that
             # someone is in, however quiet, is kept at least four times meanwhile.
@@ -1522,6 +1522,11 @@ def members_to_write(here: list[int], written: list[int] | None) -> str:
 def room_keys(room: Room) -> list[str]:
     """The room's stream, the bytes of its frames, and its members by process."""
     return [f"chat:{kind}:{room.name}" for kind in ("room", "bytes", "members")]
+
+
+def alive_key(process: str) -> str:
+    """The key a process keeps while it is alive: see PROCESS_TTL_S."""
+    return f"chat:alive:{process}"
 
 
 def stream_order(message_id: str) -> tuple[int, int]:

@@ -13,7 +13,6 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import threading
 import time
 import urllib.request
@@ -41,6 +40,7 @@ from conftest import (
     assert_ignored,
     assert_nothing_went_wrong,
     client_frame,
+    close_code_and_reason,
     close_frame,
     closed_with,
     following_along_options,
@@ -209,7 +209,7 @@ def test_a_room_client_cut_off_for_not_reading_gets_everything_back(
                     received.append(message["id"])
                 else:
                     assert senders_joining(message), message
-            return received, struct.unpack("!H", frame[1][:2])[0]
+            return received, close_code_and_reason(frame[1])[0]
         finally:
             stalled.close()
 
@@ -475,8 +475,7 @@ def test_refused_message_racing_its_close_frame_leaves_no_traceback(
             sock.close()
         opcode, payload = frame
         assert opcode == 0x8, (kind, opcode, payload[:80])
-        (code,) = struct.unpack("!H", payload[:2])
-        return kind, code, payload[2:].decode()
+        return kind, *close_code_and_reason(payload)
 
     async def race() -> list[tuple[str, int, str]]:
         stop = asyncio.Event()
@@ -488,8 +487,7 @@ def test_refused_message_racing_its_close_frame_leaves_no_traceback(
         await chat
         return closes
 
-    closes = run(race())
-    for kind, code, reason in closes:
+    for kind, code, reason in run(race()):
         if kind == "oversized":  # refused by uvicorn (--ws-max-size), in its words
             assert code == 1009
             assert reason.endswith("exceeds limit of 65536 bytes"), reason
@@ -514,10 +512,9 @@ def test_a_binary_frame_sent_with_its_close_frame_is_refused_by_the_app(
         finally:
             sock.close()
         assert closed in ((1000, ""), (1003, BINARY_REFUSED))
-    wait_for_log(
-        server, f"Closed /ws with 1003: {BINARY_REFUSED}", count=10, timeout_s=5
-    )
-    assert server.log().count(f"Closed /ws with 1003: {BINARY_REFUSED}") == 10
+    refused = f"Closed /ws with 1003: {BINARY_REFUSED}"
+    wait_for_log(server, refused, count=10, timeout_s=5)
+    assert server.log().count(refused) == 10
     assert_nothing_went_wrong(server)
 
 
@@ -917,7 +914,7 @@ def test_a_slow_reader_is_cut_off_and_the_others_get_every_message(
                 for _ in range(2):
                     opcode, payload = read_frame(slow)
                     if opcode == 0x8:  # closed early: the test says with what
-                        return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+                        return close_code_and_reason(payload)
                     assert_ignored(payload.decode(), f"{SAYS}|{LEFT_THE_CHAT}")
                 time.sleep(0.3)
             return read_until_close(slow, f"{SAYS}|{LEFT_THE_CHAT}")
