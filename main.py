@@ -124,8 +124,24 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 
 # --- Step 3: a chat room. The ConnectionManager and its endpoints --------------------------
 #
-# The second tutorial's manager (the first has no send_personal_message), its four
-# methods in its order, with these changes:
+# The second tutorial's manager (the first has no send_personal_message), to hold beside
+# the one below:
+#
+#     class ConnectionManager:
+#         def __init__(self):
+#             self.active_connections: List[WebSocket] = []
+#         async def connect(self, websocket: WebSocket):
+#             await websocket.accept()
+#             self.active_connections.append(websocket)
+#         def disconnect(self, websocket: WebSocket):
+#             self.active_connections.remove(websocket)
+#         async def send_personal_message(self, message: str, websocket: WebSocket):
+#             await websocket.send_text(message)
+#         async def broadcast(self, message: str):
+#             for connection in self.active_connections:
+#                 await connection.send_text(message)
+#
+# Ours keeps those four methods, in that order, and changes what breaks:
 # - the chat is at /chat/{client_id}: the second tutorial puts it at /ws/{client_id},
 #   which step 2 answers here (of two routes on one path, the first wins, and the other
 #   is never reached); /chat/ is the first tutorial's anonymous chat;
@@ -139,17 +155,19 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - where a message goes is the manager's relay: by default DeliverHere, this process's
 #   clients; it is the one piece another relay would replace.
 #
-# And its broadcast never waits on a client's socket. The tutorials' awaits each client
-# in turn, so one client that stops reading stalls the whole room. In bench.py, with one
-# such client among 30 senders of 100 messages each, a healthy client of the tutorials'
-# chat received 699 of the 3,000 messages, then nothing; of this one, all 3,000. How:
-# - add_to_batch adds a message to the batch: the messages sent in this turn of the
-#   event loop, for everyone or for one client; one task, deliver_batches, writes each;
-# - write_without_waiting writes a batch to each client whose socket takes it now
-#   (uvicorn, and the kernel, buffer what a client has not read: "full" is when they
-#   hold no more);
-# - add_to_backlog keeps the rest for a client whose socket is full, up to
-#   MAX_BACKLOG_MESSAGES, and write_backlog, a task of its own, writes them as it drains;
+# And its broadcast never waits on a client's socket. The tutorials' `await
+# connection.send_text` waits on each client in turn, so one client that stops reading
+# stalls the whole room. In bench.py, with one such client among 30 senders of 100
+# messages each, a healthy client of the tutorials' chat received 699 of the 3,000
+# messages, then nothing; of this one, all 3,000. The tutorials' loop is still there, in
+# write_without_waiting, with three changes around it:
+# - it runs in one task, deliver_batches, not in each sender's handler: add_to_batch
+#   adds a message to the batch, the messages sent in this turn of the event loop, and
+#   the task writes each batch to all, in order;
+# - a write that would wait is given up (uvicorn, and the kernel, buffer what a client
+#   has not read: "full" is when they hold no more), and add_to_backlog keeps the rest
+#   for that client, up to MAX_BACKLOG_MESSAGES; write_backlog, a task of its own,
+#   writes them as its socket drains;
 # - once that backlog is full while the socket still is, cut_off closes it with 1008:
 #   it reads more slowly than the room talks, and waiting would slow everyone to it.
 #   The messages it had yet to be sent are dropped; its close frame waits behind what
@@ -947,72 +965,79 @@ REDIS_FAILURES = (redis.RedisError, RuntimeError)
 # A Redis stream id, as `since` must be for Redis to take it: two numbers below 2**64.
 STREAM_ID = r"([0-9]{1,19})-([0-9]{1,19})"
 
-# Publishes ARGV[3] .. ARGV[4] on the channel ARGV[2], unless Redis's clock is past
-# ARGV[1], the sender's deadline; in a room, first adds ARGV[4] to the room's stream,
-# KEYS[1], which gives it its id. One script: the stream's ids and the channel's order
-# are the same for every process. The stream keeps ARGV[5] messages at most, and ARGV[6]
-# bytes of their frames, counted in KEYS[2]; both keys live ARGV[7] ms. The last key is
-# the publish's own, which keeps its id for ARGV[8] ms: sent twice (redis-py retries on
-# a fresh connection when one breaks), it is published once. A frame is ARGV[4], its id
-# and ARGV[9] bytes more: FRAME_EXTRA_BYTES.
+# Publishes prefix .. text on the channel, unless Redis's clock is past the sender's
+# deadline; in a room, first adds the text to the room's stream, KEYS[1], which gives it
+# its id. One script: the stream's ids and the channel's order are the same for every
+# process. The stream keeps max_count messages at most, and max_bytes of their frames,
+# counted in KEYS[2]; both keys live keys_ttl_ms. The last key is the publish's own,
+# which keeps its id for once_ttl_ms: sent twice (redis-py retries on a fresh connection
+# when one breaks), it is published once. A frame is the text, its id and extra_bytes.
 # What message_frame() adds to what was said, beside the id.
 FRAME_EXTRA_BYTES = len(message_frame("", "{}")) - len("{}")
 PUBLISH_ONCE_BEFORE_DEADLINE = """
-local done = redis.call('GET', KEYS[#KEYS])
+local deadline_ms, channel, prefix, text = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local max_count, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
+local keys_ttl_ms, once_ttl_ms, extra_bytes = ARGV[7], ARGV[8], tonumber(ARGV[9])
+local stream, bytes_key, own_key = KEYS[1], KEYS[2], KEYS[#KEYS]
+local done = redis.call('GET', own_key)
 if done then
   return done
 end
 local now = redis.call('TIME')
-if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(deadline_ms) then
   return false
 end
 local id = '-'
 if #KEYS > 1 then
-  id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
-  local bytes = redis.call('INCRBY', KEYS[2], #ARGV[4] + #id + tonumber(ARGV[9]))
-  local count = redis.call('XLEN', KEYS[1])
-  while count > 1 and (count > tonumber(ARGV[5]) or bytes > tonumber(ARGV[6])) do
-    local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
-    redis.call('XDEL', KEYS[1], oldest[1])
-    bytes = redis.call('DECRBY', KEYS[2], #oldest[2][2] + #oldest[1] + tonumber(ARGV[9]))
+  id = redis.call('XADD', stream, '*', 'm', text)
+  local bytes = redis.call('INCRBY', bytes_key, #text + #id + extra_bytes)
+  local count = redis.call('XLEN', stream)
+  while count > 1 and (count > max_count or bytes > max_bytes) do
+    local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+    redis.call('XDEL', stream, oldest[1])
+    bytes = redis.call('DECRBY', bytes_key, #oldest[2][2] + #oldest[1] + extra_bytes)
     count = count - 1
   end
-  redis.call('PEXPIRE', KEYS[1], ARGV[7])
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('PEXPIRE', stream, keys_ttl_ms)
+  redis.call('PEXPIRE', bytes_key, keys_ttl_ms)
 end
-redis.call('PUBLISH', ARGV[2], id .. ' ' .. ARGV[3] .. ARGV[4])
-redis.call('SET', KEYS[#KEYS], id, 'PX', ARGV[8])
+redis.call('PUBLISH', channel, id .. ' ' .. prefix .. text)
+redis.call('SET', own_key, id, 'PX', once_ttl_ms)
 return id
 """
 # Reads a room for joiners in one go, so that every joiner's history comes from the same
-# moment of its stream, KEYS[1]: the members, KEYS[3], by process; the latest ARGV[5]
-# messages, if a joiner needs them (ARGV[6] is '1' if one has no `since`); and, for each
-# `since` the joiners asked (ARGV[7] on), the stream from it on, ARGV[4] at most. First
-# writes this process's members (ARGV[1], ARGV[2]: '-' leaves them, '' removes them),
-# and the room's keys live ARGV[3] ms more.
+# moment of its stream, KEYS[1]: the members, KEYS[3], by process; the latest
+# latest_count messages, if a joiner needs them (one has no `since`); and, for each
+# `since` the joiners asked (ARGV[7] on), the stream from it on, since_count at most.
+# First writes this process's members ('-' leaves them, '' removes them), and the
+# room's keys live keys_ttl_ms more.
 LOOK_UP_ROOM = """
-if ARGV[2] == '' then
-  redis.call('HDEL', KEYS[3], ARGV[1])
-elseif ARGV[2] ~= '-' then
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+local process, members, keys_ttl_ms = ARGV[1], ARGV[2], ARGV[3]
+local since_count, latest_count = ARGV[4], ARGV[5]
+local latest_needed = ARGV[6] == '1'
+local stream, members_key = KEYS[1], KEYS[3]
+if members == '' then
+  redis.call('HDEL', members_key, process)
+elseif members ~= '-' then
+  redis.call('HSET', members_key, process, members)
 end
 for i = 1, 3 do
-  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  redis.call('PEXPIRE', KEYS[i], keys_ttl_ms)
 end
-local found = {redis.call('HGETALL', KEYS[3]), {}}
-local latest_needed = ARGV[6] == '1'
+local found = {redis.call('HGETALL', members_key), {}}
 for i = 7, #ARGV do
-  local after = redis.pcall('XRANGE', KEYS[1], ARGV[i], '+', 'COUNT', ARGV[4])
+  local since = ARGV[i]
+  local after = redis.pcall('XRANGE', stream, since, '+', 'COUNT', since_count)
   if after.err then
     after = {}  -- a `since` Redis refuses: that joiner missed some, nobody else
   end
-  if #after == 0 or after[1][1] ~= ARGV[i] then
+  if #after == 0 or after[1][1] ~= since then
     latest_needed = true
   end
   found[#found + 1] = after
 end
 if latest_needed then
-  found[2] = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[5])
+  found[2] = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', latest_count)
 end
 return found
 """
