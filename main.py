@@ -152,8 +152,10 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - disconnect() tells the others itself: several who leave at once get one notice;
 # - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone (the
 #   second tutorial defines send_personal_message, and its endpoint never calls it);
-# - where a message goes is the manager's relay: by default DeliverHere, this process's
-#   clients; it is the one piece another relay would replace.
+# - where a message goes is the manager's relay, the one piece another relay would
+#   replace: by default DeliverHere, this process's clients, which takes every message.
+#   A relay that may not (broadcast returns False) sends no "You wrote" for one it did
+#   not take: hence `say`, one call to the relay for both sends.
 #
 # And its broadcast never waits on a client's socket. The tutorials' `await
 # connection.send_text` waits on each client in turn, so one client that stops reading
@@ -165,9 +167,9 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   adds a message to the batch, the messages sent in this turn of the event loop, and
 #   the task writes each batch to all, in order;
 # - a write that would wait is given up (uvicorn, and the kernel, buffer what a client
-#   has not read: "full" is when they hold no more), and add_to_backlog keeps the rest
-#   for that client, up to MAX_BACKLOG_MESSAGES; write_backlog, a task of its own,
-#   writes them as its socket drains;
+#   has not read: "full" is when they hold no more), and add_to_backlog_or_cut_off
+#   keeps the rest for that client, up to MAX_BACKLOG_MESSAGES; write_backlog, a task
+#   of its own, writes them as its socket drains;
 # - once that backlog is full while the socket still is, cut_off closes it with 1008:
 #   it reads more slowly than the room talks, and waiting would slow everyone to it.
 #   The messages it had yet to be sent are dropped; its close frame waits behind what
@@ -201,7 +203,7 @@ class Client:
         self.client_id = client_id
         self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
         self.backlog: Backlog | None = None  # only while its socket is full
-        # The endpoint's loop runs in it; cancelled by cut_off, the handler ends at once.
+        # anyio's (asyncio has none): cut_off cancels it, and the endpoint's loop ends.
         self.cut_off_scope = anyio.CancelScope()
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
         self.quiet = False  # a restart, a takeover: nobody is told it left
@@ -215,63 +217,6 @@ class Client:
             who = "(anonymous)" if self.client_id is None else f"#{self.client_id}"
             logger.info("Client %s cut off: %s", who, self.close_reason)
             await close_or_give_up(self.websocket, self.close_code, self.close_reason)
-
-
-class Backlog:
-    """What a client whose socket is full is yet to be sent, and the task sending it."""
-
-    def __init__(self) -> None:
-        self.messages: collections.deque[str] = collections.deque()
-        self.has_space = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-        # While the task waits for the socket: the client is not reading what it gets.
-        self.waiting_on_socket = False
-
-
-# What everyone is sent of a batch, and, by client, what those with messages
-# of their own ("You wrote") are sent: theirs and everyone's, in order.
-Outgoing = tuple[list[str], dict["Client", list[str]]]
-
-
-# One pass over the batch, even when it holds a message for each of many clients.
-def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
-    everyone: list[str] = []
-    own: dict[Client, list[str]] = {}
-    for to, message in batch:
-        if to is not None:  # theirs, after everyone's before it
-            own.setdefault(to, everyone.copy()).append(message)
-        else:
-            everyone.append(message)
-            for messages in own.values():
-                messages.append(message)
-    return everyone, own
-
-
-class ChatRelay(Protocol):
-    """What carries a manager's messages to its clients; by default, DeliverHere."""
-
-    async def join(self, chat: ConnectionManager, client: Client) -> None: ...
-    async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
-    async def say(
-        self, chat: ConnectionManager, client: Client, ack: str, text: str
-    ) -> None: ...
-
-
-class DeliverHere:
-    """The chat is this process's clients: publishing is delivering."""
-
-    async def join(self, chat: ConnectionManager, client: Client) -> None:
-        chat.enter(client)
-
-    async def publish(self, chat: ConnectionManager, message: str) -> bool:
-        await chat.add_to_batch(None, message)
-        return True
-
-    async def say(
-        self, chat: ConnectionManager, client: Client, ack: str, text: str
-    ) -> None:
-        await chat.send_personal_message(ack, client)
-        await chat.add_to_batch(None, text)
 
 
 class ConnectionManager:
@@ -318,8 +263,9 @@ class ConnectionManager:
         if self.active_connections.get(client.key) is client:
             del self.active_connections[client.key]
         if client.backlog is not None and client.backlog.task is not None:
-            client.backlog.task.cancel()  # before it ran, it would never set has_space,
-            client.backlog.has_space.set()  # and a delivery waiting for space would wait
+            # Set has_space too: a task cancelled before it ran never would.
+            client.backlog.task.cancel()
+            client.backlog.has_space.set()
 
     def cut_off(
         self, client: Client, code: int, reason: str, quiet: bool = False
@@ -344,7 +290,6 @@ class ConnectionManager:
             self.announcer = None
 
     # How a message reaches everyone without waiting on anyone.
-
     async def add_to_batch(self, to: Client | None, message: str) -> None:
         """To one client, or all (None); waits while MAX_BATCH_MESSAGES are unwritten."""
         self.add_to_batch_now(to, message)
@@ -370,7 +315,7 @@ class ConnectionManager:
                         clients, position, outgoing
                     )
                     for message in unwritten:
-                        await self.add_to_backlog(clients[position], message)
+                        await self.add_to_backlog_or_cut_off(clients[position], message)
                     position += 1
         finally:
             self.deliverer = None
@@ -383,7 +328,7 @@ class ConnectionManager:
         position, messages, written = start, everyone, 0
         try:
             # Deadline now: a write that must wait for a full socket is given up, one that
-            # need not is never cut (uvicorn's sansio, as pinned, waits, then writes).
+            # need not is never cut (uvicorn 0.54's websockets-sansio waits, then writes).
             async with asyncio.timeout(0):
                 for position in range(start, len(clients)):
                     client = clients[position]
@@ -401,7 +346,7 @@ class ConnectionManager:
             return position, messages[written:]
         return len(clients), []
 
-    async def add_to_backlog(self, client: Client, message: str) -> None:
+    async def add_to_backlog_or_cut_off(self, client: Client, message: str) -> None:
         """Its backlog full: cut off if its socket is too, else wait (a busy server)."""
         waited_a_turn = False
         while self.active_connections.get(client.key) is client:
@@ -437,6 +382,63 @@ class ConnectionManager:
             # Caught up, or gone: no backlog now, and a delivery waiting for space goes on.
             client.backlog = None
             backlog.has_space.set()
+
+
+class ChatRelay(Protocol):
+    """What carries a manager's messages to its clients; by default, DeliverHere."""
+
+    async def join(self, chat: ConnectionManager, client: Client) -> None: ...
+    async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
+    async def say(
+        self, chat: ConnectionManager, client: Client, ack: str, text: str
+    ) -> None: ...
+
+
+class DeliverHere:
+    """The chat is this process's clients: publishing is delivering."""
+
+    async def join(self, chat: ConnectionManager, client: Client) -> None:
+        chat.enter(client)
+
+    async def publish(self, chat: ConnectionManager, message: str) -> bool:
+        await chat.add_to_batch(None, message)
+        return True
+
+    async def say(
+        self, chat: ConnectionManager, client: Client, ack: str, text: str
+    ) -> None:
+        await chat.send_personal_message(ack, client)
+        await chat.add_to_batch(None, text)
+
+
+class Backlog:
+    """What a client whose socket is full is yet to be sent, and the task sending it."""
+
+    def __init__(self) -> None:
+        self.messages: collections.deque[str] = collections.deque()
+        self.has_space = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        # While the task waits for the socket: the client is not reading what it gets.
+        self.waiting_on_socket = False
+
+
+# What everyone is sent of a batch, and, by client, what those with messages
+# of their own ("You wrote") are sent: theirs and everyone's, in order.
+Outgoing = tuple[list[str], dict["Client", list[str]]]
+
+
+# One pass over the batch, even when it holds a message for each of many clients.
+def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
+    everyone: list[str] = []
+    own: dict[Client, list[str]] = {}
+    for to, message in batch:
+        if to is not None:  # theirs, after everyone's before it
+            own.setdefault(to, everyone.copy()).append(message)
+        else:
+            everyone.append(message)
+            for messages in own.values():
+                messages.append(message)
+    return everyone, own
 
 
 def left_the_chat(client_ids: list[int | None]) -> str:
@@ -1609,7 +1611,7 @@ def use_redis(
 
 
 @contextlib.asynccontextmanager
-async def say_the_chat_is_this_processes(app: FastAPI) -> AsyncIterator[None]:
+async def log_that_the_chat_stays_in_one_process(app: FastAPI) -> AsyncIterator[None]:
     logger.info(
         "Chat room kept in this process: with --workers or several machines, "
         "set REDIS_URL so that they share one room"
@@ -1620,7 +1622,7 @@ async def say_the_chat_is_this_processes(app: FastAPI) -> AsyncIterator[None]:
 if REDIS_URL:
     use_redis(REDIS_URL, {"chat": manager, "anonymous": anonymous_manager}, rooms)
 else:
-    app.include_router(APIRouter(lifespan=say_the_chat_is_this_processes))
+    app.include_router(APIRouter(lifespan=log_that_the_chat_stays_in_one_process))
 
 
 # --- What every step shares: what a client may send, flood control, closing, the origin check
