@@ -30,7 +30,7 @@ import re
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as FilePath
 from typing import Annotated, Any, ClassVar, Protocol
 from urllib.parse import urlsplit
@@ -308,33 +308,30 @@ class ConnectionManager:
             while self.batch:
                 sent, self.batch = self.batch, []
                 outgoing = by_recipient(sent)
-                clients = list(self.active_connections.values())  # they come and go
-                position = 0
-                while position < len(clients):
-                    position, unwritten = await self.write_without_waiting(
-                        clients, position, outgoing
-                    )
+                # One iterator: each write_without_waiting goes on where the last stopped.
+                clients = iter(list(self.active_connections.values()))
+                while stuck := await self.write_without_waiting(clients, outgoing):
+                    client, unwritten = stuck
                     for message in unwritten:
-                        await self.add_to_backlog_or_cut_off(clients[position], message)
-                    position += 1
+                        await self.add_to_backlog_or_cut_off(client, message)
         finally:
             self.deliverer = None
 
     async def write_without_waiting(
-        self, clients: list[Client], start: int, outgoing: Outgoing
-    ) -> tuple[int, list[str]]:
-        """Write to clients[start:] until one's socket is full; its place, and the rest."""
+        self, clients: Iterator[Client], outgoing: Outgoing
+    ) -> tuple[Client, list[str]] | None:
+        """Write to clients until one's socket is full: it, and what it was not sent."""
         everyone, own = outgoing
-        position, messages, written = start, everyone, 0
+        client: Client | None = None
+        messages, written = everyone, 0
         try:
             # Deadline now: a write that must wait for a full socket is given up, one that
             # need not is never cut (uvicorn 0.54's websockets-sansio waits, then writes).
             async with asyncio.timeout(0):
-                for position in range(start, len(clients)):
-                    client = clients[position]
+                for client in clients:
                     messages, written = own.get(client, everyone), 0
                     if client.backlog is not None:
-                        return position, messages  # behind already: after its backlog
+                        return client, messages  # behind already: after its backlog
                     for message in messages:
                         try:
                             await client.websocket.send_text(message)
@@ -343,8 +340,9 @@ class ConnectionManager:
                             break
                         written += 1
         except TimeoutError:
-            return position, messages[written:]
-        return len(clients), []
+            assert client is not None  # only a write is given up
+            return client, messages[written:]
+        return None
 
     async def add_to_backlog_or_cut_off(self, client: Client, message: str) -> None:
         """Its backlog full: cut off if its socket is too, else wait (a busy server)."""
