@@ -2,13 +2,14 @@
 
 Python 3.11+. Follow along with `uvicorn main:app --reload --reload-exclude .venv
 --timeout-graceful-shutdown 3` and open http://127.0.0.1:8000/; in production, add
-`--ws-max-size 65536` (the README says why each flag is there). The file reads from the
-top, as the tutorials do, each step building on the ones before it, never on a later:
+`--ws-max-size 65536 --ws websockets-sansio` (the README says why each flag is there).
+The file reads from the top, as the tutorials do, each step building on the ones before
+it, never on a later:
 
 - the app, and `GET /`, the page;
 - step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager,
   how its broadcast reaches everyone without waiting on anyone, then its endpoints;
-  step 4, FastAPI's "Using Depends";
+  step 4, "Using Depends", from FastAPI's docs (the tutorials have none);
 - step 5, named rooms with history, built on step 3; step 6, one chat across processes
   through Redis, plugged into steps 3 and 5 behind the interfaces they declare;
 - what every step shares, in one section: the few guards each step calls by name, and
@@ -36,10 +37,6 @@ from typing import Annotated, Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 import anyio
-import redis.asyncio
-import redis.asyncio.client
-import redis.asyncio.retry
-import redis.backoff
 from fastapi import (
     APIRouter,
     Cookie,
@@ -108,7 +105,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 # --- Step 2: a client id in the path, and noticing when the client leaves ------------------
 #
 # One reply, as FastAPI's docs and the second tutorial send it (the first tutorial sends
-# "Message text was" and "Client ID" apart): the text that step 3's chat goes on to use.
+# "Message text was" and "Client ID" apart): the text the second tutorial's chat sends.
 
 
 @app.websocket("/ws/{client_id}")
@@ -164,8 +161,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # messages, then nothing; of this one, all 3,000. The tutorials' loop is still there, in
 # write_without_waiting, with three changes around it:
 # - it runs in one task, deliver_batches, not in each sender's handler: add_to_batch
-#   adds a message to the batch, the messages sent in this turn of the event loop, and
-#   the task writes each batch to all, in order;
+#   adds a message to the batch, what is sent while the last batch is being written,
+#   and the task writes each batch to all, in order;
 # - a write that would wait is given up (uvicorn, and the kernel, buffer what a client
 #   has not read: "full" is when they hold no more), and add_to_backlog_or_cut_off
 #   keeps the rest for that client, up to MAX_BACKLOG_MESSAGES; write_backlog, a task
@@ -252,7 +249,6 @@ class ConnectionManager:
 
     # Who is in the chat, and telling the others who left.
     def enter(self, client: Client) -> None:
-        """Into the chat; an older connection with the same id is closed with 4000."""
         older = self.active_connections.get(client.key)
         if older is not None:
             self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
@@ -291,7 +287,7 @@ class ConnectionManager:
 
     # How a message reaches everyone without waiting on anyone.
     async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None); waits while MAX_BATCH_MESSAGES are unwritten."""
+        """To one client, or all (None); past MAX_BATCH_MESSAGES, waits for delivery."""
         self.add_to_batch_now(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
             # Shielded: a sender that leaves meanwhile does not cancel everyone's.
@@ -301,6 +297,11 @@ class ConnectionManager:
         self.batch.append((to, message))
         if self.deliverer is None:
             self.deliverer = asyncio.create_task(self.deliver_batches())
+
+    async def delivered(self) -> None:
+        """Once no delivery is under way: all that was added is written, or backlogged."""
+        while self.deliverer is not None:
+            await asyncio.wait([self.deliverer])
 
     async def deliver_batches(self) -> None:
         """Write each batch to all, in order, never waiting on a client's socket."""
@@ -325,8 +326,8 @@ class ConnectionManager:
         client: Client | None = None
         messages, written = everyone, 0
         try:
-            # Deadline now: a write that must wait for a full socket is given up, one that
-            # need not is never cut (uvicorn 0.54's websockets-sansio waits, then writes).
+            # Deadline now: its cancel lands when this task next yields, as only a write
+            # to a full socket does (uvicorn's websockets-sansio waits, then writes).
             async with asyncio.timeout(0):
                 for client in clients:
                     messages, written = own.get(client, everyone), 0
@@ -383,7 +384,8 @@ class ConnectionManager:
 
 
 class ChatRelay(Protocol):
-    """What carries a manager's messages to its clients; by default, DeliverHere."""
+    """What carries a manager's messages (DeliverHere, by default): join enters the
+    client; for a message not taken, publish returns False and say sends no ack."""
 
     async def join(self, chat: ConnectionManager, client: Client) -> None: ...
     async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
@@ -416,16 +418,16 @@ class Backlog:
         self.messages: collections.deque[str] = collections.deque()
         self.has_space = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        # While the task waits for the socket: the client is not reading what it gets.
-        self.waiting_on_socket = False
+        self.waiting_on_socket = False  # its task waits: the client is not reading
 
 
 # What everyone is sent of a batch, and, by client, what those with messages
 # of their own ("You wrote") are sent: theirs and everyone's, in order.
-Outgoing = tuple[list[str], dict["Client", list[str]]]
+Outgoing = tuple[list[str], dict[Client, list[str]]]
 
 
-# One pass over the batch, even when it holds a message for each of many clients.
+# A batch sorted into Outgoing, in one pass, even with "You wrote" for many clients:
+# each client's list starts as a copy of everyone's so far, and grows with both.
 def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
     everyone: list[str] = []
     own: dict[Client, list[str]] = {}
@@ -491,7 +493,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
     await client.close_if_cut_off()
 
 
-# --- Step 4, from FastAPI's docs: "Using Depends and others" --------------------------------
+# --- Step 4, in FastAPI's docs, not the tutorials: "Using Depends and others" --------------
 #
 # A WebSocket endpoint takes dependencies like any route: cookies, query parameters,
 # Depends. A dependency refuses the connection by raising WebSocketException (1008), which
@@ -661,19 +663,27 @@ class RoomRelay(Protocol):
     always open, posts into the room's own history, knows no members elsewhere, reads
     each joiner's history from the room, and has nobody else to tell of presence."""
 
-    def check_open(self) -> None: ...
+    def check_open(self) -> None:
+        """Raise WebSocketException, after accept(), if rooms cannot be served now."""
 
     async def post(
         self, rooms: RoomManager, room: Room, client_id: int, text: str
-    ) -> None: ...
+    ) -> None:
+        """Give the message its id and keep it; it reaches the members, the sender too,
+        through room.manager's add_to_batch, in the order of the ids."""
 
-    async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]: ...
+    async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
+        """Before the joiners are let in: who is in the room elsewhere. What it reads,
+        histories returns; the members may get messages meanwhile."""
 
     def histories(
         self, room: Room, joiners: list[Joiner]
-    ) -> dict[Client, tuple[list[str], bool]]: ...
+    ) -> dict[Client, tuple[list[str], bool]]:
+        """By joiner: the frames it missed, or the latest, and whether some it asked
+        for are gone. Called with no delivery under way, right after look_up."""
 
-    async def share_presence(self, room: Room) -> None: ...
+    async def share_presence(self, room: Room) -> None:
+        """Tell the other processes, if any, who is in the room here."""
 
 
 class RoomsHere:
@@ -804,8 +814,7 @@ class RoomManager:
                 elsewhere = await self.relay.look_up(room, joiners)
                 # Between two deliveries, every message kept has gone to the members: a
                 # joiner gets the history in its welcome, and every later message live.
-                while (delivering := room.manager.deliverer) is not None:
-                    await asyncio.wait([delivering])
+                await room.manager.delivered()
                 self.admit_joiners(room, joiners, elsewhere)
                 room.told_at = loop.time()
                 await self.relay.share_presence(room)
@@ -942,6 +951,12 @@ async def room_endpoint(
 # layer: every broadcast goes through Redis, and each process hands what Redis brings to
 # its own clients. Measured at 10,000 clients over 2 workers: 0.97x one process's CPU
 # per delivery for step 3's chat (bench.py --redis).
+
+# Imported here, not at the top: steps 1 to 5 need no Redis, and copy without it.
+import redis.asyncio
+import redis.asyncio.client
+import redis.asyncio.retry
+import redis.backoff
 
 # Unset or empty: one process, nothing else to run. Set: through Redis.
 REDIS_URL = os.environ.get("REDIS_URL", "")
@@ -1647,12 +1662,10 @@ async def receive_valid_text(websocket: WebSocket) -> str:
     MAX_MESSAGE_BYTES closes the connection with a code and a reason."""
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
-        if (
-            message["code"] == status.WS_1012_SERVICE_RESTART
-            and "reason" not in message
-        ):
-            raise ServerShutdown(message["code"])
-        raise WebSocketDisconnect(message["code"], message.get("reason"))
+        code, reason = message["code"], message.get("reason")
+        if code == status.WS_1012_SERVICE_RESTART and reason is None:
+            raise ServerShutdown(code)
+        raise WebSocketDisconnect(code, reason)
     text: str | None = message.get("text")
     if text is None:
         raise WebSocketException(status.WS_1003_UNSUPPORTED_DATA, BINARY_REFUSED)
@@ -1779,6 +1792,8 @@ class CheckOrigin:
         await send({"type": "websocket.close", "code": code, "reason": refusal})
 
 
+# The page's host and port, as its address bar has them: a page at localhost:8000 that
+# opens ws://127.0.0.1:8000 is refused, as another site (the page uses its own host).
 def origin_allowed(origin: str | None, scope: Scope) -> bool:
     if origin is None or origin in ALLOWED_ORIGINS:
         return True
