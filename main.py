@@ -1663,7 +1663,7 @@ async def receive_valid_text(websocket: WebSocket) -> str:
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         code, reason = message["code"], message.get("reason")
-        if code == status.WS_1012_SERVICE_RESTART and reason is None:
+        if code == status.WS_1012_SERVICE_RESTART and "reason" not in message:
             raise ServerShutdown(code)
         raise WebSocketDisconnect(code, reason)
     text: str | None = message.get("text")
