@@ -149,32 +149,49 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - disconnect() tells the others itself: several who leave at once get one notice;
 # - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone (the
 #   second tutorial defines send_personal_message, and its endpoint never calls it);
-# - where a message goes is the manager's relay, the one piece another relay would
-#   replace: by default DeliverHere, this process's clients, which takes every message.
-#   A relay that may not (broadcast returns False) sends no "You wrote" for one it did
-#   not take: hence `say`, one call to the relay for both sends.
+# - the manager hands each message to its relay (ChatRelay), the one piece that another
+#   backend would replace: here DeliverHere, which delivers to this process's clients.
 #
 # And its broadcast never waits on a client's socket. The tutorials' `await
 # connection.send_text` waits on each client in turn, so one client that stops reading
 # stalls the whole room. In bench.py, with one such client among 30 senders of 100
 # messages each, a healthy client of the tutorials' chat received 699 of the 3,000
-# messages, then nothing; of this one, all 3,000. The tutorials' loop is still there, in
-# write_without_waiting, with three changes around it:
-# - it runs in one task, deliver_batches, not in each sender's handler: add_to_batch
-#   adds a message to the batch, what is sent while the last batch is being written,
-#   and the task writes each batch to all, in order;
-# - a write that would wait is given up (uvicorn, and the kernel, buffer what a client
-#   has not read: "full" is when they hold no more), and add_to_backlog_or_cut_off
-#   keeps the rest for that client, up to MAX_BACKLOG_MESSAGES; write_backlog, a task
-#   of its own, writes them as its socket drains;
-# - once that backlog is full while the socket still is, cut_off closes it with 1008:
-#   it reads more slowly than the room talks, and waiting would slow everyone to it.
-#   The messages it had yet to be sent are dropped; its close frame waits behind what
-#   it has not read, 5 s at most, and the page reconnects to a chat that has gone on.
-# A delivery may wait for a backlog's task to have its turn (the server is busy), never
-# for a client's socket. A client cut off is more than 100 messages behind: its
-# buffers held some before its backlog began. In a chat that falls silent, a stalled
-# client keeps its place until it reads or leaves: it slows nobody meanwhile.
+# messages, then nothing; of this one, all 3,000. How a message travels, each name a
+# method below:
+#
+#     broadcast -> relay.publish -> add_to_batch; send_personal_message -> add_to_batch
+#     deliver_batches, one task: each batch to every client, in order
+#       -> write_without_waiting: the tutorials' loop, giving up a write that would wait
+#       -> add_to_backlog_or_cut_off: keeps what a client was not sent, for it alone
+#            -> write_backlog, one task per such client, writes it as its socket drains
+#            -> or, 100 behind and its socket still full: cut_off, closed with 1008
+#
+# Senders never wait for a write: a message joins the batch, and the delivery task
+# writes it with the rest. A batch is what was said while the one before was being
+# written (in a quiet chat, one message), so everyone gets the messages in one order.
+# Only a sender whose message finds 100 waiting waits, for that delivery to end.
+#
+# What happens to one client that stops reading, step by step:
+# 1. Its buffers fill: uvicorn and the kernel hold what it has not read, and until they
+#    are full its writes succeed at once, like anyone's.
+# 2. Its next write would wait. write_without_waiting gives it up, unwritten, and goes
+#    on to the next client: everyone else is written to now.
+# 3. What it was not sent goes to its backlog, and write_backlog, a task of its own,
+#    writes it as its socket drains. The next batches add to it: it is behind already.
+# 4. Its backlog holds 100 messages (MAX_BACKLOG_MESSAGES). At the 101st, the delivery
+#    waits for its task if that has yet to have its turn (the server is busy, not the
+#    client), and gives a socket that has just drained one turn of the event loop. If
+#    the socket is still full, cut_off ends its handler: its backlog is dropped, the
+#    others are told "Client #N left the chat", and it is closed with 1008, "Too slow:
+#    over 100 messages behind". That close frame waits behind what it has not read,
+#    5 s at most, and the page reconnects to a chat that has gone on.
+# 5. If the chat falls silent before that, nothing is added: it keeps its place until it
+#    reads or leaves, and slows nobody meanwhile.
+#
+# Giving up a write relies on uvicorn's --ws websockets-sansio, its default, named in
+# the commands above: its send waits for room, then writes, so a write given up has
+# sent nothing. An implementation that writes, then waits (--ws websockets) would have
+# sent it already, and the client would get it twice: now, and from its backlog.
 #
 # The tutorials' broadcast has a second fault: a write to a client that has gone raises
 # in the sender's handler, whose `except WebSocketDisconnect` then takes the sender out
@@ -200,7 +217,8 @@ class Client:
         self.client_id = client_id
         self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
         self.backlog: Backlog | None = None  # only while its socket is full
-        # anyio's (asyncio has none): cut_off cancels it, and the endpoint's loop ends.
+        # cut_off cancels it: only the endpoint's `with` block ends, and the endpoint
+        # goes on to close_if_cut_off. anyio's: asyncio has no scope to cancel.
         self.cut_off_scope = anyio.CancelScope()
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
         self.quiet = False  # a restart, a takeover: nobody is told it left
@@ -237,10 +255,11 @@ class ConnectionManager:
             self.announce_leaving(client)
 
     async def send_personal_message(self, message: str, client: Client) -> None:
+        """To one client, queued in the batch with everyone's: see `add_to_batch`."""
         await self.add_to_batch(client, message)
 
     async def broadcast(self, message: str) -> bool:
-        """To everyone, the sender too; False if the relay did not take it."""
+        """To everyone, the sender too, queued; False if the relay did not take it."""
         return await self.relay.publish(self, message)
 
     async def say(self, client: Client, ack: str, text: str) -> None:
@@ -290,18 +309,12 @@ class ConnectionManager:
         """To one client, or all (None); past MAX_BATCH_MESSAGES, waits for delivery."""
         self.add_to_batch_now(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
-            # Shielded: a sender that leaves meanwhile does not cancel everyone's.
-            await asyncio.shield(self.deliverer)
+            await asyncio.wait([self.deliverer])  # a sender's cancel leaves it running
 
     def add_to_batch_now(self, to: Client | None, message: str) -> None:
         self.batch.append((to, message))
         if self.deliverer is None:
             self.deliverer = asyncio.create_task(self.deliver_batches())
-
-    async def delivered(self) -> None:
-        """Once no delivery is under way: all that was added is written, or backlogged."""
-        while self.deliverer is not None:
-            await asyncio.wait([self.deliverer])
 
     async def deliver_batches(self) -> None:
         """Write each batch to all, in order, never waiting on a client's socket."""
@@ -309,7 +322,7 @@ class ConnectionManager:
             while self.batch:
                 sent, self.batch = self.batch, []
                 outgoing = by_recipient(sent)
-                # One iterator: each write_without_waiting goes on where the last stopped.
+                # Shared: each call resumes after the client the last one stopped at.
                 clients = iter(list(self.active_connections.values()))
                 while stuck := await self.write_without_waiting(clients, outgoing):
                     client, unwritten = stuck
@@ -321,13 +334,12 @@ class ConnectionManager:
     async def write_without_waiting(
         self, clients: Iterator[Client], outgoing: Outgoing
     ) -> tuple[Client, list[str]] | None:
-        """Write to clients until one's socket is full: it, and what it was not sent."""
+        """The tutorials' loop, until a client's socket is full: that client, and what it
+        was not sent. One deadline for all the writes: one each would cost a timer each."""
         everyone, own = outgoing
         client: Client | None = None
-        messages, written = everyone, 0
         try:
-            # Deadline now: its cancel lands when this task next yields, as only a write
-            # to a full socket does (uvicorn's websockets-sansio waits, then writes).
+            # A deadline of now: only a write to a full socket waits, and it is given up.
             async with asyncio.timeout(0):
                 for client in clients:
                     messages, written = own.get(client, everyone), 0
@@ -346,35 +358,36 @@ class ConnectionManager:
         return None
 
     async def add_to_backlog_or_cut_off(self, client: Client, message: str) -> None:
-        """Its backlog full: cut off if its socket is too, else wait (a busy server)."""
+        """Keep what its full socket did not take; past MAX_BACKLOG_MESSAGES, cut it off."""
         waited_a_turn = False
-        while self.active_connections.get(client.key) is client:
+        while self.active_connections.get(client.key) is client:  # still in
             backlog = client.backlog
             if backlog is None:
                 backlog = client.backlog = Backlog()
                 backlog.task = asyncio.create_task(self.write_backlog(client, backlog))
             if len(backlog.messages) < MAX_BACKLOG_MESSAGES:
-                backlog.messages.append(message)
+                backlog.messages.append(message)  # the common case
                 return
-            if not backlog.waiting_on_socket:
+            # Its backlog is full. Whose doing is it: the server's, or the client's?
+            if not backlog.socket_full:  # its task has not had its turn: a busy server
                 backlog.has_space.clear()
                 await backlog.has_space.wait()
-            elif not waited_a_turn:
-                # One turn of the event loop: a socket that has just drained goes first.
+            elif not waited_a_turn:  # a socket that has just drained gets its turn
                 waited_a_turn = True
                 await asyncio.sleep(0)
-            else:
+            else:  # still full: it reads more slowly than the room talks
                 self.cut_off(client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
                 return
 
     async def write_backlog(self, client: Client, backlog: Backlog) -> None:
+        """Its own task: writes the backlog as the socket drains, while nobody waits on it."""
         try:
             while backlog.messages:
                 message = backlog.messages.popleft()
                 backlog.has_space.set()
-                backlog.waiting_on_socket = True
+                backlog.socket_full = True  # seen by others only while this write waits
                 await client.websocket.send_text(message)
-                backlog.waiting_on_socket = False
+                backlog.socket_full = False
         except GONE:
             self.leave(client)
         finally:
@@ -384,8 +397,9 @@ class ConnectionManager:
 
 
 class ChatRelay(Protocol):
-    """What carries a manager's messages (DeliverHere, by default): join enters the
-    client; for a message not taken, publish returns False and say sends no ack."""
+    """What carries a manager's messages; DeliverHere, below, by default. join enters
+    the client. A relay may refuse a message: publish then returns False, and say, one
+    call for both sends, sends no "You wrote" for it."""
 
     async def join(self, chat: ConnectionManager, client: Client) -> None: ...
     async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
@@ -416,9 +430,9 @@ class Backlog:
 
     def __init__(self) -> None:
         self.messages: collections.deque[str] = collections.deque()
-        self.has_space = asyncio.Event()
+        self.has_space = asyncio.Event()  # set by write_backlog, and by leave
         self.task: asyncio.Task[None] | None = None
-        self.waiting_on_socket = False  # its task waits: the client is not reading
+        self.socket_full = False  # its task's write waits: the client is not reading
 
 
 # What everyone is sent of a batch, and, by client, what those with messages
@@ -657,6 +671,11 @@ class Room:
     def is_empty(self) -> bool:
         return not (self.manager.active_connections or self.joining or self.away)
 
+    async def delivered(self) -> None:
+        """Once step 3's manager has no delivery under way: each kept message went out."""
+        while self.manager.deliverer is not None:
+            await asyncio.wait([self.manager.deliverer])
+
 
 class RoomRelay(Protocol):
     """What carries step 5's rooms: this process, by default (RoomsHere, below): it is
@@ -814,7 +833,7 @@ class RoomManager:
                 elsewhere = await self.relay.look_up(room, joiners)
                 # Between two deliveries, every message kept has gone to the members: a
                 # joiner gets the history in its welcome, and every later message live.
-                await room.manager.delivered()
+                await room.delivered()
                 self.admit_joiners(room, joiners, elsewhere)
                 room.told_at = loop.time()
                 await self.relay.share_presence(room)
