@@ -169,7 +169,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # Senders never wait for a write: a message joins the batch, and the delivery task
 # writes it with the rest. A batch is what was said while the one before was being
 # written (in a quiet chat, one message), so everyone gets the messages in one order.
-# Only a sender whose message finds 100 waiting waits, for that delivery to end.
+# Only a sender whose message finds 100 waiting waits: until the delivery task has
+# written all that is waiting.
 #
 # What happens to one client that stops reading, step by step:
 # 1. Its buffers fill: uvicorn and the kernel hold what it has not read, and until they
@@ -188,10 +189,11 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # 5. If the chat falls silent before that, nothing is added: it keeps its place until it
 #    reads or leaves, and slows nobody meanwhile.
 #
-# Giving up a write relies on uvicorn's --ws websockets-sansio, its default, named in
-# the commands above: its send waits for room, then writes, so a write given up has
-# sent nothing. An implementation that writes, then waits (--ws websockets) would have
-# sent it already, and the client would get it twice: now, and from its backlog.
+# Giving up a write relies on uvicorn's --ws websockets-sansio, which uvicorn 0.54 picks
+# by default and the production command names: its send waits for room, then writes,
+# so a write given up has sent nothing. An implementation that writes, then waits
+# (--ws websockets) would have sent it already, and the client would get it twice: now,
+# and from its backlog.
 #
 # The tutorials' broadcast has a second fault: a write to a client that has gone raises
 # in the sender's handler, whose `except WebSocketDisconnect` then takes the sender out
