@@ -1,8 +1,8 @@
 """FastAPI WebSockets, step by step: echo, client ids, a chat, rooms, and several processes.
 
 Python 3.11+. Follow along with `uvicorn main:app --reload --reload-exclude .venv
---timeout-graceful-shutdown 3` and open http://127.0.0.1:8000/; in production, add
-`--ws-max-size 65536 --ws websockets-sansio` (the README says why each flag is there).
+--timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/;
+in production, add `--ws-max-size 65536` (the README says why each flag is there).
 The file reads from the top, as the tutorials do, each step building on the ones before
 it, never on a later:
 
@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -70,7 +71,10 @@ app = FastAPI()
 
 @app.get("/")
 async def get() -> FileResponse:
-    # Read from disk on every request: edits show on refresh, with no restart.
+    """The page, read from disk on every request: edits show on refresh. It opens any
+    step's endpoint and shows each close code and reason; after a close it did not ask
+    for, it reconnects, waiting longer each time, except after 4000 (taken over) or a
+    few refused handshakes. In step 5 it asks for what it missed."""
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
@@ -83,7 +87,8 @@ async def get() -> FileResponse:
 # - endpoints read with receive_valid_text: the tutorials' receive_text, but text only,
 #   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
 #   closes every connection with 1012, as it shuts down, it raises ServerShutdown;
-# - a chat client that floods is slowed down by FloodControl;
+# - a chat client that floods is slowed down by FloodControl, and closed with 1008 if it
+#   keeps on;
 # - close_or_give_up closes with a code and a reason, giving up after 5 s on a client that
 #   reads nothing; and the log shows no traceback for anything a client does.
 
@@ -104,8 +109,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 # --- Step 2: a client id in the path, and noticing when the client leaves ------------------
 #
-# One reply, as FastAPI's docs and the second tutorial send it (the first tutorial sends
-# "Message text was" and "Client ID" apart), the text the second tutorial's chat sends.
+# The reply is one message, "Client #7 says: hi", as in FastAPI's docs and the second
+# tutorial; the first tutorial sends the text and the id as two messages.
 
 
 @app.websocket("/ws/{client_id}")
@@ -149,15 +154,42 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - disconnect() tells the others itself: several who leave at once get one notice;
 # - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone (the
 #   second tutorial defines send_personal_message, and its endpoint never calls it);
-# - the manager hands each message to its relay (ChatRelay), the one piece that another
-#   backend would replace: here DeliverHere, which delivers to this process's clients.
+# - what the manager sends, and who joins, goes through its relay (ChatRelay), the one
+#   piece another backend would replace, to carry the chat between processes. Here it
+#   is DeliverHere, which hands each message straight to this process's clients.
 #
-# And its broadcast never waits on a client's socket. The tutorials' `await
-# connection.send_text` waits on each client in turn, so one client that stops reading
-# stalls the whole room. In bench.py, with one such client among 30 senders of 100
-# messages each, a healthy client of the tutorials' chat received 699 of the 3,000
-# messages, then nothing; of this one, all 3,000. How a message travels, each name a
-# method below:
+# The tutorials' broadcast breaks in two ways. It waits on each client in turn, so one
+# client that stops reading stalls the whole room: in bench.py, with one such client
+# among 30 senders of 100 messages each, a healthy client of the tutorials' chat
+# received 699 of the 3,000 messages, then nothing; of this one, all 3,000. And a write
+# to a client that has gone raises in the sender's handler, whose `except
+# WebSocketDisconnect` takes the sender out and leaves the gone client in. Here a
+# failed write takes out the client it was for (GONE, below), and its own handler tells
+# the others it left.
+#
+# The simplest cure gives every client a queue and a task that writes it, so that
+# broadcast waits on nobody, and cuts off a client 100 messages behind:
+#
+#     class Client:
+#         def __init__(self, websocket: WebSocket):
+#             self.websocket = websocket
+#             self.queue = asyncio.Queue[str](maxsize=100)
+#             self.writer = asyncio.create_task(self.write_queue())
+#         async def write_queue(self):  # its own task: it waits on its socket alone
+#             while True:
+#                 await self.websocket.send_text(await self.queue.get())
+#
+#     async def broadcast(self, message: str):
+#         for client in self.active_connections:
+#             try:
+#                 client.queue.put_nowait(message)
+#             except asyncio.QueueFull:  # closed, and nobody waits for it
+#                 asyncio.create_task(client.websocket.close(1008, "Too slow"))
+#
+# Ours does the same, but wakes no task per client for every message: one task writes
+# each message to every client in one loop, as the tutorials' broadcast does, and only a
+# client whose socket is full gets a queue (its Backlog) and a task (write_backlog) of
+# its own, until it catches up. How a message travels, each name a method below:
 #
 #     broadcast -> relay.publish -> add_to_batch; send_personal_message -> add_to_batch
 #     deliver_batches, one task: each batch to every client, in order
@@ -179,26 +211,25 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #    on to the next client: everyone else is written to now.
 # 3. What it was not sent goes to its backlog, and write_backlog, a task of its own,
 #    writes it as its socket drains. The next batches add to it: it is behind already.
-# 4. Its backlog holds 100 messages (MAX_BACKLOG_MESSAGES). At the 101st, the delivery
-#    waits for its task if that has yet to have its turn (the server is busy, not the
-#    client), and gives a socket that has just drained one turn of the event loop. If
-#    the socket is still full, cut_off ends its handler: its backlog is dropped, the
-#    others are told "Client #N left the chat", and it is closed with 1008, "Too slow:
-#    over 100 messages behind". That close frame waits behind what it has not read,
-#    5 s at most, and the page reconnects to a chat that has gone on.
-# 5. If the chat falls silent before that, nothing is added: it keeps its place until it
-#    reads or leaves, and slows nobody meanwhile.
+# 4. Its backlog holds 100 messages (MAX_BACKLOG_MESSAGES), besides what its buffers
+#    hold. At the 101st, the delivery waits for its task if that has yet to have its
+#    turn (the server is busy, not the client), and gives a socket that has just drained
+#    one turn of the event loop. If the socket is still full, cut_off ends its handler:
+#    its backlog is dropped, the others are told "Client #N left the chat", and it is
+#    closed with 1008, "Too slow: over 100 messages behind".
+# 5. That close frame waits behind what its buffers hold, 5 s at most: a client that
+#    reads again within them gets those messages, then the 1008; after them, it gets
+#    those messages, then the connection ends with no close frame (1006, to a page).
+#    Either way its page reconnects, to a chat that has gone on. A client that never
+#    reads again keeps its connection, as an idle one would, until it goes away.
+# If the chat falls silent before the 101st message, nothing is added: it keeps its
+# place until it reads or leaves, and slows nobody meanwhile.
 #
 # Giving up a write relies on uvicorn's --ws websockets-sansio, which uvicorn 0.54 picks
-# by default and the production command names: its send waits for room, then writes,
-# so a write given up has sent nothing. An implementation that writes, then waits
-# (--ws websockets) would have sent it already, and the client would get it twice: now,
-# and from its backlog.
-#
-# The tutorials' broadcast has a second fault: a write to a client that has gone raises
-# in the sender's handler, whose `except WebSocketDisconnect` then takes the sender out
-# and leaves the gone client in. Here a failed write takes out the client it was for
-# (GONE, below); its own handler tells the others it left.
+# by default and the commands in this file and the README name: its send waits for
+# room, then writes, so a write given up has sent nothing. An implementation that
+# writes, then waits (--ws websockets) would have sent it already, and the client would
+# get it twice: now, and from its backlog.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # in a batch, not yet written: a sender past this waits
@@ -211,6 +242,20 @@ TAKEN_OVER = "Replaced by a newer connection with the same client id"
 GONE = (OSError, WebSocketDisconnect, RuntimeError)
 
 
+@contextlib.asynccontextmanager
+async def warn_if_writes_cannot_be_given_up(app: FastAPI) -> AsyncIterator[None]:
+    # By start-up, uvicorn has imported the WebSocket implementation it runs.
+    if "uvicorn.protocols.websockets.websockets_impl" in sys.modules:
+        logger.warning(
+            "Run step 3's chat with --ws websockets-sansio: under --ws websockets, "
+            "a client whose socket fills may get a message twice"
+        )
+    yield
+
+
+app.include_router(APIRouter(lifespan=warn_if_writes_cannot_be_given_up))
+
+
 class Client:
     """One chat connection, and what the manager keeps about it."""
 
@@ -220,7 +265,8 @@ class Client:
         self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
         self.backlog: Backlog | None = None  # only while its socket is full
         # cut_off cancels it: only the endpoint's `with` block ends, and the endpoint
-        # goes on to close_if_cut_off. anyio's: asyncio has no scope to cancel.
+        # goes on to close_if_cut_off. anyio's, which Starlette runs on: asyncio has
+        # no scope that another task can cancel.
         self.cut_off_scope = anyio.CancelScope()
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
         self.quiet = False  # a restart, a takeover: nobody is told it left
@@ -484,7 +530,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
                 await manager.say(
                     client, f"You wrote: {data}", f"Client #{client_id} says: {data}"
                 )
-                await flood_control.slow_down()  # a flooder's next message waits
+                await flood_control.slow_down()  # a flooder waits, or is closed: 1008
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
@@ -973,7 +1019,8 @@ async def room_endpoint(
 # its own clients. Measured at 10,000 clients over 2 workers: 0.97x one process's CPU
 # per delivery for step 3's chat (bench.py --redis).
 
-# Imported here, not at the top: a copy of steps 1 to 5 leaves these lines behind.
+# Imported here, not at the top: steps 1 to 5 use no Redis, and a copy of them leaves
+# these lines, and redis-py, behind.
 import redis.asyncio
 import redis.asyncio.client
 import redis.asyncio.retry
@@ -1702,7 +1749,8 @@ class ServerShutdown(WebSocketDisconnect):
 
 class FloodControl:
     """A token bucket: FLOOD_BURST_MESSAGES at full speed, then FLOOD_MESSAGES_PER_S. A
-    flooder's next messages wait in its own connection: it slows itself, not the room."""
+    flooder's next messages wait in its own connection: it slows itself, not the room.
+    Slowed over FLOOD_MAX_SLOWED_MESSAGES times in a row, it is closed with 1008."""
 
     def __init__(self) -> None:
         self.allowance = float(FLOOD_BURST_MESSAGES)  # messages it may send at once

@@ -116,6 +116,24 @@ def cut_off_a_stalled_client(server: Server) -> socket.socket:
     return stalled
 
 
+@pytest.mark.parametrize(
+    ("options", "warned"),
+    [(("--ws", "websockets"), True), (production_options(), False)],
+    ids=["--ws websockets", "the README's flags"],
+)
+def test_start_up_warns_when_a_given_up_write_would_have_been_sent(
+    tmp_path: Path, options: tuple[str, ...], warned: bool
+) -> None:
+    # --ws websockets writes, then waits: a write step 3 gives up has gone out already.
+    server = start_server(tmp_path / "uvicorn.log", options=options)
+    try:
+        wait_for_log(server, "Application startup complete")
+        warning = "Run step 3's chat with --ws websockets-sansio"
+        assert (warning in server.log()) is warned, server.log()
+    finally:
+        server.stop()
+
+
 def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) -> None:
     stalled, head = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
     assert head.startswith(b"HTTP/1.1 101")
