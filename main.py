@@ -474,7 +474,9 @@ class DeliverHere:
 
 
 class Backlog:
-    """What a client whose socket is full is yet to be sent, and the task sending it."""
+    """What a client whose socket is full is yet to be sent, and the task sending it.
+    Its messages are the strings every client is sent: each costs a reference, not a
+    copy, so a full backlog is small whatever its messages' size."""
 
     def __init__(self) -> None:
         self.messages: collections.deque[str] = collections.deque()
