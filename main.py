@@ -7,8 +7,8 @@ The file reads from the top, as the tutorials do, each step building on the ones
 it, never on a later:
 
 - the app, and `GET /`, the page;
-- step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager,
-  how its broadcast reaches everyone without waiting on anyone, then its endpoints;
+- step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager
+  and its endpoints, then how its broadcast reaches everyone without waiting on anyone;
   step 4, "Using Depends", from FastAPI's docs (the tutorials have none);
 - step 5, named rooms with history, built on step 3; step 6, one chat across processes
   through Redis, plugged into steps 3 and 5 behind the interfaces they declare;
@@ -188,48 +188,12 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #
 # Ours does the same, but wakes no task per client for every message: one task writes
 # each message to every client in one loop, as the tutorials' broadcast does, and only a
-# client whose socket is full gets a queue (its Backlog) and a task (write_backlog) of
-# its own, until it catches up. How a message travels, each name a method below:
-#
-#     broadcast -> relay.publish -> add_to_batch; send_personal_message -> add_to_batch
-#     deliver_batches, one task: each batch to every client, in order
-#       -> write_without_waiting: the tutorials' loop, giving up a write that would wait
-#       -> add_to_backlog_or_cut_off: keeps what a client was not sent, for it alone
-#            -> write_backlog, one task per such client, writes it as its socket drains
-#            -> or, 100 behind and its socket still full: cut_off, closed with 1008
-#
-# Senders never wait for a write: a message joins the batch, and the delivery task
-# writes it with the rest. A batch is what was said while the one before was being
-# written (in a quiet chat, one message), so everyone gets the messages in one order.
-# Only a sender whose message finds 100 waiting waits: until the delivery task has
-# written all that is waiting.
-#
-# What happens to one client that stops reading, step by step:
-# 1. Its buffers fill: uvicorn and the kernel hold what it has not read, and until they
-#    are full its writes succeed at once, like anyone's.
-# 2. Its next write would wait. write_without_waiting gives it up, unwritten, and goes
-#    on to the next client: everyone else is written to now.
-# 3. What it was not sent goes to its backlog, and write_backlog, a task of its own,
-#    writes it as its socket drains. The next batches add to it: it is behind already.
-# 4. Its backlog holds 100 messages (MAX_BACKLOG_MESSAGES), besides what its buffers
-#    hold. At the 101st, the delivery waits for its task if that has yet to have its
-#    turn (the server is busy, not the client), and gives a socket that has just drained
-#    one turn of the event loop. If the socket is still full, cut_off ends its handler:
-#    its backlog is dropped, the others are told "Client #N left the chat", and it is
-#    closed with 1008, "Too slow: over 100 messages behind".
-# 5. That close frame waits behind what its buffers hold, 5 s at most: a client that
-#    reads again within them gets those messages, then the 1008; after them, it gets
-#    those messages, then the connection ends with no close frame (1006, to a page).
-#    Either way its page reconnects, to a chat that has gone on. A client that never
-#    reads again keeps its connection, as an idle one would, until it goes away.
-# If the chat falls silent before the 101st message, nothing is added: it keeps its
-# place until it reads or leaves, and slows nobody meanwhile.
-#
-# Giving up a write relies on uvicorn's --ws websockets-sansio, which uvicorn 0.54 picks
-# by default and the commands in this file and the README name: its send waits for
-# room, then writes, so a write given up has sent nothing. An implementation that
-# writes, then waits (--ws websockets) would have sent it already, and the client would
-# get it twice: now, and from its backlog.
+# client whose socket is full gets a queue (its Backlog) and a task of its own, until it
+# catches up. In short, a client that stops reading is written to until its buffers
+# are full; what it is sent next waits in its backlog, 100 messages at most; past that,
+# if its socket is still full, it is closed with 1008, "Too slow". Nobody else waits
+# for it meanwhile. The manager and the endpoints come first; "Step 3, continued",
+# after the endpoints, shows each step of that.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # in a batch, not yet written: a sender past this waits
@@ -242,20 +206,6 @@ TAKEN_OVER = "Replaced by a newer connection with the same client id"
 GONE = (OSError, WebSocketDisconnect, RuntimeError)
 
 
-@contextlib.asynccontextmanager
-async def warn_if_writes_cannot_be_given_up(app: FastAPI) -> AsyncIterator[None]:
-    # By start-up, uvicorn has imported the WebSocket implementation it runs.
-    if "uvicorn.protocols.websockets.websockets_impl" in sys.modules:
-        logger.warning(
-            "Run step 3's chat with --ws websockets-sansio: under --ws websockets, "
-            "a client whose socket fills may get a message twice"
-        )
-    yield
-
-
-app.include_router(APIRouter(lifespan=warn_if_writes_cannot_be_given_up))
-
-
 class Client:
     """One chat connection, and what the manager keeps about it."""
 
@@ -264,9 +214,8 @@ class Client:
         self.client_id = client_id
         self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
         self.backlog: Backlog | None = None  # only while its socket is full
-        # cut_off cancels it: only the endpoint's `with` block ends, and the endpoint
-        # goes on to close_if_cut_off. anyio's, which Starlette runs on: asyncio has
-        # no scope that another task can cancel.
+        # cut_off cancels it from another task: the endpoint's `with` block ends, and
+        # the endpoint goes on to close_if_cut_off. anyio's: Starlette runs on anyio.
         self.cut_off_scope = anyio.CancelScope()
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
         self.quiet = False  # a restart, a takeover: nobody is told it left
@@ -352,7 +301,7 @@ class ConnectionManager:
         finally:
             self.announcer = None
 
-    # How a message reaches everyone without waiting on anyone.
+    # Into the batch the delivery task writes: see "Step 3, continued", below.
     async def add_to_batch(self, to: Client | None, message: str) -> None:
         """To one client, or all (None); past MAX_BATCH_MESSAGES, waits for delivery."""
         self.add_to_batch_now(to, message)
@@ -362,86 +311,7 @@ class ConnectionManager:
     def add_to_batch_now(self, to: Client | None, message: str) -> None:
         self.batch.append((to, message))
         if self.deliverer is None:
-            self.deliverer = asyncio.create_task(self.deliver_batches())
-
-    async def deliver_batches(self) -> None:
-        """Write each batch to all, in order, never waiting on a client's socket."""
-        try:
-            while self.batch:
-                sent, self.batch = self.batch, []
-                outgoing = by_recipient(sent)
-                # Shared: each call resumes after the client the last one stopped at.
-                clients = iter(list(self.active_connections.values()))
-                while stuck := await self.write_without_waiting(clients, outgoing):
-                    client, unwritten = stuck
-                    for message in unwritten:
-                        await self.add_to_backlog_or_cut_off(client, message)
-        finally:
-            self.deliverer = None
-
-    async def write_without_waiting(
-        self, clients: Iterator[Client], outgoing: Outgoing
-    ) -> tuple[Client, list[str]] | None:
-        """The tutorials' loop, until a client's socket is full: that client, and what it
-        was not sent. One deadline for all the writes: one each would cost a timer each."""
-        everyone, own = outgoing
-        client: Client | None = None
-        try:
-            # A deadline of now: only a write to a full socket waits, and it is given up.
-            async with asyncio.timeout(0):
-                for client in clients:
-                    messages, written = own.get(client, everyone), 0
-                    if client.backlog is not None:
-                        return client, messages  # behind already: after its backlog
-                    for message in messages:
-                        try:
-                            await client.websocket.send_text(message)
-                        except GONE:
-                            self.leave(client)  # its handler tells the room
-                            break
-                        written += 1
-        except TimeoutError:
-            assert client is not None  # only a write is given up
-            return client, messages[written:]
-        return None
-
-    async def add_to_backlog_or_cut_off(self, client: Client, message: str) -> None:
-        """Keep what its full socket did not take; past MAX_BACKLOG_MESSAGES, cut it off."""
-        waited_a_turn = False
-        while self.active_connections.get(client.key) is client:  # still in
-            backlog = client.backlog
-            if backlog is None:
-                backlog = client.backlog = Backlog()
-                backlog.task = asyncio.create_task(self.write_backlog(client, backlog))
-            if len(backlog.messages) < MAX_BACKLOG_MESSAGES:
-                backlog.messages.append(message)  # the common case
-                return
-            # Its backlog is full. Whose doing is it: the server's, or the client's?
-            if not backlog.socket_full:  # its task has not had its turn: a busy server
-                backlog.has_space.clear()
-                await backlog.has_space.wait()
-            elif not waited_a_turn:  # a socket that has just drained gets its turn
-                waited_a_turn = True
-                await asyncio.sleep(0)
-            else:  # still full: it reads more slowly than the room talks
-                self.cut_off(client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
-                return
-
-    async def write_backlog(self, client: Client, backlog: Backlog) -> None:
-        """Its own task: writes the backlog as the socket drains, while nobody waits on it."""
-        try:
-            while backlog.messages:
-                message = backlog.messages.popleft()
-                backlog.has_space.set()
-                backlog.socket_full = True  # seen by others only while this write waits
-                await client.websocket.send_text(message)
-                backlog.socket_full = False
-        except GONE:
-            self.leave(client)
-        finally:
-            # Caught up, or gone: no backlog now, and a delivery waiting for space goes on.
-            client.backlog = None
-            backlog.has_space.set()
+            self.deliverer = asyncio.create_task(deliver_batches(self))
 
 
 class ChatRelay(Protocol):
@@ -471,38 +341,6 @@ class DeliverHere:
     ) -> None:
         await chat.send_personal_message(ack, client)
         await chat.add_to_batch(None, text)
-
-
-class Backlog:
-    """What a client whose socket is full is yet to be sent, and the task sending it.
-    Its messages are the strings every client is sent: each costs a reference, not a
-    copy, so a full backlog is small whatever its messages' size."""
-
-    def __init__(self) -> None:
-        self.messages: collections.deque[str] = collections.deque()
-        self.has_space = asyncio.Event()  # set by write_backlog, and by leave
-        self.task: asyncio.Task[None] | None = None
-        self.socket_full = False  # its task's write waits: the client is not reading
-
-
-# What everyone is sent of a batch, and, by client, what those with messages
-# of their own ("You wrote") are sent: theirs and everyone's, in order.
-Outgoing = tuple[list[str], dict[Client, list[str]]]
-
-
-# A batch sorted into Outgoing, in one pass, even with "You wrote" for many clients:
-# each client's list starts as a copy of everyone's so far, and grows with both.
-def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
-    everyone: list[str] = []
-    own: dict[Client, list[str]] = {}
-    for to, message in batch:
-        if to is not None:  # theirs, after everyone's before it
-            own.setdefault(to, everyone.copy()).append(message)
-        else:
-            everyone.append(message)
-            for messages in own.values():
-                messages.append(message)
-    return everyone, own
 
 
 def left_the_chat(client_ids: list[int | None]) -> str:
@@ -556,6 +394,185 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
         anonymous_manager.disconnect(client)  # "A user left the chat", unless quiet
     await client.close_if_cut_off()
 
+
+# ~~~ Step 3, continued: how a message reaches everyone, waiting on nobody ~~~~~~~~~~~~~~~
+#
+# How a message travels, each name a function below but add_to_batch, the manager's:
+#
+#     broadcast -> relay.publish -> add_to_batch; send_personal_message -> add_to_batch
+#     deliver_batches, one task: each batch to every client, in order
+#       -> write_without_waiting: the tutorials' loop, giving up a write that would wait
+#       -> add_to_backlog_or_cut_off: keeps what a client was not sent, for it alone
+#            -> write_backlog, one task per such client, writes it as its socket drains
+#            -> or, 100 behind and its socket still full: cut_off, closed with 1008
+#
+# Senders never wait for a write. A message joins the batch, and one task,
+# deliver_batches, writes the batch to everyone. A batch is what was said while the
+# one before it was being written: in a quiet chat, one message. One task writes them
+# all, so everyone gets the messages in the same order. A sender waits only when its
+# message finds 100 others waiting, and then until the delivery task has written them.
+#
+# What happens to one client that stops reading, step by step:
+# 1. Its buffers fill: uvicorn and the kernel hold what it has not read. Until they are
+#    full, its writes succeed at once, like anyone's.
+# 2. Its next write would wait. write_without_waiting gives it up, unwritten, and goes
+#    on to the next client: everyone else is written to now.
+# 3. What it was not sent goes to its backlog, and write_backlog, a task of its own,
+#    writes it as its socket drains. The next batches add to the backlog, not to its
+#    socket: it is behind already.
+# 4. Its backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). The 101st decides.
+#    If its task has not had a turn yet, the server is busy, not the client, and the
+#    delivery waits for that task. If its socket has just drained, it gets one more
+#    turn of the event loop. If the socket is still full after that, cut_off ends its
+#    handler: its backlog is dropped, the others are told "Client #N left the chat",
+#    and it is closed with 1008, "Too slow: over 100 messages behind".
+# 5. That close frame waits behind what its buffers hold, for 5 s at most. A client
+#    that reads again within them gets those messages, then the 1008. One that reads
+#    later gets those messages, then the connection ends with no close frame (1006, to
+#    a page). Either way its page reconnects, to a chat that has gone on. A client that
+#    never reads again keeps its connection, as an idle one would, until it goes away.
+# If the chat falls silent before the 101st message, nothing is added: it keeps its
+# place until it reads or leaves, and slows nobody meanwhile.
+#
+# Giving up a write relies on uvicorn's --ws websockets-sansio, which uvicorn 0.54 picks
+# by default and the commands in this file and the README name: its send waits for
+# room, then writes, so a write given up has sent nothing. An implementation that
+# writes, then waits (--ws websockets) would have sent it already, and the client would
+# get it twice: now, and from its backlog.
+
+
+async def deliver_batches(chat: ConnectionManager) -> None:
+    """The delivery task: each batch to all, in order, never waiting on a socket."""
+    try:
+        while chat.batch:
+            sent, chat.batch = chat.batch, []
+            outgoing = by_recipient(sent)
+            # Shared: each call resumes after the client the last one stopped at.
+            clients = iter(list(chat.active_connections.values()))
+            while behind := await write_without_waiting(chat, clients, outgoing):
+                client, unwritten = behind
+                for message in unwritten:
+                    await add_to_backlog_or_cut_off(chat, client, message)
+    finally:
+        chat.deliverer = None
+
+
+async def write_without_waiting(
+    chat: ConnectionManager, clients: Iterator[Client], outgoing: Outgoing
+) -> tuple[Client, list[str]] | None:
+    """The tutorials' loop, until a client's socket is full: that client, and what it
+    was not sent. One deadline for all the writes: one each would cost a timer each."""
+    everyone, own = outgoing
+    client: Client | None = None
+    try:
+        # A deadline of now. asyncio cancels a task only where it pauses, and a write
+        # pauses only for a full socket: that write alone is given up, unsent.
+        async with asyncio.timeout(0):
+            for client in clients:
+                messages, written = own.get(client, everyone), 0
+                if client.backlog is not None:
+                    return client, messages  # behind already: after its backlog
+                for message in messages:
+                    try:
+                        await client.websocket.send_text(message)
+                    except GONE:
+                        chat.leave(client)  # its handler tells the room
+                        break
+                    written += 1
+    except TimeoutError:
+        assert client is not None  # only a write is given up
+        return client, messages[written:]
+    return None
+
+
+async def add_to_backlog_or_cut_off(
+    chat: ConnectionManager, client: Client, message: str
+) -> None:
+    """Keep what its full socket did not take; past MAX_BACKLOG_MESSAGES, cut it off."""
+    waited_a_turn = False
+    while chat.active_connections.get(client.key) is client:  # still in
+        backlog = client.backlog
+        if backlog is None:
+            backlog = client.backlog = Backlog()
+            backlog.task = asyncio.create_task(write_backlog(chat, client, backlog))
+        if len(backlog.messages) < MAX_BACKLOG_MESSAGES:
+            backlog.messages.append(message)  # the common case
+            return
+        # Its backlog is full. Whose doing is it: the server's, or the client's?
+        if not backlog.write_waiting:  # its task has not had its turn: a busy server
+            backlog.has_space.clear()
+            await backlog.has_space.wait()
+        elif not waited_a_turn:  # a socket that has just drained gets its turn
+            waited_a_turn = True
+            await asyncio.sleep(0)
+        else:  # still full: it reads more slowly than the room talks
+            chat.cut_off(client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
+            return
+
+
+async def write_backlog(
+    chat: ConnectionManager, client: Client, backlog: Backlog
+) -> None:
+    """Its own task: writes the backlog as the socket drains, while nobody waits on it."""
+    try:
+        while backlog.messages:
+            message = backlog.messages.popleft()
+            backlog.has_space.set()
+            backlog.write_waiting = True  # others see True only while this write waits
+            await client.websocket.send_text(message)
+            backlog.write_waiting = False
+    except GONE:
+        chat.leave(client)
+    finally:
+        # Caught up, or gone: no backlog now, and a delivery waiting for space goes on.
+        client.backlog = None
+        backlog.has_space.set()
+
+
+class Backlog:
+    """What a client whose socket is full is yet to be sent, and the task sending it.
+    Its messages are the strings everyone is sent: a reference each, not a copy."""
+
+    def __init__(self) -> None:
+        self.messages: collections.deque[str] = collections.deque()
+        self.has_space = asyncio.Event()  # set by write_backlog, and by leave
+        self.task: asyncio.Task[None] | None = None
+        self.write_waiting = False  # its task's write waits: the client is not reading
+
+
+# What everyone is sent of a batch, and, by client, what those with messages
+# of their own ("You wrote") are sent: theirs and everyone's, in order.
+Outgoing = tuple[list[str], dict[Client, list[str]]]
+
+
+# A batch sorted into Outgoing, in one pass, even with "You wrote" for many clients:
+# each client's list starts as a copy of everyone's so far, and grows with both.
+def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
+    everyone: list[str] = []
+    own: dict[Client, list[str]] = {}
+    for to, message in batch:
+        if to is not None:  # theirs, after everyone's before it
+            own.setdefault(to, everyone.copy()).append(message)
+        else:
+            everyone.append(message)
+            for messages in own.values():
+                messages.append(message)
+    return everyone, own
+
+
+@contextlib.asynccontextmanager
+async def warn_if_writes_cannot_be_given_up(app: FastAPI) -> AsyncIterator[None]:
+    # By start-up, uvicorn has imported the WebSocket implementation it runs. Only
+    # --ws websockets writes, then waits; websockets-sansio and wsproto wait, then write.
+    if "uvicorn.protocols.websockets.websockets_impl" in sys.modules:
+        logger.warning(
+            "Run step 3's chat with --ws websockets-sansio: under --ws websockets, "
+            "a client whose socket fills may get a message twice"
+        )
+    yield
+
+
+app.include_router(APIRouter(lifespan=warn_if_writes_cannot_be_given_up))
 
 # --- Step 4, in FastAPI's docs, not the tutorials: "Using Depends and others" --------------
 #
@@ -1718,9 +1735,9 @@ else:
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
 # 65536` in the README's production command.
 MAX_MESSAGE_BYTES = 64 * 1024  # longer text closes the connection with 1009
-FLOOD_BURST_MESSAGES = 100  # a chat client may send this many at full speed,
-FLOOD_MESSAGES_PER_S = 10  # then this many a second: its next message is read later,
-FLOOD_MAX_SLOWED_MESSAGES = 20  # and slowed down this many times in a row: closed
+FLOOD_BURST_MESSAGES = 100  # a chat client may send this many at full speed
+FLOOD_MESSAGES_PER_S = 10  # after the burst; a faster client's next read waits
+FLOOD_MAX_SLOWED_MESSAGES = 20  # reads made to wait in a row, then closed with 1008
 FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages a second"
 BINARY_REFUSED = "Binary frames are not supported: send text"
 TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"

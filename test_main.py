@@ -387,7 +387,7 @@ def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> Non
         client.backlog = main.Backlog()
         client.backlog.messages.extend(["queued"] * main.MAX_BACKLOG_MESSAGES)
         waiting = asyncio.ensure_future(
-            manager.add_to_backlog_or_cut_off(client, "one more")
+            main.add_to_backlog_or_cut_off(manager, client, "one more")
         )
         await turns_of_the_event_loop(3)
         assert not waiting.done()  # a full backlog whose task has not had its turn
