@@ -168,7 +168,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # the others it left.
 #
 # The simplest cure gives every client a queue and a task that writes it, so that
-# broadcast waits on nobody, and cuts off a client 100 messages behind:
+# broadcast waits on nobody, and cuts off a client whose queue holds 100 messages:
 #
 #     class Client:
 #         def __init__(self, websocket: WebSocket):
@@ -183,17 +183,19 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #         for client in self.active_connections:
 #             try:
 #                 client.queue.put_nowait(message)
-#             except asyncio.QueueFull:  # closed, and nobody waits for it
-#                 asyncio.create_task(client.websocket.close(1008, "Too slow"))
+#             except asyncio.QueueFull:  # out, and closed in a task: nobody waits
+#                 self.active_connections.remove(client)
+#                 client.writer.cancel()
+#                 client.closer = asyncio.create_task(client.websocket.close(1008))
 #
 # Ours does the same, but wakes no task per client for every message: one task writes
 # each message to every client in one loop, as the tutorials' broadcast does, and only a
 # client whose socket is full gets a queue (its Backlog) and a task of its own, until it
 # catches up. In short, a client that stops reading is written to until its buffers
 # are full; what it is sent next waits in its backlog, 100 messages at most; past that,
-# if its socket is still full, it is closed with 1008, "Too slow". Nobody else waits
-# for it meanwhile. The manager and the endpoints come first; "Step 3, continued",
-# after the endpoints, shows each step of that.
+# if its socket is still full, it is closed with 1008, "Too slow: over 100 messages
+# behind". No write to anyone else waits on its socket meanwhile. The manager and the
+# endpoints come first; "Step 3, continued", after the endpoints, shows each step.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # in a batch, not yet written: a sender past this waits
@@ -217,6 +219,7 @@ class Client:
         # cut_off cancels it from another task: the endpoint's `with` block ends, and
         # the endpoint goes on to close_if_cut_off. anyio's: Starlette runs on anyio.
         self.cut_off_scope = anyio.CancelScope()
+        # How it ended: the client's close code, or the one the server closes it with.
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
         self.quiet = False  # a restart, a takeover: nobody is told it left
 
@@ -275,7 +278,7 @@ class ConnectionManager:
         if self.active_connections.get(client.key) is client:
             del self.active_connections[client.key]
         if client.backlog is not None and client.backlog.task is not None:
-            # Set has_space too: a task cancelled before it ran never would.
+            # A task cancelled before its first turn never sets has_space: set it here.
             client.backlog.task.cancel()
             client.backlog.has_space.set()
 
@@ -288,7 +291,7 @@ class ConnectionManager:
         client.cut_off_scope.cancel()
 
     def announce_leaving(self, client: Client) -> None:
-        """Departures of one turn in one notice: O(N), not O(N²), as N leave at once."""
+        """All who leave in one turn of the event loop are named in one notice."""
         self.departed.append(client.client_id)
         if self.announcer is None:
             self.announcer = asyncio.create_task(self.announce_departures())
@@ -306,7 +309,7 @@ class ConnectionManager:
         """To one client, or all (None); past MAX_BATCH_MESSAGES, waits for delivery."""
         self.add_to_batch_now(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
-            await asyncio.wait([self.deliverer])  # a sender's cancel leaves it running
+            await asyncio.wait([self.deliverer])  # `await` would cancel it too
 
     def add_to_batch_now(self, to: Client | None, message: str) -> None:
         self.batch.append((to, message))
@@ -315,9 +318,8 @@ class ConnectionManager:
 
 
 class ChatRelay(Protocol):
-    """What carries a manager's messages; DeliverHere, below, by default. join enters
-    the client. A relay may refuse a message: publish then returns False, and say, one
-    call for both sends, sends no "You wrote" for it."""
+    """What carries a manager's messages (DeliverHere, below, by default). A relay may
+    refuse one: publish then returns False, and say sends no "You wrote" for it."""
 
     async def join(self, chat: ConnectionManager, client: Client) -> None: ...
     async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
@@ -397,7 +399,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 
 # ~~~ Step 3, continued: how a message reaches everyone, waiting on nobody ~~~~~~~~~~~~~~~
 #
-# How a message travels, each name a function below but add_to_batch, the manager's:
+# How a message travels. add_to_batch is the manager's method; the others are below:
 #
 #     broadcast -> relay.publish -> add_to_batch; send_personal_message -> add_to_batch
 #     deliver_batches, one task: each batch to every client, in order
@@ -422,15 +424,17 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    socket: it is behind already.
 # 4. Its backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). The 101st decides.
 #    If its task has not had a turn yet, the server is busy, not the client, and the
-#    delivery waits for that task. If its socket has just drained, it gets one more
-#    turn of the event loop. If the socket is still full after that, cut_off ends its
-#    handler: its backlog is dropped, the others are told "Client #N left the chat",
-#    and it is closed with 1008, "Too slow: over 100 messages behind".
+#    delivery waits for that task. If its task's write is waiting, the delivery gives
+#    it one more turn of the event loop, in case its socket has just drained. If the
+#    write still waits after that, cut_off ends its handler: its backlog is dropped,
+#    the others are told "Client #N left the chat", and it is closed with 1008, "Too
+#    slow: over 100 messages behind".
 # 5. That close frame waits behind what its buffers hold, for 5 s at most. A client
 #    that reads again within them gets those messages, then the 1008. One that reads
 #    later gets those messages, then the connection ends with no close frame (1006, to
-#    a page). Either way its page reconnects, to a chat that has gone on. A client that
-#    never reads again keeps its connection, as an idle one would, until it goes away.
+#    a page). Either way its page reconnects, to a chat that has gone on. uvicorn then
+#    closes the socket, but a socket closes only once its buffer is written: a client
+#    that never reads again keeps its connection, as an idle one would, until it goes.
 # If the chat falls silent before the 101st message, nothing is added: it keeps its
 # place until it reads or leaves, and slows nobody meanwhile.
 #
@@ -619,11 +623,12 @@ async def item_endpoint(
 #
 # Step 3's chat in many rooms, with JSON frames and ids. Whatever step 3 does to a client
 # that cannot go on (too slow: 1008; a restart; a network blip) ends with it closed, and
-# the page reconnects; but it never learns what it missed: a client that stopped reading
-# beside ten senders of 95 messages of 4 KB was cut off after about 710 of the 950. Here a
-# room keeps its latest messages, with ids, and a client that comes back with
-# ?since=<the id of the last message it received> gets every one it missed; if the room
-# no longer holds them, its welcome says "missed": true.
+# the page reconnects; but it never learns what it missed. In bench.py, a client that
+# stopped reading while ten senders sent 95 messages of 4 KB each was sent about 710 of
+# the 950, then cut off, and never got the rest. Here a room keeps its latest messages,
+# with ids, and a client that comes back with ?since=<the id of the last message it
+# received> gets every one it missed; if the room no longer holds them, its welcome says
+# "missed": true.
 #
 # The protocol, JSON text frames. From the server: a `welcome` first (the room, the
 # client's id, the members, the history, whether some was missed); then each `message`
@@ -658,7 +663,7 @@ TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
 SERVER_ERROR = "Server error: try again later"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
 # A message's id: the room's epoch, in hexadecimal, and a number. Any other `since` is
-# one the room cannot place: ASCII digits only (`\d` takes "²" and "١" too), no newline
+# one the room cannot place: ASCII digits only (`\d` takes the Arabic "١" too), no newline
 # (`$` lets one through), no 5,000-digit number.
 MESSAGE_ID = r"([0-9a-f]{1,16})-([0-9]{1,18})"
 
@@ -667,7 +672,8 @@ Joiner = tuple[Client, str | None]  # a client being let in, and the `since` it 
 
 class History:
     """A room's latest messages, each with its id, kept as sent: in UTF-8, so that its
-    bounds are what it holds (a str with one emoji takes four bytes a character).
+    bounds are what it holds (in memory, Python keeps a str with one emoji in it at
+    four bytes for each of its characters).
 
     An id is `{epoch}-{number}`, the epoch being when the room began: after a restart,
     or once a room was forgotten, an old id is not mistaken for one of the new history's.
@@ -1038,8 +1044,8 @@ async def room_endpoint(
 # its own clients. Measured at 10,000 clients over 2 workers: 0.97x one process's CPU
 # per delivery for step 3's chat (bench.py --redis).
 
-# Imported here, not at the top: steps 1 to 5 use no Redis, and a copy of them leaves
-# these lines, and redis-py, behind.
+# Imported here, not at the top, to show that steps 1 to 5 use no Redis: a copy of them
+# leaves these lines behind, and needs no redis-py. This file imports it, so it does.
 import redis.asyncio
 import redis.asyncio.client
 import redis.asyncio.retry
@@ -1073,9 +1079,8 @@ STREAM_ID = r"([0-9]{1,19})-([0-9]{1,19})"
 # process. The stream keeps max_count messages at most, and max_bytes of their frames,
 # counted in KEYS[2]; both keys live keys_ttl_ms. The last key is the publish's own,
 # which keeps its id for once_ttl_ms: sent twice (redis-py retries on a fresh connection
-# when one breaks), it is published once. A frame is the text, its id and extra_bytes.
-# What message_frame() adds to what was said, beside the id.
-FRAME_EXTRA_BYTES = len(message_frame("", "{}")) - len("{}")
+# when one breaks), it is published once. A frame is the text, its id and extra_bytes,
+# FRAME_EXTRA_BYTES, below.
 PUBLISH_ONCE_BEFORE_DEADLINE = """
 local deadline_ms, channel, prefix, text = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_count, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -1107,6 +1112,9 @@ redis.call('PUBLISH', channel, id .. ' ' .. prefix .. text)
 redis.call('SET', own_key, id, 'PX', once_ttl_ms)
 return id
 """
+# What message_frame() adds to what was said, beside the id.
+FRAME_EXTRA_BYTES = len(message_frame("", "{}")) - len("{}")
+
 # Reads a room for joiners in one go, so that every joiner's history comes from the same
 # moment of its stream, KEYS[1]: the members, KEYS[3], by process; the latest
 # latest_count messages, if a joiner needs them (one has no `since`); and, for each
