@@ -3,13 +3,15 @@
     python bench.py             # up to 10,000 clients: about 20 minutes
     python bench.py --quick     # up to 1,000 clients: about 3 minutes
     python bench.py --redis     # also the chat across two workers, through Redis
+    python bench.py --sketch    # also the simplest cure, a queue and a task per client
 
 The servers: the tutorial's code as it is taught (kept below as `naive_app`), and
 `main:app`; with --redis, also `main:app` as two uvicorn workers sharing the chat through
-a redis-server. Each runs as its own uvicorn process, and its CPU time and memory (every
-worker's, and Redis's) are read from /proc, so this needs Linux; the load generator's own
-work (this process) does not count. Absolute figures depend on the machine; the ratios are
-the point. Progress goes to standard error, the tables to standard output.
+a redis-server; with --sketch, also the simplest cure of step 3's header (`queue_app`).
+Each runs as its own uvicorn process, and its CPU time and memory (every worker's, and
+Redis's) are read from /proc, so this needs Linux; the load generator's own work (this
+process) does not count. Absolute figures depend on the machine; the ratios are the
+point. Progress goes to standard error, the tables to standard output.
 
 On 2 cores the load generator shares the machine with the server, and a slow one counts as
 the server's latency: so it runs on uvloop, as uvicorn does, and without garbage
@@ -103,6 +105,90 @@ async def websocket_chat_endpoint(websocket: WebSocket, client_id: int):
     except WebSocketDisconnect:
         manager.disconnect(websocket)
         await manager.broadcast(f"Client #{client_id} left the chat")
+
+
+# --- The simplest cure, as step 3's header sketches it (--sketch) ---------------------------
+# A queue and a writer task per client: broadcast waits on nobody, and a client whose
+# queue holds 100 messages is taken out and closed with 1008. Measured beside the others,
+# it shows what a task woken per client for every message costs.
+
+queue_app = FastAPI()
+QUEUE_MESSAGES = 100
+closers: set[asyncio.Task] = set()  # closing tasks, kept from the garbage collector
+
+
+class QueueClient:
+    def __init__(self, websocket: WebSocket):
+        self.websocket = websocket
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=QUEUE_MESSAGES)
+        self.writer = asyncio.create_task(self.write_queue())
+
+    async def write_queue(self) -> None:
+        with contextlib.suppress(Exception):  # gone: its handler takes it out
+            while True:
+                await self.websocket.send_text(await self.queue.get())
+
+
+async def close_quietly(websocket: WebSocket, code: int) -> None:
+    with contextlib.suppress(Exception):  # closed already
+        await websocket.close(code)
+
+
+class QueueManager:
+    def __init__(self):
+        self.active_connections: dict[WebSocket, QueueClient] = {}
+
+    async def connect(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        self.active_connections[websocket] = QueueClient(websocket)
+
+    def disconnect(self, websocket: WebSocket) -> None:
+        client = self.active_connections.pop(websocket, None)
+        if client is not None:
+            client.writer.cancel()
+
+    def send(self, client: QueueClient, message: str) -> None:
+        try:
+            client.queue.put_nowait(message)
+        except asyncio.QueueFull:  # out, and closed in a task: nobody waits
+            self.disconnect(client.websocket)
+            closer = asyncio.create_task(close_quietly(client.websocket, 1008))
+            closers.add(closer)
+            closer.add_done_callback(closers.discard)
+
+    def send_personal_message(self, message: str, websocket: WebSocket) -> None:
+        if (client := self.active_connections.get(websocket)) is not None:
+            self.send(client, message)
+
+    def broadcast(self, message: str) -> None:
+        for client in list(self.active_connections.values()):
+            self.send(client, message)
+
+
+queue_manager = QueueManager()
+
+
+@queue_app.websocket("/ws")
+async def queue_echo_endpoint(websocket: WebSocket):
+    await websocket.accept()
+    while True:
+        data = await websocket.receive_text()
+        await websocket.send_text(f"Message text was: {data}")
+
+
+@queue_app.websocket("/chat/{client_id}")
+async def queue_chat_endpoint(websocket: WebSocket, client_id: int):
+    await queue_manager.connect(websocket)
+    try:
+        while True:
+            data = await websocket.receive_text()
+            queue_manager.send_personal_message(f"You wrote: {data}", websocket)
+            queue_manager.broadcast(f"Client #{client_id} says: {data}")
+    except WebSocketDisconnect:
+        queue_manager.disconnect(websocket)
+        queue_manager.broadcast(f"Client #{client_id} left the chat")
+    finally:
+        queue_manager.disconnect(websocket)  # cut off, or any other end
 
 
 # --- The servers under load -----------------------------------------------------------
@@ -869,22 +955,29 @@ RATIO_KEYS = {
 
 
 def print_table(names: list[str], results: list[dict], rows: list) -> None:
-    """A Markdown table: each contender's figures, then each against the one before it."""
+    """A Markdown table: each contender's figures, then each against the one before it,
+    and the third on against the first too."""
     ratios = [f"{names[i]} / {names[i - 1]}" for i in range(1, len(names))]
+    ratios += [f"{name} / {names[0]}" for name in names[2:]]
     header = ["measure", *names, *ratios]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for load, key, label, number in rows:
         values = [result[load][key] for result in results]
         cells = [number.format(value) for value in values]
-        for before, after in itertools.pairwise(values):
+        pairs = [*itertools.pairwise(values), *((values[0], v) for v in values[2:])]
+        for before, after in pairs:
             show = key in RATIO_KEYS and before
             cells.append(f"{after / before:.2f}x" if show else "")
         print("| " + " | ".join([label, *cells]) + " |")
 
 
 async def run(
-    steps: tuple[int, ...], with_redis: bool, hostile: bool, rooms_only: bool
+    steps: tuple[int, ...],
+    with_redis: bool,
+    hostile: bool,
+    rooms_only: bool,
+    with_sketch: bool = False,
 ) -> None:
     contenders = [
         Contender("tutorial", "bench:naive_app"),
@@ -894,6 +987,9 @@ async def run(
         contenders.append(
             Contender("main.py, Redis, 2 workers", "main:app", 2, redis=True)
         )
+    with_rooms = contenders[1:]  # the sketch has no rooms
+    if with_sketch:
+        contenders.append(Contender("queue per client", "bench:queue_app"))
     print(
         f"up to {steps[-1]} clients; server CPU and memory from /proc; "
         f"{os.cpu_count()} cores",
@@ -902,12 +998,12 @@ async def run(
     names = [c.name for c in contenders]
     with tempfile.TemporaryDirectory() as log_dir:
         if rooms_only:
-            await run_rooms_only(contenders[1:], steps[-1], Path(log_dir))
+            await run_rooms_only(with_rooms, steps[-1], Path(log_dir))
             return
         chat = await measure_chat(contenders, steps, Path(log_dir))
         rooms = [
             await measure_rooms(contender, steps[-1], Path(log_dir))
-            for contender in contenders[1:]
+            for contender in with_rooms
         ]
         loads = await measure(
             contenders, min(FAN_OUT_CLIENTS, steps[-1]), Path(log_dir)
@@ -924,7 +1020,7 @@ async def run(
     print_rooms_table(
         [
             f"step 3 chat, {clients}",
-            *(f"step 5 rooms, {c.name}" for c in contenders[1:]),
+            *(f"step 5 rooms, {c.name}" for c in with_rooms),
         ],
         [chat[1]["chat"], *rooms],
     )
@@ -1370,6 +1466,11 @@ def main() -> None:
         "--no-hostile", action="store_true", help="skip the hostile-client loads"
     )
     parser.add_argument(
+        "--sketch",
+        action="store_true",
+        help="also the simplest cure of step 3's header: a queue and a task per client",
+    )
+    parser.add_argument(
         "--rooms-only",
         action="store_true",
         help="only step 5's rooms beside step 3's chat, main.py alone, 3 runs each",
@@ -1389,7 +1490,9 @@ def main() -> None:
             f"is {limit}: raise it (`ulimit -Hn {needed}` as root, or nofile in "
             "/etc/security/limits.conf), or use --quick"
         )
-    uvloop.run(run(steps, args.redis, not args.no_hostile, args.rooms_only))
+    uvloop.run(
+        run(steps, args.redis, not args.no_hostile, args.rooms_only, args.sketch)
+    )
 
 
 if __name__ == "__main__":
