@@ -143,7 +143,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #             for connection in self.active_connections:
 #                 await connection.send_text(message)
 #
-# Ours keeps those four methods, in that order, and changes what breaks:
+# Ours keeps those four methods, by name and in that order, and changes what breaks:
 # - the chat is at /chat/{client_id}: the second tutorial puts it at /ws/{client_id},
 #   which step 2 answers here (of two routes on one path, the first wins, and the other
 #   is never reached); /chat/ is the first tutorial's anonymous chat;
@@ -180,7 +180,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #                 await self.websocket.send_text(await self.queue.get())
 #
 #     async def broadcast(self, message: str):
-#         for client in self.active_connections:
+#         for client in list(self.active_connections):  # a copy: some may go
 #             try:
 #                 client.queue.put_nowait(message)
 #             except asyncio.QueueFull:  # out, and closed in a task: nobody waits
@@ -188,14 +188,22 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #                 client.writer.cancel()
 #                 client.closer = asyncio.create_task(client.websocket.close(1008))
 #
-# Ours does the same, but wakes no task per client for every message: one task writes
-# each message to every client in one loop, as the tutorials' broadcast does, and only a
-# client whose socket is full gets a queue (its Backlog) and a task of its own, until it
-# catches up. In short, a client that stops reading is written to until its buffers
-# are full; what it is sent next waits in its backlog, 100 messages at most; past that,
-# if its socket is still full, it is closed with 1008, "Too slow: over 100 messages
-# behind". No write to anyone else waits on its socket meanwhile. The manager and the
-# endpoints come first; "Step 3, continued", after the endpoints, shows each step.
+# Run beside the tutorials' chat (bench.py --sketch, run S in BENCHMARKS.md), it fails
+# in two ways. Waking a task per client for every message costs: at 10,000 clients,
+# XXX the tutorials' CPU per delivery. And a full queue is not always a slow client:
+# beside 30 senders, a healthy client's queue filled while its task waited for a turn,
+# and it was cut off after XXX of the 3,000 messages.
+#
+# Ours wakes no task per client for every message: one task writes each batch (what
+# was said meanwhile) to every client in one loop, as the tutorials' broadcast does,
+# and only a client whose socket is full gets a queue (its Backlog) and a task of its
+# own, until it catches up. And it cuts off only a client whose own socket keeps it
+# behind. In short, a client that stops reading is written to until its buffers are
+# full; what it is sent next waits in its backlog, 100 messages at most; past that, if
+# its socket is still full, it is cut off: closed with 1008, "Too slow: over 100
+# messages behind", a close frame that reaches it only if it reads again within 5 s.
+# No write to anyone else waits on its socket meanwhile. The manager and the endpoints
+# come first; "Step 3, continued", after the endpoints, shows each step.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # in a batch, not yet written: a sender past this waits
@@ -219,7 +227,7 @@ class Client:
         # cut_off cancels it from another task: the endpoint's `with` block ends, and
         # the endpoint goes on to close_if_cut_off. anyio's: Starlette runs on anyio.
         self.cut_off_scope = anyio.CancelScope()
-        # How it ended: the client's close code, or the one the server closes it with.
+        # The code the client left with, or the one cut_off closes it with.
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
         self.quiet = False  # a restart, a takeover: nobody is told it left
 
@@ -274,7 +282,7 @@ class ConnectionManager:
         self.active_connections[client.key] = client
 
     def leave(self, client: Client) -> None:
-        # Safe twice, and for a connection that a newer one with its id has replaced.
+        # Does no harm called twice, or for a connection a newer one has replaced.
         if self.active_connections.get(client.key) is client:
             del self.active_connections[client.key]
         if client.backlog is not None and client.backlog.task is not None:
@@ -408,11 +416,12 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #            -> write_backlog, one task per such client, writes it as its socket drains
 #            -> or, 100 behind and its socket still full: cut_off, closed with 1008
 #
-# Senders never wait for a write. A message joins the batch, and one task,
+# A sender waits on no client's socket. Its message joins the batch, and one task,
 # deliver_batches, writes the batch to everyone. A batch is what was said while the
 # one before it was being written: in a quiet chat, one message. One task writes them
 # all, so everyone gets the messages in the same order. A sender waits only when its
-# message finds 100 others waiting, and then until the delivery task has written them.
+# message finds 100 others waiting, and then until the delivery task has written all
+# that waits and ended.
 #
 # What happens to one client that stops reading, step by step:
 # 1. Its buffers fill: uvicorn and the kernel hold what it has not read. Until they are
@@ -438,11 +447,12 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # If the chat falls silent before the 101st message, nothing is added: it keeps its
 # place until it reads or leaves, and slows nobody meanwhile.
 #
-# Giving up a write relies on uvicorn's --ws websockets-sansio, which uvicorn 0.54 picks
-# by default and the commands in this file and the README name: its send waits for
-# room, then writes, so a write given up has sent nothing. An implementation that
-# writes, then waits (--ws websockets) would have sent it already, and the client would
-# get it twice: now, and from its backlog.
+# Giving up a write relies on uvicorn's --ws websockets-sansio: its send waits for room,
+# then writes, so a write given up has sent nothing. uvicorn 0.54 picks it by default;
+# the commands in this file and the README name it all the same, so that a uvicorn
+# without it refuses to start. An implementation that writes, then waits (--ws
+# websockets) would have sent it already, and the client would get it twice: now, and
+# from its backlog. At start-up, the app warns if it runs under that one.
 
 
 async def deliver_batches(chat: ConnectionManager) -> None:
@@ -451,7 +461,7 @@ async def deliver_batches(chat: ConnectionManager) -> None:
         while chat.batch:
             sent, chat.batch = chat.batch, []
             outgoing = by_recipient(sent)
-            # Shared: each call resumes after the client the last one stopped at.
+            # One iterator: each call goes on after the client the last one stopped at.
             clients = iter(list(chat.active_connections.values()))
             while behind := await write_without_waiting(chat, clients, outgoing):
                 client, unwritten = behind
@@ -465,7 +475,7 @@ async def write_without_waiting(
     chat: ConnectionManager, clients: Iterator[Client], outgoing: Outgoing
 ) -> tuple[Client, list[str]] | None:
     """The tutorials' loop, until a client's socket is full: that client, and what it
-    was not sent. One deadline for all the writes: one each would cost a timer each."""
+    was not sent. One deadline for all the writes, as each deadline costs a timer."""
     everyone, own = outgoing
     client: Client | None = None
     try:
@@ -535,7 +545,7 @@ async def write_backlog(
 
 class Backlog:
     """What a client whose socket is full is yet to be sent, and the task sending it.
-    Its messages are the strings everyone is sent: a reference each, not a copy."""
+    It holds the very strings everyone is sent: a reference each, not a copy."""
 
     def __init__(self) -> None:
         self.messages: collections.deque[str] = collections.deque()
@@ -642,12 +652,12 @@ async def item_endpoint(
 # live is the rooms' relay: by default RoomsHere, this process; its five calls are the
 # places where another relay would do something else, and here most do nothing.
 
-# Django Channels' rule for group names: no spaces or slashes, so a name fits in a URL,
-# a key and a channel's messages as it is.
+# Django Channels' rule for group names: no spaces or slashes, so that a name goes into
+# a URL, a key or a channel's message unchanged.
 ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
 WELCOME_HISTORY_MESSAGES = 50  # of the latest, in a welcome without `since`
 HISTORY_MESSAGES = 500  # a room keeps at most this many messages,
-HISTORY_BYTES = 2 * 1024 * 1024  # and this many bytes, as sent; a welcome too
+HISTORY_BYTES = 2 * 1024 * 1024  # and this many bytes, as sent; a welcome at most too
 ALL_HISTORY_BYTES = 256 * 1024 * 1024  # all rooms: past it, the least active forget
 MAX_ROOMS = 1000  # with someone in each; past it, 1013 (an empty one makes room)
 ROOM_IDLE_S = 600.0  # a room nobody is in is forgotten, history and all, after this
@@ -1045,7 +1055,7 @@ async def room_endpoint(
 # per delivery for step 3's chat (bench.py --redis).
 
 # Imported here, not at the top, to show that steps 1 to 5 use no Redis: a copy of them
-# leaves these lines behind, and needs no redis-py. This file imports it, so it does.
+# leaves these lines behind, and needs no redis-py; this whole file does need it.
 import redis.asyncio
 import redis.asyncio.client
 import redis.asyncio.retry
