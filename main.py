@@ -190,9 +190,9 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #
 # Run beside the tutorials' chat (bench.py --sketch, run S in BENCHMARKS.md), it fails
 # in two ways. Waking a task per client for every message costs: at 10,000 clients,
-# XXX the tutorials' CPU per delivery. And a full queue is not always a slow client:
+# 1.87x the tutorials' CPU per delivery. And a full queue is not always a slow client:
 # beside 30 senders, a healthy client's queue filled while its task waited for a turn,
-# and it was cut off after XXX of the 3,000 messages.
+# and it was cut off after 32 of the 3,000 messages.
 #
 # Ours wakes no task per client for every message: one task writes each batch (what
 # was said meanwhile) to every client in one loop, as the tutorials' broadcast does,
