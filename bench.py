@@ -168,12 +168,7 @@ class QueueManager:
 queue_manager = QueueManager()
 
 
-@queue_app.websocket("/ws")
-async def queue_echo_endpoint(websocket: WebSocket):
-    await websocket.accept()
-    while True:
-        data = await websocket.receive_text()
-        await websocket.send_text(f"Message text was: {data}")
+queue_app.websocket("/ws")(websocket_endpoint)  # the tutorial's echo, for the echo load
 
 
 @queue_app.websocket("/chat/{client_id}")
