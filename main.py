@@ -452,7 +452,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # the commands in this file and the README name it all the same, so that a uvicorn
 # without it refuses to start. An implementation that writes, then waits (--ws
 # websockets) would have sent it already, and the client would get it twice: now, and
-# from its backlog. At start-up, the app warns if it runs under that one.
+# from its backlog. Under that one, the app refuses to start.
 
 
 async def deliver_batches(chat: ConnectionManager) -> None:
@@ -575,18 +575,19 @@ def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
 
 
 @contextlib.asynccontextmanager
-async def warn_if_writes_cannot_be_given_up(app: FastAPI) -> AsyncIterator[None]:
+async def refuse_writes_that_cannot_be_given_up(app: FastAPI) -> AsyncIterator[None]:
     # By start-up, uvicorn has imported the WebSocket implementation it runs. Only
     # --ws websockets writes, then waits; websockets-sansio and wsproto wait, then write.
     if "uvicorn.protocols.websockets.websockets_impl" in sys.modules:
-        logger.warning(
-            "Run step 3's chat with --ws websockets-sansio: under --ws websockets, "
-            "a client whose socket fills may get a message twice"
+        raise RuntimeError(
+            "Run this app with --ws websockets-sansio: under --ws websockets, a chat "
+            "client whose socket fills would get some messages twice"
         )
     yield
 
 
-app.include_router(APIRouter(lifespan=warn_if_writes_cannot_be_given_up))
+# A lifespan of its own, which FastAPI runs beside any other: uvicorn exits if it fails.
+app.include_router(APIRouter(lifespan=refuse_writes_that_cannot_be_given_up))
 
 # --- Step 4, in FastAPI's docs, not the tutorials: "Using Depends and others" --------------
 #

@@ -33,6 +33,7 @@ from conftest import (
     LEFT_THE_CHAT,
     SAYS,
     SHUTDOWN_GAVE_UP,
+    STARTUP_TIMEOUT_S,
     TEST_TIMEOUT_S,
     TOO_SLOW,
     YOU_WROTE,
@@ -44,6 +45,7 @@ from conftest import (
     close_frame,
     closed_with,
     following_along_options,
+    launch_server,
     open_client,
     production_options,
     raw_handshake,
@@ -116,22 +118,25 @@ def cut_off_a_stalled_client(server: Server) -> socket.socket:
     return stalled
 
 
-@pytest.mark.parametrize(
-    ("options", "warned"),
-    [(("--ws", "websockets"), True), (production_options(), False)],
-    ids=["--ws websockets", "the README's flags"],
-)
-def test_start_up_warns_when_a_given_up_write_would_have_been_sent(
-    tmp_path: Path, options: tuple[str, ...], warned: bool
+REFUSED_WS = "Run this app with --ws websockets-sansio"
+
+
+def test_start_up_is_refused_where_a_given_up_write_would_have_been_sent(
+    tmp_path: Path,
 ) -> None:
     # --ws websockets writes, then waits: a write step 3 gives up has gone out already.
-    server = start_server(tmp_path / "uvicorn.log", options=options)
+    server = launch_server(tmp_path / "uvicorn.log", options=("--ws", "websockets"))
     try:
-        wait_for_log(server, "Application startup complete")
-        warning = "Run step 3's chat with --ws websockets-sansio"
-        assert (warning in server.log()) is warned, server.log()
+        exit_code = server.process.wait(STARTUP_TIMEOUT_S)
     finally:
         server.stop()
+    assert exit_code == 3, server.log()  # uvicorn's code for a failed start-up
+    assert REFUSED_WS in server.log()
+
+
+def test_the_readme_flags_start_without_a_refusal(server: Server) -> None:
+    wait_for_log(server, "Application startup complete")
+    assert REFUSED_WS not in server.log()
 
 
 def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) -> None:
