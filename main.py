@@ -81,9 +81,9 @@ async def get() -> FileResponse:
 # Every step relies on the guards of "What every step shares", after the steps, each
 # named for what it does, so that a step reads without them:
 # - every WebSocket's Origin is checked before its endpoint runs (CheckOrigin): a page
-#   from another host is refused, and so is one opened from disk, as the tutorials'
-#   pages are (its Origin is "null"), unless ALLOWED_ORIGINS lists it: run uvicorn with
-#   ALLOWED_ORIGINS=null set to try those pages. The page at GET / is let in;
+#   from another host is refused, and so is one opened from disk, as the first
+#   tutorial's page is (its Origin is "null"), unless ALLOWED_ORIGINS lists it: run
+#   uvicorn with ALLOWED_ORIGINS=null set to try that page. The page at GET / is let in;
 # - endpoints read with receive_valid_text: the tutorials' receive_text, but text only,
 #   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
 #   closes every connection with 1012, as it shuts down, it raises ServerShutdown;
@@ -175,6 +175,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #             self.websocket = websocket
 #             self.queue = asyncio.Queue[str](maxsize=100)
 #             self.writer = asyncio.create_task(self.write_queue())
+#             self.closer = None  # the task that closes it, once it is cut off
 #         async def write_queue(self):  # its own task: it waits on its socket alone
 #             while True:
 #                 await self.websocket.send_text(await self.queue.get())
