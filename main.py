@@ -4,7 +4,9 @@ Python 3.11+. Follow along with `uvicorn main:app --reload --reload-exclude .ven
 --timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/;
 in production, add `--ws-max-size 65536` (the README says why each flag is there).
 The file reads from the top, as the tutorials do, each step building on the ones before
-it, never on a later:
+it, never on a later step. The guards every step calls (checking what a client sends,
+closing) stand once, after the steps, so that each step shows only what it teaches; a
+step copied elsewhere takes that section with it:
 
 - the app, and `GET /`, the page;
 - step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager
