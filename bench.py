@@ -972,7 +972,7 @@ async def run(
     with_redis: bool,
     hostile: bool,
     rooms_only: bool,
-    with_sketch: bool = False,
+    with_sketch: bool,
 ) -> None:
     contenders = [
         Contender("tutorial", "bench:naive_app"),
