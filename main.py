@@ -3,20 +3,19 @@
 Python 3.11+. Follow along with `uvicorn main:app --reload --reload-exclude .venv
 --timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/;
 in production, add `--ws-max-size 65536` (the README says why each flag is there).
-The file reads from the top, as the tutorials do, each step building on the ones before
-it, never on a later step. The guards every step calls (checking what a client sends,
-closing) stand once, after the steps, so that each step shows only what it teaches; a
-step copied elsewhere takes that section with it:
 
-- the app, and `GET /`, the page;
-- step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager
-  and its endpoints, then how its broadcast reaches everyone without waiting on anyone;
-  step 4, "Using Depends", from FastAPI's docs (the tutorials have none);
-- step 5, named rooms with history, built on step 3; step 6, one chat across processes
-  through Redis, plugged into steps 3 and 5 behind the interfaces they declare;
-- what every step shares, in one section: the few guards each step calls by name, and
-  whose names say what they do (receive_valid_text, FloodControl, close_or_give_up);
-- last, sending into step 3's chat over HTTP.
+The file reads from the top, as the tutorials do, each step building on the ones before
+it: step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager
+and its endpoints, then how its broadcast reaches everyone without waiting on anyone;
+step 4, "Using Depends", from FastAPI's docs. Steps 1 to 4 are the tutorials' code, made
+to hold up; steps 5 and 6 go where a chat goes next, and can wait until those are clear:
+step 5, named rooms with history, built on step 3; step 6, one chat across processes
+through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
+
+What a step uses from further down is only the guards every step shares (checking what
+a client sends, flood control, closing), each named for what it does: they stand once,
+after the steps, listed above step 1; a step copied elsewhere takes them along. Last
+comes sending into step 3's chat over HTTP.
 """
 
 from __future__ import annotations
@@ -88,7 +87,8 @@ async def get() -> FileResponse:
 #   uvicorn with ALLOWED_ORIGINS=null set to try that page. The page at GET / is let in;
 # - endpoints read with receive_valid_text: the tutorials' receive_text, but text only,
 #   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
-#   closes every connection with 1012, as it shuts down, it raises ServerShutdown;
+#   closes every connection with 1012, as it shuts down, it raises ServerShutdown. It
+#   reads on once another task's write to the client failed (receive_text would raise);
 # - a chat client that floods is slowed down by FloodControl, and closed with 1008 if it
 #   keeps on;
 # - close_or_give_up closes with a code and a reason, giving up after 5 s on a client that
@@ -226,9 +226,8 @@ class Client:
         self.websocket = websocket
         self.client_id = client_id
         self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
-        self.backlog: Backlog | None = None  # only while its socket is full
-        # cut_off cancels it from another task: the endpoint's `with` block ends, and
-        # the endpoint goes on to close_if_cut_off. anyio's: Starlette runs on anyio.
+        self.backlog: Backlog | None = None  # only while its socket is full: see below
+        # cut_off cancels it from another task. anyio's: asyncio cancels whole tasks.
         self.cut_off_scope = anyio.CancelScope()
         # The code the client left with, or the one cut_off closes it with.
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
@@ -320,7 +319,8 @@ class ConnectionManager:
         """To one client, or all (None); past MAX_BATCH_MESSAGES, waits for delivery."""
         self.add_to_batch_now(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
-            await asyncio.wait([self.deliverer])  # `await` would cancel it too
+            # wait(), not `await`: a sender cancelled here leaves the delivery running
+            await asyncio.wait([self.deliverer])
 
     def add_to_batch_now(self, to: Client | None, message: str) -> None:
         self.batch.append((to, message))
@@ -518,7 +518,7 @@ async def add_to_backlog_or_cut_off(
         # Its backlog is full. Whose doing is it: the server's, or the client's?
         if not backlog.write_waiting:  # its task has not had its turn: a busy server
             backlog.has_space.clear()
-            await backlog.has_space.wait()
+            await backlog.has_space.wait()  # for that turn, not for its socket
         elif not waited_a_turn:  # a socket that has just drained gets its turn
             waited_a_turn = True
             await asyncio.sleep(0)
@@ -1766,6 +1766,8 @@ TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 
 
+# It reads with receive(): once another task's write to the client has failed,
+# receive_text raises WebSocketDisconnected, a RuntimeError, and a traceback is logged.
 async def receive_valid_text(websocket: WebSocket) -> str:
     """`websocket.receive_text()`, but a binary frame (a KeyError there) or text over
     MAX_MESSAGE_BYTES closes the connection with a code and a reason."""
