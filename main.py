@@ -14,8 +14,8 @@ through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
 
 What a step uses from further down is only the guards every step shares (checking what
 a client sends, flood control, closing), each named for what it does: they stand once,
-after the steps, listed above step 1; a step copied elsewhere takes them along. Last
-comes sending into step 3's chat over HTTP.
+after the steps, and the comment above step 1 lists them; copy that section with any
+step. Last comes sending into step 3's chat over HTTP.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ async def get() -> FileResponse:
 # - endpoints read with receive_valid_text: the tutorials' receive_text, but text only,
 #   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
 #   closes every connection with 1012, as it shuts down, it raises ServerShutdown. It
-#   reads on once another task's write to the client failed (receive_text would raise);
+#   reads on once another task's write to the client failed, where receive_text raises;
 # - a chat client that floods is slowed down by FloodControl, and closed with 1008 if it
 #   keeps on;
 # - close_or_give_up closes with a code and a reason, giving up after 5 s on a client that
@@ -423,8 +423,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # deliver_batches, writes the batch to everyone. A batch is what was said while the
 # one before it was being written: in a quiet chat, one message. One task writes them
 # all, so everyone gets the messages in the same order. A sender waits only when its
-# message finds 100 others waiting, and then until the delivery task has written all
-# that waits and ended.
+# message makes 100 waiting (MAX_BATCH_MESSAGES), and then until the delivery task has
+# written all that waits and ended.
 #
 # What happens to one client that stops reading, step by step:
 # 1. Its buffers fill: uvicorn and the kernel hold what it has not read. Until they are
@@ -1767,7 +1767,7 @@ CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 
 
 # It reads with receive(): once another task's write to the client has failed,
-# receive_text raises WebSocketDisconnected, a RuntimeError, and a traceback is logged.
+# Starlette's receive_text reads no more, and raises a RuntimeError (a traceback).
 async def receive_valid_text(websocket: WebSocket) -> str:
     """`websocket.receive_text()`, but a binary frame (a KeyError there) or text over
     MAX_MESSAGE_BYTES closes the connection with a code and a reason."""
