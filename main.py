@@ -12,10 +12,10 @@ to hold up; steps 5 and 6 go where a chat goes next, and can wait until those ar
 step 5, named rooms with history, built on step 3; step 6, one chat across processes
 through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
 
-What a step uses from further down is only the guards every step shares (checking what
-a client sends, flood control, closing), each named for what it does: they stand once,
-after the steps, and the comment above step 1 lists them; copy that section with any
-step. Last comes sending into step 3's chat over HTTP.
+The guards every step shares stand once, after the steps, and the comment above step 1
+lists them. Most wrap the whole app, so steps 1, 2 and 4 read as the tutorials wrote
+them; steps 3 and 5 call two by name (FloodControl, close_or_give_up). Copy that section
+with any step. Last comes sending into step 3's chat over HTTP.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.websockets import WebSocketState
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # uvicorn's own logger ("uvicorn.error" is its name for its main log, errors or not),
 # so these lines show in the terminal uvicorn runs in.
@@ -79,16 +79,14 @@ async def get() -> FileResponse:
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
-# Every step relies on the guards of "What every step shares", after the steps, each
-# named for what it does, so that a step reads without them:
+# Every step relies on the guards of "What every step shares", after the steps, so that
+# a step reads without them:
 # - every WebSocket's Origin is checked before its endpoint runs (CheckOrigin): a page
 #   from another host is refused, and so is one opened from disk, as the first
 #   tutorial's page is (its Origin is "null"), unless ALLOWED_ORIGINS lists it: run
 #   uvicorn with ALLOWED_ORIGINS=null set to try that page. The page at GET / is let in;
-# - endpoints read with receive_valid_text: the tutorials' receive_text, but text only,
-#   at most 64 KiB, else the connection closes with 1003 or 1009; and when uvicorn itself
-#   closes every connection with 1012, as it shuts down, it raises ServerShutdown. It
-#   reads on once another task's write to the client failed, where receive_text raises;
+# - no endpoint is handed a binary frame, or text over 64 KiB (CheckEveryMessage): the
+#   connection closes with 1003 or 1009, and receive_text says the client left;
 # - a chat client that floods is slowed down by FloodControl, and closed with 1008 if it
 #   keeps on;
 # - close_or_give_up closes with a code and a reason, giving up after 5 s on a client that
@@ -103,7 +101,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         while True:
-            data = await receive_valid_text(websocket)  # text only, at most 64 KiB
+            data = await websocket.receive_text()
             await websocket.send_text(f"Message text was: {data}")
     except WebSocketDisconnect:
         pass  # The tab closed: an ordinary event, not an error.
@@ -120,7 +118,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
     await websocket.accept()
     try:
         while True:
-            data = await receive_valid_text(websocket)
+            data = await websocket.receive_text()
             await websocket.send_text(f"Client #{client_id} says: {data}")
     except WebSocketDisconnect:
         logger.info("Client #%d left the chat", client_id)
@@ -154,6 +152,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - connect() returns a Client, the manager's record of a connection, which disconnect()
 #   and send_personal_message() take where the tutorials pass the WebSocket;
 # - disconnect() tells the others itself: several who leave at once get one notice;
+# - the endpoints read with receive_chat_text: receive_text stops reading once another
+#   task's write to the client has failed, and here other tasks write to every client;
 # - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone (the
 #   second tutorial defines send_personal_message, and its endpoint never calls it);
 # - what the manager sends, and who joins, goes through its relay (ChatRelay), the one
@@ -368,6 +368,26 @@ def left_the_chat(client_ids: list[int | None]) -> str:
     return f"Clients {', '.join(names[:-1])} and {names[-1]} left the chat"
 
 
+async def receive_chat_text(websocket: WebSocket) -> str:
+    """The tutorials' receive_text, for a chat, where other tasks write to the client
+    too: once one of their writes has failed, Starlette's receive_text reads no more and
+    raises a RuntimeError; this reads on, to the client's close. And it tells uvicorn's
+    own 1012, as it shuts down, from a client's: see ServerShutdown."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        code = message["code"]
+        if code == status.WS_1012_SERVICE_RESTART and "reason" not in message:
+            raise ServerShutdown(code)
+        raise WebSocketDisconnect(code, message.get("reason"))
+    text: str = message["text"]  # binary frames are refused before: see above step 1
+    return text
+
+
+class ServerShutdown(WebSocketDisconnect):
+    """uvicorn's own 1012, as it shuts down: its message has no reason, where one for a
+    client's close frame always has, if empty (a client may send 1012 too)."""
+
+
 manager = ConnectionManager()
 anonymous_manager = ConnectionManager()  # the first tutorial's /chat/
 
@@ -379,7 +399,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
     try:
         with client.cut_off_scope:  # the manager cancels it to cut this client off
             while True:
-                data = await receive_valid_text(websocket)
+                data = await receive_chat_text(websocket)
                 await manager.say(
                     client, f"You wrote: {data}", f"Client #{client_id} says: {data}"
                 )
@@ -398,7 +418,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
     try:
         with client.cut_off_scope:
             while True:
-                data = await receive_valid_text(websocket)
+                data = await receive_chat_text(websocket)
                 await anonymous_manager.broadcast(f"Someone said: {data}")
                 await flood_control.slow_down()
     except WebSocketDisconnect as gone:
@@ -620,7 +640,7 @@ async def item_endpoint(
     await websocket.accept()
     try:
         while True:
-            data = await receive_valid_text(websocket)
+            data = await websocket.receive_text()
             await websocket.send_text(
                 f"Session cookie or query token value is: {cookie_or_token}"
             )
@@ -1000,7 +1020,7 @@ def compact_json(value: object) -> str:
 
 async def receive_json_text(websocket: WebSocket) -> str:
     """The text of a step 5 message, {"text": T}; anything else closes with 1007."""
-    data = await receive_valid_text(websocket)
+    data = await receive_chat_text(websocket)
     try:
         message = json.loads(data)
     except (ValueError, RecursionError):  # "[[[[…", nested past Python's limit
@@ -1766,28 +1786,43 @@ TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 
 
-# It reads with receive(): once another task's write to the client has failed,
-# Starlette's receive_text reads no more, and raises a RuntimeError (a traceback).
-async def receive_valid_text(websocket: WebSocket) -> str:
-    """`websocket.receive_text()`, but a binary frame (a KeyError there) or text over
-    MAX_MESSAGE_BYTES closes the connection with a code and a reason."""
-    message = await websocket.receive()
-    if message["type"] == "websocket.disconnect":
-        code, reason = message["code"], message.get("reason")
-        if code == status.WS_1012_SERVICE_RESTART and "reason" not in message:
-            raise ServerShutdown(code)
-        raise WebSocketDisconnect(code, reason)
+class CheckEveryMessage:
+    """Pure ASGI middleware: no handler is handed a message it cannot take. A binary
+    frame (a KeyError in receive_text) closes the connection with 1003, text over
+    MAX_MESSAGE_BYTES with 1009; the handler's receive then says the client left."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        async def receive_checked() -> Message:
+            message = await receive()
+            refusal = refusal_of(message)
+            if refusal is None:
+                return message
+            code, reason = refusal
+            logger.info("Closed %s with %d: %s", scope["path"], code, reason)
+            with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(*GONE):
+                await send({"type": "websocket.close", "code": code, "reason": reason})
+            return {"type": "websocket.disconnect", "code": code, "reason": reason}
+
+        await self.app(scope, receive_checked, send)
+
+
+def refusal_of(message: Message) -> tuple[int, str] | None:
+    """The close code and reason for a message no handler may be handed, if it is one."""
+    if message["type"] != "websocket.receive":
+        return None  # the handshake, or the client's close
     text: str | None = message.get("text")
     if text is None:
-        raise WebSocketException(status.WS_1003_UNSUPPORTED_DATA, BINARY_REFUSED)
+        return status.WS_1003_UNSUPPORTED_DATA, BINARY_REFUSED
     if len(text.encode()) > MAX_MESSAGE_BYTES:
-        raise WebSocketException(status.WS_1009_MESSAGE_TOO_BIG, TOO_BIG)
-    return text
-
-
-class ServerShutdown(WebSocketDisconnect):
-    """uvicorn's own 1012, as it shuts down: its message has no reason, where one for a
-    client's close frame always has, if empty (a client may send 1012 too)."""
+        return status.WS_1009_MESSAGE_TOO_BIG, TOO_BIG
+    return None
 
 
 class FloodControl:
@@ -1913,6 +1948,7 @@ def origin_allowed(origin: str | None, scope: Scope) -> bool:
 
 
 app.add_middleware(CheckOrigin)
+app.add_middleware(CheckEveryMessage)
 
 
 # --- Sending into step 3's chat from HTTP, or from any code ---------------------------------
