@@ -143,7 +143,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #             for connection in self.active_connections:
 #                 await connection.send_text(message)
 #
-# Ours keeps those four methods, by name and in that order, and changes what breaks:
+# Ours keeps those four names, in that order, and changes what they take and what breaks:
 # - the chat is at /chat/{client_id}: the second tutorial puts it at /ws/{client_id},
 #   which step 2 answers here (of two routes on one path, the first wins, and the other
 #   is never reached); /chat/ is the first tutorial's anonymous chat;
