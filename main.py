@@ -85,8 +85,8 @@ async def get() -> FileResponse:
 #   from another host is refused, and so is one opened from disk, as the first
 #   tutorial's page is (its Origin is "null"), unless ALLOWED_ORIGINS lists it: run
 #   uvicorn with ALLOWED_ORIGINS=null set to try that page. The page at GET / is let in;
-# - no endpoint is handed a binary frame, or text over 64 KiB (CheckEveryMessage): the
-#   connection closes with 1003 or 1009, and receive_text says the client left;
+# - no endpoint is handed a binary frame, or text over 64 KiB (CheckEveryMessage): its
+#   receive raises a WebSocketException, and the connection closes with 1003 or 1009;
 # - a chat client that floods is slowed down by FloodControl, and closed with 1008 if it
 #   keeps on;
 # - close_or_give_up closes with a code and a reason, giving up after 5 s on a client that
@@ -1788,8 +1788,8 @@ CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 
 class CheckEveryMessage:
     """Pure ASGI middleware: no handler is handed a message it cannot take. A binary
-    frame (a KeyError in receive_text) closes the connection with 1003, text over
-    MAX_MESSAGE_BYTES with 1009; the handler's receive then says the client left."""
+    frame (a KeyError in receive_text) or text over MAX_MESSAGE_BYTES raises, from the
+    handler's receive, the WebSocketException that closes it with 1003 or 1009."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -1801,28 +1801,20 @@ class CheckEveryMessage:
 
         async def receive_checked() -> Message:
             message = await receive()
-            refusal = refusal_of(message)
-            if refusal is None:
-                return message
-            code, reason = refusal
-            logger.info("Closed %s with %d: %s", scope["path"], code, reason)
-            with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(*GONE):
-                await send({"type": "websocket.close", "code": code, "reason": reason})
-            return {"type": "websocket.disconnect", "code": code, "reason": reason}
+            refuse_what_no_handler_takes(message)
+            return message
 
         await self.app(scope, receive_checked, send)
 
 
-def refusal_of(message: Message) -> tuple[int, str] | None:
-    """The close code and reason for a message no handler may be handed, if it is one."""
+def refuse_what_no_handler_takes(message: Message) -> None:
     if message["type"] != "websocket.receive":
-        return None  # the handshake, or the client's close
+        return  # the handshake, or the client's close
     text: str | None = message.get("text")
     if text is None:
-        return status.WS_1003_UNSUPPORTED_DATA, BINARY_REFUSED
+        raise WebSocketException(status.WS_1003_UNSUPPORTED_DATA, BINARY_REFUSED)
     if len(text.encode()) > MAX_MESSAGE_BYTES:
-        return status.WS_1009_MESSAGE_TOO_BIG, TOO_BIG
-    return None
+        raise WebSocketException(status.WS_1009_MESSAGE_TOO_BIG, TOO_BIG)
 
 
 class FloodControl:
