@@ -170,43 +170,18 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # the others it left.
 #
 # The simplest cure gives every client a queue and a task that writes it, so that
-# broadcast waits on nobody, and cuts off a client whose queue holds 100 messages:
+# broadcast waits on nobody. Run beside the tutorials' chat (`bench.py --sketch`, run S
+# in BENCHMARKS.md), it failed in two ways. Waking a task per client for every message
+# cost 1.87x the tutorials' CPU per delivery at 10,000 clients. And a full queue is not
+# always a slow client: beside 30 senders, a healthy client's queue filled while its
+# task waited for a turn, and it was cut off after 32 of the 3,000 messages.
 #
-#     class Client:
-#         def __init__(self, websocket: WebSocket):
-#             self.websocket = websocket
-#             self.queue = asyncio.Queue[str](maxsize=100)
-#             self.writer = asyncio.create_task(self.write_queue())
-#             self.closer = None  # the task that closes it, once it is cut off
-#         async def write_queue(self):  # its own task: it waits on its socket alone
-#             while True:
-#                 await self.websocket.send_text(await self.queue.get())
-#
-#     async def broadcast(self, message: str):
-#         for client in list(self.active_connections):  # a copy: some may go
-#             try:
-#                 client.queue.put_nowait(message)
-#             except asyncio.QueueFull:  # out, and closed in a task: nobody waits
-#                 self.active_connections.remove(client)
-#                 client.writer.cancel()
-#                 client.closer = asyncio.create_task(client.websocket.close(1008))
-#
-# Run beside the tutorials' chat (bench.py --sketch, run S in BENCHMARKS.md), it fails
-# in two ways. Waking a task per client for every message costs: at 10,000 clients,
-# 1.87x the tutorials' CPU per delivery. And a full queue is not always a slow client:
-# beside 30 senders, a healthy client's queue filled while its task waited for a turn,
-# and it was cut off after 32 of the 3,000 messages.
-#
-# Ours wakes no task per client for every message: one task writes each batch (what
-# was said meanwhile) to every client in one loop, as the tutorials' broadcast does,
-# and only a client whose socket is full gets a queue (its Backlog) and a task of its
-# own, until it catches up. And it cuts off only a client whose own socket keeps it
-# behind. In short, a client that stops reading is written to until its buffers are
-# full; what it is sent next waits in its backlog, 100 messages at most; past that, if
-# its socket is still full, it is cut off: closed with 1008, "Too slow: over 100
-# messages behind", a close frame that reaches it only if it reads again within 5 s.
-# No write to anyone else waits on its socket meanwhile. The manager and the endpoints
-# come first; "Step 3, continued", after the endpoints, shows each step.
+# Ours writes each message to everyone in one loop, in one task, as the tutorials'
+# broadcast does, and gives up only a write that would wait. Only that client gets a
+# queue, its Backlog (100 messages at most), and a task that writes it as its socket
+# drains. Past that, if its own socket still keeps it behind, it is cut off with 1008.
+# The manager and the endpoints come first; "Step 3, continued", after the endpoints,
+# shows each piece, and what a client that stops reading goes through.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # in a batch, not yet written: a sender past this waits
@@ -433,9 +408,9 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # How a message travels. add_to_batch is the manager's method; the others are below:
 #
 #     broadcast -> relay.publish -> add_to_batch; send_personal_message -> add_to_batch
-#     deliver_batches, one task: each batch to every client, in order
+#     deliver_batches, one task: each batch, message by message, to those it is for
 #       -> write_without_waiting: the tutorials' loop, giving up a write that would wait
-#       -> add_to_backlog_or_cut_off: keeps what a client was not sent, for it alone
+#       -> add_to_backlog_or_cut_off: keeps the message given up, for that client alone
 #            -> write_backlog, one task per such client, writes it as its socket drains
 #            -> or, 100 behind and its socket still full: cut_off, closed with 1008
 #
@@ -482,43 +457,48 @@ async def deliver_batches(chat: ConnectionManager) -> None:
     """The delivery task: each batch to all, in order, never waiting on a socket."""
     try:
         while chat.batch:
-            sent, chat.batch = chat.batch, []
-            outgoing = by_recipient(sent)
-            # One iterator: each call goes on after the client the last one stopped at.
-            clients = iter(list(chat.active_connections.values()))
-            while behind := await write_without_waiting(chat, clients, outgoing):
-                client, unwritten = behind
-                for message in unwritten:
-                    await add_to_backlog_or_cut_off(chat, client, message)
+            batch, chat.batch = chat.batch, []
+            # One iterator: each call goes on after the write the last one stopped at.
+            deliveries = addressed(chat, batch)
+            while full := await write_without_waiting(chat, deliveries):
+                client, message = full
+                await add_to_backlog_or_cut_off(chat, client, message)
     finally:
         chat.deliverer = None
 
 
+def addressed(
+    chat: ConnectionManager, batch: list[tuple[Client | None, str]]
+) -> Iterator[tuple[Client, str]]:
+    """Each message of the batch, in order, with each client it is for, in the chat."""
+    for to, message in batch:
+        if to is None:
+            for client in list(chat.active_connections.values()):
+                yield client, message
+        elif chat.active_connections.get(to.key) is to:
+            yield to, message
+
+
 async def write_without_waiting(
-    chat: ConnectionManager, clients: Iterator[Client], outgoing: Outgoing
-) -> tuple[Client, list[str]] | None:
-    """The tutorials' loop, until a client's socket is full: that client, and what it
-    was not sent. One deadline for all the writes, as each deadline costs a timer."""
-    everyone, own = outgoing
-    client: Client | None = None
+    chat: ConnectionManager, deliveries: Iterator[tuple[Client, str]]
+) -> tuple[Client, str] | None:
+    """The tutorials' loop, until a client's socket is full: that client, and the
+    message it was not sent. One deadline for all the writes: each costs a timer."""
+    delivery = None
     try:
         # A deadline of now. asyncio cancels a task only where it pauses, and a write
         # pauses only for a full socket: that write alone is given up, unsent.
         async with asyncio.timeout(0):
-            for client in clients:
-                messages, written = own.get(client, everyone), 0
+            for delivery in deliveries:
+                client, message = delivery
                 if client.backlog is not None:
-                    return client, messages  # behind already: after its backlog
-                for message in messages:
-                    try:
-                        await client.websocket.send_text(message)
-                    except GONE:
-                        chat.leave(client)  # its handler tells the room
-                        break
-                    written += 1
+                    return delivery  # behind already: after its backlog
+                try:
+                    await client.websocket.send_text(message)
+                except GONE:
+                    chat.leave(client)  # its handler tells the room
     except TimeoutError:
-        assert client is not None  # only a write is given up
-        return client, messages[written:]
+        return delivery  # only a write is given up
     return None
 
 
@@ -575,26 +555,6 @@ class Backlog:
         self.has_space = asyncio.Event()  # set by write_backlog, and by leave
         self.task: asyncio.Task[None] | None = None
         self.write_waiting = False  # its task's write waits: the client is not reading
-
-
-# What everyone is sent of a batch, and, by client, what those with messages
-# of their own ("You wrote") are sent: theirs and everyone's, in order.
-Outgoing = tuple[list[str], dict[Client, list[str]]]
-
-
-# A batch sorted into Outgoing, in one pass, even with "You wrote" for many clients:
-# each client's list starts as a copy of everyone's so far, and grows with both.
-def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
-    everyone: list[str] = []
-    own: dict[Client, list[str]] = {}
-    for to, message in batch:
-        if to is not None:  # theirs, after everyone's before it
-            own.setdefault(to, everyone.copy()).append(message)
-        else:
-            everyone.append(message)
-            for messages in own.values():
-                messages.append(message)
-    return everyone, own
 
 
 @contextlib.asynccontextmanager
