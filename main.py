@@ -7,7 +7,7 @@ in production, add `--ws-max-size 65536` (the README says why each flag is there
 The file reads from the top, as the tutorials do, each step building on the ones before
 it: step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager
 and its endpoints, then how its broadcast reaches everyone without waiting on anyone;
-step 4, "Using Depends", from FastAPI's docs. Steps 1 to 4 are the tutorials' code, made
+step 4, "Using Depends", from FastAPI's docs. Steps 1 to 4 are their code, made
 to hold up; steps 5 and 6 go where a chat goes next, and can wait until those are clear:
 step 5, named rooms with history, built on step 3; step 6, one chat across processes
 through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
@@ -483,8 +483,9 @@ async def write_without_waiting(
     client: Client | None = None
     try:
         # A deadline of now, which asyncio can act on only where this task pauses. An
-        # `await` pauses only when it has to wait: a write to a socket with room returns
-        # at once, unpaused. So only a write to a full socket is cancelled, unsent.
+        # `await` pauses only when it has to wait, and no layer of a write (Starlette's
+        # send, the middlewares, uvicorn's) waits for a socket with room. So only a
+        # write to a full socket is cancelled, unsent.
         async with asyncio.timeout(0):
             for client in clients:
                 messages, written = own.get(client, everyone), 0
@@ -1928,11 +1929,12 @@ app.add_middleware(CheckOrigin)
 app.add_middleware(CheckEveryMessage)
 
 
-# --- Sending into step 3's chat from HTTP, or from any code ---------------------------------
+# --- Sending into step 3's chat from HTTP, or from this app's own code --------------------
 #
 # manager.broadcast() is all it takes, from an endpoint, a background job or a scheduled
-# task in this app. Protects against a POST that anyone can send, of any size: the token
-# is checked, then the body is read, and never more of it than a message can take.
+# task on this app's event loop. Protects against a POST that anyone can send, of any
+# size: the token is checked, then the body is read, and never more of it than a message
+# can take.
 
 # Unset or empty: POST /chat/messages refuses everyone. Set: the bearer token it takes.
 ANNOUNCE_TOKEN = os.environ.get("ANNOUNCE_TOKEN", "")
