@@ -57,7 +57,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.websockets import WebSocketState
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -1193,6 +1193,33 @@ class RoomInRedis:
     looked_up: LookedUp | None = None  # for the joiners being let in
 
 
+# What the processes tell each other on the channel, beside rooms' messages, as JSON.
+class ChatBroadcast(BaseModel):
+    chat: str  # which of step 3's managers: a key of RedisRelay.chats
+    text: str
+
+
+class ChatTakeover(BaseModel):
+    """A connection with this client id joined the chat: see `take_over`."""
+
+    chat: str
+    takeover: int  # the client id
+    token: str  # the connection's own
+
+
+class RoomNotice(BaseModel):
+    """From `share_presence`: the process `presence` let joiners in, or its members in
+    the room changed."""
+
+    room: str
+    presence: str
+    takeovers: list[tuple[int, str]]  # each joiner's client id and token
+
+
+Notice = ChatBroadcast | ChatTakeover | RoomNotice
+NOTICES: TypeAdapter[Notice] = TypeAdapter(Notice)
+
+
 class RedisRelay:
     """Every process's clients in each room: steps 3 and 5 broadcast through Redis.
 
@@ -1281,11 +1308,13 @@ class RedisRelay:
         if client.client_id is not None:
             # Other processes close their connection with this id, if they have one.
             self.tokens[client] = secrets.token_hex(8)
-            takeover = {"chat": self.chat_names[chat], "takeover": client.client_id}
-            await self.send(takeover | {"token": self.tokens[client]})
+            name, token = self.chat_names[chat], self.tokens[client]
+            await self.send(
+                ChatTakeover(chat=name, takeover=client.client_id, token=token)
+            )
 
     async def publish(self, chat: ConnectionManager, message: str) -> bool:
-        return await self.send({"chat": self.chat_names[chat], "text": message})
+        return await self.send(ChatBroadcast(chat=self.chat_names[chat], text=message))
 
     async def say(
         self, chat: ConnectionManager, client: Client, ack: str, text: str
@@ -1415,27 +1444,25 @@ class RedisRelay:
             self.wrote_members(room, here)
         # One notice for all the joiners let in: 10,000 clients coming back at once
         # cost a notice per room each PRESENCE_INTERVAL_S, not one each.
-        joined = [
-            client
-            for client in room.manager.active_connections.values()
+        joined = {  # by client id: a room's clients all have one
+            key: client
+            for key, client in room.manager.active_connections.items()
             if client not in self.tokens
-        ]
-        for client in joined:
+        }
+        for client in joined.values():
             self.tokens[client] = secrets.token_hex(8)
         if room.name in self.to_announce or joined:
             self.to_announce.discard(room.name)
-            takeovers = [[client.client_id, self.tokens[client]] for client in joined]
-            notice = {
-                "room": room.name,
-                "presence": self.process,
-                "takeovers": takeovers,
-            }
+            takeovers = [(key, self.tokens[client]) for key, client in joined.items()]
+            notice = RoomNotice(
+                room=room.name, presence=self.process, takeovers=takeovers
+            )
             await self.send(notice)
 
     # Both.
 
-    async def send(self, envelope: dict[str, Any]) -> bool:
-        return await self.run_publish([], "", json.dumps(envelope)) is not None
+    async def send(self, notice: Notice) -> bool:
+        return await self.run_publish([], "", notice.model_dump_json()) is not None
 
     async def run_publish(self, keys: list[str], prefix: str, text: str) -> str | None:
         """The id Redis gave the message (`-` off the streams); None if it was not
@@ -1510,11 +1537,9 @@ class RedisRelay:
                 pinged_at = None
                 try:
                     self.on_channel_message(message)
-                except (ValueError, KeyError, TypeError):
-                    # Someone else publishing on the channel: not ours, not fatal.
-                    logger.warning(
-                        "Ignored a message on %s: %.80r", REDIS_CHANNEL, message
-                    )
+                except Exception:
+                    # A bug, not Redis's doing: that message is lost, the relay goes on.
+                    logger.exception("Relaying %.80r failed", message)
             if in_session and now - beat_at > REDIS_PING_INTERVAL_S:
                 beat_at = now
                 await self.heartbeat()
@@ -1603,20 +1628,30 @@ class RedisRelay:
             name, _, what = rest.partition(" ")
             self.deliver_room_message(name, message_id, what)
             return
-        envelope = json.loads(rest)
-        if "chat" in envelope:
-            chat = self.chats.get(envelope["chat"])
-            if chat is not None and "takeover" in envelope:
-                self.take_over(chat, envelope["takeover"], envelope["token"])
-            elif chat is not None:
-                chat.add_to_batch_now(None, envelope["text"])
+        try:
+            notice = NOTICES.validate_json(rest)
+        except ValidationError:
+            # Someone else publishing on the channel: not ours, not fatal.
+            logger.warning("Ignored a message on %s: %.80r", REDIS_CHANNEL, message)
             return
-        room = self.rooms.by_name.get(envelope["room"])
+        if isinstance(notice, RoomNotice):
+            self.on_room_notice(notice)
+            return
+        chat = self.chats.get(notice.chat)
+        if chat is None:
+            return
+        if isinstance(notice, ChatTakeover):
+            self.take_over(chat, notice.takeover, notice.token)
+        else:
+            chat.add_to_batch_now(None, notice.text)
+
+    def on_room_notice(self, notice: RoomNotice) -> None:
+        room = self.rooms.by_name.get(notice.room)
         if room is None:
             return  # nobody here in that room
-        for client_id, token in envelope["takeovers"]:
+        for client_id, token in notice.takeovers:
             self.take_over(room.manager, client_id, token)
-        if envelope["presence"] != self.process:
+        if notice.presence != self.process:
             self.rooms.presence_changed(room)
 
     def deliver_room_message(self, name: str, message_id: str, what: str) -> None:
