@@ -18,7 +18,7 @@ them; steps 3 and 5 call two by name (FloodControl, close_or_give_up). Copy that
 with any step. Last comes sending into step 3's chat over HTTP.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # a type hint may name a class defined further down
 
 import asyncio
 import collections
@@ -169,8 +169,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # received 699 of the 3,000 messages, then nothing; of this one, all 3,000. And a write
 # to a client that has gone raises in the sender's handler, whose `except
 # WebSocketDisconnect` takes the sender out and leaves the gone client in. Here a
-# failed write takes out the client it was for (GONE, below), and its own handler tells
-# the others it left.
+# failed write (GONE, with the guards) takes out the client it was for, and that
+# client's own handler tells the others it left.
 #
 # The simplest cure gives every client a queue and a task that writes it, so that
 # broadcast waits on nobody. Run beside the tutorials' chat (`bench.py --sketch`, run S
@@ -191,10 +191,6 @@ MAX_BATCH_MESSAGES = 100  # in a batch, not yet written: a sender past this wait
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
-# A write to a client that has gone fails with an OSError (ASGI's rule), which Starlette
-# turns into WebSocketDisconnect; one to a connection already closed, by the app or by
-# uvicorn (a message over --ws-max-size, a protocol error), with a RuntimeError.
-GONE = (OSError, WebSocketDisconnect, RuntimeError)
 
 
 class Client:
@@ -1862,6 +1858,12 @@ class FloodControl:
         await asyncio.sleep(-self.allowance / FLOOD_MESSAGES_PER_S)
 
 
+# A write to a client that has gone fails with an OSError (ASGI's rule), which Starlette
+# turns into WebSocketDisconnect; one to a connection already closed, by the app or by
+# uvicorn (a message over --ws-max-size, a protocol error), with a RuntimeError.
+GONE = (OSError, WebSocketDisconnect, RuntimeError)
+
+
 async def close_or_give_up(websocket: WebSocket, code: int, reason: str) -> None:
     """Close with a code and reason, unless the client has gone; the close frame waits
     behind all the client has not read, so give up after CLOSE_TIMEOUT_S."""
@@ -1929,7 +1931,8 @@ class CheckOrigin:
     """Pure ASGI middleware: refuse WebSocket handshakes from pages on other sites.
 
     The page's own host is let in, and so are scripts and tests, which send no Origin.
-    Refused before accept(), the client gets an HTTP 403 instead of a WebSocket.
+    Refused before accept(), a browser gets an HTTP 403 instead of a WebSocket, and no
+    reason; Starlette's TestClient shows the code and the reason.
     """
 
     def __init__(self, app: ASGIApp) -> None:
