@@ -97,6 +97,8 @@ async def get() -> FileResponse:
 
 
 # --- Step 1: echo. Accept, then receive and send in a loop ---------------------------------
+#
+# Try it: http://127.0.0.1:8000/?endpoint=echo, then send "hi": "Message text was: hi".
 
 
 @app.websocket("/ws")
@@ -114,6 +116,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 #
 # The reply is one message, "Client #7 says: hi", as in FastAPI's docs and the second
 # tutorial; the first tutorial sends the text and the id as two messages.
+#
+# Try it: http://127.0.0.1:8000/?endpoint=client&client_id=7; close the tab, and the
+# server's log says "Client #7 left the chat".
 
 
 @app.websocket("/ws/{client_id}")
@@ -128,6 +133,10 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 
 
 # --- Step 3: a chat room. The ConnectionManager and its endpoints --------------------------
+#
+# Try it in two tabs: http://127.0.0.1:8000/?endpoint=chat&client_id=1, and the same with
+# client_id=2. Each sees the other's messages; open client_id=1 a second time, and the
+# first tab is closed with 4000.
 #
 # The second tutorial's manager (the first has no send_personal_message), to hold beside
 # the one below:
@@ -596,6 +605,9 @@ app.include_router(APIRouter(lifespan=refuse_writes_that_cannot_be_given_up))
 
 # --- Step 4, in FastAPI's docs, not the tutorials: "Using Depends and others" --------------
 #
+# Try it: http://127.0.0.1:8000/?endpoint=items&item_id=foo&token=some-key-token; with
+# neither token nor cookie, the handshake is refused.
+#
 # A WebSocket endpoint takes dependencies like any route: cookies, query parameters,
 # Depends. A dependency refuses the connection by raising WebSocketException (1008), which
 # a browser sees as a refused handshake. This accepts any value, as the docs' example does.
@@ -636,6 +648,9 @@ async def item_endpoint(
 
 
 # --- Step 5: named rooms, who is here, and nothing missed after a reconnect ---------------
+#
+# Try it in two tabs: http://127.0.0.1:8000/?endpoint=rooms&room=lobby&client_id=7, and
+# the same with client_id=8. A page that reconnects asks for what it missed (?since=).
 #
 # Step 3's chat in many rooms, with JSON frames and ids. Whatever step 3 does to a client
 # that cannot go on (too slow: 1008; a restart; a network blip) ends with it closed, and
