@@ -6,7 +6,7 @@ in production, add `--ws-max-size 65536` (the README says why each flag is there
 
 The file reads from the top, as the tutorials do, each step building on the ones before
 it: step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager
-and its endpoints, then how its broadcast reaches everyone without waiting on anyone;
+and its endpoints, then how its broadcast reaches everyone, waiting on no client's socket;
 step 4, "Using Depends", from FastAPI's docs. Steps 1 to 4 are their code, made
 to hold up; steps 5 and 6 go where a chat goes next, and can wait until those are clear:
 step 5, named rooms with history, built on step 3; step 6, one chat across processes
@@ -413,7 +413,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
     await client.close_if_cut_off()
 
 
-# ~~~ Step 3, continued: how a message reaches everyone, waiting on nobody ~~~~~~~~~~~~~~~
+# ~~~ Step 3, continued: how a message reaches everyone, waiting on no client's socket ~~~~~~
 #
 # How a message travels. add_to_batch is the manager's method; the others are below:
 #
