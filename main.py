@@ -963,6 +963,18 @@ class RoomManager:
         others = list(room.manager.active_connections.values())
         for client, _ in joiners:
             room.manager.enter(client)  # an older connection with this id gets 4000
+        self.update_who_is_away(room)
+        present = {*room.manager.active_connections, *room.away, *elsewhere}
+        tell_who_came_and_went(room, others, present)
+        for client, _ in joiners:
+            if room.manager.active_connections.get(client.key) is client:
+                history, missed = histories[client]
+                frame = welcome(room, client, sorted(present), history, missed)
+                room.manager.add_to_batch_now(client, frame)
+
+    def update_who_is_away(self, room: Room) -> None:
+        """Away no more: those back, and those whose grace is over, who have left. A
+        room left empty is forgotten after ROOM_IDLE_S."""
         loop = asyncio.get_running_loop()
         room.away = {
             client_id: until
@@ -972,22 +984,21 @@ class RoomManager:
         if room.is_empty():
             room.empty_since = time.monotonic()
             loop.call_later(ROOM_IDLE_S, self.forget_if_idle, room)
-        present = {*room.manager.active_connections, *room.away, *elsewhere}
-        for kind, client_ids in (
-            ("left", room.told - present),
-            ("joined", present - room.told),
-        ):
-            if client_ids:
-                notice = compact_json({"type": kind, "client_ids": sorted(client_ids)})
-                for other in others:
-                    if room.manager.active_connections.get(other.key) is other:
-                        room.manager.add_to_batch_now(other, notice)
-        room.told = present
-        for client, _ in joiners:
-            if room.manager.active_connections.get(client.key) is client:
-                history, missed = histories[client]
-                frame = welcome(room, client, sorted(present), history, missed)
-                room.manager.add_to_batch_now(client, frame)
+
+
+def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) -> None:
+    """Tell the members already in (`others`) who left, and who joined, since they
+    were last told."""
+    for kind, client_ids in (
+        ("left", room.told - present),
+        ("joined", present - room.told),
+    ):
+        if client_ids:
+            notice = compact_json({"type": kind, "client_ids": sorted(client_ids)})
+            for other in others:
+                if room.manager.active_connections.get(other.key) is other:
+                    room.manager.add_to_batch_now(other, notice)
+    room.told = present
 
 
 def welcome(
