@@ -1341,7 +1341,8 @@ class RedisRelay:
     async def say(
         self, chat: ConnectionManager, client: Client, ack: str, text: str
     ) -> None:
-        # "You wrote" only once Redis has the message: a publish can fail.
+        # "You wrote" only once Redis has the message: a publish can fail. The message
+        # may come back through the channel first: here, the ack can follow it.
         if await self.publish(chat, text):
             await chat.send_personal_message(ack, client)
 
@@ -1610,6 +1611,7 @@ class RedisRelay:
         (seconds, microseconds), _, alive, *_ = await beat.execute()
         self.alive_at = sent_ms / 1000
         self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
+        # With no others, `alive` is the answer for "-": zip stops at the shorter.
         lapsed = {p for p, a in zip(others, alive, strict=False) if not a}
         self.others_alive -= lapsed
         for room in self.rooms.by_name.values():  # their members have left
