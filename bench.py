@@ -107,7 +107,7 @@ async def websocket_chat_endpoint(websocket: WebSocket, client_id: int):
         await manager.broadcast(f"Client #{client_id} left the chat")
 
 
-# --- The simplest cure, as step 3's header sketches it (--sketch) ---------------------------
+# --- The simplest cure, as step 3's header describes it (--sketch) --------------------------
 # A queue and a writer task per client: broadcast waits on nobody, and a client whose
 # queue holds 100 messages is taken out and closed with 1008. Measured beside the others,
 # it shows what a task woken per client for every message costs.

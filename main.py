@@ -7,7 +7,7 @@ in production, add `--ws-max-size 65536` (the README says why each flag is there
 The file reads from the top, as the tutorials do, each step building on the ones before
 it: step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager
 and its endpoints, then how its broadcast reaches everyone, waiting on no client's socket;
-step 4, "Using Depends", from FastAPI's docs. Steps 1 to 4 are their code, made
+step 4, "Using Depends", from FastAPI's docs. Steps 1 to 4 are that code, made
 to hold up; steps 5 and 6 go where a chat goes next, and can wait until those are clear:
 step 5, named rooms with history, built on step 3; step 6, one chat across processes
 through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
