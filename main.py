@@ -1,21 +1,22 @@
 """FastAPI WebSockets, step by step: echo, client ids, a chat, rooms, and several processes.
 
-Python 3.11+. Follow along with `uvicorn main:app --reload --reload-exclude .venv
---timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/;
-in production, add `--ws-max-size 65536` (the README says why each flag is there).
+Python 3.11+; `pip install -r requirements.txt` (FastAPI, uvicorn 0.54 with its standard
+extras, redis-py). Follow along with `uvicorn main:app --reload --reload-exclude .venv
+--timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/,
+the page in index.html beside this file. README.md says why each flag is there, adds
+`--ws-max-size 65536` for production, and shows how to run the tests; bench.py measures
+the figures the comments give, and BENCHMARKS.md holds its runs.
 
-The file reads from the top, as the tutorials do, each step building on the ones before
-it: step 1, echo; step 2, a client id; step 3, the chat: the tutorials' ConnectionManager
-and its endpoints, then how its broadcast reaches everyone, waiting on no client's socket;
-step 4, "Using Depends", from FastAPI's docs. Steps 1 to 4 are that code, made
-to hold up; steps 5 and 6 go where a chat goes next, and can wait until those are clear:
-step 5, named rooms with history, built on step 3; step 6, one chat across processes
-through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
+The file reads from the top, as the tutorials do, each step building on those before:
+1, echo; 2, a client id; 3, the chat: the tutorials' ConnectionManager and its
+endpoints, then how its broadcast reaches everyone; 4, "Using Depends", from FastAPI's
+docs. Steps 1 to 4 are that code, made to hold up; 5 and 6 go where a chat goes next,
+and can wait: 5, named rooms with history, built on step 3; 6, one chat across
+processes through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
 
-The guards every step shares stand once, after the steps, and the comment above step 1
-lists them. Most wrap the whole app, so steps 1, 2 and 4 read as the tutorials wrote
-them; steps 3 and 5 call two by name (FloodControl, close_or_give_up). Copy that section
-with any step. Last comes sending into step 3's chat over HTTP.
+The guards every step shares stand once, after the steps, listed above step 1: steps 1,
+2 and 4 read as the tutorials wrote them, and 3 and 5 name three (FloodControl,
+close_or_give_up, GONE). Copy that section with any step. Last: step 3's chat over HTTP.
 """
 
 from __future__ import annotations  # a type hint may name a class defined further down
@@ -71,34 +72,36 @@ app = FastAPI()
 @app.get("/")
 async def get() -> FileResponse:
     """The page, read from disk on every request: edits show on refresh. It opens any
-    step's endpoint and shows each close code and reason; after a close it did not ask
-    for, it reconnects, waiting longer each time, except after 4000 (taken over) or a
-    few refused handshakes. In step 5 it asks for what it missed."""
+    step's endpoint, shows each close code and reason, and reconnects after a close it
+    did not ask for, but not after 4000 (taken over) or 5 failed handshakes in a row."""
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
-# Every step relies on the guards of "What every step shares", after the steps, so that
-# a step reads without them:
+# The guards every step relies on, in "What every step shares", after the steps:
 # - every WebSocket's Origin is checked before its endpoint runs (CheckOrigin): a page
-#   from another host is refused, and so is one opened from disk, as the first
-#   tutorial's page is (its Origin is "null"), unless ALLOWED_ORIGINS lists it: run
-#   uvicorn with ALLOWED_ORIGINS=null set to try that page. The page at GET / is let in;
+#   from another host is refused, as a browser sees it; so is a page opened from disk
+#   (Origin "null", the first tutorial's: run with ALLOWED_ORIGINS=null to let it in),
+#   and the second tutorial's opened at 127.0.0.1 (it connects to localhost). A refused
+#   page sees a failed connection (1006). The page at GET / is let in;
 # - no endpoint is handed a binary frame, or text over 64 KiB (CheckEveryMessage): its
 #   receive raises a WebSocketException, and the connection closes with 1003 or 1009;
-# - a chat client that floods is slowed down by FloodControl, and closed with 1008 if it
-#   keeps on;
+# - a chat client that floods is slowed down by FloodControl, then closed with 1008;
 # - close_or_give_up closes with a code and a reason, giving up after 5 s on a client that
-#   reads nothing; and the log shows no traceback for anything a client does.
+#   reads nothing; so does close_refused_websocket, for any WebSocketException raised;
+# - a write to a client that has gone raises one of GONE; and the log shows no traceback
+#   for anything a client does.
 #
 # The close codes the page shows, and what each means here: 1000 normal; 1003 binary;
-# 1006 dropped, no close frame; 1007 not step 5's JSON; 1008 flooding, or too slow; 1009
-# over 64 KiB; 1011 a server error; 1012 the server restarts; 1013 try again later; 4000
-# replaced by a newer connection with the same client id.
+# 1006 dropped, no close frame, or a refused handshake; 1007 not step 5's JSON; 1008
+# flooding, or too slow; 1009 over 64 KiB; 1011 a server error; 1012 the server
+# restarts; 1013 try again later; 4000 replaced by a newer connection with the same id.
 
 
 # --- Step 1: echo. Accept, then receive and send in a loop ---------------------------------
 #
 # Try it: http://127.0.0.1:8000/?endpoint=echo, then send "hi": "Message text was: hi".
+# Or, without the page, any step's path in a terminal, with the client the websockets
+# package comes with: `python -m websockets ws://127.0.0.1:8000/ws` (it sends no Origin).
 
 
 @app.websocket("/ws")
@@ -160,7 +163,9 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   which step 2 answers here (of two routes on one path, the first wins, and the other
 #   is never reached); /chat/ is the first tutorial's anonymous chat;
 # - active_connections is a dict by client id: the same id again (a second tab) takes
-#   over, and the older connection is closed with 4000;
+#   over, and the older connection is closed with 4000. As in the tutorials, nothing
+#   checks that a client is who its id says: a real app would, with a dependency, as
+#   FastAPI's docs show, before anyone can take another's id over;
 # - connect() returns a Client, the manager's record of a connection, which disconnect()
 #   and send_personal_message() take where the tutorials pass the WebSocket;
 # - disconnect() tells the others itself: several who leave at once get one notice;
@@ -181,22 +186,16 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # failed write (GONE, with the guards) takes out the client it was for, and that
 # client's own handler tells the others it left.
 #
-# The simplest cure gives every client a queue and a task that writes it, so that
-# broadcast waits on nobody. Run beside the tutorials' chat (`bench.py --sketch`, run S
-# in BENCHMARKS.md), it failed in two ways. Waking a task per client for every message
-# cost 1.87x the tutorials' CPU per delivery at 10,000 clients. And a full queue is not
-# always a slow client: beside 30 senders, a healthy client's queue filled while its
-# task waited for a turn, and it was cut off after 32 of the 3,000 messages.
-#
 # Ours writes what was said to everyone in one loop, in one task, as the tutorials'
 # broadcast does, and gives up only a write that would wait. Only that client gets a
 # queue, its Backlog (100 messages at most), and a task that writes it as its socket
-# drains. Past that, if its own socket still keeps it behind, it is cut off with 1008.
+# drains. Past that, if its own socket still keeps it behind, it is cut off with 1008:
+# a client whose link carries less than the room says is cut off, not waited for.
 # The manager and the endpoints come first; "Step 3, continued", after the endpoints,
 # shows each piece, and what a client that stops reading goes through.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
-MAX_BATCH_MESSAGES = 100  # in a batch, not yet written: a sender past this waits
+MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many waits
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
@@ -300,7 +299,8 @@ class ConnectionManager:
 
     # Into the batch the delivery task writes: see "Step 3, continued", below.
     async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None); past MAX_BATCH_MESSAGES, waits for delivery."""
+        """To one client, or all (None). A sender that makes the batch MAX_BATCH_MESSAGES
+        long, or longer, waits until the delivery task has written all and ended."""
         self.add_to_batch_now(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
             # Not `await self.deliverer`: a sender cut off while it awaits a task would
@@ -315,7 +315,8 @@ class ConnectionManager:
 
 class ChatRelay(Protocol):
     """What carries a manager's messages (DeliverHere, below, by default). A relay may
-    refuse one: publish then returns False, and say sends no "You wrote" for it."""
+    refuse one (publish returns False; say sends no "You wrote"). It hands what it
+    brings to enter, add_to_batch(_now) and send_personal_message, and may cut_off."""
 
     async def join(self, chat: ConnectionManager, client: Client) -> None: ...
     async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
@@ -353,11 +354,15 @@ def left_the_chat(client_ids: list[int | None]) -> str:
     return f"Clients {', '.join(names[:-1])} and {names[-1]} left the chat"
 
 
+class ServerShutdown(WebSocketDisconnect):
+    """uvicorn's own 1012, as it shuts down: its message has no reason, where one for a
+    client's close frame always has, if empty (a client may send 1012 too)."""
+
+
 async def receive_chat_text(websocket: WebSocket) -> str:
-    """The tutorials' receive_text, for a chat, where other tasks write to the client
-    too: once one of their writes has failed, Starlette's receive_text reads no more and
-    raises a RuntimeError; this reads on, to the client's close. And it tells uvicorn's
-    own 1012, as it shuts down, from a client's: see ServerShutdown."""
+    """The tutorials' receive_text, for a chat: Starlette's reads no more once another
+    task's write to the client has failed; this reads on, to the client's close. And it
+    tells uvicorn's own 1012, as it shuts down, from a client's: see ServerShutdown."""
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         code = message["code"]
@@ -366,11 +371,6 @@ async def receive_chat_text(websocket: WebSocket) -> str:
         raise WebSocketDisconnect(code, message.get("reason"))
     text: str = message["text"]  # binary frames are refused before: see above step 1
     return text
-
-
-class ServerShutdown(WebSocketDisconnect):
-    """uvicorn's own 1012, as it shuts down: its message has no reason, where one for a
-    client's close frame always has, if empty (a client may send 1012 too)."""
 
 
 manager = ConnectionManager()
@@ -424,12 +424,20 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #            -> write_backlog, one task per such client, writes it as its socket drains
 #            -> or, 100 behind and its socket still full: cut_off, closed with 1008
 #
+# Why not the simplest cure: give every client a queue and a task that writes it, so
+# that broadcast waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`,
+# run S in BENCHMARKS.md), it failed in two ways. Waking a task per client for every
+# message cost 1.87x the tutorials' CPU per delivery at 10,000 clients. And a full
+# queue is not always a slow client: beside 30 senders, a healthy client's queue filled
+# while its task waited for a turn, and it was cut off after 32 of the 3,000 messages.
+#
 # A sender waits on no client's socket. Its message joins the batch, and one task,
 # deliver_batches, writes the batch to everyone. A batch is what was said while the
 # one before it was being written: in a quiet chat, one message. One task writes them
 # all, so everyone gets the messages in the same order. A sender waits only when its
 # message makes 100 waiting (MAX_BATCH_MESSAGES), and then until the delivery task has
-# written all that waits and ended.
+# written all that waits and ended. Each sender adds its message before it waits, so a
+# batch may pass 100, by one message for each sender at most.
 #
 # What happens to one client that stops reading, step by step:
 # 1. Its buffers fill: uvicorn and the kernel hold what it has not read. Until they are
@@ -463,12 +471,27 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # from its backlog. Under that one, the app refuses to start.
 
 
+class Backlog:
+    """What a client whose socket is full is yet to be sent, and the task sending it."""
+
+    def __init__(self) -> None:
+        self.messages: collections.deque[str] = collections.deque()
+        self.has_space = asyncio.Event()  # set by write_backlog, and by leave
+        self.task: asyncio.Task[None] | None = None
+        self.write_waiting = False  # its task's write waits: the client is not reading
+
+
+# What everyone is sent of a batch, and, by client, what those with messages
+# of their own ("You wrote") are sent: theirs and everyone's, in order.
+Outgoing = tuple[list[str], dict[Client, list[str]]]
+
+
 async def deliver_batches(chat: ConnectionManager) -> None:
     """The delivery task: each batch to all, in order, never waiting on a socket."""
     try:
         while chat.batch:
-            sent, chat.batch = chat.batch, []
-            outgoing = by_recipient(sent)
+            batch, chat.batch = chat.batch, []
+            outgoing = by_recipient(batch)
             # One iterator: each call goes on after the client the last one stopped at.
             clients = iter(list(chat.active_connections.values()))
             while behind := await write_without_waiting(chat, clients, outgoing):
@@ -487,10 +510,11 @@ async def write_without_waiting(
     everyone, own = outgoing
     client: Client | None = None
     try:
-        # A deadline of now, which asyncio can act on only where this task pauses. An
-        # `await` pauses only when it has to wait, and no layer of a write (Starlette's
-        # send, the middlewares, uvicorn's) waits for a socket with room. So only a
-        # write to a full socket is cancelled, unsent.
+        # A deadline of now: asyncio cancels this task where it first pauses. An await
+        # pauses only when it must wait; no layer of a write (Starlette's send, the
+        # middlewares, uvicorn's) waits for a socket with room; and websockets-sansio
+        # waits for room before it writes. So only a write to a full socket is given
+        # up, and it has sent nothing.
         async with asyncio.timeout(0):
             for client in clients:
                 messages, written = own.get(client, everyone), 0
@@ -551,22 +575,6 @@ async def write_backlog(
         # Caught up, or gone: no backlog now, and a delivery waiting for space goes on.
         client.backlog = None
         backlog.has_space.set()
-
-
-class Backlog:
-    """What a client whose socket is full is yet to be sent, and the task sending it.
-    It holds the very strings everyone is sent: a reference each, not a copy."""
-
-    def __init__(self) -> None:
-        self.messages: collections.deque[str] = collections.deque()
-        self.has_space = asyncio.Event()  # set by write_backlog, and by leave
-        self.task: asyncio.Task[None] | None = None
-        self.write_waiting = False  # its task's write waits: the client is not reading
-
-
-# What everyone is sent of a batch, and, by client, what those with messages
-# of their own ("You wrote") are sent: theirs and everyone's, in order.
-Outgoing = tuple[list[str], dict[Client, list[str]]]
 
 
 # A batch sorted into Outgoing, in one pass, even with "You wrote" for many clients:
