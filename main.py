@@ -14,9 +14,9 @@ docs. Steps 1 to 4 are that code, made to hold up; 5 and 6 go where a chat goes 
 and can wait: 5, named rooms with history, built on step 3; 6, one chat across
 processes through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
 
-The guards every step shares stand once, after the steps, listed above step 1: steps 1,
-2 and 4 read as the tutorials wrote them, and 3 and 5 name three (FloodControl,
-close_or_give_up, GONE). Copy that section with any step. Last: step 3's chat over HTTP.
+The guards every step shares stand after the steps, listed above step 1: steps 1, 2 and
+4 read as the tutorials wrote them; 3 and 5 call FloodControl, and 3 close_or_give_up
+and GONE. Copy that section with any step. Last: step 3's chat over HTTP.
 """
 
 from __future__ import annotations  # a type hint may name a class defined further down
@@ -169,13 +169,18 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - connect() returns a Client, the manager's record of a connection, which disconnect()
 #   and send_personal_message() take where the tutorials pass the WebSocket;
 # - disconnect() tells the others itself: several who leave at once get one notice;
-# - the endpoints read with receive_chat_text: receive_text stops reading once another
-#   task's write to the client has failed, and here other tasks write to every client;
+# - the endpoints read with receive_chat_text: Starlette's receive_text raises a
+#   RuntimeError once another task's write to the client has failed, and here other
+#   tasks write to every client;
 # - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone (the
 #   second tutorial defines send_personal_message, and its endpoint never calls it);
 # - what the manager sends, and who joins, goes through its relay (ChatRelay), the one
 #   piece another backend would replace, to carry the chat between processes. Here it
-#   is DeliverHere, which hands each message straight to this process's clients.
+#   is DeliverHere, which hands each message straight to this process's clients. A
+#   relay hands what it brings back to the manager: enter, add_to_batch (or, where it
+#   must not wait, add_to_batch_now), send_personal_message, and cut_off for a client
+#   it cannot serve. It may refuse a message: broadcast then returns False, and `say`,
+#   the relay's too for that reason, sends no "You wrote" for it.
 #
 # The tutorials' broadcast breaks in two ways. It waits on each client in turn, so one
 # client that stops reading stalls the whole room: in bench.py, with one such client
@@ -209,8 +214,8 @@ class Client:
         self.client_id = client_id
         self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
         self.backlog: Backlog | None = None  # only while its socket is full: see below
-        # cut_off cancels it from another task: that ends the endpoint's `with` block,
-        # and the endpoint then closes with the reason. task.cancel() would end it all.
+        # anyio's, which Starlette runs on: cut_off cancels it from another task, and
+        # it ends the endpoint's `with` block alone (task.cancel() would end it all).
         self.cut_off_scope = anyio.CancelScope()
         # The code the client left with, or the one cut_off closes it with.
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
@@ -232,6 +237,7 @@ class ConnectionManager:
         self.active_connections: dict[int, Client] = {}  # by Client.key: one each
         self.relay: ChatRelay = DeliverHere()
         self.batch: list[tuple[Client | None, str]] = []  # see `add_to_batch`
+        self.batch_written = asyncio.Event()  # set once that batch is written
         self.deliverer: asyncio.Task[None] | None = None
         self.departed: list[int | None] = []  # see `announce_leaving`
         self.announcer: asyncio.Task[None] | None = None
@@ -300,12 +306,10 @@ class ConnectionManager:
     # Into the batch the delivery task writes: see "Step 3, continued", below.
     async def add_to_batch(self, to: Client | None, message: str) -> None:
         """To one client, or all (None). A sender that makes the batch MAX_BATCH_MESSAGES
-        long, or longer, waits until the delivery task has written all and ended."""
+        long, or longer, waits until the delivery task has written that batch."""
         self.add_to_batch_now(to, message)
-        if len(self.batch) >= MAX_BATCH_MESSAGES and self.deliverer is not None:
-            # Not `await self.deliverer`: a sender cut off while it awaits a task would
-            # cancel that task too. asyncio.wait leaves the delivery running.
-            await asyncio.wait([self.deliverer])
+        if len(self.batch) >= MAX_BATCH_MESSAGES:
+            await self.batch_written.wait()
 
     def add_to_batch_now(self, to: Client | None, message: str) -> None:
         self.batch.append((to, message))
@@ -314,9 +318,8 @@ class ConnectionManager:
 
 
 class ChatRelay(Protocol):
-    """What carries a manager's messages (DeliverHere, below, by default). A relay may
-    refuse one (publish returns False; say sends no "You wrote"). It hands what it
-    brings to enter, add_to_batch(_now) and send_personal_message, and may cut_off."""
+    """What carries a manager's messages: DeliverHere, below, by default. It may refuse
+    one: publish returns False. What it brings, it hands to enter and add_to_batch."""
 
     async def join(self, chat: ConnectionManager, client: Client) -> None: ...
     async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
@@ -360,9 +363,8 @@ class ServerShutdown(WebSocketDisconnect):
 
 
 async def receive_chat_text(websocket: WebSocket) -> str:
-    """The tutorials' receive_text, for a chat: Starlette's reads no more once another
-    task's write to the client has failed; this reads on, to the client's close. And it
-    tells uvicorn's own 1012, as it shuts down, from a client's: see ServerShutdown."""
+    """receive_text for a chat: Starlette's raises once another task's write to the
+    client has failed; this reads on, and tells uvicorn's own 1012 from a client's."""
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         code = message["code"]
@@ -436,8 +438,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # one before it was being written: in a quiet chat, one message. One task writes them
 # all, so everyone gets the messages in the same order. A sender waits only when its
 # message makes 100 waiting (MAX_BATCH_MESSAGES), and then until the delivery task has
-# written all that waits and ended. Each sender adds its message before it waits, so a
-# batch may pass 100, by one message for each sender at most.
+# written that batch. Each sender adds its message before it waits, so a batch may pass
+# 100, by one message for each sender at most.
 #
 # What happens to one client that stops reading, step by step:
 # 1. Its buffers fill: uvicorn and the kernel hold what it has not read. Until they are
@@ -447,7 +449,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # 3. What it was not sent goes to its backlog, and write_backlog, a task of its own,
 #    writes it as its socket drains. The next batches add to the backlog, not to its
 #    socket: it is behind already.
-# 4. Its backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). The 101st decides.
+# 4. Its backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). A message that
+#    finds it full decides.
 #    If its task has not had a turn yet, the server is busy, not the client, and the
 #    delivery waits for that task. If its task's write is waiting, the delivery gives
 #    it one more turn of the event loop, in case its socket has just drained. If the
@@ -488,9 +491,11 @@ Outgoing = tuple[list[str], dict[Client, list[str]]]
 
 async def deliver_batches(chat: ConnectionManager) -> None:
     """The delivery task: each batch to all, in order, never waiting on a socket."""
+    written = asyncio.Event()
     try:
         while chat.batch:
             batch, chat.batch = chat.batch, []
+            written, chat.batch_written = chat.batch_written, asyncio.Event()
             outgoing = by_recipient(batch)
             # One iterator: each call goes on after the client the last one stopped at.
             clients = iter(list(chat.active_connections.values()))
@@ -498,23 +503,24 @@ async def deliver_batches(chat: ConnectionManager) -> None:
                 client, unwritten = behind
                 for message in unwritten:
                     await add_to_backlog_or_cut_off(chat, client, message)
+            written.set()
     finally:
         chat.deliverer = None
+        written.set()  # even after a bug: nobody waits for a batch never written
 
 
 async def write_without_waiting(
     chat: ConnectionManager, clients: Iterator[Client], outgoing: Outgoing
 ) -> tuple[Client, list[str]] | None:
-    """The tutorials' loop, until a client's socket is full: that client, and what it
-    was not sent. One deadline for all the writes, as each deadline costs a timer."""
+    """The tutorials' loop, up to a full socket: its client, and what it was not sent."""
     everyone, own = outgoing
     client: Client | None = None
     try:
-        # A deadline of now: asyncio cancels this task where it first pauses. An await
-        # pauses only when it must wait; no layer of a write (Starlette's send, the
-        # middlewares, uvicorn's) waits for a socket with room; and websockets-sansio
-        # waits for room before it writes. So only a write to a full socket is given
-        # up, and it has sent nothing.
+        # One deadline of now for all the writes: asyncio cancels this task where it
+        # first pauses. An await pauses only when it must wait; no layer of a write
+        # (Starlette's, the middlewares', uvicorn's) waits for a socket with room; and
+        # websockets-sansio waits for room before it writes. So only a write to a full
+        # socket is given up, and it has sent nothing.
         async with asyncio.timeout(0):
             for client in clients:
                 messages, written = own.get(client, everyone), 0

@@ -378,6 +378,32 @@ def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None
     assert socket.written == sent
 
 
+def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> None:
+    # The delivery waits, at every batch, for a client behind whose task has had no
+    # turn: a sender must not wait for every batch that others send meanwhile.
+    async def fill_the_batch_while_the_delivery_waits() -> tuple[bool, bool]:
+        manager = main.ConnectionManager()
+        manager.active_connections[1] = client_writing_with(Socket().send, 1)
+        behind = manager.active_connections[2] = client_writing_with(Socket().send, 2)
+        backlog = behind.backlog = main.Backlog()
+        backlog.messages.extend(["earlier"] * main.MAX_BACKLOG_MESSAGES)
+        backlog.task = asyncio.ensure_future(asyncio.Event().wait())  # no turn yet
+        filling = [
+            asyncio.ensure_future(manager.broadcast(f"message {i}"))
+            for i in range(main.MAX_BATCH_MESSAGES)
+        ]
+        await turns_of_the_event_loop()
+        filled = not filling[-1].done()  # its message made the batch 100 long
+        await manager.broadcast("in the next batch")  # which does not wait
+        backlog.messages.clear()  # room for the first batch: it is written
+        backlog.has_space.set()
+        await turns_of_the_event_loop()
+        assert manager.deliverer is not None  # waiting, at the next batch, for #2
+        return filled, filling[-1].done()
+
+    assert run(fill_the_batch_while_the_delivery_waits()) == (True, True)
+
+
 def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> None:
     # The client leaves, or is taken over, before its backlog's task has even started:
     # cancelled then, the task would never tell the delivery that it may go on.
