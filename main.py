@@ -92,9 +92,9 @@ async def get() -> FileResponse:
 #   for anything a client does.
 #
 # The close codes the page shows, and what each means here: 1000 normal; 1003 binary;
-# 1006 dropped, no close frame, or a refused handshake; 1007 not step 5's JSON; 1008
-# flooding, or too slow; 1009 over 64 KiB; 1011 a server error; 1012 the server
-# restarts; 1013 try again later; 4000 replaced by a newer connection with the same id.
+# 1006 dropped, no close frame, or a refused handshake; 1007 not UTF-8, or not step 5's
+# JSON; 1008 flooding, or too slow; 1009 over 64 KiB; 1011 a server error; 1012 the
+# server restarts; 1013 try again later; 4000 replaced by a newer connection, same id.
 
 
 # --- Step 1: echo. Accept, then receive and send in a loop ---------------------------------
@@ -172,8 +172,9 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - the endpoints read with receive_chat_text: Starlette's receive_text raises a
 #   RuntimeError once another task's write to the client has failed, and here other
 #   tasks write to every client;
-# - `say` does FastAPI's docs' two sends, "You wrote" then the message to everyone (the
-#   second tutorial defines send_personal_message, and its endpoint never calls it);
+# - `say` does FastAPI's docs' two sends, `send_personal_message(f"You wrote: {data}",
+#   websocket)` then `broadcast(f"Client #{client_id} says: {data}")` (the second
+#   tutorial defines send_personal_message, and its endpoint never calls it);
 # - what the manager sends, and who joins, goes through its relay (ChatRelay), the one
 #   piece another backend would replace, to carry the chat between processes. Here it
 #   is DeliverHere, which hands each message straight to this process's clients. A
@@ -448,15 +449,16 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    on to the next client: everyone else is written to now.
 # 3. What it was not sent goes to its backlog, and write_backlog, a task of its own,
 #    writes it as its socket drains. The next batches add to the backlog, not to its
-#    socket: it is behind already.
+#    socket: it is behind already. A backlog holds the very strings everyone is sent,
+#    a reference each: clients behind by the same 100 messages hold them once.
 # 4. Its backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). A message that
-#    finds it full decides.
-#    If its task has not had a turn yet, the server is busy, not the client, and the
-#    delivery waits for that task. If its task's write is waiting, the delivery gives
-#    it one more turn of the event loop, in case its socket has just drained. If the
-#    write still waits after that, cut_off ends its handler: its backlog is dropped,
-#    the others are told "Client #N left the chat", and it is closed with 1008, "Too
-#    slow: over 100 messages behind".
+#    finds it full decides. If its task has not had a turn yet, the server is busy, not
+#    the client, and the delivery waits for that task. If its task's write is waiting,
+#    the delivery gives it one more turn of the event loop, in case the loop has seen
+#    its socket drain and its task is next to write. If the write still waits after
+#    that (the socket is still full, as far as the loop knows), cut_off ends its
+#    handler: its backlog is dropped, the others are told "Client #N left the chat",
+#    and it is closed with 1008, "Too slow: over 100 messages behind".
 # 5. That close frame waits behind what its buffers hold, for 5 s at most. A client
 #    that reads again within them gets those messages, then the 1008. One that reads
 #    later gets those messages, then the connection ends with no close frame (1006, to
@@ -491,11 +493,11 @@ Outgoing = tuple[list[str], dict[Client, list[str]]]
 
 async def deliver_batches(chat: ConnectionManager) -> None:
     """The delivery task: each batch to all, in order, never waiting on a socket."""
-    written = asyncio.Event()
+    batch_written = asyncio.Event()
     try:
         while chat.batch:
             batch, chat.batch = chat.batch, []
-            written, chat.batch_written = chat.batch_written, asyncio.Event()
+            batch_written, chat.batch_written = chat.batch_written, asyncio.Event()
             outgoing = by_recipient(batch)
             # One iterator: each call goes on after the client the last one stopped at.
             clients = iter(list(chat.active_connections.values()))
@@ -503,10 +505,10 @@ async def deliver_batches(chat: ConnectionManager) -> None:
                 client, unwritten = behind
                 for message in unwritten:
                     await add_to_backlog_or_cut_off(chat, client, message)
-            written.set()
+            batch_written.set()
     finally:
         chat.deliverer = None
-        written.set()  # even after a bug: nobody waits for a batch never written
+        batch_written.set()  # even after a bug, for those who wait on this batch
 
 
 async def write_without_waiting(
@@ -556,7 +558,7 @@ async def add_to_backlog_or_cut_off(
         if not backlog.write_waiting:  # its task has not had its turn: a busy server
             backlog.has_space.clear()
             await backlog.has_space.wait()  # for that turn, not for its socket
-        elif not waited_a_turn:  # a socket that has just drained gets its turn
+        elif not waited_a_turn:  # a drain the loop has seen: its task writes first
             waited_a_turn = True
             await asyncio.sleep(0)
         else:  # still full: it reads more slowly than the room talks
@@ -972,7 +974,6 @@ class RoomManager:
         """Let the joiners in, each with its welcome; tell the others who joined and
         left. `elsewhere`: members the relay knows of, beyond this process's."""
         joiners = [joiner for joiner in joiners if joiner in room.joining]
-        room.joining = [joiner for joiner in room.joining if joiner not in joiners]
         histories = self.relay.histories(room, joiners)
         others = list(room.manager.active_connections.values())
         for client, _ in joiners:
@@ -985,6 +986,8 @@ class RoomManager:
                 history, missed = histories[client]
                 frame = welcome(room, client, sorted(present), history, missed)
                 room.manager.add_to_batch_now(client, frame)
+        # Joining until welcomed: after a bug before this, keep_the_door closes them.
+        room.joining = [joiner for joiner in room.joining if joiner not in joiners]
 
     def update_who_is_away(self, room: Room) -> None:
         """Away no more: those back, and those whose grace is over, who have left. A
@@ -1832,6 +1835,17 @@ else:
 # binary frame, send 16 MiB at a time, flood the room, fill the log with tracebacks, and,
 # from another site's page, connect with the user's cookies. Measured: one client sending
 # 20,000 messages held another writer's up by 6.6 to 9.6 s (p99) before flood control.
+
+# What the file relies on in uvicorn 0.54, each where the file says why, and the test
+# that fails if an upgrade changes it:
+# - under --ws websockets, a write is sent before it waits: the app refuses to start
+#   (test_server.py: test_start_up_is_refused_where_a_given_up_write_would_have_...);
+# - its own 1012, at shutdown, has no "reason" (ServerShutdown; test_redis.py:
+#   test_a_room_member_s_process_restarting_is_not_heard_as_a_leaving);
+# - the log lines ClientFaultsAsWarnings rewords (test_server.py:
+#   test_invalid_utf8_closes_with_1007_without_a_traceback, and the SIGTERM tests);
+# - no layer of a send pauses on a socket with room: if one did, every write would go
+#   through a backlog, in order and once, but at a cost bench.py's chat figure shows.
 
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
 # 65536` in the README's production command.

@@ -1213,6 +1213,19 @@ def test_a_room_hears_of_a_1012_only_a_client_sent(
             assert alice.receive_json() == {"type": "joined", "client_ids": [3]}
 
 
+def test_joiners_a_bug_keeps_out_are_closed_with_1011(
+    client: TestClient, monkeypatch, caplog
+) -> None:
+    # A bug while letting clients in: each joiner is told, not left with no welcome.
+    def a_bug(room: main.Room, joiners: list[main.Joiner]) -> dict:
+        raise RuntimeError("a bug while reading the joiners' history")
+
+    monkeypatch.setattr(main.rooms.relay, "histories", a_bug)
+    with client.websocket_connect("/rooms/lobby/1") as joiner:
+        assert receive_close(joiner) == (1011, "Server error: try again later")
+    assert "Letting clients into room lobby failed" in caplog.text
+
+
 def test_rooms_opened_and_left_do_not_lock_new_rooms_out(
     client: TestClient, monkeypatch
 ) -> None:
