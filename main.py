@@ -177,11 +177,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   tutorial defines send_personal_message, and its endpoint never calls it);
 # - what the manager sends, and who joins, goes through its relay (ChatRelay), the one
 #   piece another backend would replace, to carry the chat between processes. Here it
-#   is DeliverHere, which hands each message straight to this process's clients. A
-#   relay hands what it brings back to the manager: enter, add_to_batch (or, where it
-#   must not wait, add_to_batch_now), send_personal_message, and cut_off for a client
-#   it cannot serve. It may refuse a message: broadcast then returns False, and `say`,
-#   the relay's too for that reason, sends no "You wrote" for it.
+#   is DeliverHere, which hands each message straight to this process's clients.
 #
 # The tutorials' broadcast breaks in two ways. It waits on each client in turn, so one
 # client that stops reading stalls the whole room: in bench.py, with one such client
@@ -192,13 +188,14 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # failed write (GONE, with the guards) takes out the client it was for, and that
 # client's own handler tells the others it left.
 #
-# Ours writes what was said to everyone in one loop, in one task, as the tutorials'
-# broadcast does, and gives up only a write that would wait. Only that client gets a
-# queue, its Backlog (100 messages at most), and a task that writes it as its socket
-# drains. Past that, if its own socket still keeps it behind, it is cut off with 1008:
-# a client whose link carries less than the room says is cut off, not waited for.
-# The manager and the endpoints come first; "Step 3, continued", after the endpoints,
-# shows each piece, and what a client that stops reading goes through.
+# How ours works. One task writes each message to every client in turn, as the
+# tutorials' broadcast does, but it never waits for a client: a write to a full socket
+# is given up. What that client was not sent goes to its Backlog (100 messages at
+# most), which a task of its own writes as its socket drains. If the backlog is full and the socket
+# still is, the client is cut off with 1008: the chat does not slow down for a client
+# that reads more slowly than the others write. The manager and the endpoints come
+# first; "Step 3, continued", after the endpoints, shows each piece, and what a client
+# that stops reading goes through.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many waits
@@ -318,6 +315,11 @@ class ConnectionManager:
             self.deliverer = asyncio.create_task(deliver_batches(self))
 
 
+# A relay hands what it brings back to the manager: enter() for a client who joins,
+# add_to_batch() for a message (add_to_batch_now() where it must not wait), and
+# send_personal_message(); cut_off() ends a client it can no longer serve. It may refuse
+# a message: broadcast() then returns False, and say(), the relay's for that reason,
+# sends no "You wrote" for it.
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default. It may refuse
     one: publish returns False. What it brings, it hands to enter and add_to_batch."""
@@ -434,13 +436,13 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # queue is not always a slow client: beside 30 senders, a healthy client's queue filled
 # while its task waited for a turn, and it was cut off after 32 of the 3,000 messages.
 #
-# A sender waits on no client's socket. Its message joins the batch, and one task,
-# deliver_batches, writes the batch to everyone. A batch is what was said while the
-# one before it was being written: in a quiet chat, one message. One task writes them
-# all, so everyone gets the messages in the same order. A sender waits only when its
-# message makes 100 waiting (MAX_BATCH_MESSAGES), and then until the delivery task has
-# written that batch. Each sender adds its message before it waits, so a batch may pass
-# 100, by one message for each sender at most.
+# Senders never wait for a client's socket. A sender's message joins the batch, and one
+# task, deliver_batches, writes the whole batch to everyone. A batch holds what was said
+# while the one before it was being written: in a quiet chat, one message. As one task
+# writes every message, everyone gets them in the same order. A sender waits only if
+# its message makes the batch 100 long (MAX_BATCH_MESSAGES), and then only until that
+# batch is written. Each sender adds its message before it waits, so a batch can pass
+# 100 by one message for each sender at most.
 #
 # What happens to one client that stops reading, step by step:
 # 1. Its buffers fill: uvicorn and the kernel hold what it has not read. Until they are
@@ -451,29 +453,28 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    writes it as its socket drains. The next batches add to the backlog, not to its
 #    socket: it is behind already. A backlog holds the very strings everyone is sent,
 #    a reference each: clients behind by the same 100 messages hold them once.
-# 4. Its backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). A message that
-#    finds it full decides. If its task has not had a turn yet, the server is busy, not
-#    the client, and the delivery waits for that task. If its task's write is waiting,
-#    the delivery gives it one more turn of the event loop, in case the loop has seen
-#    its socket drain and its task is next to write. If the write still waits after
-#    that (the socket is still full, as far as the loop knows), cut_off ends its
-#    handler: its backlog is dropped, the others are told "Client #N left the chat",
-#    and it is closed with 1008, "Too slow: over 100 messages behind".
+# 4. The backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). When it is full and
+#    one more comes, the delivery asks why. If the backlog's task has not run yet, the
+#    server is busy, not the client, and the delivery waits for that task to run. If
+#    the task's write is waiting on the socket, the delivery gives it one more turn of
+#    the event loop, in case the loop has seen the socket drain and the task is about
+#    to write. If the write still waits after that, cut_off ends the client's handler:
+#    its backlog is dropped, the others are told "Client #N left the chat", and it is
+#    closed with 1008, "Too slow: over 100 messages behind".
 # 5. That close frame waits behind what its buffers hold, for 5 s at most. A client
 #    that reads again within them gets those messages, then the 1008. One that reads
 #    later gets those messages, then the connection ends with no close frame (1006, to
 #    a page). Either way its page reconnects, to a chat that has gone on. uvicorn then
 #    closes the socket, but a socket closes only once its buffer is written: a client
 #    that never reads again keeps its connection, as an idle one would, until it goes.
-# If the chat falls silent before the 101st message, nothing is added: it keeps its
-# place until it reads or leaves, and slows nobody meanwhile.
+# If the chat goes quiet before the backlog overflows, nothing more is added: the client
+# stays, and slows nobody, until it reads or leaves.
 #
-# Giving up a write relies on uvicorn's --ws websockets-sansio: its send waits for room,
-# then writes, so a write given up has sent nothing. uvicorn 0.54 picks it by default;
-# the commands in this file and the README name it all the same, so that a uvicorn
-# without it refuses to start. An implementation that writes, then waits (--ws
-# websockets) would have sent it already, and the client would get it twice: now, and
-# from its backlog. Under that one, the app refuses to start.
+# Giving up a write relies on uvicorn's --ws websockets-sansio (uvicorn 0.54's default;
+# the commands in this file and the README name it anyway): its send waits for room
+# before it writes, so a write given up has sent nothing. --ws websockets writes, then
+# waits: a write given up would reach the client twice, now and from its backlog, so
+# under it the app refuses to start (refuse_writes_that_cannot_be_given_up, below).
 
 
 class Backlog:
@@ -554,7 +555,7 @@ async def add_to_backlog_or_cut_off(
         if len(backlog.messages) < MAX_BACKLOG_MESSAGES:
             backlog.messages.append(message)  # the common case
             return
-        # Its backlog is full. Whose doing is it: the server's, or the client's?
+        # Its backlog is full: is the server behind, or the client?
         if not backlog.write_waiting:  # its task has not had its turn: a busy server
             backlog.has_space.clear()
             await backlog.has_space.wait()  # for that turn, not for its socket
