@@ -15,8 +15,8 @@ and can wait: 5, named rooms with history, built on step 3; 6, one chat across
 processes through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
 
 The guards every step shares stand after the steps, listed above step 1: steps 1, 2 and
-4 read as the tutorials wrote them; 3 and 5 call FloodControl, and 3 close_or_give_up
-and GONE. Copy that section with any step. Last: step 3's chat over HTTP.
+4 read as the tutorials wrote them; steps 3 and 5 call FloodControl, and step 3 also
+close_or_give_up and GONE. Copy that section with any step. Last: step 3's chat by HTTP.
 """
 
 from __future__ import annotations  # a type hint may name a class defined further down
@@ -195,7 +195,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # still is, the client is cut off with 1008: the chat does not slow down for a client
 # that reads more slowly than the others write. The manager and the endpoints come
 # first; "Step 3, continued", after the endpoints, shows each piece, and what a client
-# that stops reading goes through.
+# that stops reading goes through. The endpoints read whole without it: on a first
+# reading, it can wait.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many waits
@@ -221,7 +222,7 @@ class Client:
 
     def left_with(self, gone: WebSocketDisconnect) -> None:
         self.close_code = gone.code
-        self.quiet = isinstance(gone, ServerShutdown)  # nobody is told of a restart
+        self.quiet = self.quiet or isinstance(gone, ServerShutdown)
 
     async def close_if_cut_off(self) -> None:
         if self.cut_off_scope.cancelled_caught:
@@ -321,8 +322,8 @@ class ConnectionManager:
 # a message: broadcast() then returns False, and say(), the relay's for that reason,
 # sends no "You wrote" for it.
 class ChatRelay(Protocol):
-    """What carries a manager's messages: DeliverHere, below, by default. It may refuse
-    one: publish returns False. What it brings, it hands to enter and add_to_batch."""
+    """What carries a manager's messages: DeliverHere, below, by default; publish
+    returns False for a message it refused. What it calls back: the comment above."""
 
     async def join(self, chat: ConnectionManager, client: Client) -> None: ...
     async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
@@ -345,7 +346,7 @@ class DeliverHere:
         self, chat: ConnectionManager, client: Client, ack: str, text: str
     ) -> None:
         await chat.send_personal_message(ack, client)
-        await chat.add_to_batch(None, text)
+        await self.publish(chat, text)
 
 
 def left_the_chat(client_ids: list[int | None]) -> str:
@@ -917,8 +918,14 @@ class RoomManager:
             self.history_bytes -= room.history.bytes
 
     def forget_if_idle(self, room: Room) -> None:
-        if room.is_empty() and time.monotonic() - room.empty_since >= ROOM_IDLE_S:
+        """The loop's timers run on its own clock, and may fire a little early: a room
+        not yet idle for ROOM_IDLE_S is looked at again once it will have been."""
+        idle_s = time.monotonic() - room.empty_since
+        if room.is_empty() and idle_s >= ROOM_IDLE_S:
             self.forget(room)
+        elif room.is_empty():
+            loop = asyncio.get_running_loop()
+            loop.call_later(ROOM_IDLE_S - idle_s, self.forget_if_idle, room)
 
     def keep(self, room: Room, message_id: str, frame: str) -> None:
         """Into the room's history; past ALL_HISTORY_BYTES, the least active rooms

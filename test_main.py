@@ -496,6 +496,20 @@ def test_same_id_again_takes_over_without_a_leave_notice(client: TestClient) -> 
         assert alice.receive_text() == "Client #7 left the chat"
 
 
+def test_a_client_taken_over_as_it_closes_is_not_heard_leaving() -> None:
+    # Taken over (quietly) while its own close frame was on its way: the room hears no
+    # "Client #7 left the chat", as the newer connection with id 7 is in.
+    async def taken_over_as_it_closes() -> list[int | None]:
+        manager = main.ConnectionManager()
+        older = manager.active_connections[7] = client_writing_with(Socket().send, 7)
+        manager.cut_off(older, main.WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
+        older.left_with(WebSocketDisconnect(1001))  # its close, read before the cut
+        manager.disconnect(older)
+        return manager.departed
+
+    assert run(taken_over_as_it_closes()) == []
+
+
 def test_leave_notices_name_one_client_or_several() -> None:
     assert main.left_the_chat([2]) == "Client #2 left the chat"
     assert main.left_the_chat([2, 5]) == "Clients #2 and #5 left the chat"
@@ -965,6 +979,22 @@ def test_a_room_nobody_is_in_forgets_itself(client: TestClient, monkeypatch) -> 
     with client.websocket_connect(f"/rooms/lobby/7?since={last}") as alice:
         welcome = next_of_type(alice, "welcome")
     assert (welcome["history"], welcome["missed"]) == ([], True)
+
+
+def test_a_room_whose_timer_fires_early_is_still_forgotten(monkeypatch) -> None:
+    # The loop's timers run on its own clock (uvloop's, to the millisecond), the idle
+    # time on time.monotonic(): a timer may fire a little before ROOM_IDLE_S.
+    monkeypatch.setattr(main, "ROOM_IDLE_S", 0.2)
+
+    async def a_timer_early() -> bool:
+        rooms = main.RoomManager()
+        room = rooms.open_room("lobby")
+        room.empty_since = time.monotonic()
+        rooms.forget_if_idle(room)  # as a timer would, some time before it is due
+        await asyncio.sleep(0.5)
+        return "lobby" in rooms.by_name
+
+    assert not run(a_timer_early())
 
 
 def test_all_rooms_histories_are_bounded_together(
