@@ -874,7 +874,7 @@ class RoomManager:
 
     def disconnect(self, room: Room, client: Client) -> None:
         """Out of its room; the others are told who left, several in one notice."""
-        was_let_in = all(joiner is not client for joiner, _ in room.joining)
+        was_let_in = all(waiting is not client for waiting, _ in room.joining)
         room.joining = [(c, since) for c, since in room.joining if c is not client]
         room.manager.leave(client)
         replaced = client.key in room.manager.active_connections  # by a newer one
