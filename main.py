@@ -188,15 +188,15 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # failed write (GONE, with the guards) takes out the client it was for, and that
 # client's own handler tells the others it left.
 #
-# How ours works. One task writes each message to every client in turn, as the
-# tutorials' broadcast does, but it never waits for a client: a write to a full socket
-# is given up. What that client was not sent goes to its Backlog (100 messages at
-# most), which a task of its own writes as its socket drains. If the backlog is full and the socket
-# still is, the client is cut off with 1008: the chat does not slow down for a client
-# that reads more slowly than the others write. The manager and the endpoints come
-# first; "Step 3, continued", after the endpoints, shows each piece, and what a client
-# that stops reading goes through. The endpoints read whole without it: on a first
-# reading, it can wait.
+# How ours works. One task writes to every client in turn, as the tutorials' broadcast
+# does (each client's messages of the moment back to back), but it never waits for a
+# client: a write to a full socket is given up. What that client was not sent goes to
+# its Backlog (100 messages at most), which a task of its own writes as its socket
+# drains. If the backlog is full and the socket still is, the client is cut off with
+# 1008: the chat does not slow down for a client that reads more slowly than the others
+# write. The manager and the endpoints come first; "Step 3, continued", after the
+# endpoints, shows each piece, and what a client that stops reading goes through. The
+# endpoints read whole without it: on a first reading, it can wait.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many waits
@@ -319,8 +319,8 @@ class ConnectionManager:
 # A relay hands what it brings back to the manager: enter() for a client who joins,
 # add_to_batch() for a message (add_to_batch_now() where it must not wait), and
 # send_personal_message(); cut_off() ends a client it can no longer serve. It may refuse
-# a message: broadcast() then returns False, and say(), the relay's for that reason,
-# sends no "You wrote" for it.
+# a message: broadcast() then returns False. That is why say() is the relay's too: a
+# relay that refuses a message sends no "You wrote" for it.
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default; publish
     returns False for a message it refused. What it calls back: the comment above."""
@@ -362,8 +362,8 @@ def left_the_chat(client_ids: list[int | None]) -> str:
 
 
 class ServerShutdown(WebSocketDisconnect):
-    """uvicorn's own 1012, as it shuts down: its message has no reason, where one for a
-    client's close frame always has, if empty (a client may send 1012 too)."""
+    """uvicorn's own 1012, as it shuts down. A client may send 1012 too: uvicorn tells
+    of a client's close with a "reason", if empty, and of its own with none."""
 
 
 async def receive_chat_text(websocket: WebSocket) -> str:
@@ -495,11 +495,11 @@ Outgoing = tuple[list[str], dict[Client, list[str]]]
 
 async def deliver_batches(chat: ConnectionManager) -> None:
     """The delivery task: each batch to all, in order, never waiting on a socket."""
-    batch_written = asyncio.Event()
+    this_batch_written = asyncio.Event()
     try:
         while chat.batch:
             batch, chat.batch = chat.batch, []
-            batch_written, chat.batch_written = chat.batch_written, asyncio.Event()
+            this_batch_written, chat.batch_written = chat.batch_written, asyncio.Event()
             outgoing = by_recipient(batch)
             # One iterator: each call goes on after the client the last one stopped at.
             clients = iter(list(chat.active_connections.values()))
@@ -507,10 +507,10 @@ async def deliver_batches(chat: ConnectionManager) -> None:
                 client, unwritten = behind
                 for message in unwritten:
                     await add_to_backlog_or_cut_off(chat, client, message)
-            batch_written.set()
+            this_batch_written.set()
     finally:
         chat.deliverer = None
-        batch_written.set()  # even after a bug, for those who wait on this batch
+        this_batch_written.set()  # even after a bug, for those who wait on it
 
 
 async def write_without_waiting(
@@ -563,7 +563,7 @@ async def add_to_backlog_or_cut_off(
         elif not waited_a_turn:  # a drain the loop has seen: its task writes first
             waited_a_turn = True
             await asyncio.sleep(0)
-        else:  # still full: it reads more slowly than the room talks
+        else:  # its socket still full: it stays behind
             chat.cut_off(client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
             return
 
