@@ -920,10 +920,12 @@ class RoomManager:
     def forget_if_idle(self, room: Room) -> None:
         """The loop's timers run on its own clock, and may fire a little early: a room
         not yet idle for ROOM_IDLE_S is looked at again once it will have been."""
+        if not room.is_empty():
+            return
         idle_s = time.monotonic() - room.empty_since
-        if room.is_empty() and idle_s >= ROOM_IDLE_S:
+        if idle_s >= ROOM_IDLE_S:
             self.forget(room)
-        elif room.is_empty():
+        else:
             loop = asyncio.get_running_loop()
             loop.call_later(ROOM_IDLE_S - idle_s, self.forget_if_idle, room)
 
