@@ -138,65 +138,33 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # --- Step 3: a chat room. The ConnectionManager and its endpoints --------------------------
 #
 # Try it in two tabs: http://127.0.0.1:8000/?endpoint=chat&client_id=1, and the same with
-# client_id=2. Each sees the other's messages; open client_id=1 a second time, and the
-# first tab is closed with 4000.
+# client_id=2. Each tab sees what the other writes. Open client_id=1 in a third tab, and
+# the first tab is closed with 4000: one id, one connection.
 #
-# The second tutorial's manager (the first has no send_personal_message), to hold beside
-# the one below:
+# The tutorials' ConnectionManager keeps a list of WebSockets, and its broadcast writes
+# to each in turn, waiting for each write to finish:
 #
-#     class ConnectionManager:
-#         def __init__(self):
-#             self.active_connections: List[WebSocket] = []
-#         async def connect(self, websocket: WebSocket):
-#             await websocket.accept()
-#             self.active_connections.append(websocket)
-#         def disconnect(self, websocket: WebSocket):
-#             self.active_connections.remove(websocket)
-#         async def send_personal_message(self, message: str, websocket: WebSocket):
-#             await websocket.send_text(message)
-#         async def broadcast(self, message: str):
-#             for connection in self.active_connections:
-#                 await connection.send_text(message)
+#     async def broadcast(self, message: str):
+#         for connection in self.active_connections:
+#             await connection.send_text(message)
 #
-# Ours keeps those four names, in that order, and changes what they take and what breaks:
-# - the chat is at /chat/{client_id}: the second tutorial puts it at /ws/{client_id},
-#   which step 2 answers here (of two routes on one path, the first wins, and the other
-#   is never reached); /chat/ is the first tutorial's anonymous chat;
-# - active_connections is a dict by client id: the same id again (a second tab) takes
-#   over, and the older connection is closed with 4000. As in the tutorials, nothing
-#   checks that a client is who its id says: a real app would, with a dependency, as
-#   FastAPI's docs show, before anyone can take another's id over;
-# - connect() returns a Client, the manager's record of a connection, which disconnect()
-#   and send_personal_message() take where the tutorials pass the WebSocket;
-# - disconnect() tells the others itself: several who leave at once get one notice;
-# - the endpoints read with receive_chat_text: Starlette's receive_text raises a
-#   RuntimeError once another task's write to the client has failed, and here other
-#   tasks write to every client;
-# - `say` does FastAPI's docs' two sends, `send_personal_message(f"You wrote: {data}",
-#   websocket)` then `broadcast(f"Client #{client_id} says: {data}")` (the second
-#   tutorial defines send_personal_message, and its endpoint never calls it);
-# - what the manager sends, and who joins, goes through its relay (ChatRelay), the one
-#   piece another backend would replace, to carry the chat between processes. Here it
-#   is DeliverHere, which hands each message straight to this process's clients.
+# That loop breaks a real chat in two ways.
+# - One client that stops reading stops the chat. Its socket fills up, the write to it
+#   waits, and so does every client after it. In bench.py, with one such client among
+#   30 senders of 100 messages each, a healthy client of the tutorials' chat received
+#   699 of the 3,000 messages, then nothing. Of this chat's, it received all 3,000.
+# - A write to a client that has gone raises in the sender's handler: the sender is
+#   taken out of the chat, and the client that has gone stays in.
 #
-# The tutorials' broadcast breaks in two ways. It waits on each client in turn, so one
-# client that stops reading stalls the whole room: in bench.py, with one such client
-# among 30 senders of 100 messages each, a healthy client of the tutorials' chat
-# received 699 of the 3,000 messages, then nothing; of this one, all 3,000. And a write
-# to a client that has gone raises in the sender's handler, whose `except
-# WebSocketDisconnect` takes the sender out and leaves the gone client in. Here a
-# failed write (GONE, with the guards) takes out the client it was for, and that
-# client's own handler tells the others it left.
+# Ours keeps the tutorials' four methods, in their order, and its broadcast waits for
+# nobody. A message is written at once to every client whose socket has room for it. A
+# client whose socket is full gets it later, from a queue of its own (its Backlog), as
+# its socket drains. A client with 100 messages queued and its socket still full is cut
+# off: closed with 1008, "Too slow: over 100 messages behind", and the others are told
+# it left. A write to a client that has gone takes that client out, and nobody else.
 #
-# How ours works. One task writes to every client in turn, as the tutorials' broadcast
-# does (each client's messages of the moment back to back), but it never waits for a
-# client: a write to a full socket is given up. What that client was not sent goes to
-# its Backlog (100 messages at most), which a task of its own writes as its socket
-# drains. If the backlog is full and the socket still is, the client is cut off with
-# 1008: the chat does not slow down for a client that reads more slowly than the others
-# write. The manager and the endpoints come first; "Step 3, continued", after the
-# endpoints, shows each piece, and what a client that stops reading goes through. The
-# endpoints read whole without it: on a first reading, it can wait.
+# The manager and the endpoints come first, and read whole. How a message reaches
+# everyone is "Step 3, continued", after the endpoints: it can wait for a second read.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many waits
@@ -205,32 +173,21 @@ TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
 
 
-class Client:
-    """One chat connection, and what the manager keeps about it."""
-
-    def __init__(self, websocket: WebSocket, client_id: int | None) -> None:
-        self.websocket = websocket
-        self.client_id = client_id
-        self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
-        self.backlog: Backlog | None = None  # only while its socket is full: see below
-        # anyio's, which Starlette runs on: cut_off cancels it from another task, and
-        # it ends the endpoint's `with` block alone (task.cancel() would end it all).
-        self.cut_off_scope = anyio.CancelScope()
-        # The code the client left with, or the one cut_off closes it with.
-        self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
-        self.quiet = False  # a restart, a takeover: nobody is told it left
-
-    def left_with(self, gone: WebSocketDisconnect) -> None:
-        self.close_code = gone.code
-        self.quiet = self.quiet or isinstance(gone, ServerShutdown)
-
-    async def close_if_cut_off(self) -> None:
-        if self.cut_off_scope.cancelled_caught:
-            who = "(anonymous)" if self.client_id is None else f"#{self.client_id}"
-            logger.info("Client %s cut off: %s", who, self.close_reason)
-            await close_or_give_up(self.websocket, self.close_code, self.close_reason)
-
-
+# Ours beside the tutorials' manager, method by method:
+# - active_connections is a dict by client id, not a list: a second connection with the
+#   same id takes over, and the older one is closed with 4000. As in the tutorials,
+#   nothing checks that a client is who its id says: a real app would, with a
+#   dependency, as FastAPI's docs show, before anyone can take another's id over.
+# - connect() returns a Client, the manager's record of a connection, which disconnect()
+#   and send_personal_message() take where the tutorials take the WebSocket.
+# - disconnect() tells the others who left: several who leave at once get one notice.
+# - send_personal_message() and broadcast() put the message in the batch, which one
+#   task writes to everyone: see "Step 3, continued". broadcast() goes through the
+#   manager's relay first, the one piece another backend would replace to carry the
+#   chat between processes. Here it is DeliverHere, below, which delivers at once.
+# - say() does FastAPI's docs' two sends: "You wrote: ..." to the writer, then the
+#   message to everyone (the second tutorial defines send_personal_message, and its
+#   endpoint never calls it).
 class ConnectionManager:
     def __init__(self) -> None:
         self.active_connections: dict[int, Client] = {}  # by Client.key: one each
@@ -264,7 +221,6 @@ class ConnectionManager:
         """FastAPI's docs' two sends: the ack, "You wrote", to the writer; text to all."""
         await self.relay.say(self, client, ack, text)
 
-    # Who is in the chat, and telling the others who left.
     def enter(self, client: Client) -> None:
         older = self.active_connections.get(client.key)
         if older is not None:
@@ -302,10 +258,9 @@ class ConnectionManager:
         finally:
             self.announcer = None
 
-    # Into the batch the delivery task writes: see "Step 3, continued", below.
     async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None). A sender that makes the batch MAX_BATCH_MESSAGES
-        long, or longer, waits until the delivery task has written that batch."""
+        """To one client, or all (None). A sender whose message fills the batch waits
+        until the delivery task has written that batch."""
         self.add_to_batch_now(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES:
             await self.batch_written.wait()
@@ -316,42 +271,79 @@ class ConnectionManager:
             self.deliverer = asyncio.create_task(deliver_batches(self))
 
 
-# A relay hands what it brings back to the manager: enter() for a client who joins,
-# add_to_batch() for a message (add_to_batch_now() where it must not wait), and
-# send_personal_message(); cut_off() ends a client it can no longer serve. It may refuse
-# a message: broadcast() then returns False. That is why say() is the relay's too: a
-# relay that refuses a message sends no "You wrote" for it.
-class ChatRelay(Protocol):
-    """What carries a manager's messages: DeliverHere, below, by default; publish
-    returns False for a message it refused. What it calls back: the comment above."""
+# A client's cut_off_scope is anyio's, which Starlette runs on: the manager's cut_off
+# cancels it from another task, and it ends the endpoint's `with` block alone, where
+# task.cancel() would end the whole handler. Its close_code is the code its connection
+# ends with: the client's own, or the one cut_off closes it with.
+class Client:
+    """One chat connection, and what the manager keeps about it."""
 
-    async def join(self, chat: ConnectionManager, client: Client) -> None: ...
-    async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
+    def __init__(self, websocket: WebSocket, client_id: int | None) -> None:
+        self.websocket = websocket
+        self.client_id = client_id
+        self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
+        self.backlog: Backlog | None = None  # only while its socket is full: see below
+        self.cut_off_scope = anyio.CancelScope()
+        self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
+        self.quiet = False  # a restart, a takeover: nobody is told it left
+
+    def left_with(self, gone: WebSocketDisconnect) -> None:
+        self.close_code = gone.code
+        self.quiet = self.quiet or isinstance(gone, ServerShutdown)
+
+    async def close_if_cut_off(self) -> None:
+        if self.cut_off_scope.cancelled_caught:
+            who = "(anonymous)" if self.client_id is None else f"#{self.client_id}"
+            logger.info("Client %s cut off: %s", who, self.close_reason)
+            await close_or_give_up(self.websocket, self.close_code, self.close_reason)
+
+
+# A relay carries a manager's messages, and hands what it brings to the manager's
+# LocalChat side: enter() for a client who joins, add_to_batch() for a message
+# (add_to_batch_now() where it must not wait), send_personal_message(); cut_off() ends a
+# client it can no longer serve. It may refuse a message: publish() then returns False,
+# and so does broadcast(). That is why say() is the relay's too: a relay that refuses a
+# message sends no "You wrote" for it.
+class ChatRelay(Protocol):
+    """What carries a manager's messages: DeliverHere, below, by default."""
+
+    async def join(self, chat: LocalChat, client: Client) -> None: ...
+    async def publish(self, chat: LocalChat, message: str) -> bool: ...
     async def say(
-        self, chat: ConnectionManager, client: Client, ack: str, text: str
+        self, chat: LocalChat, client: Client, ack: str, text: str
     ) -> None: ...
+
+
+class LocalChat(Protocol):
+    """What a relay may call on the manager it carries: this process's clients."""
+
+    active_connections: dict[int, Client]
+
+    def enter(self, client: Client) -> None: ...
+    async def add_to_batch(self, to: Client | None, message: str) -> None: ...
+    def add_to_batch_now(self, to: Client | None, message: str) -> None: ...
+    async def send_personal_message(self, message: str, client: Client) -> None: ...
+    def cut_off(self, client: Client, code: int, reason: str, quiet: bool) -> None: ...
 
 
 class DeliverHere:
     """The chat is this process's clients: publishing is delivering."""
 
-    async def join(self, chat: ConnectionManager, client: Client) -> None:
+    async def join(self, chat: LocalChat, client: Client) -> None:
         chat.enter(client)
 
-    async def publish(self, chat: ConnectionManager, message: str) -> bool:
+    async def publish(self, chat: LocalChat, message: str) -> bool:
         await chat.add_to_batch(None, message)
         return True
 
-    async def say(
-        self, chat: ConnectionManager, client: Client, ack: str, text: str
-    ) -> None:
+    async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
         await chat.send_personal_message(ack, client)
         await self.publish(chat, text)
 
 
+# `Client #2 left the chat`, or `Clients #2, #5 and #9 left the chat`; in the anonymous
+# chat, `A user left the chat`, or `3 users left the chat`.
 def left_the_chat(client_ids: list[int | None]) -> str:
-    """`Client #2 left the chat`, or `Clients #2, #5 and #9 left the chat`; in the
-    anonymous chat, `A user left the chat`, or `3 users left the chat`."""
     names = [f"#{client_id}" for client_id in client_ids if client_id is not None]
     if not names:
         count = len(client_ids)
@@ -383,6 +375,8 @@ manager = ConnectionManager()
 anonymous_manager = ConnectionManager()  # the first tutorial's /chat/
 
 
+# The second tutorial's chat is at /ws/{client_id}, which step 2 answers here: of two
+# routes on one path, the first wins. /chat/, below, is the first tutorial's chat.
 @app.websocket("/chat/{client_id}")
 async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
     client = await manager.connect(websocket, client_id)
@@ -421,55 +415,55 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 
 # ~~~ Step 3, continued: how a message reaches everyone, waiting on no client's socket ~~~~~~
 #
-# How a message travels. add_to_batch is the manager's method; the others are below:
+# Senders never wait for a client's socket. A message joins the manager's batch, and one
+# task, deliver_batches, writes the whole batch to every client in turn. A batch holds
+# what was said while the one before it was being written: in a quiet chat, one message.
+# As one task writes every message, everyone gets them in the same order. A sender waits
+# only if its message makes the batch 100 long (MAX_BATCH_MESSAGES), and then only until
+# that batch is written; as each sender adds its message before it waits, a batch can
+# pass 100 by one message for each sender at most.
+#
+# The path of a message, through the functions below:
 #
 #     broadcast -> relay.publish -> add_to_batch; send_personal_message -> add_to_batch
-#     deliver_batches, one task: each batch to every client, in order
+#     deliver_batches, one task: each batch in turn -> write_to_everyone, in order
 #       -> write_without_waiting: the tutorials' loop, giving up a write that would wait
 #       -> add_to_backlog_or_cut_off: keeps what a client was not sent, for it alone
 #            -> write_backlog, one task per such client, writes it as its socket drains
 #            -> or, 100 behind and its socket still full: cut_off, closed with 1008
 #
-# Why not the simplest cure: give every client a queue and a task that writes it, so
-# that broadcast waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`,
-# run S in BENCHMARKS.md), it failed in two ways. Waking a task per client for every
-# message cost 1.87x the tutorials' CPU per delivery at 10,000 clients. And a full
-# queue is not always a slow client: beside 30 senders, a healthy client's queue filled
-# while its task waited for a turn, and it was cut off after 32 of the 3,000 messages.
-#
-# Senders never wait for a client's socket. A sender's message joins the batch, and one
-# task, deliver_batches, writes the whole batch to everyone. A batch holds what was said
-# while the one before it was being written: in a quiet chat, one message. As one task
-# writes every message, everyone gets them in the same order. A sender waits only if
-# its message makes the batch 100 long (MAX_BATCH_MESSAGES), and then only until that
-# batch is written. Each sender adds its message before it waits, so a batch can pass
-# 100 by one message for each sender at most.
-#
 # What happens to one client that stops reading, step by step:
 # 1. Its buffers fill: uvicorn and the kernel hold what it has not read. Until they are
-#    full, its writes succeed at once, like anyone's.
-# 2. Its next write would wait. write_without_waiting gives it up, unwritten, and goes
-#    on to the next client: everyone else is written to now.
+#    full, writes to it finish at once, like anyone's.
+# 2. Its next write would wait. write_without_waiting gives that write up, unsent, and
+#    goes on to the next client: everyone else is written to now.
 # 3. What it was not sent goes to its backlog, and write_backlog, a task of its own,
-#    writes it as its socket drains. The next batches add to the backlog, not to its
-#    socket: it is behind already. A backlog holds the very strings everyone is sent,
-#    a reference each: clients behind by the same 100 messages hold them once.
-# 4. The backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). When it is full and
-#    one more comes, the delivery asks why. If the backlog's task has not run yet, the
-#    server is busy, not the client, and the delivery waits for that task to run. If
-#    the task's write is waiting on the socket, the delivery gives it one more turn of
-#    the event loop, in case the loop has seen the socket drain and the task is about
-#    to write. If the write still waits after that, cut_off ends the client's handler:
-#    its backlog is dropped, the others are told "Client #N left the chat", and it is
-#    closed with 1008, "Too slow: over 100 messages behind".
-# 5. That close frame waits behind what its buffers hold, for 5 s at most. A client
-#    that reads again within them gets those messages, then the 1008. One that reads
-#    later gets those messages, then the connection ends with no close frame (1006, to
-#    a page). Either way its page reconnects, to a chat that has gone on. uvicorn then
-#    closes the socket, but a socket closes only once its buffer is written: a client
-#    that never reads again keeps its connection, as an idle one would, until it goes.
-# If the chat goes quiet before the backlog overflows, nothing more is added: the client
+#    writes it as its socket drains. Later batches go to the backlog too, not to its
+#    socket, so that its messages stay in order. A backlog holds the very strings
+#    everyone is sent, a reference each: clients behind by the same messages share them.
+# 4. The backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). When one more comes
+#    and the backlog is full, the delivery first makes sure that the client is slow, and
+#    not the server. If the backlog's task has not had a turn to write yet, the server
+#    is busy: the delivery waits for that turn. If the task's write is waiting on the
+#    socket, the delivery gives it one more turn of the event loop, in case the socket
+#    has just drained. If the write still waits, cut_off ends the client's handler: its
+#    backlog is dropped, the others are told "Client #N left the chat", and it is closed
+#    with 1008, "Too slow: over 100 messages behind".
+# 5. That close frame waits behind what its buffers hold, for 5 s at most. A client that
+#    reads again within them gets those messages, then the 1008. One that reads later
+#    gets those messages, then the connection ends with no close frame (1006, to a
+#    page). Either way its page reconnects, to a chat that has gone on. A client that
+#    never reads again keeps its connection, as an idle one would, until it goes: a
+#    socket closes only once its buffer is written.
+# If the chat goes quiet before the backlog is full, nothing more is added: the client
 # stays, and slows nobody, until it reads or leaves.
+#
+# Why not the simplest cure, a queue and a task for every client, so that broadcast
+# waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`, run S in
+# BENCHMARKS.md), it failed in two ways. Waking a task per client for every message
+# cost 1.87x the tutorials' CPU per delivery at 10,000 clients. And a full queue is not
+# always a slow client: beside 30 senders, a healthy client's queue filled while its
+# task waited for a turn, and it was cut off after 32 of the 3,000 messages.
 #
 # Giving up a write relies on uvicorn's --ws websockets-sansio (uvicorn 0.54's default;
 # the commands in this file and the README name it anyway): its send waits for room
@@ -495,24 +489,33 @@ Outgoing = tuple[list[str], dict[Client, list[str]]]
 
 async def deliver_batches(chat: ConnectionManager) -> None:
     """The delivery task: each batch to all, in order, never waiting on a socket."""
-    this_batch_written = asyncio.Event()
     try:
         while chat.batch:
             batch, chat.batch = chat.batch, []
             this_batch_written, chat.batch_written = chat.batch_written, asyncio.Event()
-            outgoing = by_recipient(batch)
-            # One iterator: each call goes on after the client the last one stopped at.
-            clients = iter(list(chat.active_connections.values()))
-            while behind := await write_without_waiting(chat, clients, outgoing):
-                client, unwritten = behind
-                for message in unwritten:
-                    await add_to_backlog_or_cut_off(chat, client, message)
-            this_batch_written.set()
+            try:
+                await write_to_everyone(chat, by_recipient(batch))
+            except Exception:  # a bug, not a client's doing: the next batches still go
+                logger.exception("Delivering %d chat messages failed", len(batch))
+            finally:
+                this_batch_written.set()
     finally:
         chat.deliverer = None
-        this_batch_written.set()  # even after a bug, for those who wait on it
 
 
+async def write_to_everyone(chat: ConnectionManager, outgoing: Outgoing) -> None:
+    # One iterator: each call goes on after the client the last one stopped at.
+    clients = iter(list(chat.active_connections.values()))
+    while behind := await write_without_waiting(chat, clients, outgoing):
+        client, unwritten = behind
+        for message in unwritten:
+            await add_to_backlog_or_cut_off(chat, client, message)
+
+
+# One deadline of now for all the writes: asyncio cancels the task where it first
+# pauses. An await pauses only when it must wait; no layer of a write (Starlette's, the
+# middlewares', uvicorn's) waits for a socket with room; and websockets-sansio waits for
+# room before it writes. So only a write to a full socket is given up, unsent.
 async def write_without_waiting(
     chat: ConnectionManager, clients: Iterator[Client], outgoing: Outgoing
 ) -> tuple[Client, list[str]] | None:
@@ -520,11 +523,6 @@ async def write_without_waiting(
     everyone, own = outgoing
     client: Client | None = None
     try:
-        # One deadline of now for all the writes: asyncio cancels this task where it
-        # first pauses. An await pauses only when it must wait; no layer of a write
-        # (Starlette's, the middlewares', uvicorn's) waits for a socket with room; and
-        # websockets-sansio waits for room before it writes. So only a write to a full
-        # socket is given up, and it has sent nothing.
         async with asyncio.timeout(0):
             for client in clients:
                 messages, written = own.get(client, everyone), 0
@@ -596,12 +594,14 @@ def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
     everyone: list[str] = []
     own: dict[Client, list[str]] = {}
     for to, message in batch:
-        if to is not None:  # theirs, after everyone's before it
-            own.setdefault(to, everyone.copy()).append(message)
-        else:
+        if to is None:
             everyone.append(message)
             for messages in own.values():
                 messages.append(message)
+        elif to in own:
+            own[to].append(message)
+        else:  # its first: after everyone's before it
+            own[to] = [*everyone, message]
     return everyone, own
 
 
@@ -1307,7 +1307,9 @@ class RedisRelay:
         # rather than redis-py failing past its pool's size ("Too many connections").
         self.connections = asyncio.Semaphore(REDIS_CONNECTIONS)
         self.chats = chats  # by the name they have in Redis's messages
-        self.chat_names = {chat: name for name, chat in chats.items()}
+        self.chat_names: dict[LocalChat, str] = {
+            chat: name for name, chat in chats.items()
+        }
         self.rooms = rooms
         self.in_rooms: weakref.WeakKeyDictionary[Room, RoomInRedis] = (
             weakref.WeakKeyDictionary()
@@ -1351,7 +1353,7 @@ class RedisRelay:
 
     # Step 3's chat: ChatRelay.
 
-    async def join(self, chat: ConnectionManager, client: Client) -> None:
+    async def join(self, chat: LocalChat, client: Client) -> None:
         self.check_open()
         chat.enter(client)
         if client.client_id is not None:
@@ -1362,12 +1364,10 @@ class RedisRelay:
                 ChatTakeover(chat=name, takeover=client.client_id, token=token)
             )
 
-    async def publish(self, chat: ConnectionManager, message: str) -> bool:
+    async def publish(self, chat: LocalChat, message: str) -> bool:
         return await self.send(ChatBroadcast(chat=self.chat_names[chat], text=message))
 
-    async def say(
-        self, chat: ConnectionManager, client: Client, ack: str, text: str
-    ) -> None:
+    async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
         # "You wrote" only once Redis has the message: a publish can fail. The message
         # may come back through the channel first: here, the ack can follow it.
         if await self.publish(chat, text):

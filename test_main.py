@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Iterator
 
@@ -402,6 +403,36 @@ def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> No
         return filled, filling[-1].done()
 
     assert run(fill_the_batch_while_the_delivery_waits()) == (True, True)
+
+
+def test_a_bug_in_one_delivery_is_logged_and_the_next_batch_still_goes(caplog) -> None:
+    # The delivery pauses for a client behind; meanwhile a second batch is said. Then a
+    # write fails with what no client causes: the second batch must still go out.
+    async def fail_one_write_while_a_batch_waits() -> list[str]:
+        manager = main.ConnectionManager()
+        behind = manager.active_connections[1] = client_writing_with(Socket().send, 1)
+        backlog = behind.backlog = main.Backlog()
+        backlog.messages.extend(["earlier"] * main.MAX_BACKLOG_MESSAGES)
+        backlog.task = asyncio.ensure_future(asyncio.Event().wait())  # no turn yet
+        written: list[str] = []
+
+        async def fail_on_first(message: Message) -> None:
+            if message["text"] == "first":
+                raise ValueError("a bug")
+            written.append(message["text"])
+
+        manager.active_connections[2] = client_writing_with(fail_on_first, 2)
+        await manager.broadcast("first")
+        await turns_of_the_event_loop()  # the delivery waits for #1's backlog
+        await manager.broadcast("second")  # the next batch
+        backlog.messages.clear()
+        backlog.has_space.set()
+        await turns_of_the_event_loop()
+        return written
+
+    assert run(fail_one_write_while_a_batch_waits()) == ["second"]
+    [failed] = [r for r in caplog.records if r.exc_info]
+    assert failed.getMessage() == "Delivering 1 chat messages failed"
 
 
 def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> None:
@@ -1337,6 +1368,30 @@ class CountedPasses(list):
     def __iter__(self):
         CountedPasses.passes += 1
         return super().__iter__()
+
+
+def test_a_client_s_own_messages_copy_everyone_s_once() -> None:
+    # A burst of "You wrote" to one writer, among everyone's messages: copying what
+    # everyone is sent at each of them made sorting a batch grow as its square.
+    calls: list[str] = []
+
+    def count_c_calls(frame, event: str, arg) -> None:
+        if event == "c_call":
+            calls.append(arg.__qualname__)
+
+    async def a_writer() -> main.Client:
+        return client_writing_with(Socket().send, 1)
+
+    writer = run(a_writer())
+    batch = [(None, f"message {i}") for i in range(50)]
+    batch += [(writer, f"you wrote {i}") for i in range(50)]
+    sys.setprofile(count_c_calls)
+    try:
+        everyone, own = main.by_recipient(batch)
+    finally:
+        sys.setprofile(None)
+    assert own[writer] == everyone + [f"you wrote {i}" for i in range(50)]
+    assert calls.count("list.copy") <= 1
 
 
 def test_a_batch_addressed_to_each_client_is_sorted_in_one_pass() -> None:
