@@ -163,6 +163,13 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # off: closed with 1008, "Too slow: over 100 messages behind", and the others are told
 # it left. A write to a client that has gone takes that client out, and nobody else.
 #
+# Words this step uses, in its code and in the log:
+# - the batch: what has been said and not yet written, which one task writes to all;
+# - a client's backlog: what it is yet to be sent, while its socket is full;
+# - cut off: taken out of the chat by the server, and closed with a code and a reason;
+# - quiet: gone without the others being told (taken over; the server restarting);
+# - the relay: what carries the manager's messages; in one process, DeliverHere.
+#
 # The manager and the endpoints come first, and read whole. How a message reaches
 # everyone is "Step 3, continued", after the endpoints: it can wait for a second read.
 
@@ -456,7 +463,14 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    never reads again keeps its connection, as an idle one would, until it goes: a
 #    socket closes only once its buffer is written.
 # If the chat goes quiet before the backlog is full, nothing more is added: the client
-# stays, and slows nobody, until it reads or leaves.
+# stays, and slows nobody, until it reads or leaves. The rule counts messages, not time:
+# a client whose socket stays full through a burst of over 100 is cut off within it.
+#
+# For example: clients 1, 2 and 3, and 3 stops reading. Until its buffers are full,
+# each message reaches all three at once. The first that would wait on 3, message m,
+# reaches 1 and 2 at once and goes to 3's backlog; so do m+1 to m+99, which fill it. At
+# m+100, if 3's write still waits after one more turn, 3 is cut off: 1 and 2 are sent
+# "Client #3 left the chat", and 3 is sent what its buffers hold, then the 1008.
 #
 # Why not the simplest cure, a queue and a task for every client, so that broadcast
 # waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`, run S in
@@ -1112,6 +1126,23 @@ async def room_endpoint(
 # layer: every broadcast goes through Redis, and each process hands what Redis brings to
 # its own clients. Measured at 10,000 clients over 2 workers: 0.97x one process's CPU
 # per delivery for step 3's chat (bench.py --redis).
+#
+# How it works, and what handles each thing that can go wrong:
+# - every process subscribes to one channel, REDIS_CHANNEL: a broadcast, a takeover and
+#   a room's message are published on it, and each process hands them to its own
+#   clients (relay_messages, on_channel_message);
+# - a room's message also goes into the room's Redis stream, in the Lua script that
+#   publishes it: the stream gives its id and keeps the history (run_publish);
+# - who is in a room is a hash per room, a field per process; each process tells Redis
+#   it is alive every REDIS_PING_INTERVAL_S (heartbeat), and one silent for
+#   PROCESS_TTL_S is gone, its members with it;
+# - Redis not answering at start-up: the app does not start (exit_unless_redis_answers);
+# - Redis lost, or silent for REDIS_TIMEOUT_S, or a publish not taken: every chat and
+#   room here closes with 1013, pages retry, and the relay subscribes again every
+#   REDIS_RETRY_S (relay_messages, relay_until_silent, close_chat);
+# - this process paused past PROCESS_TTL_S: it closes its clients with 1013, and starts
+#   a new session (close_after_a_pause);
+# - the same client id in two processes: the older is closed with 4000 (take_over).
 
 # Imported here, not at the top, to show that steps 1 to 5 use no Redis: a copy of them
 # leaves these lines behind, and needs no redis-py; this whole file does need it.
