@@ -34,7 +34,7 @@ import secrets
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path as FilePath
 from typing import Annotated, Any, ClassVar, Protocol
 from urllib.parse import urlsplit
@@ -387,7 +387,7 @@ anonymous_manager = ConnectionManager()  # the first tutorial's /chat/
 @app.websocket("/chat/{client_id}")
 async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
     client = await manager.connect(websocket, client_id)
-    flood_control = FloodControl()
+    flood_control = FloodControl()  # a guard, in "What every step shares"
     try:
         with client.cut_off_scope:  # the manager cancels it to cut this client off
             while True:
@@ -452,10 +452,11 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    and the backlog is full, the delivery first makes sure that the client is slow, and
 #    not the server. If the backlog's task has not had a turn to write yet, the server
 #    is busy: the delivery waits for that turn. If the task's write is waiting on the
-#    socket, the delivery gives it one more turn of the event loop, in case the socket
-#    has just drained. If the write still waits, cut_off ends the client's handler: its
-#    backlog is dropped, the others are told "Client #N left the chat", and it is closed
-#    with 1008, "Too slow: over 100 messages behind".
+#    socket, the delivery gives it one more turn of the event loop, in case the loop
+#    has seen the socket drain and the task is about to write. If the write still
+#    waits, cut_off ends the client's handler: its backlog is dropped, the others are
+#    told "Client #N left the chat", and it is closed with 1008, "Too slow: over 100
+#    messages behind". Over 100, that is, beyond what its buffers hold.
 # 5. That close frame waits behind what its buffers hold, for 5 s at most. A client that
 #    reads again within them gets those messages, then the 1008. One that reads later
 #    gets those messages, then the connection ends with no close frame (1006, to a
@@ -468,9 +469,10 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #
 # For example: clients 1, 2 and 3, and 3 stops reading. Until its buffers are full,
 # each message reaches all three at once. The first that would wait on 3, message m,
-# reaches 1 and 2 at once and goes to 3's backlog; so do m+1 to m+99, which fill it. At
-# m+100, if 3's write still waits after one more turn, 3 is cut off: 1 and 2 are sent
-# "Client #3 left the chat", and 3 is sent what its buffers hold, then the 1008.
+# reaches 1 and 2 at once and goes to 3's backlog; so do m+1 to m+100 (its task takes m
+# out, to write it, and waits). At m+101, if 3's write still waits after one more turn,
+# 3 is cut off: 1 and 2 are sent "Client #3 left the chat", and 3 is sent what its
+# buffers hold, then the 1008.
 #
 # Why not the simplest cure, a queue and a task for every client, so that broadcast
 # waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`, run S in
@@ -545,7 +547,7 @@ async def write_without_waiting(
                 for message in messages:
                     try:
                         await client.websocket.send_text(message)
-                    except GONE:
+                    except GONE:  # a write to a client gone: see its guard
                         chat.leave(client)  # its handler tells the room
                         break
                     written += 1
@@ -1311,7 +1313,7 @@ class RedisRelay:
     """
 
     def __init__(
-        self, url: str, chats: dict[str, ConnectionManager], rooms: RoomManager
+        self, url: str, chats: Mapping[str, LocalChat], rooms: RoomManager
     ) -> None:
         self.url = without_password(url)  # for the log
         self.redis = redis.asyncio.Redis.from_url(
@@ -1749,7 +1751,7 @@ class RedisRelay:
         self.rooms.keep(room, message_id, frame)
         room.manager.add_to_batch_now(None, frame)
 
-    def take_over(self, chat: ConnectionManager, client_id: int, token: str) -> None:
+    def take_over(self, chat: LocalChat, client_id: int, token: str) -> None:
         """Another connection with this id joined: close ours if it joined earlier.
 
         Redis orders the notices: a connection whose own notice has come back joined
@@ -1886,7 +1888,8 @@ else:
 # - the log lines ClientFaultsAsWarnings rewords (test_server.py:
 #   test_invalid_utf8_closes_with_1007_without_a_traceback, and the SIGTERM tests);
 # - no layer of a send pauses on a socket with room: if one did, every write would go
-#   through a backlog, in order and once, but at a cost bench.py's chat figure shows.
+#   through a backlog, in order and once, but at a cost bench.py's chat figure shows;
+# - and none pauses once it has written: a write given up then would be sent twice.
 
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
 # 65536` in the README's production command.
