@@ -1145,6 +1145,10 @@ async def room_endpoint(
 # - this process paused past PROCESS_TTL_S: it closes its clients with 1013, and starts
 #   a new session (close_after_a_pause);
 # - the same client id in two processes: the older is closed with 4000 (take_over).
+# What comes on the channel joins a batch without waiting (add_to_batch_now), as the
+# subscription must be read on. So here a full batch (MAX_BATCH_MESSAGES) holds up only
+# a chat sender's own "You wrote", in its process; the anonymous chat's senders, and the
+# rooms', wait for Redis to take their messages, and no longer.
 
 # Imported here, not at the top, to show that steps 1 to 5 use no Redis: a copy of them
 # leaves these lines behind, and needs no redis-py; this whole file does need it.
