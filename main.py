@@ -15,7 +15,7 @@ and can wait: 5, named rooms with history, built on step 3; 6, one chat across
 processes through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
 
 The guards every step shares stand after the steps, listed above step 1: steps 1, 2 and
-4 read as the tutorials wrote them; steps 3 and 5 call FloodControl, and step 3 also
+4 read as their sources wrote them; steps 3 and 5 call FloodControl, and step 3 also
 close_or_give_up and GONE. Copy that section with any step. Last: step 3's chat by HTTP.
 """
 
@@ -138,8 +138,12 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # --- Step 3: a chat room. The ConnectionManager and its endpoints --------------------------
 #
 # Try it in two tabs: http://127.0.0.1:8000/?endpoint=chat&client_id=1, and the same with
-# client_id=2. Each tab sees what the other writes. Open client_id=1 in a third tab, and
-# the first tab is closed with 4000: one id, one connection.
+# client_id=2. Each tab sees what the other writes, and its own messages twice: "You
+# wrote: hi" to it alone, then "Client #1 says: hi" to all, as in FastAPI's docs. Open
+# client_id=1 in a third tab, and the first tab is closed with 4000: one id, one
+# connection. The chat is at /chat/{client_id}: the second tutorial has it at
+# /ws/{client_id}, which step 2 answers here (of two routes on one path, the first
+# wins). /chat/ is the first tutorial's chat, with no ids.
 #
 # The tutorials' ConnectionManager keeps a list of WebSockets, and its broadcast writes
 # to each in turn, waiting for each write to finish:
@@ -156,12 +160,13 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - A write to a client that has gone raises in the sender's handler: the sender is
 #   taken out of the chat, and the client that has gone stays in.
 #
-# Ours keeps the tutorials' four methods, in their order, and its broadcast waits for
-# nobody. A message is written at once to every client whose socket has room for it. A
-# client whose socket is full gets it later, from a queue of its own (its Backlog), as
-# its socket drains. A client with 100 messages queued and its socket still full is cut
-# off: closed with 1008, "Too slow: over 100 messages behind", and the others are told
-# it left. A write to a client that has gone takes that client out, and nobody else.
+# Ours keeps the second tutorial's four methods, in order, and its broadcast waits on no
+# client's socket. A message is written at once to every client whose socket has room
+# for it. A client whose socket is full gets it later, from a queue of its own (its
+# Backlog), as its socket drains. A client with 100 messages queued and its socket
+# still full is cut off at the next message: closed with 1008, "Too slow: over 100
+# messages behind", and the others are told it left. A write to a client that has gone
+# takes that client out, and nobody else.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -382,8 +387,6 @@ manager = ConnectionManager()
 anonymous_manager = ConnectionManager()  # the first tutorial's /chat/
 
 
-# The second tutorial's chat is at /ws/{client_id}, which step 2 answers here: of two
-# routes on one path, the first wins. /chat/, below, is the first tutorial's chat.
 @app.websocket("/chat/{client_id}")
 async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
     client = await manager.connect(websocket, client_id)
