@@ -1129,8 +1129,8 @@ async def room_endpoint(
 # room's history. With REDIS_URL set, `use_redis` gives steps 3 and 5 another relay behind
 # the interfaces they declare (ChatRelay, RoomRelay), as Django Channels swaps its channel
 # layer: every broadcast goes through Redis, and each process hands what Redis brings to
-# its own clients. Measured at 10,000 clients over 2 workers: 0.97x one process's CPU
-# per delivery for step 3's chat (bench.py --redis).
+# its own clients. Measured at 10,000 clients over 2 workers: 1.07x one process's CPU
+# per delivery for step 3's chat (bench.py --redis, run AB in BENCHMARKS.md).
 #
 # How it works, and what handles each thing that can go wrong:
 # - every process subscribes to one channel, REDIS_CHANNEL: a broadcast, a takeover and
