@@ -173,10 +173,12 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - a client's backlog: what it is yet to be sent, while its socket is full;
 # - cut off: taken out of the chat by the server, and closed with a code and a reason;
 # - quiet: gone without the others being told (taken over; the server restarting);
+# - LocalChat: this process's clients of a chat, and the batch; the manager is one;
 # - the relay: what carries the manager's messages; in one process, DeliverHere.
 #
-# The manager and the endpoints come first, and read whole. How a message reaches
-# everyone is "Step 3, continued", after the endpoints: it can wait for a second read.
+# LocalChat, the manager and the endpoints come first, and read whole. How a message
+# reaches everyone is "Step 3, continued", after the endpoints: it can wait for a
+# second read.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many waits
@@ -185,28 +187,74 @@ TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
 
 
-# Ours beside the tutorials' manager, method by method:
-# - active_connections is a dict by client id, not a list: a second connection with the
-#   same id takes over, and the older one is closed with 4000. As in the tutorials,
-#   nothing checks that a client is who its id says: a real app would, with a
-#   dependency, as FastAPI's docs show, before anyone can take another's id over.
-# - connect() returns a Client, the manager's record of a connection, which disconnect()
-#   and send_personal_message() take where the tutorials take the WebSocket.
-# - disconnect() tells the others who left: several who leave at once get one notice.
-# - send_personal_message() and broadcast() put the message in the batch, which one
-#   task writes to everyone: see "Step 3, continued". broadcast() goes through the
-#   manager's relay first, the one piece another backend would replace to carry the
-#   chat between processes. Here it is DeliverHere, below, which delivers at once.
-# - say() does FastAPI's docs' two sends: "You wrote: ..." to the writer, then the
-#   message to everyone (the second tutorial defines send_personal_message, and its
-#   endpoint never calls it).
-class ConnectionManager:
+# What every chat in this file is made of, step 3's manager and step 5's rooms alike:
+# who is connected here, and the batch of what was said, which one task writes to them
+# all ("Step 3, continued"). A relay, below, calls these too.
+class LocalChat:
+    """This process's clients of one chat, and the delivery to them."""
+
     def __init__(self) -> None:
         self.active_connections: dict[int, Client] = {}  # by Client.key: one each
-        self.relay: ChatRelay = DeliverHere()
         self.batch: list[tuple[Client | None, str]] = []  # see `add_to_batch`
         self.batch_written = asyncio.Event()  # set once that batch is written
         self.deliverer: asyncio.Task[None] | None = None
+
+    def enter(self, client: Client) -> None:
+        older = self.active_connections.get(client.key)
+        if older is not None:
+            self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
+        self.active_connections[client.key] = client
+
+    def leave(self, client: Client) -> None:
+        # Does no harm called twice, or for a connection a newer one has replaced.
+        if self.active_connections.get(client.key) is client:
+            del self.active_connections[client.key]
+        if client.backlog is not None and client.backlog.task is not None:
+            # A task cancelled before its first turn never sets has_space: set it here.
+            client.backlog.task.cancel()
+            client.backlog.has_space.set()
+
+    def cut_off(
+        self, client: Client, code: int, reason: str, quiet: bool = False
+    ) -> None:
+        """Out of the chat, its handler ended: closed with `code` and `reason`."""
+        self.leave(client)
+        client.close_code, client.close_reason, client.quiet = code, reason, quiet
+        client.cut_off_scope.cancel()
+
+    async def add_to_batch(self, to: Client | None, message: str) -> None:
+        """To one client, or all (None). A sender whose message fills the batch waits
+        until the delivery task has written that batch."""
+        self.add_to_batch_now(to, message)
+        if len(self.batch) >= MAX_BATCH_MESSAGES:
+            await self.batch_written.wait()
+
+    def add_to_batch_now(self, to: Client | None, message: str) -> None:
+        self.batch.append((to, message))
+        if self.deliverer is None:
+            self.deliverer = asyncio.create_task(deliver_batches(self))
+
+
+# Ours beside the tutorials' manager, method by method:
+# - active_connections, from LocalChat, is a dict by client id, not a list: a second
+#   connection with the same id takes over, and the older one is closed with 4000. As
+#   in the tutorials, nothing checks that a client is who its id says: a real app
+#   would, with a dependency, as FastAPI's docs show, before anyone can take another's
+#   id over.
+# - connect() returns a Client, the manager's record of a connection, which disconnect()
+#   and send_personal_message() take where the tutorials take the WebSocket.
+# - disconnect() tells the others who left: several who leave at once get one notice.
+# - send_personal_message() and broadcast() put the message in the batch. broadcast()
+#   goes through the manager's relay first, the one piece another backend would replace
+#   to carry the chat between processes. Here it is DeliverHere, below, which delivers
+#   at once.
+# - say() does FastAPI's docs' two sends: "You wrote: ..." to the writer, then the
+#   message to everyone (the second tutorial defines send_personal_message, and its
+#   endpoint never calls it).
+class ConnectionManager(LocalChat):
+    def __init__(self) -> None:
+        super().__init__()  # active_connections, and the batch
+        self.relay: ChatRelay = DeliverHere()
         self.departed: list[int | None] = []  # see `announce_leaving`
         self.announcer: asyncio.Task[None] | None = None
 
@@ -233,29 +281,6 @@ class ConnectionManager:
         """FastAPI's docs' two sends: the ack, "You wrote", to the writer; text to all."""
         await self.relay.say(self, client, ack, text)
 
-    def enter(self, client: Client) -> None:
-        older = self.active_connections.get(client.key)
-        if older is not None:
-            self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
-        self.active_connections[client.key] = client
-
-    def leave(self, client: Client) -> None:
-        # Does no harm called twice, or for a connection a newer one has replaced.
-        if self.active_connections.get(client.key) is client:
-            del self.active_connections[client.key]
-        if client.backlog is not None and client.backlog.task is not None:
-            # A task cancelled before its first turn never sets has_space: set it here.
-            client.backlog.task.cancel()
-            client.backlog.has_space.set()
-
-    def cut_off(
-        self, client: Client, code: int, reason: str, quiet: bool = False
-    ) -> None:
-        """Out of the chat, its handler ended: closed with `code` and `reason`."""
-        self.leave(client)
-        client.close_code, client.close_reason, client.quiet = code, reason, quiet
-        client.cut_off_scope.cancel()
-
     def announce_leaving(self, client: Client) -> None:
         """All who leave in one turn of the event loop are named in one notice."""
         self.departed.append(client.client_id)
@@ -269,18 +294,6 @@ class ConnectionManager:
                 await self.broadcast(left_the_chat(client_ids))
         finally:
             self.announcer = None
-
-    async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None). A sender whose message fills the batch waits
-        until the delivery task has written that batch."""
-        self.add_to_batch_now(to, message)
-        if len(self.batch) >= MAX_BATCH_MESSAGES:
-            await self.batch_written.wait()
-
-    def add_to_batch_now(self, to: Client | None, message: str) -> None:
-        self.batch.append((to, message))
-        if self.deliverer is None:
-            self.deliverer = asyncio.create_task(deliver_batches(self))
 
 
 # A client's cut_off_scope is anyio's, which Starlette runs on: the manager's cut_off
@@ -311,11 +324,11 @@ class Client:
 
 
 # A relay carries a manager's messages, and hands what it brings to the manager's
-# LocalChat side: enter() for a client who joins, add_to_batch() for a message
-# (add_to_batch_now() where it must not wait), send_personal_message(); cut_off() ends a
-# client it can no longer serve. It may refuse a message: publish() then returns False,
-# and so does broadcast(). That is why say() is the relay's too: a relay that refuses a
-# message sends no "You wrote" for it.
+# LocalChat: enter() for a client who joins, add_to_batch() for a message to all or to
+# one (add_to_batch_now() where it must not wait); cut_off() ends a client it can no
+# longer serve. It may refuse a message: publish() then returns False, and so does
+# broadcast(). That is why say() is the relay's too: a relay that refuses a message
+# sends no "You wrote" for it.
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default."""
 
@@ -324,18 +337,6 @@ class ChatRelay(Protocol):
     async def say(
         self, chat: LocalChat, client: Client, ack: str, text: str
     ) -> None: ...
-
-
-class LocalChat(Protocol):
-    """What a relay may call on the manager it carries: this process's clients."""
-
-    active_connections: dict[int, Client]
-
-    def enter(self, client: Client) -> None: ...
-    async def add_to_batch(self, to: Client | None, message: str) -> None: ...
-    def add_to_batch_now(self, to: Client | None, message: str) -> None: ...
-    async def send_personal_message(self, message: str, client: Client) -> None: ...
-    def cut_off(self, client: Client, code: int, reason: str, quiet: bool) -> None: ...
 
 
 class DeliverHere:
@@ -349,7 +350,7 @@ class DeliverHere:
         return True
 
     async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
-        await chat.send_personal_message(ack, client)
+        await chat.add_to_batch(client, ack)
         await self.publish(chat, text)
 
 
@@ -506,7 +507,7 @@ class Backlog:
 Outgoing = tuple[list[str], dict[Client, list[str]]]
 
 
-async def deliver_batches(chat: ConnectionManager) -> None:
+async def deliver_batches(chat: LocalChat) -> None:
     """The delivery task: each batch to all, in order, never waiting on a socket."""
     try:
         while chat.batch:
@@ -522,7 +523,7 @@ async def deliver_batches(chat: ConnectionManager) -> None:
         chat.deliverer = None
 
 
-async def write_to_everyone(chat: ConnectionManager, outgoing: Outgoing) -> None:
+async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
     # One iterator: each call goes on after the client the last one stopped at.
     clients = iter(list(chat.active_connections.values()))
     while behind := await write_without_waiting(chat, clients, outgoing):
@@ -536,7 +537,7 @@ async def write_to_everyone(chat: ConnectionManager, outgoing: Outgoing) -> None
 # middlewares', uvicorn's) waits for a socket with room; and websockets-sansio waits for
 # room before it writes. So only a write to a full socket is given up, unsent.
 async def write_without_waiting(
-    chat: ConnectionManager, clients: Iterator[Client], outgoing: Outgoing
+    chat: LocalChat, clients: Iterator[Client], outgoing: Outgoing
 ) -> tuple[Client, list[str]] | None:
     """The tutorials' loop, up to a full socket: its client, and what it was not sent."""
     everyone, own = outgoing
@@ -561,7 +562,7 @@ async def write_without_waiting(
 
 
 async def add_to_backlog_or_cut_off(
-    chat: ConnectionManager, client: Client, message: str
+    chat: LocalChat, client: Client, message: str
 ) -> None:
     """Keep what its full socket did not take; past MAX_BACKLOG_MESSAGES, cut it off."""
     waited_a_turn = False
@@ -585,9 +586,7 @@ async def add_to_backlog_or_cut_off(
             return
 
 
-async def write_backlog(
-    chat: ConnectionManager, client: Client, backlog: Backlog
-) -> None:
+async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> None:
     """Its own task: writes the backlog as the socket drains, while nobody waits on it."""
     try:
         while backlog.messages:
@@ -703,7 +702,7 @@ async def item_endpoint(
 # ({"id", "client_id", "text"}, to everyone, the sender too), and `joined` and `left`
 # ({"client_ids": [...]}). From the client: {"text": T}; anything else closes with 1007.
 #
-# How it builds on step 3: a Room holds a step 3 ConnectionManager for its clients (the
+# How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
 # doorkeeper task lets joiners in between two deliveries, so that a joiner's history
 # and the messages it gets live meet exactly. Where a room's messages, ids and members
@@ -799,7 +798,7 @@ class Room:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.manager = ConnectionManager()  # step 3's delivery and takeovers
+        self.chat = LocalChat()  # step 3's clients, delivery and takeovers
         self.history = History()
         self.joining: list[Joiner] = []
         self.away: dict[int, float] = {}  # dropped, and when their grace ends
@@ -810,12 +809,12 @@ class Room:
         self.empty_since = 0.0
 
     def is_empty(self) -> bool:
-        return not (self.manager.active_connections or self.joining or self.away)
+        return not (self.chat.active_connections or self.joining or self.away)
 
     async def delivered(self) -> None:
-        """Once step 3's manager has no delivery under way: each kept message went out."""
-        while self.manager.deliverer is not None:
-            await asyncio.wait([self.manager.deliverer])
+        """Once its chat has no delivery under way: each kept message went out."""
+        while self.chat.deliverer is not None:
+            await asyncio.wait([self.chat.deliverer])
 
 
 class RoomRelay(Protocol):
@@ -830,7 +829,7 @@ class RoomRelay(Protocol):
         self, rooms: RoomManager, room: Room, client_id: int, text: str
     ) -> None:
         """Give the message its id and keep it; it reaches the members, the sender too,
-        through room.manager's add_to_batch, in the order of the ids."""
+        through room.chat's add_to_batch, in the order of the ids."""
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
         """Before the joiners are let in: who is in the room elsewhere. What it reads,
@@ -858,7 +857,7 @@ class RoomsHere:
         message_id = room.history.next_id()
         frame = message_frame(message_id, said(client_id, text))
         rooms.keep(room, message_id, frame)
-        await room.manager.add_to_batch(None, frame)
+        await room.chat.add_to_batch(None, frame)
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
         return set()  # no members but this process's
@@ -895,8 +894,8 @@ class RoomManager:
         """Out of its room; the others are told who left, several in one notice."""
         was_let_in = all(waiting is not client for waiting, _ in room.joining)
         room.joining = [(c, since) for c, since in room.joining if c is not client]
-        room.manager.leave(client)
-        replaced = client.key in room.manager.active_connections  # by a newer one
+        room.chat.leave(client)
+        replaced = client.key in room.chat.active_connections  # by a newer one
         away = client.quiet or client.close_code in AWAY_CLOSE_CODES
         if was_let_in and not replaced and away:
             # Not gone yet: a page that lost its connection, or whose server restarts,
@@ -990,9 +989,7 @@ class RoomManager:
             # A bug, not a client's doing: the joiners are told, not left waiting.
             logger.exception("Letting clients into room %s failed", room.name)
             for client, _ in room.joining:
-                room.manager.cut_off(
-                    client, status.WS_1011_INTERNAL_ERROR, SERVER_ERROR
-                )
+                room.chat.cut_off(client, status.WS_1011_INTERNAL_ERROR, SERVER_ERROR)
             room.joining = []
         finally:
             room.doorkeeper = None
@@ -1004,17 +1001,17 @@ class RoomManager:
         left. `elsewhere`: members the relay knows of, beyond this process's."""
         joiners = [joiner for joiner in joiners if joiner in room.joining]
         histories = self.relay.histories(room, joiners)
-        others = list(room.manager.active_connections.values())
+        others = list(room.chat.active_connections.values())
         for client, _ in joiners:
-            room.manager.enter(client)  # an older connection with this id gets 4000
+            room.chat.enter(client)  # an older connection with this id gets 4000
         self.update_who_is_away(room)
-        present = {*room.manager.active_connections, *room.away, *elsewhere}
+        present = {*room.chat.active_connections, *room.away, *elsewhere}
         tell_who_came_and_went(room, others, present)
         for client, _ in joiners:
-            if room.manager.active_connections.get(client.key) is client:
+            if room.chat.active_connections.get(client.key) is client:
                 history, missed = histories[client]
                 frame = welcome(room, client, sorted(present), history, missed)
-                room.manager.add_to_batch_now(client, frame)
+                room.chat.add_to_batch_now(client, frame)
         # Joining until welcomed: after a bug before this, keep_the_door closes them.
         room.joining = [joiner for joiner in room.joining if joiner not in joiners]
 
@@ -1025,7 +1022,7 @@ class RoomManager:
         room.away = {
             client_id: until
             for client_id, until in room.away.items()
-            if until > loop.time() and client_id not in room.manager.active_connections
+            if until > loop.time() and client_id not in room.chat.active_connections
         }
         if room.is_empty():
             room.empty_since = time.monotonic()
@@ -1042,8 +1039,8 @@ def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) 
         if client_ids:
             notice = compact_json({"type": kind, "client_ids": sorted(client_ids)})
             for other in others:
-                if room.manager.active_connections.get(other.key) is other:
-                    room.manager.add_to_batch_now(other, notice)
+                if room.chat.active_connections.get(other.key) is other:
+                    room.chat.add_to_batch_now(other, notice)
     room.told = present
 
 
@@ -1411,7 +1408,7 @@ class RedisRelay:
         # "You wrote" only once Redis has the message: a publish can fail. The message
         # may come back through the channel first: here, the ack can follow it.
         if await self.publish(chat, text):
-            await chat.send_personal_message(ack, client)
+            await chat.add_to_batch(client, ack)
 
     # Step 5's rooms: RoomRelay.
 
@@ -1433,7 +1430,7 @@ class RedisRelay:
         state = self.in_rooms.setdefault(room, RoomInRedis())
         state.looked_up = None
         joining = [client.key for client, _ in joiners]
-        here = sorted({*room.manager.active_connections, *room.away, *joining})
+        here = sorted({*room.chat.active_connections, *room.away, *joining})
         write = members_to_write(here, state.written)
         # A `since` Redis would refuse counts as none: that joiner missed some.
         sinces = sorted({s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)})
@@ -1486,7 +1483,7 @@ class RedisRelay:
             return {client: ([], since is not None) for client, since in joiners}
         seen = [m for ms in (found.latest, *found.after.values()) for m in ms]
         newest = max((stream_order(i) for i, _ in seen), default=(0, 0))
-        if not room.manager.active_connections:
+        if not room.chat.active_connections:
             # Nobody here yet: what Redis had is in the welcomes, the rest comes live.
             state.shown_upto = max(state.shown_upto, newest)
         histories = {}
@@ -1515,7 +1512,7 @@ class RedisRelay:
     async def share_presence(self, room: Room) -> None:
         """Tell the other processes to look again at who is in the room; and take over
         from their connections with the joiners' ids."""
-        here = sorted({*room.manager.active_connections, *room.away})
+        here = sorted({*room.chat.active_connections, *room.away})
         if here != self.in_rooms.setdefault(room, RoomInRedis()).written:
             stream, count, members = room_keys(room)  # someone left, or never came in
             try:
@@ -1536,7 +1533,7 @@ class RedisRelay:
         # cost a notice per room each PRESENCE_INTERVAL_S, not one each.
         joined = {  # by client id: a room's clients all have one
             key: client
-            for key, client in room.manager.active_connections.items()
+            for key, client in room.chat.active_connections.items()
             if client not in self.tokens
         }
         for client in joined.values():
@@ -1741,7 +1738,7 @@ class RedisRelay:
         if room is None:
             return  # nobody here in that room
         for client_id, token in notice.takeovers:
-            self.take_over(room.manager, client_id, token)
+            self.take_over(room.chat, client_id, token)
         if notice.presence != self.process:
             self.rooms.presence_changed(room)
 
@@ -1756,7 +1753,7 @@ class RedisRelay:
         state.shown_upto = stream_order(message_id)
         frame = message_frame(message_id, what)
         self.rooms.keep(room, message_id, frame)
-        room.manager.add_to_batch_now(None, frame)
+        room.chat.add_to_batch_now(None, frame)
 
     def take_over(self, chat: LocalChat, client_id: int, token: str) -> None:
         """Another connection with this id joined: close ours if it joined earlier.
@@ -1782,12 +1779,12 @@ class RedisRelay:
             for client in list(chat.active_connections.values()):
                 chat.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True)
         for room in self.rooms.by_name.values():
-            clients = [*room.manager.active_connections.values()]
+            clients = [*room.chat.active_connections.values()]
             clients += [client for client, _ in room.joining]
             room.joining, room.away = [], {}
             self.in_rooms.setdefault(room, RoomInRedis()).elsewhere = {}
             for client in clients:
-                room.manager.cut_off(
+                room.chat.cut_off(
                     client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True
                 )
 

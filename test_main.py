@@ -471,16 +471,16 @@ def test_joiners_are_let_in_between_two_deliveries_never_during_one() -> None:
             try:
                 await delivered.wait()
             finally:
-                room.manager.deliverer = None
+                room.chat.deliverer = None
 
-        room.manager.deliverer = asyncio.ensure_future(delivery_under_way())
+        room.chat.deliverer = asyncio.ensure_future(delivery_under_way())
         room.joining.append((client_writing_with(Socket().send, 7), None))
         rooms.call_the_doorkeeper(room)
         await turns_of_the_event_loop()
-        let_in_during = 7 in room.manager.active_connections
+        let_in_during = 7 in room.chat.active_connections
         delivered.set()
         await turns_of_the_event_loop()
-        return let_in_during, 7 in room.manager.active_connections
+        return let_in_during, 7 in room.chat.active_connections
 
     assert run(join_while_a_delivery_is_under_way()) == (False, True)
 
@@ -1209,12 +1209,12 @@ def test_losing_redis_cuts_every_client_off_quietly_with_1013() -> None:
         in_chat = chat.active_connections[1] = client_writing_with(Socket().send, 1)
         room = rooms.open_room("lobby")
         in_room = client_writing_with(Socket().send, 2)
-        room.manager.enter(in_room)
+        room.chat.enter(in_room)
         joining = client_writing_with(Socket().send, 3)
         room.joining.append((joining, None))
         relay.close_chat("gone")
         await relay.redis.aclose()
-        left = [chat.active_connections, room.manager.active_connections, room.joining]
+        left = [chat.active_connections, room.chat.active_connections, room.joining]
         return [in_chat, in_room, joining], left
 
     closed_clients, left = run(lose_redis())
