@@ -872,7 +872,8 @@ class RoomsHere:
 
 
 class RoomManager:
-    """Step 3's manager for many rooms, each a room of step 3's with a history."""
+    """Step 5's rooms, each step 3's LocalChat with a history, and their comings and
+    goings."""
 
     def __init__(self) -> None:
         # The rooms, the least recently active first: see `open_room`.
