@@ -14,9 +14,9 @@ docs. Steps 1 to 4 are that code, made to hold up; 5 and 6 go where a chat goes 
 and can wait: 5, named rooms with history, built on step 3; 6, one chat across
 processes through Redis, plugged into steps 3 and 5 behind the interfaces they declare.
 
-The guards every step shares stand after the steps, listed above step 1: steps 1, 2 and
-4 read as their sources wrote them; steps 3 and 5 call FloodControl, and step 3 also
-close_or_give_up and GONE. Copy that section with any step. Last: step 3's chat by HTTP.
+The guards every step shares stand after the steps, listed above step 1: steps 3 and 5
+call FloodControl, and through step 3's pieces close_or_give_up and GONE; steps 1, 2
+and 4 call none. Copy that section with any step. Last: step 3's chat by HTTP.
 """
 
 from __future__ import annotations  # a type hint may name a class defined further down
@@ -323,34 +323,36 @@ class Client:
             await close_or_give_up(self.websocket, self.close_code, self.close_reason)
 
 
-# A relay carries a manager's messages, and hands what it brings to the manager's
-# LocalChat: enter() for a client who joins, add_to_batch() for a message to all or to
-# one (add_to_batch_now() where it must not wait); cut_off() ends a client it can no
+# A relay carries a manager's messages, and hands what it brings to the manager: enter()
+# for a client who joins, add_to_batch() for a message to all (add_to_batch_now() where
+# it must not wait), send_personal_message() for one; cut_off() ends a client it can no
 # longer serve. It may refuse a message: publish() then returns False, and so does
 # broadcast(). That is why say() is the relay's too: a relay that refuses a message
 # sends no "You wrote" for it.
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default."""
 
-    async def join(self, chat: LocalChat, client: Client) -> None: ...
-    async def publish(self, chat: LocalChat, message: str) -> bool: ...
+    async def join(self, chat: ConnectionManager, client: Client) -> None: ...
+    async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
     async def say(
-        self, chat: LocalChat, client: Client, ack: str, text: str
+        self, chat: ConnectionManager, client: Client, ack: str, text: str
     ) -> None: ...
 
 
 class DeliverHere:
     """The chat is this process's clients: publishing is delivering."""
 
-    async def join(self, chat: LocalChat, client: Client) -> None:
+    async def join(self, chat: ConnectionManager, client: Client) -> None:
         chat.enter(client)
 
-    async def publish(self, chat: LocalChat, message: str) -> bool:
+    async def publish(self, chat: ConnectionManager, message: str) -> bool:
         await chat.add_to_batch(None, message)
         return True
 
-    async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
-        await chat.add_to_batch(client, ack)
+    async def say(
+        self, chat: ConnectionManager, client: Client, ack: str, text: str
+    ) -> None:
+        await chat.send_personal_message(ack, client)
         await self.publish(chat, text)
 
 
@@ -1391,7 +1393,7 @@ class RedisRelay:
 
     # Step 3's chat: ChatRelay.
 
-    async def join(self, chat: LocalChat, client: Client) -> None:
+    async def join(self, chat: ConnectionManager, client: Client) -> None:
         self.check_open()
         chat.enter(client)
         if client.client_id is not None:
@@ -1402,14 +1404,16 @@ class RedisRelay:
                 ChatTakeover(chat=name, takeover=client.client_id, token=token)
             )
 
-    async def publish(self, chat: LocalChat, message: str) -> bool:
+    async def publish(self, chat: ConnectionManager, message: str) -> bool:
         return await self.send(ChatBroadcast(chat=self.chat_names[chat], text=message))
 
-    async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
+    async def say(
+        self, chat: ConnectionManager, client: Client, ack: str, text: str
+    ) -> None:
         # "You wrote" only once Redis has the message: a publish can fail. The message
         # may come back through the channel first: here, the ack can follow it.
         if await self.publish(chat, text):
-            await chat.add_to_batch(client, ack)
+            await chat.send_personal_message(ack, client)
 
     # Step 5's rooms: RoomRelay.
 
