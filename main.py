@@ -382,7 +382,7 @@ async def receive_chat_text(websocket: WebSocket) -> str:
         if code == status.WS_1012_SERVICE_RESTART and "reason" not in message:
             raise ServerShutdown(code)
         raise WebSocketDisconnect(code, message.get("reason"))
-    text: str = message["text"]  # binary frames are refused before: see above step 1
+    text: str = message["text"]  # binary frames: CheckEveryMessage refuses them
     return text
 
 
