@@ -803,6 +803,7 @@ class Room:
         self.chat = LocalChat()  # step 3's clients, delivery and takeovers
         self.history = History()
         self.joining: list[Joiner] = []
+        self.let_in: weakref.WeakSet[Client] = weakref.WeakSet()  # see `disconnect`
         self.away: dict[int, float] = {}  # dropped, and when their grace ends
         self.told: set[int] = set()  # the members the others were last told of
         self.told_at = -PRESENCE_INTERVAL_S  # when, by the event loop's clock
@@ -895,7 +896,7 @@ class RoomManager:
 
     def disconnect(self, room: Room, client: Client) -> None:
         """Out of its room; the others are told who left, several in one notice."""
-        was_let_in = all(waiting is not client for waiting, _ in room.joining)
+        was_let_in = client in room.let_in  # a joiner never let in was never here
         room.joining = [(c, since) for c, since in room.joining if c is not client]
         room.chat.leave(client)
         replaced = client.key in room.chat.active_connections  # by a newer one
@@ -1007,6 +1008,7 @@ class RoomManager:
         others = list(room.chat.active_connections.values())
         for client, _ in joiners:
             room.chat.enter(client)  # an older connection with this id gets 4000
+            room.let_in.add(client)
         self.update_who_is_away(room)
         present = {*room.chat.active_connections, *room.away, *elsewhere}
         tell_who_came_and_went(room, others, present)

@@ -1225,6 +1225,29 @@ def test_losing_redis_cuts_every_client_off_quietly_with_1013() -> None:
     assert left == [{}, {}, []]
 
 
+def test_a_joiner_closed_with_the_chat_is_not_counted_as_away() -> None:
+    # Losing Redis closes a room's members and its joiners alike. A member's handler
+    # then counts it as away, back within PRESENCE_GRACE_S; a joiner was never let in.
+    async def lose_redis_with_a_joiner() -> set[int]:
+        rooms = main.RoomManager()
+        # Nothing is sent to Redis here: the relay connects only once it runs.
+        relay = main.RedisRelay("redis://127.0.0.1:9/0", {}, rooms)
+        relay.relaying = True
+        room = rooms.open_room("lobby")
+        member = client_writing_with(Socket().send, 2)
+        room.joining.append((member, None))
+        rooms.admit_joiners(room, [(member, None)], set())
+        joiner = client_writing_with(Socket().send, 3)
+        room.joining.append((joiner, None))
+        relay.close_chat("gone")
+        await relay.redis.aclose()
+        for closed in (member, joiner):  # as their handlers do, once they end
+            rooms.disconnect(room, closed)
+        return set(room.away)
+
+    assert run(lose_redis_with_a_joiner()) == {2}
+
+
 # --- What one client sends hurts only its sender ---------------------------------------
 
 
