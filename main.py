@@ -34,7 +34,7 @@ import secrets
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as FilePath
 from typing import Annotated, Any, ClassVar, Protocol
 from urllib.parse import urlsplit
@@ -1322,7 +1322,7 @@ class RedisRelay:
     """
 
     def __init__(
-        self, url: str, chats: Mapping[str, LocalChat], rooms: RoomManager
+        self, url: str, chats: dict[str, ConnectionManager], rooms: RoomManager
     ) -> None:
         self.url = without_password(url)  # for the log
         self.redis = redis.asyncio.Redis.from_url(
@@ -1349,9 +1349,7 @@ class RedisRelay:
         # rather than redis-py failing past its pool's size ("Too many connections").
         self.connections = asyncio.Semaphore(REDIS_CONNECTIONS)
         self.chats = chats  # by the name they have in Redis's messages
-        self.chat_names: dict[LocalChat, str] = {
-            chat: name for name, chat in chats.items()
-        }
+        self.chat_names = {chat: name for name, chat in chats.items()}
         self.rooms = rooms
         self.in_rooms: weakref.WeakKeyDictionary[Room, RoomInRedis] = (
             weakref.WeakKeyDictionary()
