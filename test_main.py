@@ -379,6 +379,14 @@ def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None
     assert socket.written == sent
 
 
+def a_full_backlog_whose_task_has_had_no_turn(client: main.Client) -> main.Backlog:
+    """A client behind, as when the server is busy: the delivery waits for its task."""
+    backlog = client.backlog = main.Backlog()
+    backlog.messages.extend(["earlier"] * main.MAX_BACKLOG_MESSAGES)
+    backlog.task = asyncio.ensure_future(asyncio.Event().wait())  # never runs
+    return backlog
+
+
 def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> None:
     # The delivery waits, at every batch, for a client behind whose task has had no
     # turn: a sender must not wait for every batch that others send meanwhile.
@@ -386,9 +394,7 @@ def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> No
         manager = main.ConnectionManager()
         manager.active_connections[1] = client_writing_with(Socket().send, 1)
         behind = manager.active_connections[2] = client_writing_with(Socket().send, 2)
-        backlog = behind.backlog = main.Backlog()
-        backlog.messages.extend(["earlier"] * main.MAX_BACKLOG_MESSAGES)
-        backlog.task = asyncio.ensure_future(asyncio.Event().wait())  # no turn yet
+        backlog = a_full_backlog_whose_task_has_had_no_turn(behind)
         filling = [
             asyncio.ensure_future(manager.broadcast(f"message {i}"))
             for i in range(main.MAX_BATCH_MESSAGES)
@@ -411,9 +417,7 @@ def test_a_bug_in_one_delivery_is_logged_and_the_next_batch_still_goes(caplog) -
     async def fail_one_write_while_a_batch_waits() -> list[str]:
         manager = main.ConnectionManager()
         behind = manager.active_connections[1] = client_writing_with(Socket().send, 1)
-        backlog = behind.backlog = main.Backlog()
-        backlog.messages.extend(["earlier"] * main.MAX_BACKLOG_MESSAGES)
-        backlog.task = asyncio.ensure_future(asyncio.Event().wait())  # no turn yet
+        backlog = a_full_backlog_whose_task_has_had_no_turn(behind)
         written: list[str] = []
 
         async def fail_on_first(message: Message) -> None:
