@@ -80,16 +80,18 @@ async def get() -> FileResponse:
 # The guards every step relies on, in "What every step shares", after the steps:
 # - every WebSocket's Origin is checked before its endpoint runs (CheckOrigin): a page
 #   from another host is refused, as a browser sees it; so is a page opened from disk
-#   (Origin "null", the first tutorial's: run with ALLOWED_ORIGINS=null to let it in),
-#   and the second tutorial's opened at 127.0.0.1 (it connects to localhost). A refused
+#   (Origin "null", the first tutorial's: ALLOWED_ORIGINS=null lets it in, on your own
+#   machine only, as every site's sandboxed frames send "null" too), and the second tutorial's opened at 127.0.0.1 (it connects to localhost). A refused
 #   page sees a failed connection (1006). The page at GET / is let in;
 # - no endpoint is handed a binary frame, or text over 64 KiB (CheckEveryMessage): its
 #   receive raises a WebSocketException, and the connection closes with 1003 or 1009;
 # - a chat client that floods is slowed down by FloodControl, then closed with 1008;
-# - close_or_give_up closes with a code and a reason, giving up after 5 s on a client that
-#   reads nothing; so does close_refused_websocket, for any WebSocketException raised;
-# - a write to a client that has gone raises one of GONE; and the log shows no traceback
-#   for anything a client does.
+# - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
+#   that reads nothing to take it; so does close_refused_websocket, for any
+#   WebSocketException raised;
+# - a write to a client that has gone raises one of GONE, and so does one to a
+#   connection uvicorn closed itself (ServerClosedIsGone); a RuntimeError is a bug, and
+#   is logged; the log shows no traceback for anything a client does.
 #
 # The close codes the page shows, and what each means here: 1000 normal; 1003 binary;
 # 1006 dropped, no close frame, or a refused handshake; 1007 not UTF-8, or not step 5's
@@ -185,6 +187,7 @@ MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
+SERVER_ERROR = "Server error: try again later"
 
 
 # What every chat in this file is made of, step 3's manager and step 5's rooms alike:
@@ -246,8 +249,8 @@ class LocalChat:
 # - disconnect() tells the others who left: several who leave at once get one notice.
 # - send_personal_message() and broadcast() put the message in the batch. broadcast()
 #   goes through the manager's relay first, the one piece another backend would replace
-#   to carry the chat between processes. Here it is DeliverHere, below, which delivers
-#   at once.
+#   to carry the chat between processes. Here it is DeliverHere, below, which puts the
+#   message in this process's batch.
 # - say() does FastAPI's docs' two sends: "You wrote: ..." to the writer, then the
 #   message to everyone (the second tutorial defines send_personal_message, and its
 #   endpoint never calls it).
@@ -548,6 +551,8 @@ async def write_without_waiting(
         async with asyncio.timeout(0):
             for client in clients:
                 messages, written = own.get(client, everyone), 0
+                if chat.active_connections.get(client.key) is not client:
+                    continue  # it left, or was taken over, while a backlog waited
                 if client.backlog is not None:
                     return client, messages  # behind already: after its backlog
                 for message in messages:
@@ -599,6 +604,9 @@ async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> No
             backlog.write_waiting = False
     except GONE:
         chat.leave(client)
+    except Exception:  # a bug, not the client's doing: it is told, and may come back
+        logger.exception("Writing a chat client's backlog failed")
+        chat.cut_off(client, status.WS_1011_INTERNAL_ERROR, SERVER_ERROR)
     finally:
         # Caught up, or gone: no backlog now, and a delivery waiting for space goes on.
         client.backlog = None
@@ -729,7 +737,6 @@ PRESENCE_GRACE_S = 30.0
 # server's own quiet endings (a restart's 1012) count too: see `client.quiet`.
 AWAY_CLOSE_CODES = frozenset({1005, 1006, status.WS_1008_POLICY_VIOLATION})
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
-SERVER_ERROR = "Server error: try again later"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
 # A message's id: the room's epoch, in hexadecimal, and a number. Any other `since` is
 # one the room cannot place: ASCII digits only (`\d` takes the Arabic "١" too), no newline
@@ -1898,7 +1905,9 @@ else:
 #   test_invalid_utf8_closes_with_1007_without_a_traceback, and the SIGTERM tests);
 # - no layer of a send pauses on a socket with room: if one did, every write would go
 #   through a backlog, in order and once, but at a cost bench.py's chat figure shows;
-# - and none pauses once it has written: a write given up then would be sent twice.
+# - and none pauses once it has written: a write given up then would be sent twice;
+# - the words that end its RuntimeError for a write after its own close
+#   (ServerClosedIsGone; test_main.py: test_only_uvicorn_s_error_for_a_write_after_...).
 
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
 # 65536` in the README's production command.
@@ -1968,9 +1977,10 @@ class FloodControl:
 
 
 # A write to a client that has gone fails with an OSError (ASGI's rule), which Starlette
-# turns into WebSocketDisconnect; one to a connection already closed, by the app or by
-# uvicorn (a message over --ws-max-size, a protocol error), with a RuntimeError.
-GONE = (OSError, WebSocketDisconnect, RuntimeError)
+# turns into WebSocketDisconnect; so does one to a connection that uvicorn has closed
+# itself, through ServerClosedIsGone, below. A RuntimeError is a bug, and is not taken
+# for a client gone: the chats write to no client after they let it go.
+GONE = (OSError, WebSocketDisconnect)
 
 
 async def close_or_give_up(websocket: WebSocket, code: int, reason: str) -> None:
@@ -2072,8 +2082,43 @@ def origin_allowed(origin: str | None, scope: Scope) -> bool:
     return urlsplit(origin).netloc == Headers(scope=scope).get("host")
 
 
+# How uvicorn 0.54 ends the RuntimeError it raises for a message sent after its close.
+UVICORN_SENT_AFTER_CLOSE = "after sending 'websocket.close'."
+
+
+class ServerClosedIt(OSError):
+    """A write to a connection uvicorn closed itself: as gone as a client that left."""
+
+
+class ServerClosedIsGone:
+    """Pure ASGI middleware: a write to a connection that uvicorn has closed itself (a
+    message over --ws-max-size, a protocol error), before its handler heard, raises
+    uvicorn's RuntimeError, where ASGI asks for an OSError. This raises ServerClosedIt,
+    an OSError, instead: Starlette then raises WebSocketDisconnect, as for any client
+    gone, and each step's handler ends as it does when the client leaves."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_or_gone(message: Message) -> None:
+            try:
+                await send(message)
+            except RuntimeError as error:
+                if not str(error).endswith(UVICORN_SENT_AFTER_CLOSE):
+                    raise
+                raise ServerClosedIt(str(error)) from None
+
+        await self.app(scope, receive, send_or_gone)
+
+
 app.add_middleware(CheckOrigin)
 app.add_middleware(CheckEveryMessage)
+app.add_middleware(ServerClosedIsGone)
 
 
 # --- Sending into step 3's chat from HTTP, or from this app's own code --------------------

@@ -18,7 +18,10 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Message, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
 
 import main
 from conftest import (
@@ -461,6 +464,107 @@ def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> Non
         return done
 
     assert run(leave_while_the_delivery_waits())
+
+
+def test_a_client_taken_over_while_a_delivery_waits_gets_no_more_of_it() -> None:
+    # The delivery writes to the clients it found when it began; while it waits for a
+    # client behind, a later one in its list is taken over, and is out of the chat.
+    async def take_over_while_the_delivery_waits() -> list[str]:
+        manager = main.ConnectionManager()
+        behind = manager.active_connections[1] = client_writing_with(Socket().send, 1)
+        backlog = a_full_backlog_whose_task_has_had_no_turn(behind)
+        older_socket = Socket()
+        manager.active_connections[2] = client_writing_with(older_socket.send, 2)
+        await manager.broadcast("said before the takeover")
+        await turns_of_the_event_loop()  # the delivery waits for #1's backlog
+        manager.enter(client_writing_with(Socket().send, 2))  # #2's older is cut off
+        backlog.messages.clear()
+        backlog.has_space.set()
+        await turns_of_the_event_loop()
+        return older_socket.written
+
+    assert run(take_over_while_the_delivery_waits()) == []
+
+
+def test_a_runtime_error_in_a_write_is_a_bug_logged_not_a_client_gone(caplog) -> None:
+    async def fail_with_a_bug(message: Message) -> None:
+        raise RuntimeError("a bug")
+
+    async def broadcast_to_a_client_whose_write_has_a_bug() -> list[int]:
+        manager = main.ConnectionManager()
+        manager.active_connections[1] = client_writing_with(fail_with_a_bug, 1)
+        await manager.broadcast("hello")
+        assert manager.deliverer is not None
+        await manager.deliverer
+        return list(manager.active_connections)
+
+    assert run(broadcast_to_a_client_whose_write_has_a_bug()) == [1]
+    [failed] = [r for r in caplog.records if r.exc_info]
+    assert failed.getMessage() == "Delivering 1 chat messages failed"
+
+
+def uvicorn_s_send_after_its_own_close() -> Send:
+    """uvicorn's own send, once uvicorn has closed the connection itself, as its parser
+    leaves it on a frame it refuses (a message over --ws-max-size, a protocol error)."""
+    config = Config(app=main.app, ws="websockets-sansio")
+    config.load()
+    protocol = WebSocketsSansIOProtocol(
+        config=config, server_state=ServerState(), app_state={}
+    )
+    protocol.writable.set()  # the socket has room
+    protocol.handshake_complete = protocol.close_sent = True
+    return protocol.send
+
+
+async def a_bug(message: Message) -> None:
+    raise RuntimeError("a bug")
+
+
+@pytest.mark.parametrize(
+    ("server_send", "expected"),
+    [(uvicorn_s_send_after_its_own_close, main.ServerClosedIt), (None, RuntimeError)],
+)
+def test_only_uvicorn_s_error_for_a_write_after_its_own_close_means_gone(
+    server_send, expected: type[Exception]
+) -> None:
+    async def handler(scope, receive, send) -> None:
+        await send({"type": "websocket.send", "text": "hello"})
+
+    async def write_through_the_middleware() -> None:
+        send = server_send() if server_send else a_bug
+        await main.ServerClosedIsGone(handler)({"type": "websocket"}, None, send)
+
+    with pytest.raises((RuntimeError, OSError)) as raised:
+        run(write_through_the_middleware())
+    assert type(raised.value) is expected
+
+
+def test_a_bug_writing_a_backlog_is_logged_and_cuts_its_client_off_with_1011(
+    caplog,
+) -> None:
+    writes: list[str] = []
+
+    async def full_then_failing(message: Message) -> None:
+        writes.append(message["text"])
+        if len(writes) == 1:
+            await asyncio.Event().wait()  # a full socket: the delivery gives it up
+        raise ValueError("a bug")  # the backlog's write of it, later
+
+    async def deliver_to_a_client_whose_backlog_write_fails() -> main.Client:
+        manager = main.ConnectionManager()
+        client = manager.active_connections[1] = client_writing_with(
+            full_then_failing, 1
+        )
+        await manager.broadcast("first")
+        await turns_of_the_event_loop()
+        assert 1 not in manager.active_connections
+        return client
+
+    client = run(deliver_to_a_client_whose_backlog_write_fails())
+    assert client.cut_off_scope.cancel_called
+    assert (client.close_code, client.close_reason) == (1011, main.SERVER_ERROR)
+    [failed] = [r for r in caplog.records if r.exc_info]
+    assert failed.getMessage() == "Writing a chat client's backlog failed"
 
 
 def test_joiners_are_let_in_between_two_deliveries_never_during_one() -> None:
@@ -1363,7 +1467,7 @@ README_LIMITS = [
     ("Slowed 20 times in a row", "FLOOD_MAX_SLOWED_MESSAGES", 20),
     ("at most 100 messages (`MAX_BACKLOG_MESSAGES`)", "MAX_BACKLOG_MESSAGES", 100),
     ("waits 5 s at most, `CLOSE_TIMEOUT_S`", "CLOSE_TIMEOUT_S", 5),
-    ("Text over 64 KiB (`MAX_MESSAGE_BYTES`)", "MAX_MESSAGE_BYTES", 64 * 1024),
+    ("Over 64 KiB (`MAX_MESSAGE_BYTES`)", "MAX_MESSAGE_BYTES", 64 * 1024),
     ("over 385 KiB (`MAX_POST_BYTES`)", "MAX_POST_BYTES", 385 * 1024),
     ("every 0.25 s (`PRESENCE_INTERVAL_S`)", "PRESENCE_INTERVAL_S", 0.25),
     ("for 30 s (`PRESENCE_GRACE_S`)", "PRESENCE_GRACE_S", 30),
