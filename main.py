@@ -65,6 +65,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 logger = logging.getLogger("uvicorn.error")  # uvicorn's main log, shown where it runs
 
 INDEX_HTML = FilePath(__file__).with_name("index.html")
+PAGE_MISSING = "index.html is not beside main.py: copy it from this project too"
 
 app = FastAPI()
 
@@ -74,6 +75,8 @@ async def get() -> FileResponse:
     """The page, read from disk on every request: edits show on refresh. It opens any
     step's endpoint, shows each close code and reason, and reconnects after a close it
     did not ask for, but not after 4000 (taken over) or 5 failed handshakes in a row."""
+    if not INDEX_HTML.is_file():  # main.py copied alone: say so, with no traceback
+        raise HTTPException(status.HTTP_404_NOT_FOUND, PAGE_MISSING)
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
@@ -1156,7 +1159,9 @@ async def room_endpoint(
 #   REDIS_RETRY_S (relay_messages, relay_until_silent, close_chat);
 # - this process paused past PROCESS_TTL_S: it closes its clients with 1013, and starts
 #   a new session (close_after_a_pause);
-# - the same client id in two processes: the older is closed with 4000 (take_over).
+# - the same client id in two processes: the older is closed with 4000 (take_over);
+# - a publish Redis does not take gets no "You wrote": so it is sent once Redis has the
+#   message, and may come after the message itself, back from the channel.
 # What comes on the channel joins a batch without waiting (add_to_batch_now), as the
 # subscription must be read on. So here a full batch (MAX_BATCH_MESSAGES) holds up only
 # a chat sender's own "You wrote", in its process; the anonymous chat's senders, and the

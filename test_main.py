@@ -106,6 +106,18 @@ def test_page_is_read_on_every_request(
     assert client.get("/").text == "<p>edited</p>"
 
 
+def test_a_missing_page_is_a_404_that_says_so(
+    client: TestClient, tmp_path, monkeypatch, caplog
+) -> None:
+    monkeypatch.setattr(main, "INDEX_HTML", tmp_path / "index.html")
+    response = client.get("/")
+    assert (response.status_code, response.json()) == (
+        404,
+        {"detail": main.PAGE_MISSING},
+    )
+    assert not [record for record in caplog.records if record.exc_info]
+
+
 # --- Step 1: echo ------------------------------------------------------------------------
 
 
