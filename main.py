@@ -3,8 +3,8 @@
 Python 3.11+; `pip install -r requirements.txt` (FastAPI, uvicorn 0.54 with its standard
 extras, redis-py). Follow along with `uvicorn main:app --reload --reload-exclude .venv
 --timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/.
-Beside this file: index.html, that page; README.md, why each flag, the production command
-and the tests; bench.py, which measures the comments' figures; BENCHMARKS.md, its runs.
+Beside this file: index.html, that page; README.md: why each flag, the production command
+(with --ws-max-size 65536), the tests; bench.py, which measures the comments' figures.
 
 The file reads from the top, as the tutorials do, each step building on those before:
 1, echo; 2, a client id; 3, the chat: the tutorials' ConnectionManager and endpoints,
@@ -12,9 +12,9 @@ then how its broadcast reaches everyone; 4, FastAPI's docs' "Using Depends". 5 a
 where a chat goes next, and can wait: 5, named rooms with history, built on step 3; 6,
 one chat across processes through Redis, plugged into steps 3 and 5 by one call.
 
-The guards every step shares stand after the steps, listed above step 1: steps 3 and 5
-call FloodControl, and through step 3's pieces close_or_give_up and GONE; steps 1, 2
-and 4 call none. Copy that section with any step. Last: step 3's chat by HTTP.
+The guards every step shares stand after the steps, listed above step 1: most wrap the
+whole app; steps 3 and 5 also call FloodControl, close_or_give_up and GONE by name. Copy
+that section with any step. Last: step 3's chat by HTTP.
 """
 
 from __future__ import annotations  # a type hint may name a class defined further down
@@ -158,10 +158,11 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   30 senders of 100 messages each, a healthy client of the tutorials' chat received
 #   699 of the 3,000 messages, then nothing. Of this chat's, it received all 3,000.
 # - A write to a client that has gone raises in the sender's handler: the sender is
-#   taken out of the chat, and the client that has gone stays in.
+#   taken out of the chat, and the client that has gone stays in until its own
+#   handler hears that it left.
 #
-# Ours keeps the second tutorial's four methods, in order, and its broadcast waits on no
-# client's socket. A message is written at once to every client whose socket has room
+# Ours keeps the names and order of the second tutorial's four methods (their arguments
+# change: see beside the class), and its broadcast waits on no client's socket. A message is written at once to every client whose socket has room
 # for it. A client whose socket is full gets it later, from a queue of its own (its
 # Backlog), as its socket drains. A client with 100 messages queued and its socket
 # still full is cut off at the next message: out of the chat at once, the others told
@@ -177,10 +178,11 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - LocalChat: this process's clients of a chat, and the batch; the manager is one;
 # - the relay: what carries the manager's messages; in one process, DeliverHere.
 #
-# First come the Client, the relay's interface and its default, LocalChat, then the
-# manager and the endpoints: each is read before the manager uses it. How a message
-# reaches everyone is "Step 3, continued", after the endpoints: it can wait for a
-# second read. FloodControl, close_or_give_up and GONE are guards, after the steps.
+# First the pieces the manager is made of: the Client, the relay's interface and its
+# default, and LocalChat; then the manager and the endpoints. How LocalChat's batch
+# reaches everyone (deliver_batches, the Backlog) is "Step 3, continued", after the
+# endpoints: it can wait for a second read. FloodControl, close_or_give_up and GONE
+# are guards, after the steps.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many waits
@@ -1601,7 +1603,11 @@ class RedisRelay:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(REDIS_CHANNEL)
                     await self.relay_until_silent(pubsub)
-            except REDIS_FAILURES as error:
+            except Exception as error:
+                if not isinstance(
+                    error, REDIS_FAILURES
+                ):  # a bug: logged, then as Redis lost
+                    logger.exception("Relaying from Redis failed")
                 self.close_chat(str(error))
                 await asyncio.sleep(REDIS_RETRY_S)
 

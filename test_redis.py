@@ -648,6 +648,31 @@ FOREIGN = (
 )
 
 
+def test_a_bug_in_the_relay_s_own_loop_is_logged_and_the_relay_comes_back(
+    redis_server: RedisServer, monkeypatch, caplog
+) -> None:
+    # Not a message (each is relayed in a try of its own) but the session's start: the
+    # relay must not end for good, with the chat open and nobody hearing anything.
+    monkeypatch.setattr(main, "REDIS_RETRY_S", 0.1)
+
+    async def start_a_relay_whose_first_session_fails() -> bool:
+        relay = main.RedisRelay(redis_server.url, {}, main.RoomManager())
+        start_session, failures = relay.start_session, [ValueError("a bug")]
+
+        async def fail_once() -> None:
+            if failures:
+                raise failures.pop()
+            await start_session()
+
+        monkeypatch.setattr(relay, "start_session", fail_once)
+        async with relay.running(main.app):  # once subscribed: within the bound
+            return relay.relaying
+
+    assert run(start_a_relay_whose_first_session_fails(), timeout_s=10)
+    [failed] = [record for record in caplog.records if record.exc_info]
+    assert failed.getMessage() == "Relaying from Redis failed"
+
+
 def test_a_foreign_message_on_the_channel_is_ignored(
     workers: list[Server], redis_server: RedisServer
 ) -> None:
