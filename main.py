@@ -1928,19 +1928,28 @@ TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 
 
-class CheckEveryMessage:
-    """Pure ASGI middleware: no handler is handed a message it cannot take. A binary
-    frame (a KeyError in receive_text) or text over MAX_MESSAGE_BYTES raises, from the
-    handler's receive, the WebSocketException that closes it with 1003 or 1009."""
+class WebSocketMiddleware:
+    """Pure ASGI middleware that acts on WebSockets alone: HTTP goes straight through."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket":
+        if scope["type"] == "websocket":
+            await self.websocket(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
 
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class CheckEveryMessage(WebSocketMiddleware):
+    """No handler is handed a message it cannot take. A binary frame (a KeyError in
+    receive_text) or text over MAX_MESSAGE_BYTES raises, from the handler's receive,
+    the WebSocketException that closes it with 1003 or 1009."""
+
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def receive_checked() -> Message:
             message = await receive()
             refuse_what_no_handler_takes(message)
@@ -2053,21 +2062,15 @@ ALLOWED_ORIGINS = frozenset(
 )
 
 
-class CheckOrigin:
-    """Pure ASGI middleware: refuse WebSocket handshakes from pages on other sites.
+class CheckOrigin(WebSocketMiddleware):
+    """Refuse WebSocket handshakes from pages on other sites.
 
     The page's own host is let in, and so are scripts and tests, which send no Origin.
     Refused before accept(), a browser gets an HTTP 403 instead of a WebSocket, and no
     reason; Starlette's TestClient shows the code and the reason.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket":
-            await self.app(scope, receive, send)
-            return
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         origin = Headers(scope=scope).get("origin")
         if origin_allowed(origin, scope):
             await self.app(scope, receive, send)
@@ -2097,21 +2100,14 @@ class ServerClosedIt(OSError):
     """A write to a connection uvicorn closed itself: as gone as a client that left."""
 
 
-class ServerClosedIsGone:
-    """Pure ASGI middleware: a write to a connection that uvicorn has closed itself (a
-    message over --ws-max-size, a protocol error), before its handler heard, raises
-    uvicorn's RuntimeError, where ASGI asks for an OSError. This raises ServerClosedIt,
-    an OSError, instead: Starlette then raises WebSocketDisconnect, as for any client
-    gone, and each step's handler ends as it does when the client leaves."""
+class ServerClosedIsGone(WebSocketMiddleware):
+    """A write to a connection that uvicorn has closed itself (a message over
+    --ws-max-size, a protocol error), before its handler heard, raises uvicorn's
+    RuntimeError, where ASGI asks for an OSError. This raises ServerClosedIt, an
+    OSError, instead: Starlette then raises WebSocketDisconnect, as for any client gone,
+    and each step's handler ends as it does when the client leaves."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket":
-            await self.app(scope, receive, send)
-            return
-
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_or_gone(message: Message) -> None:
             try:
                 await send(message)
