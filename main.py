@@ -162,13 +162,14 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   handler hears that it left.
 #
 # Ours keeps the names and order of the second tutorial's four methods (their arguments
-# change: see beside the class), and its broadcast waits on no client's socket. A message is written at once to every client whose socket has room
-# for it. A client whose socket is full gets it later, from a queue of its own (its
-# Backlog), as its socket drains. A client with 100 messages queued and its socket
-# still full is cut off at the next message: out of the chat at once, the others told
-# it left, and sent 1008, "Too slow: over 100 messages behind", after what its buffers
-# hold. A write to a client that has gone takes that client out, and nobody else. In
-# bench.py, with 10,000 clients, it cost 1.07x the tutorials' CPU per delivery (run AD).
+# change: see above the class), and its broadcast waits on no client's socket. A message
+# is written at once to every client whose socket has room for it. A client whose socket
+# is full gets it later, from a queue of its own (its Backlog), as its socket drains. A
+# client with 100 messages queued and its socket still full is cut off at the next
+# message: out of the chat at once, the others told it left, and sent 1008, "Too slow:
+# over 100 messages behind", after what its buffers hold. A write to a client that has
+# gone takes that client out, and nobody else. In bench.py, with 10,000 clients, it cost
+# 1.07x the tutorials' CPU per delivery (run AD).
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
