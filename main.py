@@ -220,12 +220,12 @@ class Client:
             await close_or_give_up(self.websocket, self.close_code, self.close_reason)
 
 
-# A relay carries a manager's messages, and hands what it brings to the manager: enter()
+# A relay carries a manager's messages. The manager calls its three methods, below; the
+# relay hands what it carries back to the manager's own (LocalChat's, below): enter()
 # for a client who joins, add_to_batch() for a message to all (add_to_batch_now() where
-# it must not wait), send_personal_message() for one; cut_off() ends a client it can no
-# longer serve. It may refuse a message: publish() then returns False, and so does
-# broadcast(). That is why say() is the relay's too: a relay that refuses a message
-# sends no "You wrote" for it.
+# it must not wait), send_personal_message() for one, cut_off() for a client it can no
+# longer serve. A relay may refuse a message: publish() then returns False, and so does
+# broadcast(). So say() is the relay's: one that refuses a message sends no "You wrote".
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default."""
 
