@@ -1605,9 +1605,8 @@ class RedisRelay:
                     await pubsub.subscribe(REDIS_CHANNEL)
                     await self.relay_until_silent(pubsub)
             except Exception as error:
-                if not isinstance(
-                    error, REDIS_FAILURES
-                ):  # a bug: logged, then as Redis lost
+                # Redis lost, or a bug: a bug is logged, then handled as Redis lost.
+                if not isinstance(error, REDIS_FAILURES):
                     logger.exception("Relaying from Redis failed")
                 self.close_chat(str(error))
                 await asyncio.sleep(REDIS_RETRY_S)
