@@ -498,13 +498,14 @@ def test_a_client_taken_over_while_a_delivery_waits_gets_no_more_of_it() -> None
     assert run(take_over_while_the_delivery_waits()) == []
 
 
-def test_a_runtime_error_in_a_write_is_a_bug_logged_not_a_client_gone(caplog) -> None:
-    async def fail_with_a_bug(message: Message) -> None:
-        raise RuntimeError("a bug")
+async def a_bug(message: Message) -> None:
+    raise RuntimeError("a bug")
 
+
+def test_a_runtime_error_in_a_write_is_a_bug_logged_not_a_client_gone(caplog) -> None:
     async def broadcast_to_a_client_whose_write_has_a_bug() -> list[int]:
         manager = main.ConnectionManager()
-        manager.active_connections[1] = client_writing_with(fail_with_a_bug, 1)
+        manager.active_connections[1] = client_writing_with(a_bug, 1)
         await manager.broadcast("hello")
         assert manager.deliverer is not None
         await manager.deliverer
@@ -526,10 +527,6 @@ def uvicorn_s_send_after_its_own_close() -> Send:
     protocol.writable.set()  # the socket has room
     protocol.handshake_complete = protocol.close_sent = True
     return protocol.send
-
-
-async def a_bug(message: Message) -> None:
-    raise RuntimeError("a bug")
 
 
 @pytest.mark.parametrize(
