@@ -552,9 +552,9 @@ async def write_without_waiting(
     try:
         async with asyncio.timeout(0):
             for client in clients:
-                messages, written = own.get(client, everyone), 0
                 if chat.active_connections.get(client.key) is not client:
                     continue  # it left, or was taken over, while a backlog waited
+                messages, written = own.get(client, everyone), 0
                 if client.backlog is not None:
                     return client, messages  # behind already: after its backlog
                 for message in messages:
