@@ -162,14 +162,14 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   handler hears that it left.
 #
 # Ours keeps the names and order of the second tutorial's four methods (their arguments
-# change: see above the class), and its broadcast waits on no client's socket. A message
-# is written at once to every client whose socket has room for it. A client whose socket
-# is full gets it later, from a queue of its own (its Backlog), as its socket drains. A
-# client with 100 messages queued and its socket still full is cut off at the next
-# message: out of the chat at once, the others told it left, and sent 1008, "Too slow:
-# over 100 messages behind", after what its buffers hold. A write to a client that has
-# gone takes that client out, and nobody else. In bench.py, with 10,000 clients, it cost
-# 1.07x the tutorials' CPU per delivery (run AD).
+# change: see the comment above the class), and its broadcast waits on no client's
+# socket. A message is written at once to every client whose socket has room for it. A
+# client whose socket is full gets it later, from a queue of its own (its Backlog), as
+# its socket drains. A client with 100 messages queued and its socket still full is cut
+# off at the next message: out of the chat at once, the others told it left, and sent
+# 1008, "Too slow: over 100 messages behind", after what its buffers hold. A write to a
+# client that has gone takes that client out, and nobody else. In bench.py, with 10,000
+# clients, it cost 1.07x the tutorials' CPU per delivery (run AD).
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -195,8 +195,8 @@ SERVER_ERROR = "Server error: try again later"
 
 # A client's cut_off_scope is anyio's, which Starlette runs on: LocalChat's cut_off
 # cancels it from another task, and it ends the endpoint's `with` block alone, where
-# task.cancel() would end the whole handler. Its close_code is the code its connection
-# ends with: the client's own, or the one cut_off closes it with.
+# task.cancel() would end the whole handler. Its close_code is the code the client closed
+# with, or the one cut_off closes it with; 1000 until then.
 class Client:
     """One chat connection, and what the manager keeps about it."""
 
@@ -220,12 +220,12 @@ class Client:
             await close_or_give_up(self.websocket, self.close_code, self.close_reason)
 
 
-# A relay carries a manager's messages. The manager calls its three methods, below; the
-# relay hands what it carries back to the manager's own (LocalChat's, below): enter()
-# for a client who joins, add_to_batch() for a message to all (add_to_batch_now() where
-# it must not wait), send_personal_message() for one, cut_off() for a client it can no
-# longer serve. A relay may refuse a message: publish() then returns False, and so does
-# broadcast(). So say() is the relay's: one that refuses a message sends no "You wrote".
+# A relay carries a manager's messages. The manager calls its three methods, below. The
+# relay hands what it carries back through the manager's own methods: LocalChat's, below,
+# enter() for a client who joins, add_to_batch() for a message to all (add_to_batch_now()
+# where it must not wait) and cut_off() for a client it can no longer serve; and the
+# manager's send_personal_message() for one client. A relay may refuse a message: then
+# publish() and broadcast() return False, and say(), the relay's, sends no "You wrote".
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default."""
 
@@ -712,7 +712,7 @@ async def item_endpoint(
 # The protocol, JSON text frames. From the server: a `welcome` first (the room, the
 # client's id, the members, the history, whether some was missed); then each `message`
 # ({"id", "client_id", "text"}, to everyone, the sender too), and `joined` and `left`
-# ({"client_ids": [...]}). From the client: {"text": T}; anything else closes with 1007.
+# ({"client_ids": [...]}). From the client: {"text": T}; other text closes with 1007.
 #
 # How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
@@ -1153,6 +1153,7 @@ async def room_endpoint(
 #   it is alive every REDIS_PING_INTERVAL_S (heartbeat), and one silent for
 #   PROCESS_TTL_S is gone, its members with it;
 # - Redis not answering at start-up: the app does not start (exit_unless_redis_answers);
+#   lost right after, start-up waits for it, and the log says so (relay_messages);
 # - Redis lost, or silent for REDIS_TIMEOUT_S, or a publish not taken: every chat and
 #   room here closes with 1013, pages retry, and the relay subscribes again every
 #   REDIS_RETRY_S (relay_messages, relay_until_silent, close_chat);
@@ -1190,8 +1191,10 @@ SERVER_PAUSED = "Chat unavailable: this server was paused; try again later"
 PUBLISHED_TTL_S = 10.0
 # What losing Redis raises. redis-py turns a failed write into a ConnectionError, but
 # uvloop, uvicorn's event loop, raises RuntimeError for a write to a connection that has
-# just closed (uvloop issue #506), and redis-py passes it on as it is.
+# just closed (uvloop issue #506), and redis-py passes it on as it is. Any other
+# RuntimeError is a bug, and is raised again: see `redis_lost`.
 REDIS_FAILURES = (redis.RedisError, RuntimeError)
+UVLOOP_CONNECTION_CLOSED = "; the handler is closed"  # how uvloop ends that error
 # A Redis stream id, as `since` must be for Redis to take it: two numbers below 2**64.
 STREAM_ID = r"([0-9]{1,19})-([0-9]{1,19})"
 
@@ -1399,8 +1402,11 @@ class RedisRelay:
         PRESENCE_GRACE_S more, as one process counts a client whose server restarts."""
         if self.relaying:
             grace_ms = int(PRESENCE_GRACE_S * 1000)
-            with contextlib.suppress(*REDIS_FAILURES):
+            try:
                 await self.redis.set(alive_key(self.process), 1, px=grace_ms)
+            except REDIS_FAILURES as error:
+                if not redis_lost(error):
+                    raise
 
     # Step 3's chat: ChatRelay.
 
@@ -1464,6 +1470,8 @@ class RedisRelay:
             others = [p for p in processes if p != self.process]
             alive = await self.which_are_alive(others) if others else []
         except REDIS_FAILURES as error:
+            if not redis_lost(error):
+                raise
             self.close_chat(f"looking up room {room.name}: {error}")
             return set()
         listed = dict(zip(processes, members[1::2], strict=True))
@@ -1542,6 +1550,8 @@ class RedisRelay:
                 async with self.connections:
                     await tell.execute()
             except REDIS_FAILURES as error:
+                if not redis_lost(error):
+                    raise
                 self.close_chat(f"telling who is in room {room.name}: {error}")
                 return
             self.wrote_members(room, here)
@@ -1569,7 +1579,7 @@ class RedisRelay:
 
     async def run_publish(self, keys: list[str], prefix: str, text: str) -> str | None:
         """The id Redis gave the message (`-` off the streams); None if it was not
-        taken, and the chat is then closed."""
+        taken: the chat is closed then, if it was not already."""
         if not self.relaying:
             return None
         own_key = f"chat:published:{self.process}:{next(self.publishes)}"
@@ -1589,6 +1599,8 @@ class RedisRelay:
                 # Refused as late, it ran nothing: Redis's clock may have stepped.
                 await self.learn_redis_clock()
         except REDIS_FAILURES as error:
+            if not redis_lost(error):
+                raise
             self.close_chat(f"publish failed: {error}")
             return None
         self.close_chat(f"a publish reached Redis after its deadline, {attempt}")
@@ -1606,8 +1618,12 @@ class RedisRelay:
                     await self.relay_until_silent(pubsub)
             except Exception as error:
                 # Redis lost, or a bug: a bug is logged, then handled as Redis lost.
-                if not isinstance(error, REDIS_FAILURES):
+                if not redis_lost(error):
                     logger.exception("Relaying from Redis failed")
+                elif not self.subscribed.is_set():  # start-up waits for it: say why
+                    logger.warning(
+                        "Start-up waits for Redis at %s (%s)", self.url, error
+                    )
                 self.close_chat(str(error))
                 await asyncio.sleep(REDIS_RETRY_S)
 
@@ -1808,6 +1824,13 @@ class RedisRelay:
                 )
 
 
+def redis_lost(error: BaseException) -> bool:
+    """Redis lost, not a bug: redis-py's errors, and uvloop's for a closed connection."""
+    if isinstance(error, RuntimeError):
+        return str(error).endswith(UVLOOP_CONNECTION_CLOSED)
+    return isinstance(error, redis.RedisError)
+
+
 def members_to_write(here: list[int], written: list[int] | None) -> str:
     """What the look-up script writes of this process's members: "-" leaves them as
     written, "" removes them, else the list."""
@@ -2003,7 +2026,7 @@ async def close_or_give_up(websocket: WebSocket, code: int, reason: str) -> None
     """Close with a code and reason, unless the client has gone; the close frame waits
     behind all the client has not read, so give up after CLOSE_TIMEOUT_S."""
     if websocket.application_state is WebSocketState.DISCONNECTED:
-        return  # closed already, or the client left
+        return  # closed already, or a write found the client gone
     with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(*GONE):
         await websocket.close(code, reason)
 

@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import pytest
 import redis
+import uvloop
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -678,6 +679,93 @@ def test_a_bug_in_the_relay_s_own_loop_is_logged_and_the_relay_comes_back(
     assert run(start_a_relay_whose_first_session_fails(), timeout_s=10)
     [failed] = [record for record in caplog.records if record.exc_info]
     assert failed.getMessage() == "Relaying from Redis failed"
+
+
+def test_start_up_waits_for_a_redis_that_hangs_and_says_so(
+    redis_server: RedisServer, monkeypatch, caplog
+) -> None:
+    # The start-up ping passed, then Redis hung before the relay subscribed: start-up
+    # waits, and its log says why, rather than nothing at all.
+    monkeypatch.setattr(main, "REDIS_RETRY_S", 0.1)
+
+    def waiting_logged() -> bool:
+        return any("Start-up waits for Redis" in r.getMessage() for r in caplog.records)
+
+    async def start_up_while_redis_hangs() -> bool:
+        relay = main.RedisRelay(redis_server.url, {}, main.RoomManager())
+
+        async def start_up() -> bool:
+            async with relay.running(main.app):
+                return relay.relaying
+
+        redis_server.pause()
+        try:
+            starting = asyncio.create_task(start_up())
+            while not waiting_logged():
+                await asyncio.sleep(0.1)
+            assert not starting.done()
+        finally:
+            redis_server.resume()
+        return await starting  # once Redis answers again
+
+    assert run(start_up_while_redis_hangs(), timeout_s=15)
+    assert waiting_logged()
+
+
+def uvloop_s_error_for_a_write_to_a_closed_connection() -> RuntimeError:
+    """uvloop's own, raised by a real uvloop transport: what redis-py passes on."""
+
+    async def write_after_close() -> RuntimeError:
+        accepted: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_server(
+            lambda _, writer: accepted.append(writer), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.transport.abort()
+        await asyncio.sleep(0)
+        try:
+            writer.write(b"PING\r\n")
+        except RuntimeError as error:
+            return error
+        finally:
+            for other_end in accepted:
+                other_end.transport.abort()
+            server.close()
+            await server.wait_closed()
+        raise AssertionError("uvloop let a write to a closed connection through")
+
+    return uvloop.run(write_after_close())
+
+
+@pytest.mark.parametrize("is_uvloop_s", [True, False], ids=["uvloop's", "a bug"])
+def test_only_uvloop_s_runtime_error_for_a_closed_connection_is_redis_lost(
+    redis_server: RedisServer, monkeypatch, is_uvloop_s: bool
+) -> None:
+    # Redis lost closes the chat, and the pages retry; a bug is raised, and logged
+    # where it lands (here, by the doorkeeper), not taken for an outage.
+    error = (
+        uvloop_s_error_for_a_write_to_a_closed_connection()
+        if is_uvloop_s
+        else RuntimeError("a bug")
+    )
+
+    async def look_up_failing() -> tuple[bool, bool]:
+        relay = main.RedisRelay(redis_server.url, {}, main.RoomManager())
+        async with relay.running(main.app):
+
+            async def fail(**_) -> None:
+                raise error
+
+            monkeypatch.setattr(relay, "look_up_script", fail)
+            try:
+                await relay.look_up(main.Room("lobby"), [])
+            except RuntimeError:
+                return True, relay.relaying
+            return False, relay.relaying
+
+    raised, still_relaying = run(look_up_failing(), timeout_s=10)
+    assert (raised, still_relaying) == (not is_uvloop_s, not is_uvloop_s)
 
 
 def test_a_foreign_message_on_the_channel_is_ignored(
