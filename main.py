@@ -4,7 +4,7 @@ Python 3.11+; `pip install -r requirements.txt` (FastAPI, uvicorn 0.54 with its 
 extras, redis-py). Follow along with `uvicorn main:app --reload --reload-exclude .venv
 --timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/.
 Beside this file: index.html, that page; README.md: why each flag, the production command
-(with --ws-max-size 65536), the tests; bench.py, which measures the comments' figures.
+(with --ws-max-size 65536), the tests; bench.py; BENCHMARKS.md, its runs cited by letter.
 
 The file reads from the top, as the tutorials do, each step building on those before:
 1, echo; 2, a client id; 3, the chat: the tutorials' ConnectionManager and endpoints,
