@@ -12,9 +12,9 @@ then how its broadcast reaches everyone; 4, FastAPI's docs' "Using Depends". 5 a
 where a chat goes next, and can wait: 5, named rooms with history, built on step 3; 6,
 one chat across processes through Redis, plugged into steps 3 and 5 by one call.
 
-The guards every step shares stand after the steps, listed above step 1: most wrap the
-whole app; steps 3 and 5 also call FloodControl, close_or_give_up and GONE by name. Copy
-that section with any step. Last: step 3's chat by HTTP.
+The guards every step shares are listed above step 1, and stand in "What every step
+shares", after step 6: most wrap the whole app; steps 3 and 5 also call FloodControl,
+close_or_give_up and GONE by name. Copy it with any step. Last: step 3's chat by HTTP.
 """
 
 from __future__ import annotations  # a type hint may name a class defined further down
@@ -374,8 +374,8 @@ def left_the_chat(client_ids: list[int | None]) -> str:
 
 
 class ServerShutdown(WebSocketDisconnect):
-    """uvicorn's own 1012, as it shuts down. A client may send 1012 too: uvicorn tells
-    of a client's close with a "reason", if empty, and of its own with none."""
+    """uvicorn's own 1012, as it shuts down. A client may send 1012 too: uvicorn's
+    message for a client's close has a "reason", even empty; its own has none."""
 
 
 async def receive_chat_text(websocket: WebSocket) -> str:
@@ -467,7 +467,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    has seen the socket drain and the task is about to write. If the write still
 #    waits, cut_off ends the client's handler: its backlog is dropped, the others are
 #    told "Client #N left the chat", and it is closed with 1008, "Too slow: over 100
-#    messages behind". Over 100, that is, beyond what its buffers hold.
+#    messages behind": 100 in its backlog, beyond those its buffers hold.
 # 5. That close frame waits behind what its buffers hold, for 5 s at most. A client that
 #    reads again within them gets those messages, then the 1008. One that reads later
 #    gets those messages, then the connection ends with no close frame (1006, to a
