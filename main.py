@@ -411,7 +411,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
         client.left_with(gone)
     finally:
         manager.disconnect(client)  # "Client #N left the chat", unless quiet
-    await client.close_if_cut_off()  # too slow, or taken over: it is told why
+    await client.close_if_cut_off()  # cut off by the server: it is told why
 
 
 @app.websocket("/chat/")
@@ -1417,9 +1417,12 @@ class RedisRelay:
             # Other processes close their connection with this id, if they have one.
             self.tokens[client] = secrets.token_hex(8)
             name, token = self.chat_names[chat], self.tokens[client]
-            await self.send(
-                ChatTakeover(chat=name, takeover=client.client_id, token=token)
-            )
+            takeover = ChatTakeover(chat=name, takeover=client.client_id, token=token)
+            try:
+                await self.send(takeover)
+            except BaseException:  # a bug, or cancelled: its handler never began
+                chat.leave(client)
+                raise
 
     async def publish(self, chat: ConnectionManager, message: str) -> bool:
         return await self.send(ChatBroadcast(chat=self.chat_names[chat], text=message))

@@ -6,6 +6,7 @@ stopped with SIGSTOP (then continued with SIGCONT) to test a Redis that hangs.
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -735,7 +736,9 @@ def uvloop_s_error_for_a_write_to_a_closed_connection() -> RuntimeError:
             await server.wait_closed()
         raise AssertionError("uvloop let a write to a closed connection through")
 
-    return uvloop.run(write_after_close())
+    # In a thread of its own, as `run` does: Playwright may keep a loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(uvloop.run, write_after_close()).result()
 
 
 @pytest.mark.parametrize("is_uvloop_s", [True, False], ids=["uvloop's", "a bug"])
@@ -766,6 +769,27 @@ def test_only_uvloop_s_runtime_error_for_a_closed_connection_is_redis_lost(
 
     raised, still_relaying = run(look_up_failing(), timeout_s=10)
     assert (raised, still_relaying) == (not is_uvloop_s, not is_uvloop_s)
+
+
+def test_a_bug_publishing_a_chat_takeover_leaves_no_client_in_the_chat(
+    redis_server: RedisServer, monkeypatch
+) -> None:
+    # connect() comes before the handler's try: a client it entered and then failed
+    # would stay in the chat with nobody to take it out.
+    async def join_while_publishing_fails() -> bool:
+        chat = main.ConnectionManager()
+        relay = main.RedisRelay(redis_server.url, {"chat": chat}, main.RoomManager())
+        async with relay.running(main.app):
+
+            async def a_bug(*_, **__) -> None:
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(relay, "run_publish", a_bug)
+            with pytest.raises(RuntimeError, match="a bug"):
+                await relay.join(chat, main.Client(websocket=None, client_id=7))
+            return 7 in chat.active_connections
+
+    assert not run(join_while_publishing_fails(), timeout_s=10)
 
 
 def test_a_foreign_message_on_the_channel_is_ignored(
