@@ -1881,7 +1881,7 @@ def exit_unless_redis_answers(url: str) -> None:
     """Fail at start-up, in one line, rather than with every chat message later."""
     try:
         with redis.Redis.from_url(
-            url, socket_connect_timeout=REDIS_TIMEOUT_S
+            url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
         ) as client:
             client.ping()
     except redis.RedisError as error:

@@ -1074,9 +1074,17 @@ def test_page_backs_off_while_redis_hangs_and_rejoins(
         page.close()
 
 
-def test_unreachable_redis_at_start_up_exits_with_one_line() -> None:
-    port = free_port()
-    url = f"redis://user:s3cret@127.0.0.1:{port}/0"  # nothing listens there
+@pytest.mark.parametrize("hung", [False, True], ids=["nothing listens", "hung"])
+def test_unreachable_redis_at_start_up_exits_with_one_line(
+    request: pytest.FixtureRequest, hung: bool
+) -> None:
+    if hung:  # it takes the connection, and answers nothing
+        redis_server = request.getfixturevalue("redis_server")
+        redis_server.pause()
+        port = redis_server.port
+    else:
+        port = free_port()
+    url = f"redis://user:s3cret@127.0.0.1:{port}/0"
     command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
     result = subprocess.run(
         command,
