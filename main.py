@@ -14,7 +14,7 @@ one chat across processes through Redis, plugged into steps 3 and 5 by one call.
 
 The guards every step shares are listed above step 1, and stand in "What every step
 shares", after step 6: most wrap the whole app; steps 3 and 5 also call FloodControl,
-close_or_give_up and GONE by name. Copy it with any step. Last: step 3's chat by HTTP.
+close_or_give_up and GONE by name. Copy that section with any step. Last: the chat by HTTP.
 """
 
 from __future__ import annotations  # a type hint may name a class defined further down
@@ -163,13 +163,14 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #
 # Ours keeps the names and order of the second tutorial's four methods (their arguments
 # change: see the comment above the class), and its broadcast waits on no client's
-# socket. A message is written at once to every client whose socket has room for it. A
-# client whose socket is full gets it later, from a queue of its own (its Backlog), as
-# its socket drains. A client with 100 messages queued and its socket still full is cut
-# off at the next message: out of the chat at once, the others told it left, and sent
-# 1008, "Too slow: over 100 messages behind", after what its buffers hold. A write to a
-# client that has gone takes that client out, and nobody else. In bench.py, with 10,000
-# clients, it cost 1.07x the tutorials' CPU per delivery (run AD).
+# socket. A message is written at once to every client whose socket has room for it,
+# held up only while the delivery checks whether a client behind is slow or the server
+# busy. A client whose socket is full gets it later, from a queue of its own (its
+# Backlog), as its socket drains. A client with 100 messages queued and its socket still
+# full is cut off at the next message: out of the chat at once, the others told it left,
+# and sent 1008, "Too slow: over 100 messages behind", after what its buffers hold. A
+# write to a client that has gone takes that client out, and nobody else. In bench.py,
+# with 10,000 clients, it cost 1.07x the tutorials' CPU per delivery (run AD).
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -277,7 +278,7 @@ class LocalChat:
             del self.active_connections[client.key]
         if client.backlog is not None and client.backlog.task is not None:
             client.backlog.task.cancel()
-            client.backlog.has_space.set()  # its task, cancelled before a turn, would not
+            client.backlog.had_a_turn.set()  # its task, cancelled before a turn, would not
 
     def cut_off(
         self, client: Client, code: int, reason: str, quiet: bool = False
@@ -504,7 +505,7 @@ class Backlog:
 
     def __init__(self) -> None:
         self.messages: collections.deque[str] = collections.deque()
-        self.has_space = asyncio.Event()  # set by write_backlog, and by leave
+        self.had_a_turn = asyncio.Event()  # its task took a message out, or it left
         self.task: asyncio.Task[None] | None = None
         self.write_waiting = False  # its task's write waits: the client is not reading
 
@@ -586,8 +587,8 @@ async def add_to_backlog_or_cut_off(
             return
         # Its backlog is full: is the server behind, or the client?
         if not backlog.write_waiting:  # its task has not had its turn: a busy server
-            backlog.has_space.clear()
-            await backlog.has_space.wait()  # for that turn, not for its socket
+            backlog.had_a_turn.clear()
+            await backlog.had_a_turn.wait()  # for that turn, not for its socket
         elif not waited_a_turn:  # a drain the loop has seen: its task writes first
             waited_a_turn = True
             await asyncio.sleep(0)
@@ -601,7 +602,7 @@ async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> No
     try:
         while backlog.messages:
             message = backlog.messages.popleft()
-            backlog.has_space.set()
+            backlog.had_a_turn.set()
             backlog.write_waiting = True  # others see True only while this write waits
             await client.websocket.send_text(message)
             backlog.write_waiting = False
@@ -612,7 +613,7 @@ async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> No
         chat.cut_off(client, status.WS_1011_INTERNAL_ERROR, SERVER_ERROR)
     finally:
         client.backlog = None  # caught up, or gone
-        backlog.has_space.set()  # a delivery waiting for space goes on
+        backlog.had_a_turn.set()  # a delivery waiting for its turn goes on
 
 
 # A batch sorted into Outgoing, in one pass, even with "You wrote" for many clients:

@@ -418,7 +418,7 @@ def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> No
         filled = not filling[-1].done()  # its message made the batch 100 long
         await manager.broadcast("in the next batch")  # which does not wait
         backlog.messages.clear()  # room for the first batch: it is written
-        backlog.has_space.set()
+        backlog.had_a_turn.set()
         await turns_of_the_event_loop()
         assert manager.deliverer is not None  # waiting, at the next batch, for #2
         return filled, filling[-1].done()
@@ -445,7 +445,7 @@ def test_a_bug_in_one_delivery_is_logged_and_the_next_batch_still_goes(caplog) -
         await turns_of_the_event_loop()  # the delivery waits for #1's backlog
         await manager.broadcast("second")  # the next batch
         backlog.messages.clear()
-        backlog.has_space.set()
+        backlog.had_a_turn.set()
         await turns_of_the_event_loop()
         return written
 
@@ -491,7 +491,7 @@ def test_a_client_taken_over_while_a_delivery_waits_gets_no_more_of_it() -> None
         await turns_of_the_event_loop()  # the delivery waits for #1's backlog
         manager.enter(client_writing_with(Socket().send, 2))  # #2's older is cut off
         backlog.messages.clear()
-        backlog.has_space.set()
+        backlog.had_a_turn.set()
         await turns_of_the_event_loop()
         return older_socket.written
 
