@@ -78,18 +78,18 @@ async def get() -> FileResponse:
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
-# The guards every step relies on, in "What every step shares", after the steps:
-# - CheckOrigin refuses a WebSocket opened by another host's page (the page sees 1006),
-#   or by a page opened from disk (Origin "null": ALLOWED_ORIGINS=null lets it in, on
-#   your own machine only, as any site's sandboxed frames send "null" too), or by one
-#   at 127.0.0.1 that connects to localhost, as the second tutorial's does. GET / is in;
-# - CheckEveryMessage hands no endpoint a binary frame, or text over 64 KiB: its receive
-#   raises a WebSocketException, and the connection closes with 1003 or 1009;
+# The guards every step relies on. They are defined in "What every step shares", after
+# step 6, and most of them wrap the whole app (GET / included):
+# - CheckOrigin refuses a WebSocket opened by another site's page; the browser sees 1006.
+#   A page opened from disk sends Origin "null": ALLOWED_ORIGINS=null lets it in, on your
+#   own machine only, as any site's sandboxed frames send "null" too. A page at 127.0.0.1
+#   that connects to localhost, as the second tutorial's does, is refused too;
+# - CheckEveryMessage refuses a binary frame (1003) and text over 64 KiB (1009);
 # - FloodControl slows a chat client that floods, then closes it with 1008;
 # - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
-#   that reads nothing; so does close_refused_websocket, for a WebSocketException;
-# - a write to a client gone raises one of GONE, as does one to a connection uvicorn
-#   closed itself (ServerClosedIsGone); no traceback for anything a client does.
+#   that reads nothing; close_refused_websocket uses it for any WebSocketException;
+# - GONE: the errors a write to a client that has gone raises. ServerClosedIsGone makes
+#   a write to a connection uvicorn closed itself raise one too: no traceback for either.
 #
 # Close codes, as the page shows them: 1000 normal; 1003 binary; 1006 dropped, or a
 # refused handshake; 1007 not UTF-8, or not step 5's JSON; 1008 flooding, or too slow;
@@ -194,10 +194,11 @@ TAKEN_OVER = "Replaced by a newer connection with the same client id"
 SERVER_ERROR = "Server error: try again later"
 
 
-# A client's cut_off_scope is anyio's, which Starlette runs on: LocalChat's cut_off
-# cancels it from another task, and it ends the endpoint's `with` block alone, where
-# task.cancel() would end the whole handler. Its close_code is the code the client closed
-# with, or the one cut_off closes it with; 1000 until then.
+# The endpoint reads its client's messages inside `with client.cut_off_scope`. To cut
+# the client off, another task cancels that scope (LocalChat.cut_off, below). Only the
+# `with` block ends; the handler goes on, to tell the others and to close the connection.
+# task.cancel() would end the whole handler. The scope is anyio's, which Starlette runs
+# on. close_code is 1000 until the client closes, or until cut_off sets its own.
 class Client:
     """One chat connection, and what the manager keeps about it."""
 
@@ -221,12 +222,16 @@ class Client:
             await close_or_give_up(self.websocket, self.close_code, self.close_reason)
 
 
-# A relay carries a manager's messages. The manager calls its three methods, below. The
-# relay hands what it carries back through the manager's own methods: LocalChat's, below,
-# enter() for a client who joins, add_to_batch() for a message to all (add_to_batch_now()
-# where it must not wait) and cut_off() for a client it can no longer serve; and the
-# manager's send_personal_message() for one client. A relay may refuse a message: then
-# publish() and broadcast() return False, and say(), the relay's, sends no "You wrote".
+# The relay carries the manager's messages. In one process, DeliverHere hands each one
+# straight back to the manager. Another relay could carry them to other processes first.
+#
+# The manager calls the relay's three methods: join, publish and say. The relay calls
+# back into the manager: enter() to let a client in, add_to_batch() to queue a message
+# for everyone (add_to_batch_now() where it must not wait), send_personal_message() to
+# queue one for one client, and cut_off() for a client it can no longer serve.
+#
+# A relay may refuse a message. Then publish() returns False, and so does broadcast().
+# That is why say() belongs to the relay: "You wrote" goes out only if the message did.
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default."""
 
@@ -380,8 +385,8 @@ class ServerShutdown(WebSocketDisconnect):
 
 
 async def receive_chat_text(websocket: WebSocket) -> str:
-    """receive_text for a chat: Starlette's raises once another task's write to the
-    client has failed; this reads on, and tells uvicorn's own 1012 from a client's."""
+    """Starlette's receive_text refuses to read once a write to the client has failed,
+    in the delivery task, say; this reads on, and tells uvicorn's 1012 from a client's."""
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         code = message["code"]
@@ -439,8 +444,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # what was said while the one before it was being written: in a quiet chat, one message.
 # As one task writes every message, everyone gets them in the same order. A sender waits
 # only if its message makes the batch 100 long (MAX_BATCH_MESSAGES), and then only until
-# that batch is written; as each sender adds its message before it waits, a batch can
-# pass 100 by one message for each sender at most.
+# that batch is written. Each sender adds its message before it waits, so a batch holds
+# at most 100 messages, plus one for each sender.
 #
 # The path of a message, through the functions below:
 #
@@ -532,7 +537,7 @@ async def deliver_batches(chat: LocalChat) -> None:
 
 
 async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
-    # One iterator: each call goes on after the client the last one stopped at.
+    # One iterator for all the calls: each starts after the client the last stopped at.
     clients = iter(list(chat.active_connections.values()))
     while behind := await write_without_waiting(chat, clients, outgoing):
         client, unwritten = behind
@@ -540,10 +545,11 @@ async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
             await add_to_backlog_or_cut_off(chat, client, message)
 
 
-# One deadline of now for all the writes: asyncio cancels the task where it first
-# pauses. An await pauses only when it must wait; no layer of a write (Starlette's, the
-# middlewares', uvicorn's) waits for a socket with room; and websockets-sansio waits for
-# room before it writes. So only a write to a full socket is given up, unsent.
+# How a write is given up: asyncio.timeout(0) sets a deadline of now, and asyncio then
+# cancels the task at the first await that actually has to wait, not before. A write
+# to a socket with room never waits, in any layer (Starlette's, the middlewares',
+# uvicorn's). A write to a full socket waits for room, and websockets-sansio waits
+# before it writes anything. So only a write to a full socket is cancelled, unsent.
 async def write_without_waiting(
     chat: LocalChat, clients: Iterator[Client], outgoing: Outgoing
 ) -> tuple[Client, list[str]] | None:
