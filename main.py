@@ -1169,10 +1169,10 @@ async def room_endpoint(
 # - the same client id in two processes: the older is closed with 4000 (take_over);
 # - a publish Redis does not take gets no "You wrote": so it is sent once Redis has the
 #   message, and may come after the message itself, back from the channel.
-# What comes on the channel joins a batch without waiting (add_to_batch_now), as the
-# subscription must be read on. So here a full batch (MAX_BATCH_MESSAGES) holds up only
-# a chat sender's own "You wrote", in its process; the anonymous chat's senders, and the
-# rooms', wait for Redis to take their messages, and no longer.
+# A message from the channel joins a batch without waiting (add_to_batch_now): the
+# subscription must be read on. So through Redis, a full batch (MAX_BATCH_MESSAGES)
+# holds up nobody's message. It holds up only a chat sender's own "You wrote", in its
+# own process. Other senders wait for Redis to take their messages, and no longer.
 
 # Imported here, not at the top, to show that steps 1 to 5 use no Redis: a copy of them
 # leaves these lines behind, and needs no redis-py; this whole file does need it.
