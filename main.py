@@ -79,7 +79,7 @@ async def get() -> FileResponse:
 
 
 # The guards every step relies on. They are defined in "What every step shares", after
-# step 6, and most of them wrap the whole app (GET / included):
+# step 6, and most of them wrap the whole app, letting HTTP through:
 # - CheckOrigin refuses a WebSocket opened by another site's page; the browser sees 1006.
 #   A page opened from disk sends Origin "null": ALLOWED_ORIGINS=null lets it in, on your
 #   own machine only, as any site's sandboxed frames send "null" too. A page at 127.0.0.1
@@ -231,7 +231,8 @@ class Client:
 # queue one for one client, and cut_off() for a client it can no longer serve.
 #
 # A relay may refuse a message. Then publish() returns False, and so does broadcast().
-# That is why say() belongs to the relay: "You wrote" goes out only if the message did.
+# That is why say() belongs to the relay: one that can refuse a message sends "You
+# wrote" only once it has taken the message. DeliverHere takes every one.
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default."""
 
@@ -288,7 +289,7 @@ class LocalChat:
     def cut_off(
         self, client: Client, code: int, reason: str, quiet: bool = False
     ) -> None:
-        """Out of the chat, its handler ended: closed with `code` and `reason`."""
+        """Out of the chat; its handler stops reading, and closes with `code`, `reason`."""
         self.leave(client)
         client.close_code, client.close_reason, client.quiet = code, reason, quiet
         client.cut_off_scope.cancel()
@@ -471,7 +472,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    is busy: the delivery waits for that turn. If the task's write is waiting on the
 #    socket, the delivery gives it one more turn of the event loop, in case the loop
 #    has seen the socket drain and the task is about to write. If the write still
-#    waits, cut_off ends the client's handler: its backlog is dropped, the others are
+#    waits, cut_off stops the client's handler: its backlog is dropped, the others are
 #    told "Client #N left the chat", and it is closed with 1008, "Too slow: over 100
 #    messages behind": 100 in its backlog, beyond those its buffers hold.
 # 5. That close frame waits behind what its buffers hold, for 5 s at most. A client that
@@ -724,12 +725,13 @@ async def item_endpoint(
 # How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
 # doorkeeper task lets joiners in between two deliveries, so that a joiner's history
-# and the messages it gets live meet exactly. Where a room's messages, ids and members
+# and the messages it gets live meet exactly; the room's senders wait a moment for it. Where a room's messages, ids and members
 # live is the rooms' relay: by default RoomsHere, this process; its five calls are the
 # places where another relay would do something else, and here most do nothing.
 
 # Django Channels' rule for group names: no spaces or slashes, so that a name goes into
-# a URL, a key or a channel's message unchanged.
+# a URL, a key or a channel's message unchanged. pydantic checks it with Rust's regex,
+# whose `$` is the very end: a trailing newline is refused.
 ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
 WELCOME_HISTORY_MESSAGES = 50  # of the latest, in a welcome without `since`
 HISTORY_MESSAGES = 500  # a room keeps at most this many messages,
@@ -825,15 +827,24 @@ class Room:
         self.told_at = -PRESENCE_INTERVAL_S  # when, by the event loop's clock
         self.presence_to_tell = False
         self.doorkeeper: asyncio.Task[None] | None = None  # see `keep_the_door`
+        self.may_post = asyncio.Event()  # cleared while joiners are let in
+        self.may_post.set()
         self.empty_since = 0.0
 
     def is_empty(self) -> bool:
         return not (self.chat.active_connections or self.joining or self.away)
 
-    async def delivered(self) -> None:
-        """Once its chat has no delivery under way: each kept message went out."""
-        while self.chat.deliverer is not None:
-            await asyncio.wait([self.chat.deliverer])
+    @contextlib.asynccontextmanager
+    async def between_deliveries(self) -> AsyncIterator[None]:
+        """Once no delivery is under way, each kept message has gone out. Senders here
+        wait meanwhile: a room that never went quiet would never get there."""
+        self.may_post.clear()
+        try:
+            while self.chat.deliverer is not None:
+                await asyncio.wait([self.chat.deliverer])
+            yield
+        finally:
+            self.may_post.set()
 
 
 class RoomRelay(Protocol):
@@ -928,6 +939,7 @@ class RoomManager:
 
     async def broadcast(self, room: Room, client_id: int, text: str) -> None:
         """To everyone in the room, the sender too: its copy is its acknowledgement."""
+        await room.may_post.wait()  # not while joiners are let in: see `keep_the_door`
         await self.relay.post(self, room, client_id, text)  # kept, with an id
 
     def open_room(self, name: str) -> Room:
@@ -1001,8 +1013,8 @@ class RoomManager:
                 elsewhere = await self.relay.look_up(room, joiners)
                 # Between two deliveries, every message kept has gone to the members: a
                 # joiner gets the history in its welcome, and every later message live.
-                await room.delivered()
-                self.admit_joiners(room, joiners, elsewhere)
+                async with room.between_deliveries():
+                    self.admit_joiners(room, joiners, elsewhere)
                 room.told_at = loop.time()
                 await self.relay.share_presence(room)
         except Exception:

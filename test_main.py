@@ -602,6 +602,50 @@ def test_joiners_are_let_in_between_two_deliveries_never_during_one() -> None:
     assert run(join_while_a_delivery_is_under_way()) == (False, True)
 
 
+def test_a_joiner_is_let_in_while_the_room_never_goes_quiet() -> None:
+    # Five members each say something every turn of the event loop, so a delivery is
+    # under way at every turn: the joiner must not wait until they are done, and must
+    # still get every message once, in its welcome's history or live.
+    talkers, said_each = 5, 100
+
+    async def join_a_room_that_never_goes_quiet() -> tuple[int, list[str]]:
+        rooms = main.RoomManager()
+        room = rooms.open_room("lobby")
+        for client_id in range(1, talkers + 1):
+            member = client_writing_with(Socket().send, client_id)
+            room.chat.active_connections[member.key] = member
+        said = 0
+
+        async def keep_talking(client_id: int) -> None:
+            nonlocal said
+            for i in range(said_each):
+                await rooms.broadcast(room, client_id, f"{client_id}: {i}")
+                said += 1
+                await asyncio.sleep(0)
+
+        talking = [asyncio.create_task(keep_talking(n)) for n in range(1, talkers + 1)]
+        await asyncio.sleep(0)
+        joiner_socket = Socket()
+        room.joining.append((client_writing_with(joiner_socket.send, 7), None))
+        rooms.call_the_doorkeeper(room)
+        while 7 not in room.chat.active_connections:
+            await asyncio.sleep(0)
+        said_before_let_in = said
+        await asyncio.gather(*talking)
+        while room.chat.deliverer is not None:
+            await asyncio.sleep(0)
+        return said_before_let_in, joiner_socket.written
+
+    said_before_let_in, written = run(join_a_room_that_never_goes_quiet())
+    assert said_before_let_in < talkers * said_each
+    frames = [json.loads(frame) for frame in written]
+    assert frames[0]["type"] == "welcome"
+    live = [frame for frame in frames[1:] if frame["type"] == "message"]
+    # Ids are `{epoch}-{number}`: the history's and the live ones, one run, none twice.
+    numbers = [int(m["id"].split("-")[1]) for m in frames[0]["history"] + live]
+    assert live and numbers == list(range(numbers[0], talkers * said_each + 1))
+
+
 def test_a_client_whose_socket_drains_as_its_backlog_fills_is_not_cut_off() -> None:
     # Its socket drains while the delivery writes to the client before it: its backlog's
     # task is woken, and has not run yet when the delivery reaches it.
@@ -1082,7 +1126,13 @@ def test_anything_but_a_text_object_closes_with_1007(
 
 @pytest.mark.parametrize(
     "path",
-    ["/rooms/a b/1", "/rooms/caf%C3%A9/1", f"/rooms/{'r' * 101}/1", "/rooms/lobby/x"],
+    [
+        "/rooms/a b/1",
+        "/rooms/caf%C3%A9/1",
+        f"/rooms/{'r' * 101}/1",
+        "/rooms/lobby/x",
+        "/rooms/lobby%0A/1",  # `$` in the rule: the very end, not before a newline
+    ],
 )
 def test_a_room_name_out_of_the_rule_is_refused_at_handshake(
     client: TestClient, path: str
