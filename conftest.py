@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from starlette.types import Message, Send
+from starlette.websockets import WebSocket, WebSocketState
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+
+import main
 
 # main.py reads these as it is imported, and so do the servers the tests start: each
 # test sets what it needs, and a value left in the shell must not change what it checks.
@@ -596,3 +600,31 @@ async def closed_with(
     except ConnectionClosed as closed:
         assert closed.rcvd is not None, "closed without a close frame"
         return closed.rcvd.code, closed.rcvd.reason
+
+
+# --- Clients outside any server, for the delivery's own tests -----------------------------
+
+
+def client_writing_with(server_send: Send, client_id: int) -> main.Client:
+    """A chat client outside any server, accepted: the manager's writes to it go to
+    server_send, as they would go to uvicorn's `send`."""
+
+    async def not_read() -> Message:
+        raise AssertionError("the manager does not read from clients")
+
+    websocket = WebSocket({"type": "websocket"}, not_read, server_send)
+    websocket.application_state = WebSocketState.CONNECTED  # as after accept()
+    return main.Client(websocket, client_id)
+
+
+class Socket:
+    """A client's socket as uvicorn's `send` sees it: a write waits while it is full."""
+
+    def __init__(self) -> None:
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.written: list[str] = []
+
+    async def send(self, message: Message) -> None:
+        await self.writable.wait()  # as uvicorn's does, before writing anything
+        self.written.append(message["text"])

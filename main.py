@@ -1315,6 +1315,9 @@ class RoomInRedis:
     written: list[int] | None = None  # the members last written to Redis as here
     shown_upto: tuple[int, int] = (0, 0)  # the id of the last message delivered here
     looked_up: LookedUp | None = None  # for the joiners being let in
+    # What came on the channel while joiners were let in, and the task that delivers it.
+    held: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    releaser: asyncio.Task[None] | None = None
 
 
 # What the processes tell each other on the channel, beside rooms' messages, as JSON.
@@ -1800,13 +1803,33 @@ class RedisRelay:
             self.rooms.presence_changed(room)
 
     def deliver_room_message(self, name: str, message_id: str, what: str) -> None:
-        """A room's message, to this process's members of the room, unless they have it."""
+        """A room's message, to this process's members of the room, unless they have it.
+        While joiners are let in, it waits, as this process's senders do: other
+        processes' messages would otherwise keep a busy room's delivery under way."""
         room = self.rooms.by_name.get(name)
         if room is None:
             return
         state = self.in_rooms.setdefault(room, RoomInRedis())
-        if stream_order(message_id) <= state.shown_upto:
+        if state.held or not room.may_post.is_set():
+            state.held.append((message_id, what))
+            if state.releaser is None:
+                state.releaser = asyncio.create_task(self.release_held(room, state))
             return
+        self.show(room, state, message_id, what)
+
+    async def release_held(self, room: Room, state: RoomInRedis) -> None:
+        """Once the joiners are in, what came meanwhile: to them too, unless welcomed."""
+        try:
+            await room.may_post.wait()
+            held, state.held = state.held, []
+            for message_id, what in held:
+                self.show(room, state, message_id, what)
+        finally:
+            state.releaser = None
+
+    def show(self, room: Room, state: RoomInRedis, message_id: str, what: str) -> None:
+        if stream_order(message_id) <= state.shown_upto:
+            return  # delivered here already, or in the joiners' welcomes
         state.shown_upto = stream_order(message_id)
         frame = message_frame(message_id, what)
         self.rooms.keep(room, message_id, frame)
@@ -2111,8 +2134,8 @@ class CheckOrigin(WebSocketMiddleware):
     """Refuse WebSocket handshakes from pages on other sites.
 
     The page's own host is let in, and so are scripts and tests, which send no Origin.
-    Refused before accept(), a browser gets an HTTP 403 instead of a WebSocket, and no
-    reason; Starlette's TestClient shows the code and the reason.
+    Refused before accept(), a browser gets an HTTP 403 instead of a WebSocket: its page
+    sees 1006, and no reason. Starlette's TestClient shows the code and the reason.
     """
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Message, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect
 from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -35,6 +35,8 @@ from conftest import (
     TAKEN_OVER,
     TOO_BIG,
     TOO_MANY_ROOMS,
+    Socket,
+    client_writing_with,
     run,
 )
 
@@ -252,18 +254,6 @@ def test_anonymous_departures_of_one_turn_go_out_as_one_notice(
         assert alice.receive_text() == "Someone said: marker"
 
 
-def client_writing_with(server_send: Send, client_id: int) -> main.Client:
-    """A chat client outside any server, accepted: the manager's writes to it go to
-    server_send, as they would go to uvicorn's `send`."""
-
-    async def not_read() -> Message:
-        raise AssertionError("the manager does not read from clients")
-
-    websocket = WebSocket({"type": "websocket"}, not_read, server_send)
-    websocket.application_state = WebSocketState.CONNECTED  # as after accept()
-    return main.Client(websocket, client_id)
-
-
 def test_a_replaced_connection_leaving_takes_nothing_else_out_of_the_chat(
     client: TestClient,
 ) -> None:
@@ -303,19 +293,6 @@ def test_a_client_whose_write_fails_leaves_the_room_and_the_rest_still_hear() ->
 
     assert run(broadcast_past_a_vanished_client()) == [2]
     assert heard == ["hello"]
-
-
-class Socket:
-    """A client's socket as uvicorn's `send` sees it: a write waits while it is full."""
-
-    def __init__(self) -> None:
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self.written: list[str] = []
-
-    async def send(self, message: Message) -> None:
-        await self.writable.wait()  # as uvicorn's does, before writing anything
-        self.written.append(message["text"])
 
 
 async def turns_of_the_event_loop(count: int = 100) -> None:

@@ -42,7 +42,9 @@ from conftest import (
     YOU_WROTE,
     RedisServer,
     Server,
+    Socket,
     assert_nothing_went_wrong,
+    client_writing_with,
     closed_with,
     expect,
     free_port,
@@ -790,6 +792,54 @@ def test_a_bug_publishing_a_chat_takeover_leaves_no_client_in_the_chat(
             return 7 in chat.active_connections
 
     assert not run(join_while_publishing_fails(), timeout_s=10)
+
+
+def test_a_joiner_is_let_in_while_other_processes_keep_its_room_busy(
+    redis_server: RedisServer,
+) -> None:
+    # Another process's members say something at every turn of the event loop, as the
+    # channel brings it: the joiner must not wait until they are done, and must still
+    # get each message once, in its welcome's history or live.
+    said_in_all = 500
+
+    async def join_a_room_busy_elsewhere() -> tuple[int, list[str]]:
+        rooms = main.RoomManager()
+        relay = main.RedisRelay(redis_server.url, {}, rooms)
+        rooms.relay = relay
+        async with relay.running(main.app):
+            room = rooms.open_room("lobby")
+            member = client_writing_with(Socket().send, 1)
+            room.chat.active_connections[member.key] = member
+            heard = 0
+
+            async def elsewhere_talking() -> None:
+                nonlocal heard
+                for number in range(1, said_in_all + 1):
+                    said = main.said(2, f"message {number}")
+                    relay.deliver_room_message("lobby", f"1000-{number}", said)
+                    heard += 1
+                    await asyncio.sleep(0)
+
+            talking = asyncio.create_task(elsewhere_talking())
+            await asyncio.sleep(0)
+            joiner_socket = Socket()
+            room.joining.append((client_writing_with(joiner_socket.send, 7), None))
+            rooms.call_the_doorkeeper(room)
+            while 7 not in room.chat.active_connections:
+                await asyncio.sleep(0)
+            heard_before_let_in = heard
+            await talking
+            while room.chat.deliverer is not None or room.doorkeeper is not None:
+                await asyncio.sleep(0.01)
+            return heard_before_let_in, joiner_socket.written
+
+    heard_before_let_in, written = run(join_a_room_busy_elsewhere(), timeout_s=10)
+    assert heard_before_let_in < said_in_all
+    frames = [json.loads(frame) for frame in written]
+    assert frames[0]["type"] == "welcome"
+    live = [frame for frame in frames[1:] if frame["type"] == "message"]
+    numbers = [int(m["id"].split("-")[1]) for m in frames[0]["history"] + live]
+    assert live and numbers == list(range(numbers[0], said_in_all + 1))
 
 
 def test_a_foreign_message_on_the_channel_is_ignored(
