@@ -170,7 +170,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # full is cut off at the next message: out of the chat at once, the others told it left,
 # and sent 1008, "Too slow: over 100 messages behind", after what its buffers hold. A
 # write to a client that has gone takes that client out, and nobody else. In bench.py,
-# with 10,000 clients, it cost 1.07x the tutorials' CPU per delivery (run AD).
+# with 10,000 clients, it cost 1.01x the tutorials' CPU per delivery (run AG).
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -206,7 +206,7 @@ class Client:
         self.websocket = websocket
         self.client_id = client_id
         self.key = id(self) if client_id is None else client_id  # anonymous: id(self)
-        self.backlog: Backlog | None = None  # only while its socket is full: see below
+        self.backlog: Backlog | None = None  # only while it is behind: see below
         self.cut_off_scope = anyio.CancelScope()
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
         self.quiet = False  # a restart, a takeover: nobody is told it left
@@ -227,7 +227,7 @@ class Client:
 #
 # The manager calls the relay's three methods: join, publish and say. The relay calls
 # back into the manager: enter() to let a client in, add_to_batch() to queue a message
-# for everyone (add_to_batch_now() where it must not wait), send_personal_message() to
+# for everyone (add_to_batch_nowait() where it must not wait), send_personal_message() to
 # queue one for one client, and cut_off() for a client it can no longer serve.
 #
 # A relay may refuse a message. Then publish() returns False, and so does broadcast().
@@ -297,11 +297,11 @@ class LocalChat:
     async def add_to_batch(self, to: Client | None, message: str) -> None:
         """To one client, or all (None). A sender whose message fills the batch waits
         until the delivery task has written that batch."""
-        self.add_to_batch_now(to, message)
+        self.add_to_batch_nowait(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES:
             await self.batch_written.wait()
 
-    def add_to_batch_now(self, to: Client | None, message: str) -> None:
+    def add_to_batch_nowait(self, to: Client | None, message: str) -> None:
         self.batch.append((to, message))
         if self.deliverer is None:
             self.deliverer = asyncio.create_task(deliver_batches(self))
@@ -354,7 +354,7 @@ class ConnectionManager(LocalChat):
         await self.relay.say(self, client, ack, text)
 
     def announce_leaving(self, client: Client) -> None:
-        """All who leave in one turn of the event loop are named in one notice."""
+        """All who leave before the notice goes out are named in it, together."""
         self.departed.append(client.client_id)
         if self.announcer is None:
             self.announcer = asyncio.create_task(self.announce_departures())
@@ -442,11 +442,13 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #
 # Senders never wait for a client's socket. A message joins the manager's batch, and one
 # task, deliver_batches, writes the whole batch to every client in turn. A batch holds
-# what was said while the one before it was being written: in a quiet chat, one message.
+# what was said while the one before it was being written: in a quiet chat, one message
+# (and, for a writer, its "You wrote").
 # As one task writes every message, everyone gets them in the same order. A sender waits
 # only if its message makes the batch 100 long (MAX_BATCH_MESSAGES), and then only until
-# that batch is written. Each sender adds its message before it waits, so a batch holds
-# at most 100 messages, plus one for each sender.
+# that batch is written. Each sender adds its message before it waits, so senders fill a
+# batch to 100 messages at most, plus one each. What must not wait goes in with
+# add_to_batch_nowait, outside that bound.
 #
 # The path of a message, through the functions below:
 #
@@ -479,8 +481,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    reads again within them gets those messages, then the 1008. One that reads later
 #    gets those messages, then the connection ends with no close frame (1006, to a
 #    page). Either way its page reconnects, to a chat that has gone on. A client that
-#    never reads again keeps its connection, as an idle one would, until it goes: a
-#    socket closes only once its buffer is written.
+#    never reads again keeps its TCP connection and buffers until it goes: a socket
+#    closes once its buffer is written, and ASGI cannot abort one (see the README).
 # If the chat goes quiet before the backlog is full, nothing more is added: the client
 # stays, and slows nobody, until it reads or leaves. The rule counts messages, not time:
 # a client whose socket stays full through a burst of over 100 is cut off within it.
@@ -725,9 +727,10 @@ async def item_endpoint(
 # How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
 # doorkeeper task lets joiners in between two deliveries, so that a joiner's history
-# and the messages it gets live meet exactly; the room's senders wait a moment for it. Where a room's messages, ids and members
-# live is the rooms' relay: by default RoomsHere, this process; its five calls are the
-# places where another relay would do something else, and here most do nothing.
+# and the messages it gets live meet exactly; the room's senders wait a moment for it.
+# Where a room's messages, ids and members live is the rooms' relay: by default
+# RoomsHere, this process; its five calls are the places where another relay would do
+# something else, and here most do nothing.
 
 # Django Channels' rule for group names: no spaces or slashes, so that a name goes into
 # a URL, a key or a channel's message unchanged. pydantic checks it with Rust's regex,
@@ -966,6 +969,9 @@ class RoomManager:
         if self.by_name.get(room.name) is room:
             del self.by_name[room.name]
             self.history_bytes -= room.history.bytes
+            room.history = (
+                History()
+            )  # a timer may hold the room a while: not its history
 
     def forget_if_idle(self, room: Room) -> None:
         """The loop's timers run on its own clock, and may fire a little early: a room
@@ -1044,7 +1050,7 @@ class RoomManager:
             if room.chat.active_connections.get(client.key) is client:
                 history, missed = histories[client]
                 frame = welcome(room, client, sorted(present), history, missed)
-                room.chat.add_to_batch_now(client, frame)
+                room.chat.add_to_batch_nowait(client, frame)
         # Joining until welcomed: after a bug before this, keep_the_door closes them.
         room.joining = [joiner for joiner in room.joining if joiner not in joiners]
 
@@ -1073,7 +1079,7 @@ def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) 
             notice = compact_json({"type": kind, "client_ids": sorted(client_ids)})
             for other in others:
                 if room.chat.active_connections.get(other.key) is other:
-                    room.chat.add_to_batch_now(other, notice)
+                    room.chat.add_to_batch_nowait(other, notice)
     room.told = present
 
 
@@ -1159,8 +1165,8 @@ async def room_endpoint(
 # room's history. With REDIS_URL set, `use_redis` gives steps 3 and 5 another relay behind
 # the interfaces they declare (ChatRelay, RoomRelay), as Django Channels swaps its channel
 # layer: every broadcast goes through Redis, and each process hands what Redis brings to
-# its own clients. Measured at 10,000 clients over 2 workers: 1.04x one process's CPU
-# per delivery for step 3's chat (bench.py --redis, run AC in BENCHMARKS.md).
+# its own clients. Measured at 10,000 clients over 2 workers: 1.11x one process's CPU
+# per delivery for step 3's chat (bench.py --redis, run AG in BENCHMARKS.md).
 #
 # How it works, and what handles each thing that can go wrong:
 # - every process subscribes to one channel, REDIS_CHANNEL: a broadcast, a takeover and
@@ -1181,7 +1187,7 @@ async def room_endpoint(
 # - the same client id in two processes: the older is closed with 4000 (take_over);
 # - a publish Redis does not take gets no "You wrote": so it is sent once Redis has the
 #   message, and may come after the message itself, back from the channel.
-# A message from the channel joins a batch without waiting (add_to_batch_now): the
+# A message from the channel joins a batch without waiting (add_to_batch_nowait): the
 # subscription must be read on. So through Redis, a full batch (MAX_BATCH_MESSAGES)
 # holds up nobody's message. It holds up only a chat sender's own "You wrote", in its
 # own process. Other senders wait for Redis to take their messages, and no longer.
@@ -1745,8 +1751,9 @@ class RedisRelay:
 
     async def learn_redis_clock(self) -> None:
         """Learn Redis's clock anew, whatever was known of it."""
-        sent_ms = time.monotonic() * 1000
-        seconds, microseconds = await self.redis.time()
+        async with self.connections:
+            sent_ms = time.monotonic() * 1000
+            seconds, microseconds = await self.redis.time()
         self.best_round_trip_ms = float("inf")
         self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
 
@@ -1791,7 +1798,7 @@ class RedisRelay:
         if isinstance(notice, ChatTakeover):
             self.take_over(chat, notice.takeover, notice.token)
         else:
-            chat.add_to_batch_now(None, notice.text)
+            chat.add_to_batch_nowait(None, notice.text)
 
     def on_room_notice(self, notice: RoomNotice) -> None:
         room = self.rooms.by_name.get(notice.room)
@@ -1833,7 +1840,7 @@ class RedisRelay:
         state.shown_upto = stream_order(message_id)
         frame = message_frame(message_id, what)
         self.rooms.keep(room, message_id, frame)
-        room.chat.add_to_batch_now(None, frame)
+        room.chat.add_to_batch_nowait(None, frame)
 
     def take_over(self, chat: LocalChat, client_id: int, token: str) -> None:
         """Another connection with this id joined: close ours if it joined earlier.
@@ -1926,7 +1933,7 @@ def exit_unless_redis_answers(url: str) -> None:
             url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
         ) as client:
             client.ping()
-    except redis.RedisError as error:
+    except (redis.RedisError, ValueError) as error:  # ValueError: a URL it cannot read
         logger.error(
             "Cannot reach Redis at %s (%s): start it, or unset REDIS_URL",
             without_password(url),

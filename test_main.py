@@ -362,7 +362,7 @@ def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None
         # One batch's burst: more than a backlog holds before its task has its turn.
         sent = [f"message {i}" for i in range(3 * main.MAX_BACKLOG_MESSAGES)]
         for text in sent:
-            manager.add_to_batch_now(None, text)
+            manager.add_to_batch_nowait(None, text)
         await turns_of_the_event_loop()
         return client, socket, sent
 
@@ -1463,6 +1463,24 @@ def test_rooms_opened_and_left_do_not_lock_new_rooms_out(
             assert next_of_type(opener, "welcome")["room"] == name
     with client.websocket_connect("/rooms/fresh/1") as newcomer:
         assert next_of_type(newcomer, "welcome")["room"] == "fresh"
+
+
+def test_a_forgotten_room_lets_its_history_go_though_a_timer_still_holds_it(
+    client: TestClient, monkeypatch
+) -> None:
+    # Its idle and grace timers hold the room up to ROOM_IDLE_S: rooms made and left by
+    # the thousand would otherwise hold their histories past ALL_HISTORY_BYTES.
+    monkeypatch.setattr(main, "MAX_ROOMS", 1)
+    with client.websocket_connect("/rooms/junk/1") as opener:
+        next_of_type(opener, "welcome")
+        say(opener, "x" * 1000)
+        next_of_type(opener, "message")
+    junk = main.rooms.by_name["junk"]
+    with client.websocket_connect("/rooms/fresh/1") as newcomer:  # junk is forgotten
+        next_of_type(newcomer, "welcome")
+    assert "junk" not in main.rooms.by_name
+    assert (len(junk.history.messages), junk.history.bytes) == (0, 0)
+    assert main.rooms.history_bytes == main.rooms.by_name["fresh"].history.bytes
 
 
 def test_a_welcome_is_bounded_in_bytes_as_sent(client: TestClient, monkeypatch) -> None:

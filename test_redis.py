@@ -842,6 +842,24 @@ def test_a_joiner_is_let_in_while_other_processes_keep_its_room_busy(
     assert live and numbers == list(range(numbers[0], said_in_all + 1))
 
 
+def test_learning_redis_s_clock_waits_for_a_connection_as_every_command_does(
+    redis_server: RedisServer, monkeypatch
+) -> None:
+    # Publishes refused as late each learn Redis's clock again, all at once if its
+    # clock stepped: past the pool's size, redis-py would refuse ("Too many
+    # connections"), and the chat would close as if Redis were lost.
+    monkeypatch.setattr(main, "REDIS_CONNECTIONS", 2)
+
+    async def learn_the_clock_many_times_at_once() -> bool:
+        relay = main.RedisRelay(redis_server.url, {}, main.RoomManager())
+        async with relay.running(main.app):
+            at_once = [relay.learn_redis_clock() for _ in range(30)]
+            await asyncio.gather(*at_once)
+            return relay.relaying
+
+    assert run(learn_the_clock_many_times_at_once(), timeout_s=10)
+
+
 def test_a_foreign_message_on_the_channel_is_ignored(
     workers: list[Server], redis_server: RedisServer
 ) -> None:
@@ -1124,9 +1142,13 @@ def test_page_backs_off_while_redis_hangs_and_rejoins(
         page.close()
 
 
-@pytest.mark.parametrize("hung", [False, True], ids=["nothing listens", "hung"])
+@pytest.mark.parametrize(
+    ("scheme", "hung"),
+    [("redis", False), ("redis", True), ("http", False)],
+    ids=["nothing listens", "hung", "not a Redis URL"],
+)
 def test_unreachable_redis_at_start_up_exits_with_one_line(
-    request: pytest.FixtureRequest, hung: bool
+    request: pytest.FixtureRequest, scheme: str, hung: bool
 ) -> None:
     if hung:  # it takes the connection, and answers nothing
         redis_server = request.getfixturevalue("redis_server")
@@ -1134,7 +1156,7 @@ def test_unreachable_redis_at_start_up_exits_with_one_line(
         port = redis_server.port
     else:
         port = free_port()
-    url = f"redis://user:s3cret@127.0.0.1:{port}/0"
+    url = f"{scheme}://user:s3cret@127.0.0.1:{port}/0"
     command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
     result = subprocess.run(
         command,
@@ -1148,7 +1170,7 @@ def test_unreachable_redis_at_start_up_exits_with_one_line(
     assert result.returncode == 1
     output = (result.stdout + result.stderr).strip().splitlines()
     assert len(output) == 1, output
-    logged_url = f"redis://user:***@127.0.0.1:{port}/0"  # no password in the log
+    logged_url = f"{scheme}://user:***@127.0.0.1:{port}/0"  # no password in the log
     assert output[0].startswith(f"ERROR:    Cannot reach Redis at {logged_url} (")
     assert "s3cret" not in output[0]
     assert output[0].endswith("): start it, or unset REDIS_URL")
