@@ -13,7 +13,7 @@ where a chat goes next, and can wait: 5, named rooms with history, built on step
 one chat across processes through Redis, plugged into steps 3 and 5 by one call.
 
 The guards every step shares are listed above step 1, and stand in "What every step
-shares", after step 6: most wrap the whole app; steps 3 and 5 also call FloodControl,
+shares", after step 6: most wrap the whole app; steps 3 and 5 also use FloodControl,
 close_or_give_up and GONE by name. Copy that section with any step. Last: the chat by HTTP.
 """
 
@@ -969,9 +969,8 @@ class RoomManager:
         if self.by_name.get(room.name) is room:
             del self.by_name[room.name]
             self.history_bytes -= room.history.bytes
-            room.history = (
-                History()
-            )  # a timer may hold the room a while: not its history
+            # A timer may hold the room a while yet: let its history go now.
+            room.history = History()
 
     def forget_if_idle(self, room: Room) -> None:
         """The loop's timers run on its own clock, and may fire a little early: a room
@@ -2161,6 +2160,7 @@ class CheckOrigin(WebSocketMiddleware):
 
 # The page's host and port, as its address bar has them: a page at localhost:8000 that
 # opens ws://127.0.0.1:8000 is refused, as another site (the page uses its own host).
+# Behind a proxy that rewrites Host, list the site's own origin in ALLOWED_ORIGINS.
 def origin_allowed(origin: str | None, scope: Scope) -> bool:
     if origin is None or origin in ALLOWED_ORIGINS:
         return True
