@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import concurrent.futures
+import json
 import os
 import re
 import resource
@@ -628,3 +629,23 @@ class Socket:
     async def send(self, message: Message) -> None:
         await self.writable.wait()  # as uvicorn's does, before writing anything
         self.written.append(message["text"])
+
+
+async def let_in_a_joiner(rooms: main.RoomManager, room: main.Room) -> Socket:
+    """Client 7 joins the room through its doorkeeper; its socket, once it is in."""
+    socket = Socket()
+    room.joining.append((client_writing_with(socket.send, 7), None))
+    rooms.call_the_doorkeeper(room)
+    while 7 not in room.chat.active_connections:
+        await asyncio.sleep(0)
+    return socket
+
+
+def assert_welcomed_then_each_message_once(written: list[str], last: int) -> None:
+    """A welcome first; then, in its history or live, each message up to `last`, once.
+    Ids are `{epoch}-{number}`: the history's and the live ones make one run."""
+    frames = [json.loads(frame) for frame in written]
+    assert frames[0]["type"] == "welcome"
+    live = [frame for frame in frames[1:] if frame["type"] == "message"]
+    numbers = [int(m["id"].split("-")[1]) for m in frames[0]["history"] + live]
+    assert live and numbers == list(range(numbers[0], last + 1))

@@ -36,7 +36,9 @@ from conftest import (
     TOO_BIG,
     TOO_MANY_ROOMS,
     Socket,
+    assert_welcomed_then_each_message_once,
     client_writing_with,
+    let_in_a_joiner,
     run,
 )
 
@@ -602,11 +604,7 @@ def test_a_joiner_is_let_in_while_the_room_never_goes_quiet() -> None:
 
         talking = [asyncio.create_task(keep_talking(n)) for n in range(1, talkers + 1)]
         await asyncio.sleep(0)
-        joiner_socket = Socket()
-        room.joining.append((client_writing_with(joiner_socket.send, 7), None))
-        rooms.call_the_doorkeeper(room)
-        while 7 not in room.chat.active_connections:
-            await asyncio.sleep(0)
+        joiner_socket = await let_in_a_joiner(rooms, room)
         said_before_let_in = said
         await asyncio.gather(*talking)
         while room.chat.deliverer is not None:
@@ -615,12 +613,7 @@ def test_a_joiner_is_let_in_while_the_room_never_goes_quiet() -> None:
 
     said_before_let_in, written = run(join_a_room_that_never_goes_quiet())
     assert said_before_let_in < talkers * said_each
-    frames = [json.loads(frame) for frame in written]
-    assert frames[0]["type"] == "welcome"
-    live = [frame for frame in frames[1:] if frame["type"] == "message"]
-    # Ids are `{epoch}-{number}`: the history's and the live ones, one run, none twice.
-    numbers = [int(m["id"].split("-")[1]) for m in frames[0]["history"] + live]
-    assert live and numbers == list(range(numbers[0], talkers * said_each + 1))
+    assert_welcomed_then_each_message_once(written, talkers * said_each)
 
 
 def test_a_client_whose_socket_drains_as_its_backlog_fills_is_not_cut_off() -> None:

@@ -44,11 +44,13 @@ from conftest import (
     Server,
     Socket,
     assert_nothing_went_wrong,
+    assert_welcomed_then_each_message_once,
     client_writing_with,
     closed_with,
     expect,
     free_port,
     launch_server,
+    let_in_a_joiner,
     open_client,
     receive_from_each,
     receive_says,
@@ -822,11 +824,7 @@ def test_a_joiner_is_let_in_while_other_processes_keep_its_room_busy(
 
             talking = asyncio.create_task(elsewhere_talking())
             await asyncio.sleep(0)
-            joiner_socket = Socket()
-            room.joining.append((client_writing_with(joiner_socket.send, 7), None))
-            rooms.call_the_doorkeeper(room)
-            while 7 not in room.chat.active_connections:
-                await asyncio.sleep(0)
+            joiner_socket = await let_in_a_joiner(rooms, room)
             heard_before_let_in = heard
             await talking
             while room.chat.deliverer is not None or room.doorkeeper is not None:
@@ -835,11 +833,7 @@ def test_a_joiner_is_let_in_while_other_processes_keep_its_room_busy(
 
     heard_before_let_in, written = run(join_a_room_busy_elsewhere(), timeout_s=10)
     assert heard_before_let_in < said_in_all
-    frames = [json.loads(frame) for frame in written]
-    assert frames[0]["type"] == "welcome"
-    live = [frame for frame in frames[1:] if frame["type"] == "message"]
-    numbers = [int(m["id"].split("-")[1]) for m in frames[0]["history"] + live]
-    assert live and numbers == list(range(numbers[0], said_in_all + 1))
+    assert_welcomed_then_each_message_once(written, said_in_all)
 
 
 def test_learning_redis_s_clock_waits_for_a_connection_as_every_command_does(
