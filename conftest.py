@@ -518,11 +518,11 @@ def open_client(url: str, **options) -> connect:
     return connect(url, max_queue=None, **options)
 
 
-def run(scenario, timeout_s: float = TEST_TIMEOUT_S):
+def run(scenario, timeout_s: float = TEST_TIMEOUT_S, runner=asyncio.run):
     """Run an async scenario, failing rather than hanging if it takes too long.
 
     In a thread of its own: Playwright's sync API keeps an event loop running in this
-    one, whichever test ran before.
+    one, whichever test ran before. `runner` may be another loop's: `uvloop.run`.
     """
 
     async def bounded():
@@ -530,7 +530,7 @@ def run(scenario, timeout_s: float = TEST_TIMEOUT_S):
             return await scenario
 
     with concurrent.futures.ThreadPoolExecutor(1) as thread:
-        return thread.submit(asyncio.run, bounded()).result()
+        return thread.submit(runner, bounded()).result()
 
 
 async def receive_says(

@@ -6,7 +6,6 @@ stopped with SIGSTOP (then continued with SIGCONT) to test a Redis that hangs.
 """
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import os
@@ -740,9 +739,7 @@ def uvloop_s_error_for_a_write_to_a_closed_connection() -> RuntimeError:
             await server.wait_closed()
         raise AssertionError("uvloop let a write to a closed connection through")
 
-    # In a thread of its own, as `run` does: Playwright may keep a loop running in this one.
-    with concurrent.futures.ThreadPoolExecutor(1) as thread:
-        return thread.submit(uvloop.run, write_after_close()).result()
+    return run(write_after_close(), runner=uvloop.run)
 
 
 @pytest.mark.parametrize("is_uvloop_s", [True, False], ids=["uvloop's", "a bug"])
