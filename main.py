@@ -13,8 +13,7 @@ where a chat goes next, and can wait: 5, named rooms with history, built on step
 one chat across processes through Redis, plugged into steps 3 and 5 by one call.
 
 The guards every step shares are listed above step 1, and stand in "What every step
-shares", after step 6: most wrap the whole app; steps 3 and 5 also use FloodControl,
-close_or_give_up and GONE by name. Copy that section with any step. Last: the chat by HTTP.
+shares", after step 6: copy that section with any step. Last: the chat by HTTP.
 """
 
 from __future__ import annotations  # a type hint may name a class defined further down
@@ -83,7 +82,7 @@ async def get() -> FileResponse:
 # - CheckOrigin refuses a WebSocket opened by another site's page; the browser sees 1006.
 #   A page opened from disk sends Origin "null": ALLOWED_ORIGINS=null lets it in, on your
 #   own machine only, as any site's sandboxed frames send "null" too. A page at 127.0.0.1
-#   that connects to localhost, as the second tutorial's does, is refused too;
+#   that connects to localhost, as both tutorials' pages do, is refused too;
 # - CheckEveryMessage refuses a binary frame (1003) and text over 64 KiB (1009);
 # - FloodControl slows a chat client that floods, then closes it with 1008;
 # - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
@@ -177,15 +176,14 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - the batch: what has been said and not yet written, which one task writes to all;
 # - a client's backlog: what it is yet to be sent, while its socket is full;
 # - cut off: taken out of the chat by the server, and closed with a code and a reason;
-# - quiet: gone without the others being told (taken over; the server restarting);
-# - LocalChat: this process's clients of a chat, and the batch; the manager is one;
+# - quiet: closed by the server without the others being told (taken over; a restart);
+# - LocalChat: this process's clients of a chat, and the batch; the manager holds one;
 # - the relay: what carries the manager's messages; in one process, DeliverHere.
 #
-# First the pieces the manager is made of: the Client, the relay's interface and its
-# default, and LocalChat; then the manager and the endpoints. How LocalChat's batch
+# First the manager, in the tutorials' shape; then what it is made of (the Client, the
+# relay's interface and its default, LocalChat), and the endpoints. How the batch
 # reaches everyone (deliver_batches, the Backlog) is "Step 3, continued", after the
-# endpoints: it can wait for a second read. FloodControl, close_or_give_up and GONE
-# are guards, after the steps.
+# endpoints. FloodControl, close_or_give_up and GONE are guards, after the steps.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many waits
@@ -193,6 +191,80 @@ WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does n
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
 SERVER_ERROR = "Server error: try again later"
+
+
+# Ours beside the tutorials' manager, method by method:
+# - active_connections is a dict by client id, not a list: a second connection with the
+#   same id takes over, and the older one is closed with 4000. As in the tutorials,
+#   nothing checks that a client is who its id says: a real app would, with a
+#   dependency, as FastAPI's docs show, before anyone can take another's id over.
+# - connect() returns a Client, the manager's record of a connection, which disconnect()
+#   and send_personal_message() take where the tutorials take the WebSocket.
+# - disconnect() tells the others who left: several who leave at once get one notice.
+# - send_personal_message() and broadcast() do not write: they put the message in the
+#   batch of the manager's LocalChat, and one task writes it to everyone (below).
+#   broadcast() goes through the manager's relay first, the one piece another backend
+#   would replace to carry the chat between processes. Here it is DeliverHere, which
+#   puts the message in this process's batch.
+# - say() does FastAPI's docs' two sends: "You wrote: ..." to the writer, then the
+#   message to everyone (the second tutorial defines send_personal_message, and its
+#   endpoint never calls it).
+class ConnectionManager:
+    def __init__(self) -> None:
+        self.chat = LocalChat()  # who is connected here, and the delivery to them
+        self.active_connections = self.chat.active_connections  # a dict: see above
+        self.relay: ChatRelay = DeliverHere()
+        self.departed: list[int | None] = []  # see `announce_leaving`
+        self.announcer: asyncio.Task[None] | None = None
+
+    async def connect(self, websocket: WebSocket, client_id: int | None) -> Client:
+        await websocket.accept()
+        client = Client(websocket, client_id)
+        await self.relay.join(self.chat, client)  # an older one with this id gets 4000
+        return client
+
+    def disconnect(self, client: Client) -> None:
+        self.chat.leave(client)
+        if not client.quiet:
+            self.announce_leaving(client)
+
+    async def send_personal_message(self, message: str, client: Client) -> None:
+        """To one client, queued in the batch with everyone's: see `add_to_batch`."""
+        await self.chat.add_to_batch(client, message)
+
+    async def broadcast(self, message: str) -> bool:
+        """To everyone, the sender too, queued; False if the relay did not take it."""
+        return await self.relay.publish(self.chat, message)
+
+    async def say(self, client: Client, ack: str, text: str) -> None:
+        """FastAPI's docs' two sends: the ack, "You wrote", to the writer; text to all."""
+        await self.relay.say(self.chat, client, ack, text)
+
+    def announce_leaving(self, client: Client) -> None:
+        """All who leave before the notice goes out are named in it, together."""
+        self.departed.append(client.client_id)
+        if self.announcer is None:
+            self.announcer = asyncio.create_task(self.announce_departures())
+
+    async def announce_departures(self) -> None:
+        try:
+            while self.departed:
+                client_ids, self.departed = self.departed, []
+                await self.broadcast(left_the_chat(client_ids))
+        finally:
+            self.announcer = None
+
+
+# `Client #2 left the chat`, or `Clients #2, #5 and #9 left the chat`; in the anonymous
+# chat, `A user left the chat`, or `3 users left the chat`.
+def left_the_chat(client_ids: list[int | None]) -> str:
+    names = [f"#{client_id}" for client_id in client_ids if client_id is not None]
+    if not names:
+        count = len(client_ids)
+        return "A user left the chat" if count == 1 else f"{count} users left the chat"
+    if len(names) == 1:
+        return f"Client {names[0]} left the chat"
+    return f"Clients {', '.join(names[:-1])} and {names[-1]} left the chat"
 
 
 # The endpoint reads its client's messages inside `with client.cut_off_scope`. To cut
@@ -224,12 +296,14 @@ class Client:
 
 
 # The relay carries the manager's messages. In one process, DeliverHere hands each one
-# straight back to the manager. Another relay could carry them to other processes first.
+# straight to the manager's LocalChat. Another relay could carry them to other
+# processes first.
 #
-# The manager calls the relay's three methods: join, publish and say. The relay calls
-# back into the manager: enter() to let a client in, add_to_batch() to queue a message
-# for everyone (add_to_batch_nowait() where it must not wait), send_personal_message() to
-# queue one for one client, and cut_off() for a client it can no longer serve.
+# The manager calls the relay's three methods: join, publish and say, each with its
+# LocalChat. The relay calls the LocalChat's: enter() to let a client in,
+# add_to_batch() to queue a message for everyone, or for one client
+# (add_to_batch_nowait() where it must not wait), and cut_off() for a client it can no
+# longer serve.
 #
 # A relay may refuse a message. Then publish() returns False, and so does broadcast().
 # That is why say() belongs to the relay: one that can refuse a message sends "You
@@ -237,33 +311,30 @@ class Client:
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default."""
 
-    async def join(self, chat: ConnectionManager, client: Client) -> None: ...
-    async def publish(self, chat: ConnectionManager, message: str) -> bool: ...
+    async def join(self, chat: LocalChat, client: Client) -> None: ...
+    async def publish(self, chat: LocalChat, message: str) -> bool: ...
     async def say(
-        self, chat: ConnectionManager, client: Client, ack: str, text: str
+        self, chat: LocalChat, client: Client, ack: str, text: str
     ) -> None: ...
 
 
 class DeliverHere:
     """The chat is this process's clients: publishing is delivering."""
 
-    async def join(self, chat: ConnectionManager, client: Client) -> None:
+    async def join(self, chat: LocalChat, client: Client) -> None:
         chat.enter(client)
 
-    async def publish(self, chat: ConnectionManager, message: str) -> bool:
+    async def publish(self, chat: LocalChat, message: str) -> bool:
         await chat.add_to_batch(None, message)
         return True
 
-    async def say(
-        self, chat: ConnectionManager, client: Client, ack: str, text: str
-    ) -> None:
-        await chat.send_personal_message(ack, client)
+    async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
+        await chat.add_to_batch(client, ack)
         await self.publish(chat, text)
 
 
-# What every chat in this file is made of, step 3's manager and step 5's rooms alike:
-# who is connected here, and the batch of what was said, which one task writes to them
-# all ("Step 3, continued"). A relay, above, calls these too.
+# Who is connected here, and the batch of what was said, which one task writes to them
+# all ("Step 3, continued"). The manager holds one; a relay, above, calls it too.
 class LocalChat:
     """This process's clients of one chat, and the delivery to them."""
 
@@ -306,79 +377,6 @@ class LocalChat:
         self.batch.append((to, message))
         if self.deliverer is None:
             self.deliverer = asyncio.create_task(deliver_batches(self))
-
-
-# Ours beside the tutorials' manager, method by method:
-# - active_connections, from LocalChat, is a dict by client id, not a list: a second
-#   connection with the same id takes over, and the older one is closed with 4000. As
-#   in the tutorials, nothing checks that a client is who its id says: a real app
-#   would, with a dependency, as FastAPI's docs show, before anyone can take another's
-#   id over.
-# - connect() returns a Client, the manager's record of a connection, which disconnect()
-#   and send_personal_message() take where the tutorials take the WebSocket.
-# - disconnect() tells the others who left: several who leave at once get one notice.
-# - send_personal_message() and broadcast() put the message in the batch. broadcast()
-#   goes through the manager's relay first, the one piece another backend would replace
-#   to carry the chat between processes. Here it is DeliverHere, above, which puts the
-#   message in this process's batch.
-# - say() does FastAPI's docs' two sends: "You wrote: ..." to the writer, then the
-#   message to everyone (the second tutorial defines send_personal_message, and its
-#   endpoint never calls it).
-class ConnectionManager(LocalChat):
-    def __init__(self) -> None:
-        super().__init__()  # active_connections, and the batch
-        self.relay: ChatRelay = DeliverHere()
-        self.departed: list[int | None] = []  # see `announce_leaving`
-        self.announcer: asyncio.Task[None] | None = None
-
-    async def connect(self, websocket: WebSocket, client_id: int | None) -> Client:
-        await websocket.accept()
-        client = Client(websocket, client_id)
-        await self.relay.join(self, client)  # an older one with this id gets 4000
-        return client
-
-    def disconnect(self, client: Client) -> None:
-        self.leave(client)
-        if not client.quiet:
-            self.announce_leaving(client)
-
-    async def send_personal_message(self, message: str, client: Client) -> None:
-        """To one client, queued in the batch with everyone's: see `add_to_batch`."""
-        await self.add_to_batch(client, message)
-
-    async def broadcast(self, message: str) -> bool:
-        """To everyone, the sender too, queued; False if the relay did not take it."""
-        return await self.relay.publish(self, message)
-
-    async def say(self, client: Client, ack: str, text: str) -> None:
-        """FastAPI's docs' two sends: the ack, "You wrote", to the writer; text to all."""
-        await self.relay.say(self, client, ack, text)
-
-    def announce_leaving(self, client: Client) -> None:
-        """All who leave before the notice goes out are named in it, together."""
-        self.departed.append(client.client_id)
-        if self.announcer is None:
-            self.announcer = asyncio.create_task(self.announce_departures())
-
-    async def announce_departures(self) -> None:
-        try:
-            while self.departed:
-                client_ids, self.departed = self.departed, []
-                await self.broadcast(left_the_chat(client_ids))
-        finally:
-            self.announcer = None
-
-
-# `Client #2 left the chat`, or `Clients #2, #5 and #9 left the chat`; in the anonymous
-# chat, `A user left the chat`, or `3 users left the chat`.
-def left_the_chat(client_ids: list[int | None]) -> str:
-    names = [f"#{client_id}" for client_id in client_ids if client_id is not None]
-    if not names:
-        count = len(client_ids)
-        return "A user left the chat" if count == 1 else f"{count} users left the chat"
-    if len(names) == 1:
-        return f"Client {names[0]} left the chat"
-    return f"Clients {', '.join(names[:-1])} and {names[-1]} left the chat"
 
 
 class ServerShutdown(WebSocketDisconnect):
@@ -460,40 +458,28 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #            -> write_backlog, one task per such client, writes it as its socket drains
 #            -> or, 100 behind and its socket still full: cut_off, closed with 1008
 #
-# What happens to one client that stops reading, step by step:
-# 1. Its buffers fill: uvicorn and the kernel hold what it has not read. Until they are
-#    full, writes to it finish at once, like anyone's.
-# 2. Its next write would wait. write_without_waiting gives that write up, unsent, and
-#    goes on to the next client: everyone else is written to now.
-# 3. What it was not sent goes to its backlog, and write_backlog, a task of its own,
-#    writes it as its socket drains. Later batches go to the backlog too, not to its
-#    socket, so that its messages stay in order. A backlog holds the very strings
-#    everyone is sent, a reference each: clients behind by the same messages share them.
-# 4. The backlog holds at most 100 messages (MAX_BACKLOG_MESSAGES). When one more comes
-#    and the backlog is full, the delivery first makes sure that the client is slow, and
-#    not the server. If the backlog's task has not had a turn to write yet, the server
-#    is busy: the delivery waits for that turn. If the task's write is waiting on the
-#    socket, the delivery gives it one more turn of the event loop, in case the loop
-#    has seen the socket drain and the task is about to write. If the write still
-#    waits, cut_off stops the client's handler: its backlog is dropped, the others are
-#    told "Client #N left the chat", and it is closed with 1008, "Too slow: over 100
-#    messages behind": 100 in its backlog, beyond those its buffers hold.
-# 5. That close frame waits behind what its buffers hold, for 5 s at most. A client that
-#    reads again within them gets those messages, then the 1008. One that reads later
-#    gets those messages, then the connection ends with no close frame (1006, to a
-#    page). Either way its page reconnects, to a chat that has gone on. A client that
-#    never reads again keeps its TCP connection and buffers until it goes: a socket
-#    closes once its buffer is written, and ASGI cannot abort one (see the README).
-# If the chat goes quiet before the backlog is full, nothing more is added: the client
-# stays, and slows nobody, until it reads or leaves. The rule counts messages, not time:
-# a client whose socket stays full through a burst of over 100 is cut off within it.
-#
-# For example: clients 1, 2 and 3, and 3 stops reading. Until its buffers are full,
-# each message reaches all three at once. The first that would wait on 3, message m,
-# reaches 1 and 2 at once and goes to 3's backlog; so do m+1 to m+100 (its task takes m
-# out, to write it, and waits). At m+101, if 3's write still waits after one more turn,
-# 3 is cut off: 1 and 2 are sent "Client #3 left the chat", and 3 is sent what its
-# buffers hold, then the 1008.
+# What happens to one client that stops reading:
+# 1. Until its buffers (uvicorn's and the kernel's) are full, writes to it finish at
+#    once, like anyone's.
+# 2. Then write_without_waiting gives its write up, unsent, and goes on to the others.
+#    What it was not sent goes to its backlog, and so does every later message, in
+#    order (the very strings everyone is sent: a reference each). Its own task,
+#    write_backlog, writes them as its socket drains.
+# 3. With 100 in its backlog (MAX_BACKLOG_MESSAGES) and one more to add, the delivery
+#    first makes sure that the client is slow, not the server: if the backlog's task
+#    has not had a turn to write yet, the server is busy, and the delivery waits for
+#    that turn. If the task's write waits on the socket, the delivery gives it one more
+#    turn of the event loop, in case the socket has just drained. If it still waits,
+#    the client is cut off: out of the chat, its backlog dropped, the others told it
+#    left, and closed with 1008, "Too slow: over 100 messages behind".
+# 4. That close frame waits behind what its buffers hold, for 5 s at most: read within
+#    them, it gets those messages, then the 1008; read later, those messages, then a
+#    drop (1006, to a page). Its page reconnects, to a chat that has gone on. One that
+#    never reads again keeps its TCP connection until it goes: ASGI cannot abort a
+#    connection (see the README).
+# If the chat goes quiet first, nothing more is added: the client stays, slowing nobody,
+# until it reads or leaves. The rule counts messages, not time: a socket that stays full
+# through a burst of over 100 is cut off within it.
 #
 # Why not the simplest cure, a queue and a task for every client, so that broadcast
 # waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`, run S in
@@ -554,6 +540,8 @@ async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
 # to a socket with room never waits, in any layer (Starlette's, the middlewares',
 # uvicorn's). A write to a full socket waits for room, and websockets-sansio waits
 # before it writes anything. So only a write to a full socket is cancelled, unsent.
+# One deadline covers the whole loop, not one per write, and the first write given up
+# ends it: write_to_everyone calls again, with the same iterator, for the clients after.
 async def write_without_waiting(
     chat: LocalChat, clients: Iterator[Client], outgoing: Outgoing
 ) -> tuple[Client, list[str]] | None:
@@ -747,9 +735,10 @@ PRESENCE_INTERVAL_S = 0.25  # joiners are let in, and presence told, this often 
 # A dropped client may come back this long before it has left: time enough for a whole
 # server's pages to be back after a network cut (10,000 took 10 to 24 s in bench.py).
 PRESENCE_GRACE_S = 30.0
-# Close codes after which the page comes back by itself: the connection dropped without
-# a close frame (uvicorn says 1005 or 1006), or the client was cut off as too slow. The
-# server's own quiet endings (a restart's 1012) count too: see `client.quiet`.
+# Endings a client did not choose, after which its page comes back by itself: the
+# connection dropped without a close frame (uvicorn says 1005 or 1006), or the server
+# cut it off as too slow (1008). The server's own quiet endings (a restart's 1012) count
+# too: see `client.quiet`. After any other, the client has left.
 AWAY_CLOSE_CODES = frozenset({1005, 1006, status.WS_1008_POLICY_VIOLATION})
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
@@ -1364,7 +1353,7 @@ class RedisRelay:
     """
 
     def __init__(
-        self, url: str, chats: dict[str, ConnectionManager], rooms: RoomManager
+        self, url: str, managers: dict[str, ConnectionManager], rooms: RoomManager
     ) -> None:
         self.url = without_password(url)  # for the log
         self.redis = redis.asyncio.Redis.from_url(
@@ -1390,8 +1379,9 @@ class RedisRelay:
         # Thousands of handlers may publish at once: each waits for a connection here,
         # rather than redis-py failing past its pool's size ("Too many connections").
         self.connections = asyncio.Semaphore(REDIS_CONNECTIONS)
-        self.chats = chats  # by the name they have in Redis's messages
-        self.chat_names = {chat: name for name, chat in chats.items()}
+        # Each manager's LocalChat, by the name it has in Redis's messages.
+        self.chats = {name: each.chat for name, each in managers.items()}
+        self.chat_names = {chat: name for name, chat in self.chats.items()}
         self.rooms = rooms
         self.in_rooms: weakref.WeakKeyDictionary[Room, RoomInRedis] = (
             weakref.WeakKeyDictionary()
@@ -1438,7 +1428,7 @@ class RedisRelay:
 
     # Step 3's chat: ChatRelay.
 
-    async def join(self, chat: ConnectionManager, client: Client) -> None:
+    async def join(self, chat: LocalChat, client: Client) -> None:
         self.check_open()
         chat.enter(client)
         if client.client_id is not None:
@@ -1452,16 +1442,14 @@ class RedisRelay:
                 chat.leave(client)
                 raise
 
-    async def publish(self, chat: ConnectionManager, message: str) -> bool:
+    async def publish(self, chat: LocalChat, message: str) -> bool:
         return await self.send(ChatBroadcast(chat=self.chat_names[chat], text=message))
 
-    async def say(
-        self, chat: ConnectionManager, client: Client, ack: str, text: str
-    ) -> None:
+    async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
         # "You wrote" only once Redis has the message: a publish can fail. The message
         # may come back through the channel first: here, the ack can follow it.
         if await self.publish(chat, text):
-            await chat.send_personal_message(ack, client)
+            await chat.add_to_batch(client, ack)
 
     # Step 5's rooms: RoomRelay.
 
@@ -1943,14 +1931,14 @@ def exit_unless_redis_answers(url: str) -> None:
 
 
 def use_redis(
-    url: str, chats: dict[str, ConnectionManager], rooms: RoomManager
+    url: str, managers: dict[str, ConnectionManager], rooms: RoomManager
 ) -> None:
     """Steps 3 and 5 through Redis: one relay for the chats and the rooms, running while
     the app does."""
     exit_unless_redis_answers(url)
-    relay = RedisRelay(url, chats, rooms)
-    for chat in chats.values():
-        chat.relay = relay
+    relay = RedisRelay(url, managers, rooms)
+    for chat_manager in managers.values():
+        chat_manager.relay = relay
     rooms.relay = relay
     app.include_router(APIRouter(lifespan=relay.running))
 

@@ -289,8 +289,8 @@ def test_a_client_whose_write_fails_leaves_the_room_and_the_rest_still_hear() ->
             client = client_writing_with(send, client_id)
             manager.active_connections[client_id] = client
         await manager.broadcast("hello")
-        assert manager.deliverer is not None
-        await manager.deliverer
+        assert manager.chat.deliverer is not None
+        await manager.chat.deliverer
         return list(manager.active_connections)
 
     assert run(broadcast_past_a_vanished_client()) == [2]
@@ -364,7 +364,7 @@ def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None
         # One batch's burst: more than a backlog holds before its task has its turn.
         sent = [f"message {i}" for i in range(3 * main.MAX_BACKLOG_MESSAGES)]
         for text in sent:
-            manager.add_to_batch_nowait(None, text)
+            manager.chat.add_to_batch_nowait(None, text)
         await turns_of_the_event_loop()
         return client, socket, sent
 
@@ -399,7 +399,7 @@ def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> No
         backlog.messages.clear()  # room for the first batch: it is written
         backlog.had_a_turn.set()
         await turns_of_the_event_loop()
-        assert manager.deliverer is not None  # waiting, at the next batch, for #2
+        assert manager.chat.deliverer is not None  # waiting, at the next batch, for #2
         return filled, filling[-1].done()
 
     assert run(fill_the_batch_while_the_delivery_waits()) == (True, True)
@@ -447,7 +447,7 @@ def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> Non
         await turns_of_the_event_loop(3)
         assert not waiting.done()  # a full backlog whose task has not had its turn
         client.backlog.task = asyncio.ensure_future(asyncio.sleep(0))
-        manager.leave(client)  # before that task ran
+        manager.chat.leave(client)  # before that task ran
         await turns_of_the_event_loop(3)
         done = waiting.done()
         if done:
@@ -468,7 +468,9 @@ def test_a_client_taken_over_while_a_delivery_waits_gets_no_more_of_it() -> None
         manager.active_connections[2] = client_writing_with(older_socket.send, 2)
         await manager.broadcast("said before the takeover")
         await turns_of_the_event_loop()  # the delivery waits for #1's backlog
-        manager.enter(client_writing_with(Socket().send, 2))  # #2's older is cut off
+        manager.chat.enter(
+            client_writing_with(Socket().send, 2)
+        )  # #2's older is cut off
         backlog.messages.clear()
         backlog.had_a_turn.set()
         await turns_of_the_event_loop()
@@ -486,8 +488,8 @@ def test_a_runtime_error_in_a_write_is_a_bug_logged_not_a_client_gone(caplog) ->
         manager = main.ConnectionManager()
         manager.active_connections[1] = client_writing_with(a_bug, 1)
         await manager.broadcast("hello")
-        assert manager.deliverer is not None
-        await manager.deliverer
+        assert manager.chat.deliverer is not None
+        await manager.chat.deliverer
         return list(manager.active_connections)
 
     assert run(broadcast_to_a_client_whose_write_has_a_bug()) == [1]
@@ -664,7 +666,7 @@ def test_a_client_taken_over_as_it_closes_is_not_heard_leaving() -> None:
     async def taken_over_as_it_closes() -> list[int | None]:
         manager = main.ConnectionManager()
         older = manager.active_connections[7] = client_writing_with(Socket().send, 7)
-        manager.cut_off(older, main.WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
+        manager.chat.cut_off(older, main.WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
         older.left_with(WebSocketDisconnect(1001))  # its close, read before the cut
         manager.disconnect(older)
         return manager.departed

@@ -778,8 +778,8 @@ def test_a_bug_publishing_a_chat_takeover_leaves_no_client_in_the_chat(
     # connect() comes before the handler's try: a client it entered and then failed
     # would stay in the chat with nobody to take it out.
     async def join_while_publishing_fails() -> bool:
-        chat = main.ConnectionManager()
-        relay = main.RedisRelay(redis_server.url, {"chat": chat}, main.RoomManager())
+        manager = main.ConnectionManager()
+        relay = main.RedisRelay(redis_server.url, {"chat": manager}, main.RoomManager())
         async with relay.running(main.app):
 
             async def a_bug(*_, **__) -> None:
@@ -787,8 +787,8 @@ def test_a_bug_publishing_a_chat_takeover_leaves_no_client_in_the_chat(
 
             monkeypatch.setattr(relay, "run_publish", a_bug)
             with pytest.raises(RuntimeError, match="a bug"):
-                await relay.join(chat, main.Client(websocket=None, client_id=7))
-            return 7 in chat.active_connections
+                await relay.join(manager.chat, main.Client(websocket=None, client_id=7))
+            return 7 in manager.active_connections
 
     assert not run(join_while_publishing_fails(), timeout_s=10)
 
