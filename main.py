@@ -169,8 +169,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # full is cut off at the next message: out of the chat at once, the others told it left,
 # and sent 1008, "Too slow: over 100 messages behind", after what its buffers hold. A
 # write to a client that has gone takes that client out, and nobody else. In bench.py,
-# with 10,000 clients, it cost 1.01x to 1.14x the tutorials' CPU per delivery, across
-# runs AE to AI.
+# with 10,000 clients, it cost 1.01x to 1.15x the tutorials' CPU per delivery, across
+# runs AE to AJ.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
