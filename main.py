@@ -386,13 +386,14 @@ class ServerShutdown(WebSocketDisconnect):
 
 async def receive_chat_text(websocket: WebSocket) -> str:
     """Starlette's receive_text refuses to read once a write to the client has failed,
-    in the delivery task, say; this reads on, and tells uvicorn's 1012 from a client's."""
+    in the delivery task, say; this reads on, and tells a client's close from uvicorn's."""
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
-        code = message["code"]
-        if code == status.WS_1012_SERVICE_RESTART and "reason" not in message:
-            raise ServerShutdown(code)
-        raise WebSocketDisconnect(code, message.get("reason"))
+        if "reason" in message:  # a close frame came: the client's code and reason
+            raise WebSocketDisconnect(message["code"], message["reason"])
+        if message["code"] == status.WS_1012_SERVICE_RESTART:  # uvicorn's own
+            raise ServerShutdown(status.WS_1012_SERVICE_RESTART)
+        raise WebSocketDisconnect(status.WS_1006_ABNORMAL_CLOSURE)  # dropped
     text: str = message["text"]  # binary frames: CheckEveryMessage refuses them
     return text
 
@@ -736,10 +737,13 @@ PRESENCE_INTERVAL_S = 0.25  # joiners are let in, and presence told, this often 
 # server's pages to be back after a network cut (10,000 took 10 to 24 s in bench.py).
 PRESENCE_GRACE_S = 30.0
 # Endings a client did not choose, after which its page comes back by itself: the
-# connection dropped without a close frame (uvicorn says 1005 or 1006), or the server
+# connection dropped without a close frame (1006: see receive_chat_text), or the server
 # cut it off as too slow (1008). The server's own quiet endings (a restart's 1012) count
-# too: see `client.quiet`. After any other, the client has left.
-AWAY_CLOSE_CODES = frozenset({1005, 1006, status.WS_1008_POLICY_VIOLATION})
+# too: see `client.quiet`. After any other, the client has left: a close frame with no
+# code (a page's ws.close()) too, which uvicorn reports as 1005.
+AWAY_CLOSE_CODES = frozenset(
+    {status.WS_1006_ABNORMAL_CLOSURE, status.WS_1008_POLICY_VIOLATION}
+)
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
 # A message's id: the room's epoch, in hexadecimal, and a number. Any other `since` is

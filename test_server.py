@@ -1107,3 +1107,33 @@ def test_a_dropped_room_client_is_a_member_for_its_grace_then_has_left(
     assert heard[3] == {"type": "left", "client_ids": [2]}
     assert left_after_s >= GRACE_S
     assert_nothing_went_wrong(server)
+
+
+def test_a_room_client_that_closes_without_a_code_has_left_at_once(
+    server: Server,
+) -> None:
+    # A page's ws.close(), with no code, sends a close frame with none: uvicorn says
+    # 1005, as it does for a connection that drops. The one chose to leave; only the
+    # other may be back, and gets a grace (PRESENCE_GRACE_S, 30 s) before it has left.
+    def leaving_client() -> None:
+        sock, head = raw_handshake(server.port, "/rooms/lobby/2")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        read_frame(sock)  # its welcome
+        sock.sendall(client_frame(0x8, b""))  # a close frame, with no code
+        opcode, _ = read_frame(sock)
+        while opcode != 0x8:  # "joined", then the server's close frame
+            opcode, _ = read_frame(sock)
+        sock.close()
+
+    async def scenario() -> list[dict]:
+        async with open_client(f"{server.ws_url}/rooms/lobby/1") as alice:
+            await alice.recv()  # its welcome
+            await asyncio.to_thread(leaving_client)
+            async with asyncio.timeout(10):  # well within the grace
+                return [json.loads(await alice.recv()) for _ in range(2)]
+
+    assert run(scenario()) == [
+        {"type": "joined", "client_ids": [2]},
+        {"type": "left", "client_ids": [2]},
+    ]
+    assert_nothing_went_wrong(server)
