@@ -116,8 +116,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 # --- Step 2: a client id in the path, and noticing when the client leaves ------------------
 #
-# The reply is one message, "Client #7 says: hi", as in FastAPI's docs and the second
-# tutorial; the first tutorial sends the text and the id as two messages.
+# The reply is one message, "Client #7 says: hi", as in the second tutorial; the first
+# tutorial sends the text and the id as two messages.
 #
 # Try it: http://127.0.0.1:8000/?endpoint=client&client_id=7; close the tab, and the
 # server's log says "Client #7 left the chat".
@@ -162,15 +162,15 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #
 # Ours keeps the names and order of the second tutorial's four methods (their arguments
 # change: see the comment above the class), and its broadcast waits on no client's
-# socket. A message is written at once to every client whose socket has room for it,
-# held up only while the delivery checks whether a client behind is slow or the server
-# busy. A client whose socket is full gets it later, from a queue of its own (its
-# Backlog), as its socket drains. A client with 100 messages queued and its socket still
-# full is cut off at the next message: out of the chat at once, the others told it left,
-# and sent 1008, "Too slow: over 100 messages behind", after what its buffers hold. A
-# write to a client that has gone takes that client out, and nobody else. In bench.py,
-# with 10,000 clients, it cost 1.01x to 1.15x the tutorials' CPU per delivery, across
-# runs AE to AJ.
+# socket. It queues the message, and one task writes it at once to every client whose
+# socket has room for it, held up only while it checks whether a client behind is slow
+# or the server busy. A client whose socket is full gets it later, from a queue of its
+# own (its Backlog), as its socket drains. A client with 100 messages queued and its
+# socket still full is cut off at the next message: out of the chat at once, the others
+# told it left, and sent 1008, "Too slow: over 100 messages behind", after what its
+# buffers hold. A write to a client that has gone takes that client out, and nobody
+# else. In bench.py, with 10,000 clients, it cost 1.01x to 1.15x the tutorials' CPU per
+# delivery, across runs AE to AJ.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
