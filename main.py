@@ -194,21 +194,23 @@ SERVER_ERROR = "Server error: try again later"
 
 
 # Ours beside the tutorials' manager, method by method:
-# - active_connections is a dict by client id, not a list: a second connection with the
-#   same id takes over, and the older one is closed with 4000. As in the tutorials,
+# - active_connections is a dict of Clients by client id, not a list of WebSockets: a
+#   second connection with the same id takes over, and the older one is closed with
+#   4000 (the anonymous chat's clients go by their own id()). As in the tutorials,
 #   nothing checks that a client is who its id says: a real app would, with a
 #   dependency, as FastAPI's docs show, before anyone can take another's id over.
 # - connect() returns a Client, the manager's record of a connection, which disconnect()
 #   and send_personal_message() take where the tutorials take the WebSocket.
-# - disconnect() tells the others who left: several who leave at once get one notice.
+# - disconnect() tells the others who left, where the tutorials' endpoint broadcasts it:
+#   several who leave at once get one notice.
 # - send_personal_message() and broadcast() do not write: they put the message in the
 #   batch of the manager's LocalChat, and one task writes it to everyone (below).
 #   broadcast() goes through the manager's relay first, the one piece another backend
 #   would replace to carry the chat between processes. Here it is DeliverHere, which
 #   puts the message in this process's batch.
-# - say() does FastAPI's docs' two sends: "You wrote: ..." to the writer, then the
-#   message to everyone (the second tutorial defines send_personal_message, and its
-#   endpoint never calls it).
+# - say() does FastAPI's docs' two sends, "You wrote: ..." to the writer, then the
+#   message to everyone, through the relay: why, above DeliverHere. The chat endpoint
+#   calls it; send_personal_message() stays, as in the tutorials, for sends of your own.
 class ConnectionManager:
     def __init__(self) -> None:
         self.chat = LocalChat()  # who is connected here, and the delivery to them
@@ -2201,8 +2203,8 @@ app.add_middleware(ServerClosedIsGone)
 
 # Unset or empty: POST /chat/messages refuses everyone. Set: the bearer token it takes.
 ANNOUNCE_TOKEN = os.environ.get("ANNOUNCE_TOKEN", "")
-# JSON may spell each byte of the text as an escape (`\u0001`, six bytes), and a little
-# more for the braces: past this, no body is a message that fits.
+# A body past this is refused unread: a message that fits takes less, even with each
+# byte of its text spelled as a JSON escape (`\u0001`, six bytes), and the braces.
 MAX_POST_BYTES = 6 * MAX_MESSAGE_BYTES + 1024
 POST_TOO_LARGE = f"Body over {MAX_POST_BYTES} bytes: a message is 64 KiB at most"
 CHAT_UNAVAILABLE = "Chat unavailable: the message was not sent; try again later"
