@@ -343,7 +343,7 @@ class LocalChat:
     def __init__(self) -> None:
         self.active_connections: dict[int, Client] = {}  # by Client.key: one each
         self.batch: list[tuple[Client | None, str]] = []  # see `add_to_batch`
-        self.batch_written = asyncio.Event()  # set once that batch is written
+        self.batch_written = asyncio.Event()  # set once the delivery is through it
         self.deliverer: asyncio.Task[None] | None = None
 
     def enter(self, client: Client) -> None:
@@ -2203,8 +2203,8 @@ app.add_middleware(ServerClosedIsGone)
 
 # Unset or empty: POST /chat/messages refuses everyone. Set: the bearer token it takes.
 ANNOUNCE_TOKEN = os.environ.get("ANNOUNCE_TOKEN", "")
-# A body past this is refused unread: a message that fits takes less, even with each
-# byte of its text spelled as a JSON escape (`\u0001`, six bytes), and the braces.
+# A body past this is refused unread: six bytes for each of a message's, as if each
+# were spelled as a JSON escape (`\u0001`), and 1 KiB for the rest of the object.
 MAX_POST_BYTES = 6 * MAX_MESSAGE_BYTES + 1024
 POST_TOO_LARGE = f"Body over {MAX_POST_BYTES} bytes: a message is 64 KiB at most"
 CHAT_UNAVAILABLE = "Chat unavailable: the message was not sent; try again later"
