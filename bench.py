@@ -841,13 +841,25 @@ async def measure(
         if load.cpu_key is None:
             continue
         paired: list[list[float]] = [[] for _ in contenders]
+        # What a server lost loaded beside the others: its CPU figure then counts
+        # only what arrived, and says nothing of its cost.
+        lost_loaded = [0.0 for _ in contenders]
         for attempt in range(1, load.repeats + 1):
             progress(f"{load.name}, CPU with all servers loaded, run {attempt}")
             runs = await run_load(contenders, load.run, client_count, log_dir)
-            for figures, samples in zip(runs, paired, strict=True):
+            for i, (figures, samples) in enumerate(zip(runs, paired, strict=True)):
                 samples.append(figures[load.cpu_key])
-        for result, samples in zip(results, paired, strict=True):
+                lost_loaded[i] += figures.get("lost", 0.0)
+        for contender, result, samples, lost in zip(
+            contenders, results, paired, lost_loaded, strict=True
+        ):
             result[load.name][load.cpu_key] = statistics.median(samples)
+            result[load.name]["lost_loaded"] = lost
+            if lost:
+                progress(
+                    f"{load.name}: {contender.name} lost {lost:.0f} messages with all "
+                    f"servers loaded: its CPU figure is not comparable"
+                )
     return results
 
 
@@ -913,6 +925,12 @@ LOAD_ROWS = [
     ),
     ("burst", "cpu_us_per_delivery", "burst: server CPU µs per delivery", "{:.1f}"),
     ("burst", "lost", "burst: messages lost", "{:.0f}"),
+    (
+        "burst",
+        "lost_loaded",
+        "burst: ... lost with all servers loaded (its CPU figure's runs)",
+        "{:.0f}",
+    ),
     (
         "echo",
         "round_trips_per_s",
