@@ -853,7 +853,9 @@ async def measure(
         for contender, result, samples, lost in zip(
             contenders, results, paired, lost_loaded, strict=True
         ):
+            solo = result[load.name][load.cpu_key]
             result[load.name][load.cpu_key] = statistics.median(samples)
+            result[load.name][f"{load.cpu_key}_alone"] = solo
             result[load.name]["lost_loaded"] = lost
             if lost:
                 progress(
@@ -932,6 +934,12 @@ LOAD_ROWS = [
         "{:.0f}",
     ),
     (
+        "burst",
+        "cpu_us_per_delivery_alone",
+        "burst: ... alone: server CPU µs per delivery (the best of its runs)",
+        "{:.1f}",
+    ),
+    (
         "echo",
         "round_trips_per_s",
         "echo, 1,000 clients: round trips per second",
@@ -955,6 +963,7 @@ LOAD_ROWS = [
 ]
 RATIO_KEYS = {
     "cpu_us_per_delivery",
+    "cpu_us_per_delivery_alone",
     "cpu_us_per_delivery_net",
     "idle_cpu_s_per_s",
     "p50_ms",

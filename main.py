@@ -321,7 +321,7 @@ class ChatRelay(Protocol):
 
 
 class DeliverHere:
-    """The chat is this process's clients: publishing is delivering."""
+    """The chat is this process's clients: to publish is to queue for them all."""
 
     async def join(self, chat: LocalChat, client: Client) -> None:
         chat.enter(client)

@@ -1109,17 +1109,25 @@ def test_a_dropped_room_client_is_a_member_for_its_grace_then_has_left(
     assert_nothing_went_wrong(server)
 
 
-def test_a_room_client_that_closes_without_a_code_has_left_at_once(
-    server: Server,
+@pytest.mark.parametrize(
+    "last_frame",
+    [
+        client_frame(0x8, b""),  # a close frame with no code: a page's ws.close()
+        client_frame(0x1, b"y" * 70_000),  # over --ws-max-size: uvicorn closes, 1009
+    ],
+    ids=["close-with-no-code", "too-big"],
+)
+def test_a_room_client_closed_with_a_frame_has_left_at_once(
+    server: Server, last_frame: bytes
 ) -> None:
-    # A page's ws.close(), with no code, sends a close frame with none: uvicorn says
-    # 1005, as it does for a connection that drops. The one chose to leave; only the
-    # other may be back, and gets a grace (PRESENCE_GRACE_S, 30 s) before it has left.
+    # uvicorn says 1005 for a close frame with no code, as it does for a connection
+    # that drops. Only the dropped one may be back, and gets a grace (PRESENCE_GRACE_S,
+    # 30 s) before it has left; a close frame, the client's or uvicorn's, is an end.
     def leaving_client() -> None:
         sock, head = raw_handshake(server.port, "/rooms/lobby/2")
         assert head.startswith(b"HTTP/1.1 101"), head
         read_frame(sock)  # its welcome
-        sock.sendall(client_frame(0x8, b""))  # a close frame, with no code
+        sock.sendall(last_frame)
         opcode, _ = read_frame(sock)
         while opcode != 0x8:  # "joined", then the server's close frame
             opcode, _ = read_frame(sock)
