@@ -840,23 +840,20 @@ async def measure(
                     result[load.name] = figures
         if load.cpu_key is None:
             continue
-        paired: list[list[float]] = [[] for _ in contenders]
-        # What a server lost loaded beside the others: its CPU figure then counts
-        # only what arrived, and says nothing of its cost.
-        lost_loaded = [0.0 for _ in contenders]
+        # Each contender's figures from its runs with every server loaded at once.
+        loaded: list[list[dict[str, float]]] = [[] for _ in contenders]
         for attempt in range(1, load.repeats + 1):
             progress(f"{load.name}, CPU with all servers loaded, run {attempt}")
             runs = await run_load(contenders, load.run, client_count, log_dir)
-            for i, (figures, samples) in enumerate(zip(runs, paired, strict=True)):
-                samples.append(figures[load.cpu_key])
-                lost_loaded[i] += figures.get("lost", 0.0)
-        for contender, result, samples, lost in zip(
-            contenders, results, paired, lost_loaded, strict=True
-        ):
-            solo = result[load.name][load.cpu_key]
-            result[load.name][load.cpu_key] = statistics.median(samples)
-            result[load.name][f"{load.cpu_key}_alone"] = solo
-            result[load.name]["lost_loaded"] = lost
+            for run_figures, samples in zip(runs, loaded, strict=True):
+                samples.append(run_figures)
+        for contender, result, samples in zip(contenders, results, loaded, strict=True):
+            figures = result[load.name]
+            figures[f"{load.cpu_key}_alone"] = figures[load.cpu_key]
+            figures[load.cpu_key] = statistics.median(s[load.cpu_key] for s in samples)
+            # What it lost loaded beside the others: its CPU figure then counts only
+            # what arrived, and says nothing of its cost.
+            figures["lost_loaded"] = lost = sum(s.get("lost", 0.0) for s in samples)
             if lost:
                 progress(
                     f"{load.name}: {contender.name} lost {lost:.0f} messages with all "
