@@ -83,7 +83,7 @@ async def get() -> FileResponse:
 #   A page opened from disk sends Origin "null": ALLOWED_ORIGINS=null lets it in, on your
 #   own machine only, as any site's sandboxed frames send "null" too. A page at 127.0.0.1
 #   that connects to localhost, as both tutorials' pages do, is refused too;
-# - CheckEveryMessage refuses a binary frame (1003) and text over 64 KiB (1009);
+# - CheckWhatClientsSend refuses a binary frame (1003) and text over 64 KiB (1009);
 # - FloodControl slows a chat client that floods, then closes it with 1008;
 # - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
 #   that reads nothing; close_refused_websocket uses it for any WebSocketException;
@@ -165,8 +165,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # socket. It queues the message, and one task writes it at once to every client whose
 # socket has room for it, held up only while it checks whether a client behind is slow
 # or the server busy. A client whose socket is full gets it later, from a queue of its
-# own (its Backlog), as its socket drains. A client with 100 messages queued and its
-# socket still full is cut off at the next message: out of the chat at once, the others
+# own (its Backlog), as its socket drains. A client with 100 messages queued, its
+# socket still full when one more comes, is cut off: out of the chat, the others
 # told it left, and sent 1008, "Too slow: over 100 messages behind", after what its
 # buffers hold. A write to a client that has gone takes that client out, and nobody
 # else. In bench.py, with 10,000 clients, it cost 1.01x to 1.15x the tutorials' CPU per
@@ -257,10 +257,11 @@ class ConnectionManager:
             self.announcer = None
 
 
-# `Client #2 left the chat`, or `Clients #2, #5 and #9 left the chat`; in the anonymous
-# chat, `A user left the chat`, or `3 users left the chat`.
+# `Client #2 left the chat`, or `Clients #2, #5 and #9 left the chat`, each named once,
+# even if it came back and left again before the notice went; in the anonymous chat,
+# `A user left the chat`, or `3 users left the chat`.
 def left_the_chat(client_ids: list[int | None]) -> str:
-    names = [f"#{client_id}" for client_id in client_ids if client_id is not None]
+    names = [f"#{each}" for each in dict.fromkeys(client_ids) if each is not None]
     if not names:
         count = len(client_ids)
         return "A user left the chat" if count == 1 else f"{count} users left the chat"
@@ -382,21 +383,21 @@ class LocalChat:
 
 
 class ServerShutdown(WebSocketDisconnect):
-    """uvicorn's own 1012, as it shuts down. A client may send 1012 too: uvicorn's
-    message for a client's close has a "reason", even empty; its own has none."""
+    """uvicorn's own 1012, as it shuts down. A client may send 1012 too, in a close
+    frame: uvicorn's message for a close frame has a "reason", even empty."""
 
 
 async def receive_chat_text(websocket: WebSocket) -> str:
-    """Starlette's receive_text refuses to read once a write to the client has failed,
-    in the delivery task, say; this reads on, and tells a client's close from uvicorn's."""
+    """Starlette's receive_text refuses to read once a write to the client failed (in
+    the delivery task, say); this reads on, and tells a close from a dropped connection."""
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
-        if "reason" in message:  # a close frame came: the client's code and reason
+        if "reason" in message:  # the client's close frame, or uvicorn's (1007, 1009)
             raise WebSocketDisconnect(message["code"], message["reason"])
         if message["code"] == status.WS_1012_SERVICE_RESTART:  # uvicorn's own
             raise ServerShutdown(status.WS_1012_SERVICE_RESTART)
         raise WebSocketDisconnect(status.WS_1006_ABNORMAL_CLOSURE)  # dropped
-    text: str = message["text"]  # binary frames: CheckEveryMessage refuses them
+    text: str = message["text"]  # binary frames: CheckWhatClientsSend refuses them
     return text
 
 
@@ -447,8 +448,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # what was said while the one before it was being written: in a quiet chat, one message
 # (and, for a writer, its "You wrote").
 # As one task writes every message, everyone gets them in the same order. A sender waits
-# only if its message makes the batch 100 long (MAX_BATCH_MESSAGES), and then only until
-# that batch is written. Each sender adds its message before it waits, so senders fill a
+# only if, with its message, the batch holds 100 (MAX_BATCH_MESSAGES) or more, and then
+# only until that batch is written. Each sender adds its message before it waits, so senders fill a
 # batch to 100 messages at most, plus one each. What must not wait goes in with
 # add_to_batch_nowait, outside that bound.
 #
@@ -469,7 +470,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    order (the very strings everyone is sent: a reference each). Its own task,
 #    write_backlog, writes them as its socket drains.
 # 3. With 100 in its backlog (MAX_BACKLOG_MESSAGES) and one more to add, the delivery
-#    first makes sure that the client is slow, not the server: if the backlog's task
+#    first checks that the client is slow, not the server: if the backlog's task
 #    has not had a turn to write yet, the server is busy, and the delivery waits for
 #    that turn. If the task's write waits on the socket, the delivery gives it one more
 #    turn of the event loop, in case the socket has just drained. If it still waits,
@@ -638,7 +639,7 @@ def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
 
 
 @contextlib.asynccontextmanager
-async def refuse_writes_that_cannot_be_given_up(app: FastAPI) -> AsyncIterator[None]:
+async def refuse_writes_that_cannot_be_given_up(_app: FastAPI) -> AsyncIterator[None]:
     # By start-up, uvicorn has imported the WebSocket implementation it runs. Only
     # --ws websockets writes, then waits; websockets-sansio and wsproto wait, then write.
     if "uvicorn.protocols.websockets.websockets_impl" in sys.modules:
@@ -855,7 +856,7 @@ class RoomRelay(Protocol):
         """Raise WebSocketException, after accept(), if rooms cannot be served now."""
 
     async def post(
-        self, rooms: RoomManager, room: Room, client_id: int, text: str
+        self, room_manager: RoomManager, room: Room, client_id: int, text: str
     ) -> None:
         """Give the message its id and keep it; it reaches the members, the sender too,
         through room.chat's add_to_batch, in the order of the ids."""
@@ -881,11 +882,11 @@ class RoomsHere:
         pass  # always open
 
     async def post(
-        self, rooms: RoomManager, room: Room, client_id: int, text: str
+        self, room_manager: RoomManager, room: Room, client_id: int, text: str
     ) -> None:
         message_id = room.history.next_id()
         frame = message_frame(message_id, said(client_id, text))
-        rooms.keep(room, message_id, frame)
+        room_manager.keep(room, message_id, frame)
         await room.chat.add_to_batch(None, frame)
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
@@ -1359,7 +1360,10 @@ class RedisRelay:
     """
 
     def __init__(
-        self, url: str, managers: dict[str, ConnectionManager], rooms: RoomManager
+        self,
+        url: str,
+        managers: dict[str, ConnectionManager],
+        room_manager: RoomManager,
     ) -> None:
         self.url = without_password(url)  # for the log
         self.redis = redis.asyncio.Redis.from_url(
@@ -1388,7 +1392,7 @@ class RedisRelay:
         # Each manager's LocalChat, by the name it has in Redis's messages.
         self.chats = {name: each.chat for name, each in managers.items()}
         self.chat_names = {chat: name for name, chat in self.chats.items()}
-        self.rooms = rooms
+        self.room_manager = room_manager
         self.in_rooms: weakref.WeakKeyDictionary[Room, RoomInRedis] = (
             weakref.WeakKeyDictionary()
         )
@@ -1408,7 +1412,7 @@ class RedisRelay:
         self.to_announce: set[str] = set()  # rooms whose members here were rewritten
 
     @contextlib.asynccontextmanager
-    async def running(self, app: FastAPI) -> AsyncIterator[None]:
+    async def running(self, _app: FastAPI) -> AsyncIterator[None]:
         relaying = asyncio.create_task(self.relay_messages())
         try:
             # Start-up completes once chat clients can be welcome.
@@ -1465,7 +1469,7 @@ class RedisRelay:
             raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
 
     async def post(
-        self, rooms: RoomManager, room: Room, client_id: int, text: str
+        self, room_manager: RoomManager, room: Room, client_id: int, text: str
     ) -> None:
         # Delivered, to the sender too, once it comes back through the channel.
         stream, count, _ = room_keys(room)
@@ -1729,7 +1733,7 @@ class RedisRelay:
             # A room's keys live ROOM_IDLE_S from its last message or joiner: one that
             # someone is in, however quiet, is kept at least four times meanwhile.
             self.rooms_kept_at = sent_ms / 1000
-            for room in self.rooms.by_name.values():
+            for room in self.room_manager.by_name.values():
                 for key in room_keys(room) if not room.is_empty() else ():
                     beat.pexpire(key, int(ROOM_IDLE_S * 1000))
         (seconds, microseconds), _, alive, *_ = await beat.execute()
@@ -1738,10 +1742,10 @@ class RedisRelay:
         # With no others, `alive` is the answer for "-": zip stops at the shorter.
         lapsed = {p for p, a in zip(others, alive, strict=False) if not a}
         self.others_alive -= lapsed
-        for room in self.rooms.by_name.values():  # their members have left
+        for room in self.room_manager.by_name.values():  # their members have left
             state = self.in_rooms.get(room)
             if state is not None and lapsed & state.elsewhere.keys():
-                self.rooms.presence_changed(room)
+                self.room_manager.presence_changed(room)
 
     async def learn_redis_clock(self) -> None:
         """Learn Redis's clock anew, whatever was known of it."""
@@ -1795,19 +1799,19 @@ class RedisRelay:
             chat.add_to_batch_nowait(None, notice.text)
 
     def on_room_notice(self, notice: RoomNotice) -> None:
-        room = self.rooms.by_name.get(notice.room)
+        room = self.room_manager.by_name.get(notice.room)
         if room is None:
             return  # nobody here in that room
         for client_id, token in notice.takeovers:
             self.take_over(room.chat, client_id, token)
         if notice.presence != self.process:
-            self.rooms.presence_changed(room)
+            self.room_manager.presence_changed(room)
 
     def deliver_room_message(self, name: str, message_id: str, what: str) -> None:
         """A room's message, to this process's members of the room, unless they have it.
         While joiners are let in, it waits, as this process's senders do: other
         processes' messages would otherwise keep a busy room's delivery under way."""
-        room = self.rooms.by_name.get(name)
+        room = self.room_manager.by_name.get(name)
         if room is None:
             return
         state = self.in_rooms.setdefault(room, RoomInRedis())
@@ -1833,7 +1837,7 @@ class RedisRelay:
             return  # delivered here already, or in the joiners' welcomes
         state.shown_upto = stream_order(message_id)
         frame = message_frame(message_id, what)
-        self.rooms.keep(room, message_id, frame)
+        self.room_manager.keep(room, message_id, frame)
         room.chat.add_to_batch_nowait(None, frame)
 
     def take_over(self, chat: LocalChat, client_id: int, token: str) -> None:
@@ -1859,7 +1863,7 @@ class RedisRelay:
         for chat in self.chats.values():
             for client in list(chat.active_connections.values()):
                 chat.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True)
-        for room in self.rooms.by_name.values():
+        for room in self.room_manager.by_name.values():
             clients = [*room.chat.active_connections.values()]
             clients += [client for client, _ in room.joining]
             room.joining, room.away = [], {}
@@ -1937,20 +1941,20 @@ def exit_unless_redis_answers(url: str) -> None:
 
 
 def use_redis(
-    url: str, managers: dict[str, ConnectionManager], rooms: RoomManager
+    url: str, managers: dict[str, ConnectionManager], room_manager: RoomManager
 ) -> None:
     """Steps 3 and 5 through Redis: one relay for the chats and the rooms, running while
     the app does."""
     exit_unless_redis_answers(url)
-    relay = RedisRelay(url, managers, rooms)
+    relay = RedisRelay(url, managers, room_manager)
     for chat_manager in managers.values():
         chat_manager.relay = relay
-    rooms.relay = relay
+    room_manager.relay = relay
     app.include_router(APIRouter(lifespan=relay.running))
 
 
 @contextlib.asynccontextmanager
-async def log_that_the_chat_stays_in_one_process(app: FastAPI) -> AsyncIterator[None]:
+async def log_that_the_chat_stays_in_one_process(_app: FastAPI) -> AsyncIterator[None]:
     logger.info(
         "Chat room kept in this process: with --workers or several machines, "
         "set REDIS_URL so that they share one room"
@@ -2000,8 +2004,8 @@ CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 class WebSocketMiddleware:
     """Pure ASGI middleware that acts on WebSockets alone: HTTP goes straight through."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, inner: ASGIApp) -> None:
+        self.app = inner  # the app inside this middleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -2013,7 +2017,7 @@ class WebSocketMiddleware:
         raise NotImplementedError
 
 
-class CheckEveryMessage(WebSocketMiddleware):
+class CheckWhatClientsSend(WebSocketMiddleware):
     """No handler is handed a message it cannot take. A binary frame (a KeyError in
     receive_text) or text over MAX_MESSAGE_BYTES raises, from the handler's receive,
     the WebSocketException that closes it with 1003 or 1009."""
@@ -2190,7 +2194,7 @@ class ServerClosedIsGone(WebSocketMiddleware):
 
 
 app.add_middleware(CheckOrigin)
-app.add_middleware(CheckEveryMessage)
+app.add_middleware(CheckWhatClientsSend)
 app.add_middleware(ServerClosedIsGone)
 
 

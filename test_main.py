@@ -680,6 +680,12 @@ def test_leave_notices_name_one_client_or_several() -> None:
     assert main.left_the_chat([2, 5, 9]) == "Clients #2, #5 and #9 left the chat"
 
 
+def test_a_client_that_left_twice_before_the_notice_is_named_once() -> None:
+    # It left, came back and left again while the notice waited for a full batch.
+    assert main.left_the_chat([2, 5, 2]) == "Clients #2 and #5 left the chat"
+    assert main.left_the_chat([2, 2]) == "Client #2 left the chat"
+
+
 # Flood control scaled down: 5 messages at full speed, then 20 a second; slowed more
 # than 3 times in a row, the client is closed.
 BURST, PER_S, SLOWED = 5, 5, 3  # slow enough that a busy machine still floods
