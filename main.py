@@ -7,10 +7,10 @@ Beside this file: index.html, that page; README.md: why each flag, the productio
 (with --ws-max-size 65536), the tests; bench.py; BENCHMARKS.md, its runs cited by letter.
 
 The file reads from the top, as the tutorials do, each step building on those before:
-1, echo; 2, a client id; 3, the chat: the tutorials' ConnectionManager and endpoints,
-then how its broadcast reaches everyone; 4, FastAPI's docs' "Using Depends". 5 and 6 go
-where a chat goes next, and can wait: 5, named rooms with history, built on step 3; 6,
-one chat across processes through Redis, plugged into steps 3 and 5 by one call.
+1, echo; 2, a client id; 3, the chat: a ConnectionManager with the tutorials' four
+methods, then how its broadcast reaches everyone; 4, FastAPI's docs' "Using Depends".
+5 and 6 go where a chat goes next, and can wait: 5, named rooms with history, built on
+step 3; 6, one chat across processes through Redis, plugged into 3 and 5 by one call.
 
 The guards every step shares are listed above step 1, and stand in "What every step
 shares", after step 6: copy that section with any step. Last: the chat by HTTP.
@@ -169,8 +169,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # socket still full when one more comes, is cut off: out of the chat, the others
 # told it left, and sent 1008, "Too slow: over 100 messages behind", after what its
 # buffers hold. A write to a client that has gone takes that client out, and nobody
-# else. In bench.py, with 10,000 clients, it cost 1.01x to 1.15x the tutorials' CPU per
-# delivery, across runs AE to AN.
+# else. In bench.py, with 10,000 clients, it cost 0.99x to 1.15x the tutorials' CPU per
+# delivery, across runs AE to AP.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -1485,9 +1485,9 @@ class RedisRelay:
         write = members_to_write(here, state.written)
         # A `since` Redis would refuse counts as none: that joiner missed some.
         sinces = sorted({s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)})
-        one_without = "1" if len(sinces) < len({s for _, s in joiners}) else "0"
+        latest_needed = "1" if len(sinces) < len({s for _, s in joiners}) else "0"
         args: list[str | int] = [self.process, write, int(ROOM_IDLE_S * 1000)]
-        args += [HISTORY_MESSAGES + 1, WELCOME_HISTORY_MESSAGES, one_without, *sinces]
+        args += [HISTORY_MESSAGES + 1, WELCOME_HISTORY_MESSAGES, latest_needed, *sinces]
         try:
             async with self.connections:
                 members, latest, *after = await self.look_up_script(
