@@ -415,9 +415,14 @@ def browser() -> Iterator:
 
 
 def raw_handshake(
-    port: int, path: str, origin: str | None = None, rcvbuf: int | None = None
+    port: int,
+    path: str,
+    origin: str | None = None,
+    rcvbuf: int | None = None,
+    host: str | None = None,
 ) -> tuple[socket.socket, bytes]:
-    """Open a WebSocket by hand; return the socket and the server's HTTP response head."""
+    """Open a WebSocket by hand; return the socket and the server's HTTP response head.
+    `host`: the Host header, as a page's address for the server has it."""
     sock = socket.socket()
     if rcvbuf is not None:
         # Set before connect, so the TCP window stays small: the client stalls sooner.
@@ -426,7 +431,8 @@ def raw_handshake(
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     head = (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {host or f'127.0.0.1:{port}'}\r\n"
+        "Upgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
     )
     if origin is not None:

@@ -82,7 +82,7 @@ async def get() -> FileResponse:
 # - CheckOrigin refuses a WebSocket opened by another site's page; the browser sees 1006.
 #   A page opened from disk sends Origin "null": ALLOWED_ORIGINS=null lets it in, on your
 #   own machine only, as any site's sandboxed frames send "null" too. A page at 127.0.0.1
-#   that connects to localhost, as both tutorials' pages do, is refused too;
+#   that connects to localhost, as both tutorials' pages do, is let in: one machine;
 # - CheckWhatClientsSend refuses a binary frame (1003) and text over 64 KiB (1009);
 # - FloodControl slows a chat client that floods, then closes it with 1008;
 # - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
@@ -2157,13 +2157,26 @@ class CheckOrigin(WebSocketMiddleware):
         await send({"type": "websocket.close", "code": code, "reason": refusal})
 
 
-# The page's host and port, as its address bar has them: a page at localhost:8000 that
-# opens ws://127.0.0.1:8000 is refused, as another site (the page uses its own host).
-# Behind a proxy that rewrites Host, list the site's own origin in ALLOWED_ORIGINS.
+# Names of this machine, as a page's address and a WebSocket's may each spell it.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+# The page's host and port, as its address bar has them, must be the server's, as the
+# WebSocket's address has them (Host). One machine's names count as one: the tutorials'
+# pages, opened at 127.0.0.1:8000 as uvicorn says, connect to localhost:8000. Behind a
+# proxy that rewrites Host, list the site's own origin in ALLOWED_ORIGINS.
 def origin_allowed(origin: str | None, scope: Scope) -> bool:
     if origin is None or origin in ALLOWED_ORIGINS:
         return True
-    return urlsplit(origin).netloc == Headers(scope=scope).get("host")
+    host = Headers(scope=scope).get("host", "")
+    try:
+        page, server = urlsplit(origin), urlsplit(f"//{host}")
+        same_port = page.port == server.port  # .port raises for a port of letters
+    except ValueError:  # "http://[::1", "http://host:abc": no page has that address
+        return False
+    if page.netloc == server.netloc:
+        return True
+    return {page.hostname, server.hostname} <= LOOPBACK_HOSTS and same_port
 
 
 # How uvicorn 0.54 ends the RuntimeError it raises for a message sent after its close.

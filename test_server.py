@@ -769,6 +769,53 @@ def test_own_origin_and_no_origin_are_accepted(server: Server) -> None:
         assert head.startswith(b"HTTP/1.1 101"), origin
 
 
+def test_a_page_on_this_machine_may_call_the_server_by_another_loopback_name(
+    server: Server,
+) -> None:
+    # The tutorials' pages connect to ws://localhost:8000, and uvicorn tells you to open
+    # http://127.0.0.1:8000: one machine, one port, two names.
+    port = server.port
+    for origin, host, status in [
+        (f"http://127.0.0.1:{port}", f"localhost:{port}", b"101"),
+        (f"http://localhost:{port}", f"127.0.0.1:{port}", b"101"),
+        (f"http://[::1]:{port}", f"localhost:{port}", b"101"),
+        (f"http://localhost:{port + 1}", f"127.0.0.1:{port}", b"403"),  # another port
+        (f"http://localhost.evil.example:{port}", f"localhost:{port}", b"403"),
+        (f"http://127.0.0.1:{port}", f"chat.example:{port}", b"403"),
+    ]:
+        sock, head = raw_handshake(port, "/ws", origin=origin, host=host)
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 " + status), (origin, host)
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        ("http://[::1", None),
+        ("http://localhost:abc", None),
+        ("http://[zz]:80", None),
+        ("http://localhost:99999", None),
+        ("http://127.0.0.1", "[::1"),
+        ("http://127.0.0.1", "127.0.0.1:abc"),
+    ],
+    ids=[
+        "open-bracket",
+        "port-of-letters",
+        "bad-ipv6",
+        "port-out-of-range",
+        "bad-host",
+        "host-port-of-letters",
+    ],
+)
+def test_an_origin_or_host_no_url_can_hold_is_refused_without_a_traceback(
+    server: Server, origin: str, host: str | None
+) -> None:
+    sock, head = raw_handshake(server.port, "/ws", origin=origin, host=host)
+    sock.close()
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 403 Forbidden", head
+    assert_nothing_went_wrong(server)
+
+
 def test_allowed_origins_environment_variable(tmp_path) -> None:
     server = start_server(
         tmp_path / "uvicorn.log",
