@@ -932,9 +932,9 @@ class RoomManager:
             # Not gone yet: a page that lost its connection, or whose server restarts,
             # is back within seconds, and 10,000 coming back at once would cost a
             # `left` and a `joined` each.
-            loop = asyncio.get_running_loop()
-            room.away[client.key] = loop.time() + PRESENCE_GRACE_S
-            loop.call_later(PRESENCE_GRACE_S, self.presence_changed, room)
+            until = asyncio.get_running_loop().time() + PRESENCE_GRACE_S
+            room.away[client.key] = until
+            self.when_grace_ends(room, until)
         self.presence_changed(room)  # and, once nobody is left, see `forget_if_idle`
 
     async def broadcast(self, room: Room, client_id: int, text: str) -> None:
@@ -968,6 +968,15 @@ class RoomManager:
             self.history_bytes -= room.history.bytes
             # A timer may hold the room a while yet: let its history go now.
             room.history = History()
+
+    def when_grace_ends(self, room: Room, until: float) -> None:
+        """Tell the room, once `until` has passed: as for `forget_if_idle`, a timer that
+        fired early is set again."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < until:
+            loop.call_later(until - loop.time(), self.when_grace_ends, room, until)
+        else:
+            self.presence_changed(room)
 
     def forget_if_idle(self, room: Room) -> None:
         """The loop's timers run on its own clock, and may fire a little early: a room

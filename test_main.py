@@ -1086,6 +1086,40 @@ def test_a_dropped_client_has_a_grace_to_come_back_before_it_has_left(
             assert time.monotonic() - dropped_at >= 1.9
 
 
+def test_a_grace_timer_that_fires_early_still_ends_the_grace(
+    client: TestClient, monkeypatch
+) -> None:
+    # Woken for anything, asyncio runs the timers due within its clock's resolution:
+    # early by up to 15.6 ms on Windows. Made 0.5 s here, with the loop woken every
+    # 50 ms, the grace's timer fires while the client is still away.
+    monkeypatch.setattr(main, "PRESENCE_GRACE_S", 1.0)
+
+    def coarse_clock() -> None:
+        loop = asyncio.get_running_loop()
+        loop._clock_resolution = 0.5  # type: ignore[attr-defined]
+
+        def wake() -> None:
+            loop.call_later(0.05, wake)
+
+        wake()
+
+    client.portal.call(coarse_clock)
+    with client.websocket_connect("/rooms/lobby/1") as alice:
+        next_of_type(alice, "welcome")
+        with client.websocket_connect("/rooms/lobby/2") as bob:
+            next_of_type(bob, "welcome")
+            next_of_type(alice, "joined")
+            bob.close(1006)  # the connection dropped, without a close frame
+        room, waited_until = main.rooms.by_name["lobby"], time.monotonic() + 5
+        while not room.away and time.monotonic() < waited_until:
+            time.sleep(0.01)
+        while room.away and time.monotonic() < waited_until:
+            time.sleep(0.01)
+        # Nothing looked again, once that early timer had found it still away.
+        assert not room.away
+        assert next_of_type(alice, "left") == {"type": "left", "client_ids": [2]}
+
+
 @pytest.mark.parametrize(
     "frame",
     [
