@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketTestSession
 from starlette.types import Message, Send
 from starlette.websockets import WebSocketDisconnect
 from uvicorn.config import Config
@@ -1056,34 +1057,40 @@ def test_joiners_of_one_moment_are_announced_together(client: TestClient) -> Non
             assert next_of_type(alice, "joined")["client_ids"] == [2, 3]
 
 
-def test_a_dropped_client_has_a_grace_to_come_back_before_it_has_left(
-    client: TestClient, monkeypatch
-) -> None:
-    monkeypatch.setattr(main, "PRESENCE_GRACE_S", 2.0)
+@contextlib.contextmanager
+def alice_and_a_dropped_member(client: TestClient) -> Iterator[WebSocketTestSession]:
+    """Alice in the lobby, once client 2 has joined, then dropped without a close frame."""
     with client.websocket_connect("/rooms/lobby/1") as alice:
         next_of_type(alice, "welcome")
         with client.websocket_connect("/rooms/lobby/2") as bob:
             next_of_type(bob, "welcome")
             next_of_type(alice, "joined")
             bob.close(1006)  # the connection dropped, without a close frame
-        # Nobody is told it left: it is away. A joiner's turn tells whatever is due, so
-        # a "left" would come before this.
-        with client.websocket_connect("/rooms/lobby/3") as carol:
-            next_of_type(carol, "welcome")
-            assert next_of_type(alice, "joined") == {
-                "type": "joined",
-                "client_ids": [3],
-            }
-            # Back within the grace: still a member, and nobody was told otherwise.
-            with client.websocket_connect("/rooms/lobby/2") as bob:
-                assert next_of_type(bob, "welcome")["members"] == [1, 2, 3]
-                say(bob, "back")
-                assert next_of_type(alice, "message")["text"] == "back"
-                bob.close(1006)
-            dropped_at = time.monotonic()
-            # Not back: it has left, once the grace is over.
-            assert next_of_type(alice, "left") == {"type": "left", "client_ids": [2]}
-            assert time.monotonic() - dropped_at >= 1.9
+        yield alice
+
+
+def test_a_dropped_client_has_a_grace_to_come_back_before_it_has_left(
+    client: TestClient, monkeypatch
+) -> None:
+    monkeypatch.setattr(main, "PRESENCE_GRACE_S", 2.0)
+    # Nobody is told client 2 left: it is away. A joiner's turn tells whatever is due,
+    # so a "left" would come before carol's "joined".
+    with (
+        alice_and_a_dropped_member(client) as alice,
+        client.websocket_connect("/rooms/lobby/3") as carol,
+    ):
+        next_of_type(carol, "welcome")
+        assert next_of_type(alice, "joined") == {"type": "joined", "client_ids": [3]}
+        # Back within the grace: still a member, and nobody was told otherwise.
+        with client.websocket_connect("/rooms/lobby/2") as bob:
+            assert next_of_type(bob, "welcome")["members"] == [1, 2, 3]
+            say(bob, "back")
+            assert next_of_type(alice, "message")["text"] == "back"
+            bob.close(1006)
+        dropped_at = time.monotonic()
+        # Not back: it has left, once the grace is over.
+        assert next_of_type(alice, "left") == {"type": "left", "client_ids": [2]}
+        assert time.monotonic() - dropped_at >= 1.9
 
 
 def test_a_grace_timer_that_fires_early_still_ends_the_grace(
@@ -1104,12 +1111,7 @@ def test_a_grace_timer_that_fires_early_still_ends_the_grace(
         wake()
 
     client.portal.call(coarse_clock)
-    with client.websocket_connect("/rooms/lobby/1") as alice:
-        next_of_type(alice, "welcome")
-        with client.websocket_connect("/rooms/lobby/2") as bob:
-            next_of_type(bob, "welcome")
-            next_of_type(alice, "joined")
-            bob.close(1006)  # the connection dropped, without a close frame
+    with alice_and_a_dropped_member(client) as alice:
         room, waited_until = main.rooms.by_name["lobby"], time.monotonic() + 5
         while not room.away and time.monotonic() < waited_until:
             time.sleep(0.01)
