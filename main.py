@@ -7,7 +7,7 @@ Beside this file: index.html, that page; README.md: why each flag, the productio
 (with --ws-max-size 65536), the tests; bench.py; BENCHMARKS.md, its runs cited by letter.
 
 The file reads from the top, as the tutorials do, each step building on those before:
-1, echo; 2, a client id; 3, the chat: a ConnectionManager with the tutorials' four
+1, echo; 2, a client id; 3, the chat: a ConnectionManager with the second tutorial's
 methods, then how its broadcast reaches everyone; 4, FastAPI's docs' "Using Depends".
 5 and 6 go where a chat goes next, and can wait: 5, named rooms with history, built on
 step 3; 6, one chat across processes through Redis, plugged into 3 and 5 by one call.
@@ -274,7 +274,7 @@ def left_the_chat(client_ids: list[int | None]) -> str:
 # the client off, another task cancels that scope (LocalChat.cut_off, below). Only the
 # `with` block ends; the handler goes on, to tell the others and to close the connection.
 # task.cancel() would end the whole handler. The scope is anyio's, which Starlette runs
-# on. close_code is 1000 until the client closes, or until cut_off sets its own.
+# on. close_code is 1000 until the connection ends, or until cut_off sets its own.
 class Client:
     """One chat connection, and what the manager keeps about it."""
 
@@ -389,7 +389,7 @@ class ServerShutdown(WebSocketDisconnect):
 
 async def receive_chat_text(websocket: WebSocket) -> str:
     """Starlette's receive_text refuses to read once a write to the client failed (in
-    the delivery task, say); this reads on, and tells a close from a dropped connection."""
+    the delivery task, say); this reads on, and tells a close from a dropped link."""
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         if "reason" in message:  # the client's close frame, or uvicorn's (1007, 1009)
@@ -449,9 +449,9 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # (and, for a writer, its "You wrote").
 # As one task writes every message, everyone gets them in the same order. A sender waits
 # only if, with its message, the batch holds 100 (MAX_BATCH_MESSAGES) or more, and then
-# only until that batch is written. Each sender adds its message before it waits, so senders fill a
-# batch to 100 messages at most, plus one each. What must not wait goes in with
-# add_to_batch_nowait, outside that bound.
+# only until that batch is written. Each sender adds its message before it waits, so
+# senders fill a batch to 100 messages at most, plus one each. What must not wait goes in
+# with add_to_batch_nowait, outside that bound.
 #
 # The path of a message, through the functions below:
 #
