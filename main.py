@@ -2282,7 +2282,10 @@ async def read_chat_message(request: Request) -> ChatMessage:
     try:
         return ChatMessage.model_validate_json(body)
     except ValidationError as invalid:
-        raise RequestValidationError(invalid.errors()) from None
+        # Without the input: bytes that are not UTF-8, or a lone "\ud800", cannot go
+        # back in a JSON answer, and FastAPI's would fail on them with a traceback.
+        errors = invalid.errors(include_input=False)
+        raise RequestValidationError(errors) from None
 
 
 @app.post(

@@ -966,6 +966,32 @@ def test_a_huge_post_is_answered_before_its_body_is_read(tmp_path: Path) -> None
     assert_nothing_went_wrong(server)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"[", b"\xff\xfe", b'{"text": "\\ud800"}', b'{"text": "caf\xe9"}'],
+    ids=["not-json", "not-utf8", "lone-surrogate", "latin-1"],
+)
+def test_a_post_whose_body_is_no_message_gets_422_without_a_traceback(
+    tmp_path: Path, body: bytes
+) -> None:
+    server = start_server(
+        tmp_path / "uvicorn.log", options=production_options(), ANNOUNCE_TOKEN="s3cret"
+    )
+    try:
+        head = (
+            f"POST /chat/messages HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Authorization: Bearer s3cret\r\nConnection: close\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(head.encode() + body)
+            answer = sock.recv(4096)
+    finally:
+        server.stop()
+    assert answer.startswith(b"HTTP/1.1 422"), answer
+    assert_nothing_went_wrong(server)
+
+
 def test_a_slow_reader_is_cut_off_and_the_others_get_every_message(
     server: Server,
 ) -> None:
