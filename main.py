@@ -2282,8 +2282,8 @@ async def read_chat_message(request: Request) -> ChatMessage:
     try:
         return ChatMessage.model_validate_json(body)
     except ValidationError as invalid:
-        # Without the input: bytes that are not UTF-8, or a lone "\ud800", cannot go
-        # back in a JSON answer, and FastAPI's would fail on them with a traceback.
+        # Without the input: FastAPI's answer would echo the body, and its encoder
+        # fails on a body's bytes with a traceback (a 500, where the client erred).
         errors = invalid.errors(include_input=False)
         raise RequestValidationError(errors) from None
 
