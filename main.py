@@ -170,7 +170,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # told it left, and sent 1008, "Too slow: over 100 messages behind", after what its
 # buffers hold. A write to a client that has gone takes that client out, and nobody
 # else. In bench.py, with 10,000 clients, it cost 0.99x to 1.15x the tutorials' CPU per
-# delivery, across runs AE to AP.
+# delivery, across runs AE to AS.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -1170,8 +1170,8 @@ async def room_endpoint(
 # room's history. With REDIS_URL set, `use_redis` gives steps 3 and 5 another relay behind
 # the interfaces they declare (ChatRelay, RoomRelay), as Django Channels swaps its channel
 # layer: every broadcast goes through Redis, and each process hands what Redis brings to
-# its own clients. Measured at 10,000 clients over 2 workers: 1.01x to 1.11x one
-# process's CPU per delivery for step 3's chat (bench.py --redis, runs AG to AM).
+# its own clients. Measured at 10,000 clients over 2 workers: 1.01x to 1.20x one
+# process's CPU per delivery for step 3's chat (bench.py --redis, runs AG to AS).
 #
 # How it works, and what handles each thing that can go wrong:
 # - every process subscribes to one channel, REDIS_CHANNEL: a broadcast, a takeover and
