@@ -2153,8 +2153,9 @@ class CheckOrigin(WebSocketMiddleware):
     """
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        origin = Headers(scope=scope).get("origin")
-        if origin_allowed(origin, scope):
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if origin_allowed(origin, headers.get("host", "")):
             await self.app(scope, receive, send)
             return
         logger.warning(
@@ -2174,10 +2175,9 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 # WebSocket's address has them (Host). One machine's names count as one: the tutorials'
 # pages, opened at 127.0.0.1:8000 as uvicorn says, connect to localhost:8000. Behind a
 # proxy that rewrites Host, list the site's own origin in ALLOWED_ORIGINS.
-def origin_allowed(origin: str | None, scope: Scope) -> bool:
+def origin_allowed(origin: str | None, host: str) -> bool:
     if origin is None or origin in ALLOWED_ORIGINS:
         return True
-    host = Headers(scope=scope).get("host", "")
     try:
         page, server = urlsplit(origin), urlsplit(f"//{host}")
         same_port = page.port == server.port  # .port raises for a port of letters

@@ -469,9 +469,8 @@ def test_a_client_taken_over_while_a_delivery_waits_gets_no_more_of_it() -> None
         manager.active_connections[2] = client_writing_with(older_socket.send, 2)
         await manager.broadcast("said before the takeover")
         await turns_of_the_event_loop()  # the delivery waits for #1's backlog
-        manager.chat.enter(
-            client_writing_with(Socket().send, 2)
-        )  # #2's older is cut off
+        # #2's older connection is cut off.
+        manager.chat.enter(client_writing_with(Socket().send, 2))
         backlog.messages.clear()
         backlog.had_a_turn.set()
         await turns_of_the_event_loop()

@@ -906,15 +906,21 @@ def test_a_thousand_rooms_opened_and_left_do_not_lock_new_rooms_out(
 HUGE_POST_BYTES = 20 * 1024 * 1024
 
 
-def answer_to_a_huge_post(port: int, token: str | None) -> bytes:
-    """The response head to a POST that announces 20 MiB and sends 10 bytes of it: a
-    server that read the body before answering would wait for the rest (a timeout)."""
+def post_head(port: int, content_length: int, token: str | None) -> str:
+    """The head of a POST of JSON to /chat/messages, but for the blank line ending it."""
     head = (
         f"POST /chat/messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {HUGE_POST_BYTES}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n"
     )
     if token is not None:
         head += f"Authorization: Bearer {token}\r\n"
+    return head
+
+
+def answer_to_a_huge_post(port: int, token: str | None) -> bytes:
+    """The response head to a POST that announces 20 MiB and sends 10 bytes of it: a
+    server that read the body before answering would wait for the rest (a timeout)."""
+    head = post_head(port, HUGE_POST_BYTES, token)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(head.encode() + b"\r\n" + b'{"text": "')
         return sock.recv(4096).split(b"\r\n\r\n")[0]
@@ -978,13 +984,9 @@ def test_a_post_whose_body_is_no_message_gets_422_without_a_traceback(
         tmp_path / "uvicorn.log", options=production_options(), ANNOUNCE_TOKEN="s3cret"
     )
     try:
-        head = (
-            f"POST /chat/messages HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Authorization: Bearer s3cret\r\nConnection: close\r\n\r\n"
-        )
+        head = post_head(server.port, len(body), "s3cret") + "Connection: close\r\n"
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-            sock.sendall(head.encode() + body)
+            sock.sendall(head.encode() + b"\r\n" + body)
             answer = sock.recv(4096)
     finally:
         server.stop()
