@@ -31,7 +31,7 @@ import secrets
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path as FilePath
 from typing import Annotated, Any, ClassVar, Protocol
 from urllib.parse import urlsplit
@@ -1272,8 +1272,9 @@ FRAME_EXTRA_BYTES = len(message_frame("", "{}")) - len("{}")
 
 # Reads a room for joiners in one go, so that every joiner's history comes from the same
 # moment of its stream, KEYS[1]: the members, KEYS[3], by process; the latest
-# latest_count messages, if a joiner needs them (one has no `since`); and, for each
-# `since` the joiners asked (ARGV[7] on), the stream from it on, since_count at most.
+# latest_count messages, if a joiner needs them (one has no `since`, or one Redis no
+# longer holds); and the stream from the oldest `since` the joiners asked (ARGV[7]; the
+# others follow), since_count at most: one range holds every joiner's, and is sent once.
 # First writes this process's members ('-' leaves them, '' removes them), and the
 # room's keys live keys_ttl_ms more.
 LOOK_UP_ROOM = """
@@ -1289,17 +1290,20 @@ end
 for i = 1, 3 do
   redis.call('PEXPIRE', KEYS[i], keys_ttl_ms)
 end
-local found = {redis.call('HGETALL', members_key), {}}
-for i = 7, #ARGV do
-  local since = ARGV[i]
-  local after = redis.pcall('XRANGE', stream, since, '+', 'COUNT', since_count)
+local found = {redis.call('HGETALL', members_key), {}, {}}
+if #ARGV >= 7 then
+  local after = redis.pcall('XRANGE', stream, ARGV[7], '+', 'COUNT', since_count)
   if after.err then
-    after = {}  -- a `since` Redis refuses: that joiner missed some, nobody else
+    after = {}  -- a `since` Redis refuses: those joiners missed some, nobody else
   end
-  if #after == 0 or after[1][1] ~= since then
-    latest_needed = true
+  local held = {}
+  for _, entry in ipairs(after) do
+    held[entry[1]] = true
   end
-  found[#found + 1] = after
+  for i = 7, #ARGV do
+    latest_needed = latest_needed or not held[ARGV[i]]
+  end
+  found[3] = after
 end
 if latest_needed then
   found[2] = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', latest_count)
@@ -1316,6 +1320,7 @@ class LookedUp:
 
     latest: list[StreamEntry]  # oldest first
     after: dict[str, list[StreamEntry]]  # by `since`: from it on, if Redis holds it
+    newest: tuple[int, int]  # the id of the newest message of either
 
 
 @dataclasses.dataclass
@@ -1493,13 +1498,14 @@ class RedisRelay:
         here = sorted({*room.chat.active_connections, *room.away, *joining})
         write = members_to_write(here, state.written)
         # A `since` Redis would refuse counts as none: that joiner missed some.
-        sinces = sorted({s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)})
+        asked = {s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)}
+        sinces = sorted(asked, key=stream_order)  # the oldest first
         latest_needed = "1" if len(sinces) < len({s for _, s in joiners}) else "0"
         args: list[str | int] = [self.process, write, int(ROOM_IDLE_S * 1000)]
         args += [HISTORY_MESSAGES + 1, WELCOME_HISTORY_MESSAGES, latest_needed, *sinces]
         try:
             async with self.connections:
-                members, latest, *after = await self.look_up_script(
+                members, newest_first, oldest_since_on = await self.look_up_script(
                     keys=room_keys(room), args=args
                 )
             if write != "-":
@@ -1515,12 +1521,14 @@ class RedisRelay:
         listed = dict(zip(processes, members[1::2], strict=True))
         state.elsewhere = {p: json.loads(listed[p]) for p, a in zip(others, alive) if a}
         self.others_alive |= state.elsewhere.keys()
+        latest = stream_entries(reversed(newest_first))
+        after = stream_entries(oldest_since_on)
+        # Each joiner's share of the one range: a slice, its frames shared, not copied.
+        starts = {message_id: n for n, (message_id, _) in enumerate(after)}
         state.looked_up = LookedUp(
-            [(i, message_frame(i, fields[1])) for i, fields in reversed(latest)],
-            {
-                since: [(i, message_frame(i, fields[1])) for i, fields in entries]
-                for since, entries in zip(sinces, after, strict=True)
-            },
+            latest,
+            {since: after[starts[since] :] for since in sinces if since in starts},
+            max((stream_order(i) for i, _ in latest[-1:] + after[-1:]), default=(0, 0)),
         )
         return set(itertools.chain.from_iterable(state.elsewhere.values()))
 
@@ -1543,8 +1551,7 @@ class RedisRelay:
         found = state.looked_up
         if found is None:
             return {client: ([], since is not None) for client, since in joiners}
-        seen = [m for ms in (found.latest, *found.after.values()) for m in ms]
-        newest = max((stream_order(i) for i, _ in seen), default=(0, 0))
+        newest = found.newest
         if not room.chat.active_connections:
             # Nobody here yet: what Redis had is in the welcomes, the rest comes live.
             state.shown_upto = max(state.shown_upto, newest)
@@ -1901,6 +1908,11 @@ def members_to_write(here: list[int], written: list[int] | None) -> str:
 def room_keys(room: Room) -> list[str]:
     """The room's stream, the bytes of its frames, and its members by process."""
     return [f"chat:{kind}:{room.name}" for kind in ("room", "bytes", "members")]
+
+
+def stream_entries(entries: Iterable[tuple[str, list[str]]]) -> list[StreamEntry]:
+    """Redis's stream entries, each `[id, ["m", what]]`, as ids and frames."""
+    return [(i, message_frame(i, fields[1])) for i, fields in entries]
 
 
 def alive_key(process: str) -> str:

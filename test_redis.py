@@ -1230,6 +1230,47 @@ def test_a_welcome_through_redis_is_bounded_in_bytes(workers: list[Server]) -> N
     assert welcomes[1][1]["missed"] is True
 
 
+def test_joiners_each_asking_another_since_cost_redis_one_read_of_the_room(
+    redis_server: RedisServer,
+) -> None:
+    # Read since by since, 300 joiners of a full room with `since` 0-1, 0-2, ... made
+    # Redis send 600 MB to one look-up and miss REDIS_TIMEOUT_S: the process closed
+    # every chat and room with 1013. One range, from the oldest, holds what all asked.
+    text = "x" * 20_000
+    said, asking = 50, 40
+
+    async def look_up_for_joiners_with_many_sinces() -> tuple[int, list, list]:
+        rooms = main.RoomManager()
+        relay = main.RedisRelay(redis_server.url, {}, rooms)
+        rooms.relay = relay
+        async with relay.running(main.app):
+            room = rooms.open_room("lobby")
+            keys = main.room_keys(room)[:2]
+            ids = [
+                await relay.run_publish(keys, "lobby ", main.said(1, f"{n} {text}"))
+                for n in range(said)
+            ]
+            joiners = [
+                (main.Client(None, n), since) for n, since in enumerate(ids[:asking])
+            ]
+            await asyncio.sleep(0.2)  # the channel's copies are sent, and counted
+            with redis.Redis.from_url(redis_server.url) as counter:
+                sent_before = counter.info("stats")["total_net_output_bytes"]
+                await relay.look_up(room, joiners)
+                sent = counter.info("stats")["total_net_output_bytes"] - sent_before
+            histories = relay.histories(room, joiners)
+            got = [
+                ([json.loads(frame)["id"] for frame in history], missed)
+                for history, missed in histories.values()
+            ]
+        return sent, ids, got
+
+    sent, ids, got = run(look_up_for_joiners_with_many_sinces(), timeout_s=20)
+    # Each joiner gets all it asked for; Redis sends the room's messages once.
+    assert got == [(ids[n + 1 :], False) for n in range(asking)]
+    assert sent < 2 * said * len(text)
+
+
 # --- The relay's promises: lifetimes, pauses, mixed joiners, retries, clock steps -----------
 
 
