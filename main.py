@@ -705,12 +705,11 @@ async def item_endpoint(
 #
 # Step 3's chat in many rooms, with JSON frames and ids. Whatever step 3 does to a client
 # that cannot go on (too slow: 1008; a restart; a network blip) ends with it closed, and
-# the page reconnects; but it never learns what it missed. In bench.py, a client that
-# stopped reading while ten senders sent 95 messages of 4 KB each was sent about 710 of
-# the 950, then cut off, and never got the rest. Here a room keeps its latest messages,
-# with ids, and a client that comes back with ?since=<the id of the last message it
-# received> gets every one it missed; if the room no longer holds them, its welcome says
-# "missed": true.
+# the page reconnects; but it never learns what it missed. A client cut off as too slow
+# has missed its backlog, 100 messages at least, and never gets them. Here a room keeps
+# its latest messages, with ids, and a client that comes back with ?since=<the id of the
+# last message it received> gets every one it missed; if the room no longer holds them,
+# its welcome says "missed": true.
 #
 # The protocol, JSON text frames. From the server: a `welcome` first (the room, the
 # client's id, the members, the history, whether some was missed); then each `message`
@@ -731,7 +730,10 @@ async def item_endpoint(
 ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
 WELCOME_HISTORY_MESSAGES = 50  # of the latest, in a welcome without `since`
 HISTORY_MESSAGES = 500  # a room keeps at most this many messages,
-HISTORY_BYTES = 2 * 1024 * 1024  # and this many bytes, as sent; a welcome at most too
+# and this many bytes, as sent; a welcome at most too, with room left for its members:
+# it is one frame, which the websockets library (`python -m websockets` too) refuses
+# past 1 MiB by default, closing with 1009.
+HISTORY_BYTES = 768 * 1024
 ALL_HISTORY_BYTES = 256 * 1024 * 1024  # all rooms: past it, the least active forget
 MAX_ROOMS = 1000  # with someone in each; past it, 1013 (an empty one makes room)
 ROOM_IDLE_S = 600.0  # a room nobody is in is forgotten, history and all, after this
