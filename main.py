@@ -152,10 +152,11 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #             await connection.send_text(message)
 #
 # That loop breaks a real chat in two ways.
-# - One client that stops reading stops the chat. Its socket fills up, the write to it
-#   waits, and so does every client after it. In bench.py, with one such client among
-#   30 senders of 100 messages each, a healthy client of the tutorials' chat received
-#   699 of the 3,000 messages, then nothing. Of this chat's, it received all 3,000.
+# - One client that stops reading stops the chat. Its socket fills up, and the write to
+#   it waits: so do the broadcast and its sender, until every sender is stuck there. In
+#   bench.py, with one such client among 30 senders of 100 messages each, a healthy
+#   client of the tutorials' chat received 699 of the 3,000 messages, then nothing. Of
+#   this chat's, it received all 3,000.
 # - A write to a client that has gone raises in the sender's handler: the sender is
 #   taken out of the chat, and the client that has gone stays in until its own
 #   handler hears that it left.
@@ -470,10 +471,11 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    order (the very strings everyone is sent: a reference each). Its own task,
 #    write_backlog, writes them as its socket drains.
 # 3. With 100 in its backlog (MAX_BACKLOG_MESSAGES) and one more to add, the delivery
-#    first checks that the client is slow, not the server: if the backlog's task
-#    has not had a turn to write yet, the server is busy, and the delivery waits for
-#    that turn. If the task's write waits on the socket, the delivery gives it one more
-#    turn of the event loop, in case the socket has just drained. If it still waits,
+#    first checks that the client's socket holds it up, not a busy server: if the
+#    backlog's task has not had a turn to write yet, the server is busy, and the
+#    delivery waits for that turn. If the task's write waits on the socket, the delivery
+#    gives it one more turn of the event loop, in case the loop has seen the socket
+#    drain and the task is due to write. If it still waits,
 #    the client is cut off: out of the chat, its backlog dropped, the others told it
 #    left, and closed with 1008, "Too slow: over 100 messages behind".
 # 4. That close frame waits behind what its buffers hold, for 5 s at most: read within
@@ -620,9 +622,9 @@ async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> No
 
 # A batch sorted into Outgoing, in one pass, even with "You wrote" for many clients:
 # each client's list starts as a copy of everyone's so far, and grows with both. Each
-# client's messages then go out back to back: written message by message, to everyone
-# in turn, a burst cost 1.00x the tutorials' CPU per delivery, where this costs 0.48x
-# (runs V and W in BENCHMARKS.md, the same hour).
+# client's messages then go out back to back. Written message by message, to everyone in
+# turn, bench.py's burst (one client's 100 messages, to 1,000 clients) cost 1.00x the
+# tutorials' CPU per delivery, where this costs 0.48x (runs V and W, the same hour).
 def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
     everyone: list[str] = []
     own: dict[Client, list[str]] = {}
@@ -650,8 +652,8 @@ async def refuse_writes_that_cannot_be_given_up(_app: FastAPI) -> AsyncIterator[
     yield
 
 
-# A router's lifespan, once the router is included, runs beside the app's own and any
-# other: uvicorn exits if it fails.
+# A router's lifespan, once the router is included, is merged into the app's: it runs at
+# start-up, and uvicorn exits if it fails.
 app.include_router(APIRouter(lifespan=refuse_writes_that_cannot_be_given_up))
 
 # --- Step 4, in FastAPI's docs, not the tutorials: "Using Depends and others" --------------
@@ -1463,13 +1465,15 @@ class RedisRelay:
             name, token = self.chat_names[chat], self.tokens[client]
             takeover = ChatTakeover(chat=name, takeover=client.client_id, token=token)
             try:
-                await self.send(takeover)
+                await self.publish_notice(takeover)
             except BaseException:  # a bug, or cancelled: its handler never began
                 chat.leave(client)
                 raise
 
     async def publish(self, chat: LocalChat, message: str) -> bool:
-        return await self.send(ChatBroadcast(chat=self.chat_names[chat], text=message))
+        return await self.publish_notice(
+            ChatBroadcast(chat=self.chat_names[chat], text=message)
+        )
 
     async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
         # "You wrote" only once Redis has the message: a publish can fail. The message
@@ -1617,11 +1621,11 @@ class RedisRelay:
             notice = RoomNotice(
                 room=room.name, presence=self.process, takeovers=takeovers
             )
-            await self.send(notice)
+            await self.publish_notice(notice)
 
     # Both.
 
-    async def send(self, notice: Notice) -> bool:
+    async def publish_notice(self, notice: Notice) -> bool:
         return await self.run_publish([], "", notice.model_dump_json()) is not None
 
     async def run_publish(self, keys: list[str], prefix: str, text: str) -> str | None:
@@ -2001,7 +2005,8 @@ else:
 # What the file relies on in uvicorn 0.54, each where the file says why, and the test
 # that fails if an upgrade changes it:
 # - under --ws websockets, a write is sent before it waits: the app refuses to start
-#   (test_server.py: test_start_up_is_refused_where_a_given_up_write_would_have_...);
+#   (test_server.py:
+#   test_start_up_is_refused_where_a_given_up_write_would_have_been_sent);
 # - its own 1012, at shutdown, has no "reason" (ServerShutdown; test_redis.py:
 #   test_a_room_member_s_process_restarting_is_not_heard_as_a_leaving);
 # - the log lines ClientFaultsAsWarnings rewords (test_server.py:
@@ -2010,7 +2015,8 @@ else:
 #   through a backlog, in order and once, but at a cost bench.py's chat figure shows;
 # - and none pauses once it has written: a write given up then would be sent twice;
 # - the words that end its RuntimeError for a write after its own close
-#   (ServerClosedIsGone; test_main.py: test_only_uvicorn_s_error_for_a_write_after_...).
+#   (ServerClosedIsGone; test_main.py:
+#   test_only_uvicorn_s_error_for_a_write_after_its_own_close_means_gone).
 
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
 # 65536` in the README's production command.
@@ -2149,7 +2155,8 @@ class ClientFaultsAsWarnings(logging.Filter):
 logger.addFilter(ClientFaultsAsWarnings())
 
 # Browsers send Origin on every WebSocket handshake; other sites' pages are refused: a
-# browser attaches the user's cookies whatever page opens a WebSocket, and the
+# browser may attach the user's cookies whatever page opens a WebSocket (those with
+# SameSite=None; any, from a page of the same site, such as another subdomain), and the
 # same-origin policy does not cover WebSockets (cross-site WebSocket hijacking).
 ALLOWED_ORIGINS = frozenset(
     origin.strip().rstrip("/")
@@ -2246,7 +2253,10 @@ ANNOUNCE_TOKEN = os.environ.get("ANNOUNCE_TOKEN", "")
 # A body past this is refused unread: six bytes for each of a message's, as if each
 # were spelled as a JSON escape (`\u0001`), and 1 KiB for the rest of the object.
 MAX_POST_BYTES = 6 * MAX_MESSAGE_BYTES + 1024
-POST_TOO_LARGE = f"Body over {MAX_POST_BYTES} bytes: a message is 64 KiB at most"
+POST_TOO_LARGE = (
+    f"Body over {MAX_POST_BYTES} bytes: "
+    f"a message is {MAX_MESSAGE_BYTES // 1024} KiB at most"
+)
 CHAT_UNAVAILABLE = "Chat unavailable: the message was not sent; try again later"
 
 
