@@ -12,8 +12,8 @@ methods, then how its broadcast reaches everyone; 4, FastAPI's docs' "Using Depe
 5 and 6 go where a chat goes next, and can wait: 5, named rooms with history, built on
 step 3; 6, one chat across processes through Redis, plugged into 3 and 5 by one call.
 
-The guards every step shares are listed above step 1, and stand in "What every step
-shares", after step 6: copy that section with any step. Last: the chat by HTTP.
+The guards every step shares are listed above step 1, and defined once, after step 6,
+in "What every step shares": copy that section with any step. Last: the chat by HTTP.
 """
 
 from __future__ import annotations  # a type hint may name a class defined further down
@@ -101,6 +101,8 @@ async def get() -> FileResponse:
 # Try it: http://127.0.0.1:8000/?endpoint=echo, then send "hi": "Message text was: hi".
 # Or, without the page, any step's path in a terminal, with the client the websockets
 # package comes with: `python -m websockets ws://127.0.0.1:8000/ws` (it sends no Origin).
+# The code is the tutorials'; the guards above apply to it all the same (a binary
+# frame, say, closes it with 1003, where the tutorials' would raise a KeyError).
 
 
 @app.websocket("/ws")
@@ -161,17 +163,18 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   taken out of the chat, and the client that has gone stays in until its own
 #   handler hears that it left.
 #
-# Ours keeps the names and order of the second tutorial's four methods (their arguments
-# change: see the comment above the class), and its broadcast waits on no client's
-# socket. It queues the message, and one task writes it at once to every client whose
-# socket has room for it, held up only while it checks whether a client behind is slow
-# or the server busy. A client whose socket is full gets it later, from a queue of its
-# own (its Backlog), as its socket drains. A client with 100 messages queued, its
-# socket still full when one more comes, is cut off: out of the chat, the others
-# told it left, and sent 1008, "Too slow: over 100 messages behind", after what its
-# buffers hold. A write to a client that has gone takes that client out, and nobody
-# else. In bench.py, with 10,000 clients, it cost 0.99x to 1.15x the tutorials' CPU per
-# delivery, across runs AE to AS.
+# Ours keeps the second tutorial's four methods, by name and in order. Some of their
+# arguments change: the comment above the class says how. Its broadcast never waits for
+# a client's socket. It queues the message, and one task writes it to every client:
+# - a client whose socket has room gets it at once;
+# - a client whose socket is full gets it later, from a queue of its own (its Backlog),
+#   as the socket drains;
+# - a client with 100 messages in its backlog, whose socket is still full when one more
+#   comes, is cut off. It is taken out of the chat, and the others are told it left. It
+#   is closed with 1008, "Too slow: over 100 messages behind", once its buffers drain;
+# - a write to a client that has gone takes that client out, and nobody else.
+# In bench.py, with 10,000 clients, this cost 0.99x to 1.15x the tutorials' CPU per
+# delivery, across runs AE to AT.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -448,11 +451,11 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # task, deliver_batches, writes the whole batch to every client in turn. A batch holds
 # what was said while the one before it was being written: in a quiet chat, one message
 # (and, for a writer, its "You wrote").
-# As one task writes every message, everyone gets them in the same order. A sender waits
-# only if, with its message, the batch holds 100 (MAX_BATCH_MESSAGES) or more, and then
-# only until that batch is written. Each sender adds its message before it waits, so
-# senders fill a batch to 100 messages at most, plus one each. What must not wait goes in
-# with add_to_batch_nowait, outside that bound.
+# As one task writes every message, everyone gets them in the same order. A sender adds
+# its message, then waits if the batch holds 100 (MAX_BATCH_MESSAGES) or more, until
+# that batch is written. So a batch holds 100 messages at most, and one more for each
+# sender that then waits. What must not wait goes in with add_to_batch_nowait, outside
+# that bound.
 #
 # The path of a message, through the functions below:
 #
@@ -1175,7 +1178,7 @@ async def room_endpoint(
 # the interfaces they declare (ChatRelay, RoomRelay), as Django Channels swaps its channel
 # layer: every broadcast goes through Redis, and each process hands what Redis brings to
 # its own clients. Measured at 10,000 clients over 2 workers: 1.01x to 1.20x one
-# process's CPU per delivery for step 3's chat (bench.py --redis, runs AG to AS).
+# process's CPU per delivery for step 3's chat (bench.py --redis, runs AG to AT).
 #
 # How it works, and what handles each thing that can go wrong:
 # - every process subscribes to one channel, REDIS_CHANNEL: a broadcast, a takeover and
@@ -1528,13 +1531,18 @@ class RedisRelay:
         state.elsewhere = {p: json.loads(listed[p]) for p, a in zip(others, alive) if a}
         self.others_alive |= state.elsewhere.keys()
         latest = stream_entries(reversed(newest_first))
-        after = stream_entries(oldest_since_on)
+        from_oldest = stream_entries(oldest_since_on)
         # Each joiner's share of the one range: a slice, its frames shared, not copied.
-        starts = {message_id: n for n, (message_id, _) in enumerate(after)}
+        starts = {message_id: n for n, (message_id, _) in enumerate(from_oldest)}
+        newest_of_each = latest[-1:] + from_oldest[-1:]
         state.looked_up = LookedUp(
             latest,
-            {since: after[starts[since] :] for since in sinces if since in starts},
-            max((stream_order(i) for i, _ in latest[-1:] + after[-1:]), default=(0, 0)),
+            {
+                since: from_oldest[starts[since] :]
+                for since in sinces
+                if since in starts
+            },
+            max((stream_order(i) for i, _ in newest_of_each), default=(0, 0)),
         )
         return set(itertools.chain.from_iterable(state.elsewhere.values()))
 
