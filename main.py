@@ -1185,7 +1185,8 @@ async def room_endpoint(
 #   a room's message are published on it, and each process hands them to its own
 #   clients (relay_messages, on_channel_message);
 # - a room's message also goes into the room's Redis stream, in the Lua script that
-#   publishes it: the stream gives its id and keeps the history (run_publish);
+#   publishes it: the stream gives its id and keeps the history, and all rooms' history
+#   is bounded by ALL_HISTORY_BYTES, as in one process (run_publish);
 # - who is in a room is a hash per room, a field per process; each process tells Redis
 #   it is alive every REDIS_PING_INTERVAL_S (heartbeat), and one silent for
 #   PROCESS_TTL_S is gone, its members with it;
@@ -1239,15 +1240,21 @@ STREAM_ID = r"([0-9]{1,19})-([0-9]{1,19})"
 # deadline; in a room, first adds the text to the room's stream, KEYS[1], which gives it
 # its id. One script: the stream's ids and the channel's order are the same for every
 # process. The stream keeps max_count messages at most, and max_bytes of their frames,
-# counted in KEYS[2]; both keys live keys_ttl_ms. The last key is the publish's own,
-# which keeps its id for once_ttl_ms: sent twice (redis-py retries on a fresh connection
-# when one breaks), it is published once. A frame is the text, its id and extra_bytes,
-# FRAME_EXTRA_BYTES, below.
+# counted in KEYS[2]; both keys live keys_ttl_ms. All rooms together keep all_bytes at
+# most, as in one process: the ledger, KEYS[3] to KEYS[5], holds when each room was last
+# written, its bytes, and their total; past all_bytes, the least recently written lose
+# their oldest first, and a room whose keys expired leaves the ledger with its bytes.
+# (Its keys are named here, not passed: this needs one Redis, not a cluster.) The last
+# key is the publish's own, which keeps its id for once_ttl_ms: sent twice (redis-py
+# retries on a fresh connection when one breaks), it is published once. A frame is the
+# text, its id and extra_bytes, FRAME_EXTRA_BYTES, below.
 PUBLISH_ONCE_BEFORE_DEADLINE = """
 local deadline_ms, channel, prefix, text = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_count, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
 local keys_ttl_ms, once_ttl_ms, extra_bytes = ARGV[7], ARGV[8], tonumber(ARGV[9])
+local all_bytes = tonumber(ARGV[10])
 local stream, bytes_key, own_key = KEYS[1], KEYS[2], KEYS[#KEYS]
+local written_at, sizes, total_key = KEYS[3], KEYS[4], KEYS[5]
 local done = redis.call('GET', own_key)
 if done then
   return done
@@ -1269,6 +1276,33 @@ if #KEYS > 1 then
   end
   redis.call('PEXPIRE', stream, keys_ttl_ms)
   redis.call('PEXPIRE', bytes_key, keys_ttl_ms)
+  local room = string.sub(prefix, 1, -2)
+  local before = tonumber(redis.call('HGET', sizes, room) or 0)
+  local total = redis.call('INCRBY', total_key, bytes - before)
+  redis.call('HSET', sizes, room, bytes)
+  redis.call('ZADD', written_at, now[1] .. string.format('%06d', now[2]), room)
+  while total > all_bytes do
+    local least = redis.call('ZRANGE', written_at, 0, 0)[1]
+    local least_stream = 'chat:room:' .. least
+    if least == room and redis.call('XLEN', stream) <= 1 then
+      break  -- the message just added stays
+    end
+    local oldest = redis.call('XRANGE', least_stream, '-', '+', 'COUNT', 1)[1]
+    if oldest == nil then  -- emptied, or its keys expired
+      local size = tonumber(redis.call('HGET', sizes, least) or 0)
+      total = redis.call('DECRBY', total_key, size)
+      redis.call('HDEL', sizes, least)
+      redis.call('ZREM', written_at, least)
+    else
+      local size = #oldest[2][2] + #oldest[1] + extra_bytes
+      redis.call('XDEL', least_stream, oldest[1])
+      if redis.call('EXISTS', 'chat:bytes:' .. least) == 1 then
+        redis.call('DECRBY', 'chat:bytes:' .. least, size)
+      end
+      redis.call('HINCRBY', sizes, least, -size)
+      total = redis.call('DECRBY', total_key, size)
+    end
+  end
 end
 redis.call('PUBLISH', channel, id .. ' ' .. prefix .. text)
 redis.call('SET', own_key, id, 'PX', once_ttl_ms)
@@ -1276,6 +1310,9 @@ return id
 """
 # What message_frame() adds to what was said, beside the id.
 FRAME_EXTRA_BYTES = len(message_frame("", "{}")) - len("{}")
+# All rooms' history, for ALL_HISTORY_BYTES: when each was last written, by the
+# microsecond; the bytes of each; and their total.
+HISTORY_LEDGER = ["chat:history:written", "chat:history:sizes", "chat:history:bytes"]
 
 # Reads a room for joiners in one go, so that every joiner's history comes from the same
 # moment of its stream, KEYS[1]: the members, KEYS[3], by process; the latest
@@ -1496,7 +1533,8 @@ class RedisRelay:
     ) -> None:
         # Delivered, to the sender too, once it comes back through the channel.
         stream, count, _ = room_keys(room)
-        await self.run_publish([stream, count], f"{room.name} ", said(client_id, text))
+        keys = [stream, count, *HISTORY_LEDGER]
+        await self.run_publish(keys, f"{room.name} ", said(client_id, text))
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
         """Who is in the room elsewhere, and what each joiner is owed, read at one moment
@@ -1643,7 +1681,7 @@ class RedisRelay:
             return None
         own_key = f"chat:published:{self.process}:{next(self.publishes)}"
         limits = [HISTORY_MESSAGES, HISTORY_BYTES, int(ROOM_IDLE_S * 1000)]
-        limits += [int(PUBLISHED_TTL_S * 1000), FRAME_EXTRA_BYTES]
+        limits += [int(PUBLISHED_TTL_S * 1000), FRAME_EXTRA_BYTES, ALL_HISTORY_BYTES]
         try:
             for attempt in ("first", "once Redis's clock was learned again"):
                 async with self.connections:

@@ -1230,6 +1230,66 @@ def test_a_welcome_through_redis_is_bounded_in_bytes(workers: list[Server]) -> N
     assert welcomes[1][1]["missed"] is True
 
 
+def test_all_rooms_history_in_redis_is_bounded_as_in_one_process(
+    redis_server: RedisServer, monkeypatch
+) -> None:
+    # One client going from new room to new room, filling each, grew Redis by 687 MiB
+    # in 20 s, kept for ROOM_IDLE_S: enough to fill Redis's machine. As in one process,
+    # past ALL_HISTORY_BYTES the least recently written rooms lose their oldest first.
+    monkeypatch.setattr(main, "ALL_HISTORY_BYTES", 100_000)
+    text, rooms, each = "x" * 9_000, 10, 5  # 450 KB in all
+
+    async def fill_rooms_one_after_another() -> dict[int, int]:
+        relay = main.RedisRelay(redis_server.url, {}, main.RoomManager())
+        async with relay.running(main.app):
+            for n in range(rooms):
+                for _ in range(each):
+                    await relay.post(relay.room_manager, main.Room(f"r{n}"), 1, text)
+        return {n: relay_kept(n) for n in range(rooms)}
+
+    def relay_kept(n: int) -> int:
+        with redis.Redis.from_url(redis_server.url) as client:
+            return client.xlen(f"chat:room:r{n}")
+
+    kept = run(fill_rooms_one_after_another(), timeout_s=20)
+    assert sum(kept.values()) * len(text) <= main.ALL_HISTORY_BYTES
+    assert kept[rooms - 1] == each and kept[0] == 0
+
+
+def test_a_room_whose_history_expired_no_longer_counts_against_all_rooms(
+    redis_server: RedisServer, monkeypatch
+) -> None:
+    monkeypatch.setattr(main, "ALL_HISTORY_BYTES", 100_000)
+    text, each = "x" * 9_000, 9  # 81 KB a room: two rooms are over the bound
+
+    def kept(room: str) -> int:
+        with redis.Redis.from_url(redis_server.url) as client:
+            return client.xlen(f"chat:room:{room}")
+
+    async def fill_rooms_after_one_expired() -> tuple[int, int, int]:
+        relay = main.RedisRelay(redis_server.url, {}, main.RoomManager())
+        async with relay.running(main.app):
+
+            async def fill(room: str) -> None:
+                for _ in range(each):
+                    await relay.post(relay.room_manager, main.Room(room), 1, text)
+
+            monkeypatch.setattr(main, "ROOM_IDLE_S", 0.2)
+            await fill("gone")
+            await asyncio.sleep(0.5)  # its keys expire; the ledger still counts it
+            monkeypatch.setattr(main, "ROOM_IDLE_S", 600.0)
+            await fill("new")
+            new_before_third = kept("new")
+            await fill("third")
+        return new_before_third, kept("new"), kept("third")
+
+    new_alone, new, third = run(fill_rooms_after_one_expired(), timeout_s=20)
+    # The expired room's bytes left the ledger, not the new room's messages; a third
+    # room then takes from the new one, the least recently written.
+    assert new_alone == each
+    assert third == each and (new + third) * len(text) <= main.ALL_HISTORY_BYTES
+
+
 def test_joiners_each_asking_another_since_cost_redis_one_read_of_the_room(
     redis_server: RedisServer,
 ) -> None:
@@ -1245,7 +1305,7 @@ def test_joiners_each_asking_another_since_cost_redis_one_read_of_the_room(
         rooms.relay = relay
         async with relay.running(main.app):
             room = rooms.open_room("lobby")
-            keys = main.room_keys(room)[:2]
+            keys = [*main.room_keys(room)[:2], *main.HISTORY_LEDGER]
             ids = [
                 await relay.run_publish(keys, "lobby ", main.said(1, f"{n} {text}"))
                 for n in range(said)
