@@ -101,8 +101,9 @@ async def get() -> FileResponse:
 # Try it: http://127.0.0.1:8000/?endpoint=echo, then send "hi": "Message text was: hi".
 # Or, without the page, any step's path in a terminal, with the client the websockets
 # package comes with: `python -m websockets ws://127.0.0.1:8000/ws` (it sends no Origin).
-# The code is the tutorials'; the guards above apply to it all the same (a binary
-# frame, say, closes it with 1003, where the tutorials' would raise a KeyError).
+# The tutorials' loop, with the tab's close caught, as the second tutorial does from
+# step 2 on. The guards above apply to it all the same: a binary frame, say, closes it
+# with 1003, where the tutorials' code would raise a KeyError.
 
 
 @app.websocket("/ws")
@@ -143,8 +144,9 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # wrote: hi" to it alone, then "Client #1 says: hi" to all, as in FastAPI's docs. Open
 # client_id=1 in a third tab, and the first tab is closed with 4000: one id, one
 # connection. The chat is at /chat/{client_id}: the second tutorial has it at
-# /ws/{client_id}, which step 2 answers here (of two routes on one path, the first
-# wins). /chat/ is the first tutorial's chat, with no ids.
+# /ws/{client_id}, the path of its own step 2; of two routes on one path, the first
+# wins, so that tutorial's chat never runs. /chat/ is the first tutorial's chat, with no
+# ids.
 #
 # The tutorials' ConnectionManager keeps a list of WebSockets, and its broadcast writes
 # to each in turn, waiting for each write to finish:
@@ -171,7 +173,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   as the socket drains;
 # - a client with 100 messages in its backlog, whose socket is still full when one more
 #   comes, is cut off. It is taken out of the chat, and the others are told it left. It
-#   is closed with 1008, "Too slow: over 100 messages behind", once its buffers drain;
+#   is closed with 1008, "Too slow: over 100 messages behind", behind what its buffers
+#   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
 # In bench.py, with 10,000 clients, this cost 0.99x to 1.15x the tutorials' CPU per
 # delivery, across runs AE to AT.
@@ -453,8 +456,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # (and, for a writer, its "You wrote").
 # As one task writes every message, everyone gets them in the same order. A sender adds
 # its message, then waits if the batch holds 100 (MAX_BATCH_MESSAGES) or more, until
-# that batch is written. So a batch holds 100 messages at most, and one more for each
-# sender that then waits. What must not wait goes in with add_to_batch_nowait, outside
+# that batch is written. So a batch never holds more than 100 messages, plus one from
+# each sender now waiting. What must not wait goes in with add_to_batch_nowait, outside
 # that bound.
 #
 # The path of a message, through the functions below:
