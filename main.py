@@ -176,8 +176,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   is closed with 1008, "Too slow: over 100 messages behind", behind what its buffers
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
-# In bench.py, with 10,000 clients, this cost 0.99x to 1.15x the tutorials' CPU per
-# delivery, across runs AE to AT.
+# In bench.py, with 10,000 clients, this cost 0.98x to 1.15x the tutorials' CPU per
+# delivery, across runs AE to AU.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -1181,7 +1181,7 @@ async def room_endpoint(
 # the interfaces they declare (ChatRelay, RoomRelay), as Django Channels swaps its channel
 # layer: every broadcast goes through Redis, and each process hands what Redis brings to
 # its own clients. Measured at 10,000 clients over 2 workers: 1.01x to 1.20x one
-# process's CPU per delivery for step 3's chat (bench.py --redis, runs AG to AT).
+# process's CPU per delivery for step 3's chat (bench.py --redis, runs AG to AU).
 #
 # How it works, and what handles each thing that can go wrong:
 # - every process subscribes to one channel, REDIS_CHANNEL: a broadcast, a takeover and
