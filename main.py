@@ -31,7 +31,7 @@ import secrets
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path as FilePath
 from typing import Annotated, Any, ClassVar, Protocol
 from urllib.parse import urlsplit
@@ -839,7 +839,7 @@ class Room:
         self.doorkeeper: asyncio.Task[None] | None = None  # see `keep_the_door`
         self.may_post = asyncio.Event()  # cleared while joiners are let in
         self.may_post.set()
-        self.empty_since = 0.0
+        self.empty_since = 0.0  # by the event loop's clock
 
     def is_empty(self) -> bool:
         return not (self.chat.active_connections or self.joining or self.away)
@@ -944,7 +944,7 @@ class RoomManager:
             # `left` and a `joined` each.
             until = asyncio.get_running_loop().time() + PRESENCE_GRACE_S
             room.away[client.key] = until
-            self.when_grace_ends(room, until)
+            self.call_when_due(until, self.presence_changed, room)
         self.presence_changed(room)  # and, once nobody is left, see `forget_if_idle`
 
     async def broadcast(self, room: Room, client_id: int, text: str) -> None:
@@ -979,26 +979,24 @@ class RoomManager:
             # A timer may hold the room a while yet: let its history go now.
             room.history = History()
 
-    def when_grace_ends(self, room: Room, until: float) -> None:
-        """Tell the room, once `until` has passed: as for `forget_if_idle`, a timer that
-        fired early is set again."""
+    def call_when_due(
+        self, due: float, callback: Callable[[Room], None], room: Room
+    ) -> None:
+        """Call back once the event loop's clock has reached `due`. Woken for anything,
+        the loop runs every timer due within its clock's resolution (15.6 ms on
+        Windows): one that fired early is set again."""
         loop = asyncio.get_running_loop()
-        if loop.time() < until:
-            loop.call_later(until - loop.time(), self.when_grace_ends, room, until)
+        if loop.time() < due:
+            loop.call_later(due - loop.time(), self.call_when_due, due, callback, room)
         else:
-            self.presence_changed(room)
+            callback(room)
 
     def forget_if_idle(self, room: Room) -> None:
-        """The loop's timers run on its own clock, and may fire a little early: a room
-        not yet idle for ROOM_IDLE_S is looked at again once it will have been."""
-        if not room.is_empty():
-            return
-        idle_s = time.monotonic() - room.empty_since
-        if idle_s >= ROOM_IDLE_S:
+        """Forget a room empty for ROOM_IDLE_S. One that people came back to and left
+        again has a later timer of its own."""
+        loop = asyncio.get_running_loop()
+        if room.is_empty() and loop.time() >= room.empty_since + ROOM_IDLE_S:
             self.forget(room)
-        else:
-            loop = asyncio.get_running_loop()
-            loop.call_later(ROOM_IDLE_S - idle_s, self.forget_if_idle, room)
 
     def keep(self, room: Room, message_id: str, frame: str) -> None:
         """Into the room's history; past ALL_HISTORY_BYTES, the least active rooms
@@ -1079,8 +1077,10 @@ class RoomManager:
             if until > loop.time() and client_id not in room.chat.active_connections
         }
         if room.is_empty():
-            room.empty_since = time.monotonic()
-            loop.call_later(ROOM_IDLE_S, self.forget_if_idle, room)
+            room.empty_since = loop.time()
+            self.call_when_due(
+                room.empty_since + ROOM_IDLE_S, self.forget_if_idle, room
+            )
 
 
 def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) -> None:
