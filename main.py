@@ -736,6 +736,10 @@ async def item_endpoint(
 # a URL, a key or a channel's message unchanged. pydantic checks it with Rust's regex,
 # whose `$` is the very end: a trailing newline is refused.
 ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
+# A client id reaches a page as a JSON number, which JavaScript holds exactly up to
+# 2**53 - 1: past it, two ids look the same, and an id of 4,300 digits (the most
+# pydantic parses) is Infinity, and 4 KB in every welcome. Step 3's ids are in text.
+MAX_CLIENT_ID = 2**53 - 1
 WELCOME_HISTORY_MESSAGES = 50  # of the latest, in a welcome without `since`
 HISTORY_MESSAGES = 500  # a room keeps at most this many messages,
 # and this many bytes, as sent; a welcome at most too, with room left for its members:
@@ -1154,7 +1158,7 @@ rooms = RoomManager()
 async def room_endpoint(
     websocket: WebSocket,
     room_name: Annotated[str, Path(pattern=ROOM_NAME)],
-    client_id: int,
+    client_id: Annotated[int, Path(ge=-MAX_CLIENT_ID, le=MAX_CLIENT_ID)],
     since: str | None = None,  # the id of the last message this client received
 ) -> None:
     room, client = await rooms.connect(websocket, room_name, client_id, since)

@@ -754,7 +754,14 @@ def test_cross_site_origin_gets_403(server: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/rooms/a%20b/1", f"/rooms/{'r' * 101}/1", "/rooms/lobby/x", "/chat/1.5"]
+    "path",
+    [
+        "/rooms/a%20b/1",
+        f"/rooms/{'r' * 101}/1",
+        "/rooms/lobby/x",
+        f"/rooms/lobby/{2**53}",
+        "/chat/1.5",
+    ],
 )
 def test_a_bad_room_name_or_client_id_gets_403(server: Server, path: str) -> None:
     sock, head = raw_handshake(server.port, path)
