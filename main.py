@@ -79,7 +79,7 @@ async def get() -> FileResponse:
 
 # The guards every step relies on. They are defined in "What every step shares", after
 # step 6, and most of them wrap the whole app, letting HTTP through:
-# - CheckOrigin refuses a WebSocket opened by another site's page; the browser sees 1006.
+# - CheckOrigin refuses a WebSocket from another site's page (Origin is not Host): 1006.
 #   A page opened from disk sends Origin "null": ALLOWED_ORIGINS=null lets it in, on your
 #   own machine only, as any site's sandboxed frames send "null" too. A page at 127.0.0.1
 #   that connects to localhost, as both tutorials' pages do, is let in: one machine;
@@ -617,7 +617,7 @@ async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> No
             await client.websocket.send_text(message)
             backlog.write_waiting = False
     except GONE:
-        chat.leave(client)
+        chat.leave(client)  # cancels this task too, harmlessly: it ends here
     except Exception:  # a bug, not the client's doing: it is told, and may come back
         logger.exception("Writing a chat client's backlog failed")
         chat.cut_off(client, status.WS_1011_INTERNAL_ERROR, SERVER_ERROR)
@@ -2219,9 +2219,12 @@ ALLOWED_ORIGINS = frozenset(
 
 
 class CheckOrigin(WebSocketMiddleware):
-    """Refuse WebSocket handshakes from pages on other sites.
+    """Refuse WebSocket handshakes from pages on other sites: another host or port.
 
     The page's own host is let in, and so are scripts and tests, which send no Origin.
+    So is a site whose name its owner points at your machine (DNS rebinding): page and
+    Host then name that site. Starlette's TrustedHostMiddleware, given the names you
+    serve, refuses such a Host.
     Refused before accept(), a browser gets an HTTP 403 instead of a WebSocket: its page
     sees 1006, and no reason. Starlette's TestClient shows the code and the reason.
     """
