@@ -55,6 +55,7 @@ from conftest import (
     raw_handshake,
     read_frame,
     read_until_close,
+    send_pings_reading_nothing,
     start_server,
     wait_for_log,
 )
@@ -1077,6 +1078,7 @@ def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:
 
 HUGE_BYTES = 15 * 1024 * 1024
 HUGE_SENDERS, COMPRESSED_SENDERS = 50, 20
+PING_FLOOD_S = 10.0  # one client's pings, as fast as the server takes them
 FLOOD_MESSAGES, FLOOD_READERS, FLOOD_WRITER_MESSAGES = 20_000, 50, 50
 PAIR_INTERVAL_S = 0.1  # the healthy pair's pace: within the flood rate
 EXIT_WAIT_S = 10.0  # a server not gone by then is counted as hung
@@ -1271,6 +1273,18 @@ async def rooms_opened_and_left(server: Server) -> dict[str, float]:
     return {"junk_rooms_s": seconds, "fresh_room_opened": float(opened)}
 
 
+async def ping_flood(server: Server) -> dict[str, float]:
+    """One client sending pings for PING_FLOOD_S, reading none of the pongs."""
+    sock, _ = raw_handshake(server.port, "/ws", rcvbuf=4096)
+    rss_before = server.rss_bytes()
+    sent = await asyncio.to_thread(
+        send_pings_reading_nothing, sock, 1 << 40, PING_FLOOD_S
+    )
+    grown = server.peak_rss_bytes() - rss_before
+    sock.close()
+    return {"pings_sent_mb": sent / 1e6, "pings_rss_growth_mb": grown / 1e6}
+
+
 async def cut_off_a_stalled_client(server: Server) -> object:
     stalled, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
     senders = await connect_all(
@@ -1370,6 +1384,8 @@ async def measure_hostile(log_dir: Path, max_clients: int) -> dict[str, dict]:
             log_dir, options, huge_messages, COMPRESSED_SENDERS, True
         )
         result |= {f"compressed_{k}": v for k, v in packed.items()}
+        progress(f"hostile clients, {name}: pings for {PING_FLOOD_S:.0f} s, none read")
+        result |= await with_server(log_dir, options, ping_flood)
         progress(f"hostile clients, {name}: SIGTERM after a cut-off")
         server = fresh_server(log_dir, options)
         try:
@@ -1414,6 +1430,12 @@ HOSTILE_ROWS = [
         "{:.0f}",
     ),
     ("compressed_closed_1009", "... connections closed with 1009", "{:.0f}"),
+    (
+        "pings_sent_mb",
+        f"pings for {PING_FLOOD_S:.0f} s, no pong read: MB taken",
+        "{:.0f}",
+    ),
+    ("pings_rss_growth_mb", "... server RSS growth, MB", "{:.0f}"),
     (
         "writer_p50_ms",
         "a flood of 20,000 beside 50 readers: another writer's p50, ms",

@@ -462,6 +462,21 @@ def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return head + mask + masked
 
 
+def send_pings_reading_nothing(
+    sock: socket.socket, most_bytes: int, most_s: float
+) -> int:
+    """Pings, as fast as the server takes them, and never a pong read: bytes sent."""
+    pings = client_frame(0x9, b"p" * 125) * 1000  # 125 bytes: the most a ping holds
+    sent, started = 0, time.monotonic()
+    sock.settimeout(1)
+    try:
+        while sent < most_bytes and time.monotonic() - started < most_s:
+            sent += sock.send(pings)
+    except TimeoutError:  # the server has stopped reading them
+        pass
+    return sent
+
+
 def close_frame(code: int) -> bytes:
     return client_frame(0x8, struct.pack("!H", code))
 

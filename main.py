@@ -58,6 +58,7 @@ from fastapi.websockets import WebSocketState
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's main log, shown where it runs
 
@@ -92,8 +93,7 @@ async def get() -> FileResponse:
 #
 # Close codes, as the page shows them: 1000 normal; 1003 binary; 1006 dropped, or a
 # refused handshake; 1007 not UTF-8, or not step 5's JSON; 1008 flooding, or too slow;
-# 1009 over 64 KiB; 1011 a server error; 1012 the server restarts; 1013 try again later;
-# 4000 replaced by a newer connection with the same id.
+# 1009 over 64 KiB; 1011 server error; 1012 restart; 1013 try later; 4000 taken over.
 
 
 # --- Step 1: echo. Accept, then receive and send in a loop ---------------------------------
@@ -2069,7 +2069,9 @@ else:
 # - and none pauses once it has written: a write given up then would be sent twice;
 # - the words that end its RuntimeError for a write after its own close
 #   (ServerClosedIsGone; test_main.py:
-#   test_only_uvicorn_s_error_for_a_write_after_its_own_close_means_gone).
+#   test_only_uvicorn_s_error_for_a_write_after_its_own_close_means_gone);
+# - websockets-sansio's handle_ping, writable and read_paused (SansIOPongsBounded;
+#   test_server.py: test_a_client_that_pings_and_never_reads_costs_the_server_little).
 
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
 # 65536` in the README's production command.
@@ -2295,6 +2297,26 @@ class ServerClosedIsGone(WebSocketMiddleware):
 app.add_middleware(CheckOrigin)
 app.add_middleware(CheckWhatClientsSend)
 app.add_middleware(ServerClosedIsGone)
+
+
+# uvicorn answers a client's ping at once, below the app, and keeps the answer until the
+# client reads it. One client that pinged and read nothing grew the server by 844 MiB in
+# 40 s, until the keepalive closed it. The README's production command runs this class
+# in place of websockets-sansio: `--ws main:SansIOPongsBounded`.
+class SansIOPongsBounded(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio, reading no more from a client while the pongs it
+    has not read fill its buffer."""
+
+    def handle_ping(self) -> None:
+        super().handle_ping()  # writes the pong
+        if not self.writable.is_set():  # the buffer is past its high-water mark
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        # Unless uvicorn paused reading itself, until the app takes a message.
+        if not self.read_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
 
 
 # --- Sending into step 3's chat from HTTP, or from this app's own code --------------------

@@ -55,6 +55,7 @@ from conftest import (
     receive_says,
     reset,
     run,
+    send_pings_reading_nothing,
     start_server,
     wait_for_log,
 )
@@ -986,6 +987,37 @@ def answer_to_a_chunked_post(port: int, token: str) -> tuple[bytes, int]:
                 if select.select([sock], [], [], 0)[0]:
                     break  # answered
         return sock.recv(4096).split(b"\r\n\r\n")[0], sent
+
+
+PING_FLOOD_BYTES = 40_000_000  # of pings, from one client that reads no pong
+
+
+def test_a_client_that_pings_and_never_reads_costs_the_server_little(
+    tmp_path: Path,
+) -> None:
+    server = start_server(tmp_path / "uvicorn.log", options=production_options())
+    try:
+        sock, head = raw_handshake(server.port, "/ws", rcvbuf=4096)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        rss_before = server.rss_bytes()
+        sent = send_pings_reading_nothing(sock, PING_FLOOD_BYTES, TEST_TIMEOUT_S / 2)
+        grown = server.peak_rss_bytes() - rss_before
+
+        async def a_client_that_reads() -> str:
+            async with open_client(f"{server.ws_url}/ws") as other:
+                await asyncio.wait_for(await other.ping(), 5)  # its pong, at once
+                await other.send("hi")
+                return await asyncio.wait_for(other.recv(), 5)
+
+        assert run(a_client_that_reads()) == "Message text was: hi"
+        sock.close()
+        # uvicorn's own websockets-sansio answers every ping it reads, and keeps each
+        # answer until the client reads it: all 40 MB were read, and the server grew by
+        # as much.
+        assert grown < 10e6, f"{sent / 1e6:.0f} MB of pings: the server grew {grown}"
+    finally:
+        server.stop()
+    assert_nothing_went_wrong(server)
 
 
 def test_a_huge_post_is_answered_before_its_body_is_read(tmp_path: Path) -> None:
