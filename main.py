@@ -176,8 +176,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   is closed with 1008, "Too slow: over 100 messages behind", behind what its buffers
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
-# In bench.py, with 10,000 clients, this cost 0.98x to 1.15x the tutorials' CPU per
-# delivery, across runs AE to AU.
+# In bench.py, with 10,000 clients, this cost 0.95x to 1.15x the tutorials' CPU per
+# delivery, across runs AE to AX.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -1185,7 +1185,7 @@ async def room_endpoint(
 # the interfaces they declare (ChatRelay, RoomRelay), as Django Channels swaps its channel
 # layer: every broadcast goes through Redis, and each process hands what Redis brings to
 # its own clients. Measured at 10,000 clients over 2 workers: 1.01x to 1.20x one
-# process's CPU per delivery for step 3's chat (bench.py --redis, runs AG to AU).
+# process's CPU per delivery for step 3's chat (bench.py --redis, runs AG to AX).
 #
 # How it works, and what handles each thing that can go wrong:
 # - every process subscribes to one channel, REDIS_CHANNEL: a broadcast, a takeover and
@@ -2300,9 +2300,9 @@ app.add_middleware(ServerClosedIsGone)
 
 
 # uvicorn answers a client's ping at once, below the app, and keeps the answer until the
-# client reads it. One client that pinged and read nothing grew the server by 844 MiB in
-# 40 s, until the keepalive closed it. The README's production command runs this class
-# in place of websockets-sansio: `--ws main:SansIOPongsBounded`.
+# client reads it. One client that pinged for 10 s and read nothing grew the server by
+# 247 MB (bench.py, run AX); the keepalive ends it only after 40 s. The README's
+# production command runs this class: `--ws main:SansIOPongsBounded`.
 class SansIOPongsBounded(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio, reading no more from a client while the pongs it
     has not read fill its buffer."""
