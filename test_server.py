@@ -1020,6 +1020,28 @@ def test_a_client_that_pings_and_never_reads_costs_the_server_little(
     assert_nothing_went_wrong(server)
 
 
+ENDLESS_HEADER_BYTES = 20_000_000  # of one header's value, its end never sent
+
+
+def test_a_header_that_never_ends_is_refused_before_it_fills_the_server(
+    tmp_path: Path,
+) -> None:
+    server = start_server(tmp_path / "uvicorn.log", options=production_options())
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=2)
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
+        rss_before, sent = server.rss_bytes(), 0
+        with contextlib.suppress(OSError):  # answered and closed, or no longer read
+            while sent < ENDLESS_HEADER_BYTES:
+                sent += sock.send(b"a" * 65536)
+        grown = server.peak_rss_bytes() - rss_before
+        sock.close()
+        # httptools, uvicorn's default parser, took all 20 MB, and grew by as much.
+        assert sent < ENDLESS_HEADER_BYTES and grown < 10e6, (sent, grown)
+    finally:
+        server.stop()
+
+
 def test_a_huge_post_is_answered_before_its_body_is_read(tmp_path: Path) -> None:
     server = start_server(
         tmp_path / "uvicorn.log", options=production_options(), ANNOUNCE_TOKEN="s3cret"
