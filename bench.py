@@ -4,6 +4,7 @@
     python bench.py --quick     # up to 1,000 clients: about 3 minutes
     python bench.py --redis     # also the chat across two workers, through Redis
     python bench.py --sketch    # also the simplest cure, a queue and a task per client
+    python bench.py --hostile-only  # the hostile clients alone: about 10 minutes
 
 The servers: the tutorial's code as it is taught (kept below as `naive_app`), and
 `main:app`; with --redis, also `main:app` as two uvicorn workers sharing the chat through
@@ -996,6 +997,7 @@ async def run(
     steps: tuple[int, ...],
     with_redis: bool,
     hostile: bool,
+    hostile_only: bool,
     rooms_only: bool,
     with_sketch: bool,
 ) -> None:
@@ -1017,6 +1019,9 @@ async def run(
     )
     names = [c.name for c in contenders]
     with tempfile.TemporaryDirectory() as log_dir:
+        if hostile_only:
+            print_hostile(await measure_hostile(Path(log_dir), steps[-1]))
+            return
         if rooms_only:
             await run_rooms_only(with_rooms, steps[-1], Path(log_dir))
             return
@@ -1079,6 +1084,9 @@ def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:
 HUGE_BYTES = 15 * 1024 * 1024
 HUGE_SENDERS, COMPRESSED_SENDERS = 50, 20
 PING_FLOOD_S = 10.0  # one client's pings, as fast as the server takes them
+EMPTY_PINGS_S = 10.0  # one client's, its pongs read, beside an echo client
+ECHO_EVERY_S = 0.05  # the echo client's pace
+ENDLESS_HEADER_S = 10.0  # one request's header, sent for this long, never ended
 FLOOD_MESSAGES, FLOOD_READERS, FLOOD_WRITER_MESSAGES = 20_000, 50, 50
 PAIR_INTERVAL_S = 0.1  # the healthy pair's pace: within the flood rate
 EXIT_WAIT_S = 10.0  # a server not gone by then is counted as hung
@@ -1285,6 +1293,69 @@ async def ping_flood(server: Server) -> dict[str, float]:
     return {"pings_sent_mb": sent / 1e6, "pings_rss_growth_mb": grown / 1e6}
 
 
+# The flooder runs in a process of its own, as a client elsewhere would: a thread of
+# this one would share its interpreter lock with the echo client it is measured beside.
+EMPTY_PINGS_FLOODER = """
+import json, sys
+from conftest import client_frame, flood_reading_answers, raw_handshake
+sock, _ = raw_handshake(int(sys.argv[1]), "/ws")
+sent, close = flood_reading_answers(
+    sock, client_frame(0x9, b"") * 10_000, 1 << 40, float(sys.argv[2])
+)
+print(json.dumps({"sent": sent, "close_code": close[0] if close else 0}))
+"""
+
+
+async def empty_pings_beside_an_echo(server: Server) -> dict[str, float]:
+    """One client sending empty pings for EMPTY_PINGS_S, reading its pongs, while
+    another sends "hi" every ECHO_EVERY_S and times the echo."""
+    flooder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        EMPTY_PINGS_FLOODER,
+        str(server.port),
+        str(EMPTY_PINGS_S),
+        cwd=HERE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    latencies: list[float] = []
+    async with connect(f"{server.ws_url}/ws") as echo:
+        deadline = time.perf_counter() + EMPTY_PINGS_S
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await echo.send("hi")
+            await echo.recv()
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(ECHO_EVERY_S)
+    output, _ = await flooder.communicate()
+    flood = json.loads(output)
+    return {
+        "empty_pings_sent_mb": flood["sent"] / 1e6,
+        "empty_pings_close_code": flood["close_code"],
+        "echoes": len(latencies),
+        "echo_p50_ms": statistics.median(latencies) * 1000,
+        "echo_max_ms": max(latencies) * 1000,
+    }
+
+
+async def endless_header(server: Server) -> dict[str, float]:
+    """One request whose header's value goes on for ENDLESS_HEADER_S, never ended."""
+
+    def send_it() -> int:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+            sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
+            sent, started = 0, time.monotonic()
+            with contextlib.suppress(OSError):  # answered, or no longer read
+                while time.monotonic() - started < ENDLESS_HEADER_S:
+                    sent += sock.send(b"a" * 65536)
+            return sent
+
+    rss_before = server.rss_bytes()
+    sent = await asyncio.to_thread(send_it)
+    grown = server.peak_rss_bytes() - rss_before
+    return {"header_sent_mb": sent / 1e6, "header_rss_growth_mb": grown / 1e6}
+
+
 async def cut_off_a_stalled_client(server: Server) -> object:
     stalled, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
     senders = await connect_all(
@@ -1386,6 +1457,13 @@ async def measure_hostile(log_dir: Path, max_clients: int) -> dict[str, dict]:
         result |= {f"compressed_{k}": v for k, v in packed.items()}
         progress(f"hostile clients, {name}: pings for {PING_FLOOD_S:.0f} s, none read")
         result |= await with_server(log_dir, options, ping_flood)
+        progress(
+            f"hostile clients, {name}: empty pings for {EMPTY_PINGS_S:.0f} s, "
+            "beside an echo"
+        )
+        result |= await with_server(log_dir, options, empty_pings_beside_an_echo)
+        progress(f"hostile clients, {name}: a header for {ENDLESS_HEADER_S:.0f} s")
+        result |= await with_server(log_dir, options, endless_header)
         progress(f"hostile clients, {name}: SIGTERM after a cut-off")
         server = fresh_server(log_dir, options)
         try:
@@ -1436,6 +1514,25 @@ HOSTILE_ROWS = [
         "{:.0f}",
     ),
     ("pings_rss_growth_mb", "... server RSS growth, MB", "{:.0f}"),
+    (
+        "echo_max_ms",
+        f"empty pings for {EMPTY_PINGS_S:.0f} s, pongs read: an echo's longest, ms",
+        "{:.0f}",
+    ),
+    ("echo_p50_ms", "... the echo's p50, ms", "{:.1f}"),
+    (
+        "echoes",
+        f"... echoes in {EMPTY_PINGS_S:.0f} s, one every 50 ms at most",
+        "{:.0f}",
+    ),
+    ("empty_pings_sent_mb", "... MB of pings taken", "{:.0f}"),
+    ("empty_pings_close_code", "... the pinger's close code (0: none)", "{:.0f}"),
+    (
+        "header_sent_mb",
+        f"one header sent for {ENDLESS_HEADER_S:.0f} s: MB taken",
+        "{:.0f}",
+    ),
+    ("header_rss_growth_mb", "... server RSS growth, MB", "{:.0f}"),
     (
         "writer_p50_ms",
         "a flood of 20,000 beside 50 readers: another writer's p50, ms",
@@ -1512,6 +1609,11 @@ def main() -> None:
         help="also the simplest cure of step 3's header: a queue and a task per client",
     )
     parser.add_argument(
+        "--hostile-only",
+        action="store_true",
+        help="only the hostile-client loads, on main.py: about 10 minutes",
+    )
+    parser.add_argument(
         "--rooms-only",
         action="store_true",
         help="only step 5's rooms beside step 3's chat, main.py alone, 3 runs each",
@@ -1532,7 +1634,14 @@ def main() -> None:
             "/etc/security/limits.conf), or use --quick"
         )
     uvloop.run(
-        run(steps, args.redis, not args.no_hostile, args.rooms_only, args.sketch)
+        run(
+            steps,
+            args.redis,
+            not args.no_hostile,
+            args.hostile_only,
+            args.rooms_only,
+            args.sketch,
+        )
     )
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import resource
+import select
 import shlex
 import shutil
 import signal
@@ -472,9 +473,43 @@ def send_pings_reading_nothing(
     try:
         while sent < most_bytes and time.monotonic() - started < most_s:
             sent += sock.send(pings)
-    except TimeoutError:  # the server has stopped reading them
+    except (
+        OSError
+    ):  # the server has stopped reading them, or closed (a timeout, a reset)
         pass
     return sent
+
+
+def flood_reading_answers(
+    sock: socket.socket, frames: bytes, most_bytes: int, most_s: float
+) -> tuple[int, tuple[int, str] | None]:
+    """Send `frames` again and again, as fast as the server takes them, reading all it
+    answers (empty pongs, if any), until it closes, or most_bytes, or most_s: the bytes
+    sent, and the server's close code and reason, if it sent one."""
+    answers, sent, started = bytearray(), 0, time.monotonic()
+    sock.setblocking(False)
+    try:
+        while sent < most_bytes and time.monotonic() - started < most_s:
+            readable, writable, _ = select.select([sock], [sock], [], 0.1)
+            if readable:
+                answer = sock.recv(1 << 16)
+                if not answer:
+                    break
+                answers += answer
+                if 0x88 in answer:  # a close frame: no empty pong holds that byte
+                    break
+            if writable:
+                sent += sock.send(frames)
+    except OSError:  # reset by the server, once it closed
+        pass
+    sock.settimeout(5)
+    start = answers.find(0x88)
+    if start < 0:
+        return sent, None
+    answers += read_exactly(sock, max(0, start + 2 - len(answers)))
+    end = start + 2 + answers[start + 1]  # a close frame's payload is under 126 bytes
+    answers += read_exactly(sock, max(0, end - len(answers)))
+    return sent, close_code_and_reason(bytes(answers[start + 2 : end]))
 
 
 def close_frame(code: int) -> bytes:

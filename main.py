@@ -59,6 +59,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_valid
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's main log, shown where it runs
 
@@ -2070,8 +2071,9 @@ else:
 # - the words that end its RuntimeError for a write after its own close
 #   (ServerClosedIsGone; test_main.py:
 #   test_only_uvicorn_s_error_for_a_write_after_its_own_close_means_gone);
-# - websockets-sansio's handle_ping, writable and read_paused (SansIOPongsBounded;
-#   test_server.py: test_a_client_that_pings_and_never_reads_costs_the_server_little).
+# - websockets-sansio's data_received, its frame handlers, frames, close_sent and
+#   handle_parser_exception (SansIOBounded; test_server.py:
+#   test_a_client_flooding_pings_or_pongs_is_closed_with_1008 and the tests after it).
 
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
 # 65536` in the README's production command.
@@ -2083,6 +2085,11 @@ FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages a second"
 BINARY_REFUSED = "Binary frames are not supported: send text"
 TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
+MAX_PINGS_AND_PONGS_PER_S = 10  # from one client; one more closes it with 1008
+MAX_MESSAGE_FRAMES = 100  # pieces of one message; one more closes it with 1009
+READ_SLICE_BYTES = 4096  # what SansIOBounded parses before it checks those two
+PINGING = f"Flooding: over {MAX_PINGS_AND_PONGS_PER_S} pings and pongs a second"
+TOO_MANY_FRAMES = f"Message in over {MAX_MESSAGE_FRAMES} frames"
 
 
 class WebSocketMiddleware:
@@ -2299,24 +2306,60 @@ app.add_middleware(CheckWhatClientsSend)
 app.add_middleware(ServerClosedIsGone)
 
 
-# uvicorn answers a client's ping at once, below the app, and keeps the answer until the
-# client reads it. One client that pinged for 10 s and read nothing grew the server by
-# 247 MB (bench.py, run AX); the keepalive ends it only after 40 s. The README's
-# production command runs this class: `--ws main:SansIOPongsBounded`.
-class SansIOPongsBounded(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio, reading no more from a client while the pongs it
-    has not read fill its buffer."""
+# Frames that never reach the app (pings, pongs, the pieces of a message) are parsed by
+# uvicorn, not the app, which cannot limit them; and uvicorn parses all it reads in one
+# go: one client flooding empty pings while reading its pongs holds every other client
+# up for seconds at a time. One pinging for 10 s without reading grew the server by 247
+# MB (`bench.py`, run AX). The README's production command runs this class: `--ws
+# main:SansIOBounded`.
+class SansIOBounded(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio, closing a client that sends over
+    MAX_PINGS_AND_PONGS_PER_S pings and pongs in a second (1008), or a message in over
+    MAX_MESSAGE_FRAMES frames (1009), before it has parsed more than a few KiB past."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.second_started = 0.0  # the loop's clock
+        self.pings_and_pongs = 0  # since second_started
+
+    def data_received(self, data: bytes) -> None:
+        for start in range(0, len(data), READ_SLICE_BYTES):
+            if self.transport.is_closing():  # refused: the rest is never parsed
+                return
+            super().data_received(data[start : start + READ_SLICE_BYTES])
 
     def handle_ping(self) -> None:
-        super().handle_ping()  # writes the pong
-        if not self.writable.is_set():  # the buffer is past its high-water mark
-            self.transport.pause_reading()
+        if self.one_more_ping_or_pong_allowed():
+            super().handle_ping()  # writes the pong
 
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        # Unless uvicorn paused reading itself, until the app takes a message.
-        if not self.read_paused and not self.transport.is_closing():
-            self.transport.resume_reading()
+    def handle_pong(self, event: Frame) -> None:
+        if self.one_more_ping_or_pong_allowed():
+            super().handle_pong(event)
+
+    def handle_cont(self, event: Frame) -> None:
+        if len(self.frames) < MAX_MESSAGE_FRAMES:
+            super().handle_cont(event)
+        else:
+            self.refuse(status.WS_1009_MESSAGE_TOO_BIG, TOO_MANY_FRAMES)
+
+    def one_more_ping_or_pong_allowed(self) -> bool:
+        now = self.loop.time()
+        if now - self.second_started >= 1:
+            self.second_started, self.pings_and_pongs = now, 0
+        self.pings_and_pongs += 1
+        if self.pings_and_pongs <= MAX_PINGS_AND_PONGS_PER_S:
+            return True
+        self.refuse(status.WS_1008_POLICY_VIOLATION, PINGING)
+        return False
+
+    def refuse(self, code: int, reason: str) -> None:
+        """As uvicorn closes a message over --ws-max-size: the app hears the close."""
+        if self.close_sent:  # refused already, or closed by the app
+            return
+        logger.info("Closed %s with %d: %s", self.scope["path"], code, reason)
+        self.frames = []
+        self.conn.fail(code, reason)
+        self.handle_parser_exception()
 
 
 # --- Sending into step 3's chat from HTTP, or from this app's own code --------------------

@@ -44,6 +44,7 @@ from conftest import (
     close_code_and_reason,
     close_frame,
     closed_with,
+    flood_reading_answers,
     following_along_options,
     launch_server,
     open_client,
@@ -1018,6 +1019,77 @@ def test_a_client_that_pings_and_never_reads_costs_the_server_little(
     finally:
         server.stop()
     assert_nothing_went_wrong(server)
+
+
+TINY_FLOOD_BYTES = 40_000_000  # of empty frames, sent 10,000 at a time
+
+
+def echo_still_answers(server: Server) -> str:
+    async def a_client_that_reads() -> str:
+        async with open_client(f"{server.ws_url}/ws") as other:
+            await other.send("hi")
+            return await asyncio.wait_for(other.recv(), 5)
+
+    return run(a_client_that_reads())
+
+
+@pytest.mark.parametrize("opcode", [0x9, 0xA], ids=["pings", "pongs"])
+def test_a_client_flooding_pings_or_pongs_is_closed_with_1008(
+    tmp_path: Path, opcode: int
+) -> None:
+    server = start_server(tmp_path / "uvicorn.log", options=production_options())
+    try:
+        sock, head = raw_handshake(server.port, "/ws")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        empty_frames = client_frame(opcode, b"") * 10_000
+        sent, close = flood_reading_answers(
+            sock, empty_frames, TINY_FLOOD_BYTES, TEST_TIMEOUT_S / 2
+        )
+        sock.close()
+        # uvicorn's own websockets-sansio parses all it reads in one go, and answers
+        # each ping: the flood went on, 40 MB of it, and held every other client up.
+        assert close == (1008, main.PINGING), f"{sent / 1e6:.0f} MB sent: {close}"
+        assert echo_still_answers(server) == "Message text was: hi"
+    finally:
+        server.stop()
+    assert_nothing_went_wrong(server)
+
+
+def test_pings_and_pongs_up_to_the_limit_are_answered(server: Server) -> None:
+    async def ping_then_echo() -> str:
+        async with open_client(f"{server.ws_url}/ws") as client:
+            for _ in range(main.MAX_PINGS_AND_PONGS_PER_S // 2):
+                await client.pong()
+                await asyncio.wait_for(await client.ping(), 5)
+            await client.send("hi")
+            return await asyncio.wait_for(client.recv(), 5)
+
+    assert run(ping_then_echo()) == "Message text was: hi"
+
+
+def send_in_frames(sock: socket.socket, frames: int) -> None:
+    """The text "x", then empty continuation frames: one message in `frames`."""
+    sock.sendall(client_frame(0x1, b"x", fin=False))
+    sock.sendall(client_frame(0x0, b"", fin=False) * (frames - 2))
+    sock.sendall(client_frame(0x0, b"", fin=True))
+
+
+def test_a_message_in_too_many_frames_is_closed_with_1009(server: Server) -> None:
+    sock, _ = raw_handshake(server.port, "/ws")
+    send_in_frames(sock, main.MAX_MESSAGE_FRAMES + 1)
+    # websockets-sansio kept each empty frame, 8 bytes of the server's memory for 6
+    # sent, and parsed them 250,000 a second, the other clients waiting.
+    assert read_until_close(sock) == (1009, main.TOO_MANY_FRAMES)
+    sock.close()
+    assert echo_still_answers(server) == "Message text was: hi"
+
+
+def test_a_message_in_as_many_frames_as_allowed_is_read(server: Server) -> None:
+    sock, _ = raw_handshake(server.port, "/ws")
+    send_in_frames(sock, main.MAX_MESSAGE_FRAMES)
+    opcode, payload = read_frame(sock)
+    assert (opcode, payload) == (0x1, b"Message text was: x")
+    sock.close()
 
 
 ENDLESS_HEADER_BYTES = 20_000_000  # of one header's value, its end never sent
