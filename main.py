@@ -2308,9 +2308,9 @@ app.add_middleware(ServerClosedIsGone)
 
 # Frames that never reach the app (pings, pongs, the pieces of a message) are parsed by
 # uvicorn, not the app, which cannot limit them; and uvicorn parses all it reads in one
-# go: one client flooding empty pings while reading its pongs holds every other client
-# up for seconds at a time. One pinging for 10 s without reading grew the server by 247
-# MB (`bench.py`, run AX). The README's production command runs this class: `--ws
+# go. One client flooding empty pings, reading its pongs, held another client's echo
+# up for 6.5 s; one pinging for 10 s, reading nothing, grew the server by 283 MB
+# (`bench.py`, run AY). The README's production command runs this class: `--ws
 # main:SansIOBounded`.
 class SansIOBounded(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio, closing a client that sends over
