@@ -47,6 +47,8 @@ from conftest import (
     HERE,
     RedisServer,
     Server,
+    client_frame,
+    flooder_process,
     following_along_options,
     free_port,
     process_cpu_seconds,
@@ -1084,8 +1086,9 @@ def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:
 HUGE_BYTES = 15 * 1024 * 1024
 HUGE_SENDERS, COMPRESSED_SENDERS = 50, 20
 PING_FLOOD_S = 10.0  # one client's pings, as fast as the server takes them
-EMPTY_PINGS_S = 10.0  # one client's, its pongs read, beside an echo client
+FLOOD_BESIDE_ECHO_S = 10.0  # one client's frames, beside an echo client
 ECHO_EVERY_S = 0.05  # the echo client's pace
+UNREAD_SENDERS, UNREAD_LETTERS_BYTES = 10, 10_000_000  # of one-letter messages, each
 ENDLESS_HEADER_S = 10.0  # one request's header, sent for this long, never ended
 FLOOD_MESSAGES, FLOOD_READERS, FLOOD_WRITER_MESSAGES = 20_000, 50, 50
 PAIR_INTERVAL_S = 0.1  # the healthy pair's pace: within the flood rate
@@ -1293,49 +1296,60 @@ async def ping_flood(server: Server) -> dict[str, float]:
     return {"pings_sent_mb": sent / 1e6, "pings_rss_growth_mb": grown / 1e6}
 
 
-# The flooder runs in a process of its own, as a client elsewhere would: a thread of
-# this one would share its interpreter lock with the echo client it is measured beside.
-EMPTY_PINGS_FLOODER = """
-import json, sys
-from conftest import client_frame, flood_reading_answers, raw_handshake
-sock, _ = raw_handshake(int(sys.argv[1]), "/ws")
-sent, close = flood_reading_answers(
-    sock, client_frame(0x9, b"") * 10_000, 1 << 40, float(sys.argv[2])
-)
-print(json.dumps({"sent": sent, "close_code": close[0] if close else 0}))
-"""
+FLOODS_BESIDE_AN_ECHO = {  # each for FLOOD_BESIDE_ECHO_S: path, opcode, payload
+    "empty_pings": ("/ws", 0x9, ""),
+    "chat_letters": ("/chat/5", 0x1, "a"),
+    "echo_letters": ("/ws", 0x1, "a"),
+}
 
 
-async def empty_pings_beside_an_echo(server: Server) -> dict[str, float]:
-    """One client sending empty pings for EMPTY_PINGS_S, reading its pongs, while
-    another sends "hi" every ECHO_EVERY_S and times the echo."""
-    flooder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        EMPTY_PINGS_FLOODER,
-        str(server.port),
-        str(EMPTY_PINGS_S),
-        cwd=HERE,
-        stdout=asyncio.subprocess.PIPE,
-    )
+async def flood_beside_an_echo(
+    server: Server, name: str, path: str, opcode: int, payload: str
+) -> dict[str, float]:
+    """One client sending a frame again and again for FLOOD_BESIDE_ECHO_S, reading and
+    ignoring what the server sends, past its close, while another sends "hi" every
+    ECHO_EVERY_S and times the echo."""
+    flooder = flooder_process(server.port, path, opcode, payload, FLOOD_BESIDE_ECHO_S)
     latencies: list[float] = []
     async with connect(f"{server.ws_url}/ws") as echo:
-        deadline = time.perf_counter() + EMPTY_PINGS_S
+        deadline = time.perf_counter() + FLOOD_BESIDE_ECHO_S
         while time.perf_counter() < deadline:
             started = time.perf_counter()
             await echo.send("hi")
             await echo.recv()
             latencies.append(time.perf_counter() - started)
             await asyncio.sleep(ECHO_EVERY_S)
-    output, _ = await flooder.communicate()
-    flood = json.loads(output)
+    output, _ = await asyncio.to_thread(flooder.communicate)
+    sent, code = output.split()
     return {
-        "empty_pings_sent_mb": flood["sent"] / 1e6,
-        "empty_pings_close_code": flood["close_code"],
-        "echoes": len(latencies),
-        "echo_p50_ms": statistics.median(latencies) * 1000,
-        "echo_max_ms": max(latencies) * 1000,
+        f"{name}_sent_mb": int(sent) / 1e6,
+        f"{name}_close_code": int(code),
+        f"{name}_echoes": len(latencies),
+        f"{name}_echo_max_ms": max(latencies) * 1000,
     }
+
+
+async def unread_letters(server: Server) -> dict[str, float]:
+    """UNREAD_SENDERS clients each sending UNREAD_LETTERS_BYTES of one-letter messages
+    to the echo, reading none of its answers."""
+
+    def send_them() -> None:
+        for _ in range(UNREAD_SENDERS):
+            sock, _ = raw_handshake(server.port, "/ws", rcvbuf=4096)
+            sock.settimeout(1)
+            letters = memoryview(client_frame(0x1, b"a") * (UNREAD_LETTERS_BYTES // 7))
+            with contextlib.suppress(TimeoutError):  # no longer read
+                while letters:
+                    letters = letters[sock.send(letters) :]
+            senders.append(sock)
+
+    senders: list[socket.socket] = []
+    rss_before = server.rss_bytes()
+    await asyncio.to_thread(send_them)
+    grown = server.peak_rss_bytes() - rss_before
+    for sock in senders:
+        sock.close()
+    return {"unread_rss_growth_mb": grown / 1e6}
 
 
 async def endless_header(server: Server) -> dict[str, float]:
@@ -1457,11 +1471,19 @@ async def measure_hostile(log_dir: Path, max_clients: int) -> dict[str, dict]:
         result |= {f"compressed_{k}": v for k, v in packed.items()}
         progress(f"hostile clients, {name}: pings for {PING_FLOOD_S:.0f} s, none read")
         result |= await with_server(log_dir, options, ping_flood)
-        progress(
-            f"hostile clients, {name}: empty pings for {EMPTY_PINGS_S:.0f} s, "
-            "beside an echo"
-        )
-        result |= await with_server(log_dir, options, empty_pings_beside_an_echo)
+        for flood_name, (path, opcode, payload) in FLOODS_BESIDE_AN_ECHO.items():
+            progress(f"hostile clients, {name}: {flood_name} beside an echo")
+            result |= await with_server(
+                log_dir,
+                options,
+                flood_beside_an_echo,
+                flood_name,
+                path,
+                opcode,
+                payload,
+            )
+        progress(f"hostile clients, {name}: one-letter messages, none of the echo read")
+        result |= await with_server(log_dir, options, unread_letters)
         progress(f"hostile clients, {name}: a header for {ENDLESS_HEADER_S:.0f} s")
         result |= await with_server(log_dir, options, endless_header)
         progress(f"hostile clients, {name}: SIGTERM after a cut-off")
@@ -1515,18 +1537,31 @@ HOSTILE_ROWS = [
     ),
     ("pings_rss_growth_mb", "... server RSS growth, MB", "{:.0f}"),
     (
-        "echo_max_ms",
-        f"empty pings for {EMPTY_PINGS_S:.0f} s, pongs read: an echo's longest, ms",
+        "empty_pings_echo_max_ms",
+        f"empty pings for {FLOOD_BESIDE_ECHO_S:.0f} s, pongs read: an echo's longest, ms",
         "{:.0f}",
     ),
-    ("echo_p50_ms", "... the echo's p50, ms", "{:.1f}"),
-    (
-        "echoes",
-        f"... echoes in {EMPTY_PINGS_S:.0f} s, one every 50 ms at most",
-        "{:.0f}",
-    ),
+    ("empty_pings_echoes", "... echoes, one every 50 ms at most", "{:.0f}"),
     ("empty_pings_sent_mb", "... MB of pings taken", "{:.0f}"),
     ("empty_pings_close_code", "... the pinger's close code (0: none)", "{:.0f}"),
+    (
+        "chat_letters_echo_max_ms",
+        "one-letter messages to the chat, past its close: an echo's longest, ms",
+        "{:.0f}",
+    ),
+    ("chat_letters_echoes", "... echoes, one every 50 ms at most", "{:.0f}"),
+    ("chat_letters_close_code", "... the flooder's close code", "{:.0f}"),
+    (
+        "echo_letters_echo_max_ms",
+        "one-letter messages to the echo, answers read: another echo's longest, ms",
+        "{:.0f}",
+    ),
+    ("echo_letters_echoes", "... echoes, one every 50 ms at most", "{:.0f}"),
+    (
+        "unread_rss_growth_mb",
+        "10 clients' 10 MB of one-letter messages, no echo read: RSS growth, MB",
+        "{:.0f}",
+    ),
     (
         "header_sent_mb",
         f"one header sent for {ENDLESS_HEADER_S:.0f} s: MB taken",

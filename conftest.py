@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -510,6 +511,52 @@ def flood_reading_answers(
     end = start + 2 + answers[start + 1]  # a close frame's payload is under 126 bytes
     answers += read_exactly(sock, max(0, end - len(answers)))
     return sent, close_code_and_reason(bytes(answers[start + 2 : end]))
+
+
+def flood_past_close(port: int, path: str, frames: bytes, most_s: float) -> str:
+    """Open `path`, and send `frames` again and again for most_s, reading and ignoring
+    all the server sends, its close too, until it drops the connection: the bytes sent,
+    and the close code (0: none), as "sent code"."""
+    sock, _ = raw_handshake(port, path)
+    sock.setblocking(False)
+    sent, code, started = 0, 0, time.monotonic()
+    with sock, contextlib.suppress(OSError):  # dropped by the server
+        while time.monotonic() - started < most_s:
+            readable, writable, _ = select.select([sock], [sock], [], 0.1)
+            if readable:
+                answer = sock.recv(1 << 16)
+                if not answer:
+                    break
+                start = answer.find(0x88)  # no answer to these floods holds this byte
+                if code == 0 and 0 <= start < len(answer) - 3:
+                    (code,) = struct.unpack("!H", answer[start + 2 : start + 4])
+            if writable:
+                sent += sock.send(frames)
+    return f"{sent} {code}"
+
+
+FLOODER = """
+import sys
+from conftest import client_frame, flood_past_close
+port, path, opcode, payload, most_s = sys.argv[1:]
+frames = client_frame(int(opcode), payload.encode()) * 10_000
+print(flood_past_close(int(port), path, frames, float(most_s)))
+"""
+
+
+def flooder_process(
+    port: int, path: str, opcode: int, payload: str, most_s: float
+) -> subprocess.Popen:
+    """A client in a process of its own, sending one frame again and again for most_s
+    (flood_past_close): a thread of the test's own process would share its interpreter
+    lock with the clients measured beside it."""
+    arguments = [str(port), path, str(opcode), payload, str(most_s)]
+    return subprocess.Popen(
+        [sys.executable, "-c", FLOODER, *arguments],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def close_frame(code: int) -> bytes:

@@ -58,6 +58,7 @@ from fastapi.websockets import WebSocketState
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 
@@ -2087,7 +2088,7 @@ TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 MAX_PINGS_AND_PONGS_PER_S = 10  # from one client; one more closes it with 1008
 MAX_MESSAGE_FRAMES = 100  # pieces of one message; one more closes it with 1009
-READ_SLICE_BYTES = 4096  # what SansIOBounded parses before it checks those two
+READ_SLICE_BYTES = 4096  # parsed at a time by SansIOBounded, below
 PINGING = f"Flooding: over {MAX_PINGS_AND_PONGS_PER_S} pings and pongs a second"
 TOO_MANY_FRAMES = f"Message in over {MAX_MESSAGE_FRAMES} frames"
 
@@ -2306,27 +2307,49 @@ app.add_middleware(CheckWhatClientsSend)
 app.add_middleware(ServerClosedIsGone)
 
 
-# Frames that never reach the app (pings, pongs, the pieces of a message) are parsed by
-# uvicorn, not the app, which cannot limit them; and uvicorn parses all it reads in one
-# go. One client flooding empty pings, reading its pongs, held another client's echo
-# up for 6.5 s; one pinging for 10 s, reading nothing, grew the server by 283 MB
-# (`bench.py`, run AY). The README's production command runs this class: `--ws
-# main:SansIOBounded`.
+# uvicorn's websockets-sansio parses all it reads at once, 250 KB a read, read after
+# read. It stops reading once it holds a message for the app, queueing all the others
+# it found: tens of thousands of one-letter messages. Frames the app never sees (pings,
+# pongs, the pieces of a message) never stop it, and the app cannot limit them. So one
+# client could hold every other up for seconds. Measured in `bench.py`'s hostile loads.
+# The README's production command runs this class: `--ws main:SansIOBounded`.
 class SansIOBounded(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio, closing a client that sends over
+    """uvicorn's websockets-sansio, parsing READ_SLICE_BYTES at a time, none while the
+    app has a message to take, and closing a client that sends over
     MAX_PINGS_AND_PONGS_PER_S pings and pongs in a second (1008), or a message in over
-    MAX_MESSAGE_FRAMES frames (1009), before it has parsed more than a few KiB past."""
+    MAX_MESSAGE_FRAMES frames (1009)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.unparsed = bytearray()  # read, and kept while the app has messages
         self.second_started = 0.0  # the loop's clock
         self.pings_and_pongs = 0  # since second_started
 
     def data_received(self, data: bytes) -> None:
-        for start in range(0, len(data), READ_SLICE_BYTES):
-            if self.transport.is_closing():  # refused: the rest is never parsed
-                return
-            super().data_received(data[start : start + READ_SLICE_BYTES])
+        self.unparsed += data
+        self.parse_what_the_app_can_take()
+
+    async def receive(self) -> ASGIReceiveEvent:
+        message = await super().receive()  # resumes reading once the app took them all
+        if self.unparsed and not self.read_paused:
+            self.transport.pause_reading()
+            self.loop.call_soon(self.parse_what_the_app_can_take)
+        return message
+
+    def parse_what_the_app_can_take(self) -> None:
+        """One piece a turn of the event loop: every other connection has its turn."""
+        if self.read_paused or self.transport.is_closing():
+            return
+        piece = bytes(self.unparsed[:READ_SLICE_BYTES])
+        del self.unparsed[:READ_SLICE_BYTES]
+        super().data_received(piece)  # pauses reading once it has a message
+        if self.read_paused or self.transport.is_closing():
+            return
+        if self.unparsed:
+            self.transport.pause_reading()  # what it read already comes first
+            self.loop.call_soon(self.parse_what_the_app_can_take)
+        else:
+            self.transport.resume_reading()  # does nothing if reading
 
     def handle_ping(self) -> None:
         if self.one_more_ping_or_pong_allowed():

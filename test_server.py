@@ -45,6 +45,7 @@ from conftest import (
     close_frame,
     closed_with,
     flood_reading_answers,
+    flooder_process,
     following_along_options,
     launch_server,
     open_client,
@@ -1090,6 +1091,68 @@ def test_a_message_in_as_many_frames_as_allowed_is_read(server: Server) -> None:
     opcode, payload = read_frame(sock)
     assert (opcode, payload) == (0x1, b"Message text was: x")
     sock.close()
+
+
+TINY_MESSAGES_BYTES = 10_000_000  # one-letter messages, from each of 10 clients
+TINY_MESSAGE_SENDERS = 10
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws/7"])
+def test_tiny_messages_sent_faster_than_echoed_cost_the_server_little(
+    tmp_path: Path, path: str
+) -> None:
+    server = start_server(tmp_path / "uvicorn.log", options=production_options())
+    try:
+        rss_before, senders = server.rss_bytes(), []
+        for _ in range(TINY_MESSAGE_SENDERS):
+            sock, _ = raw_handshake(server.port, path, rcvbuf=4096)
+            sock.settimeout(1)
+            messages = memoryview(client_frame(0x1, b"a") * (TINY_MESSAGES_BYTES // 7))
+            with contextlib.suppress(TimeoutError):  # the server stopped reading
+                while messages:
+                    messages = messages[sock.send(messages) :]
+            senders.append(sock)
+        grown = server.peak_rss_bytes() - rss_before
+        assert echo_still_answers(server) == "Message text was: hi"
+        for sock in senders:
+            sock.close()
+        # uvicorn parsed all it read at once, up to 256 KiB of 7-byte frames, and
+        # queued every message for a handler that echoes them to a client that reads
+        # none: the 10 grew the server by 40 to 50 MB.
+        assert grown < 10e6, f"{grown / 1e6:.0f} MB"
+    finally:
+        server.stop()
+    assert_nothing_went_wrong(server)
+
+
+FLOOD_BESIDE_ECHO_S = 6.0  # one-letter messages to the chat, the replies read
+ECHO_WAIT_S = 2.0  # the most another client's echo may wait meanwhile
+
+
+def test_a_chat_flooder_holds_no_other_client_up(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "uvicorn.log", options=production_options())
+    try:
+
+        async def echo_all_along() -> int:
+            echoes = 0
+            async with open_client(f"{server.ws_url}/ws") as other:
+                flooder = flooder_process(
+                    server.port, "/chat/5", 0x1, "a", FLOOD_BESIDE_ECHO_S
+                )
+                while flooder.poll() is None:
+                    await other.send("hi")
+                    # Once closed for flooding, it went on being parsed, 8 MB at a
+                    # time, and this waited 3.5 to 7 s.
+                    await asyncio.wait_for(other.recv(), ECHO_WAIT_S)
+                    echoes += 1
+                    await asyncio.sleep(0.05)
+                flooder.communicate()
+            return echoes
+
+        assert run(echo_all_along()) >= 10  # the flood went on all along
+    finally:
+        server.stop()
+    assert_nothing_went_wrong(server)
 
 
 ENDLESS_HEADER_BYTES = 20_000_000  # of one header's value, its end never sent
