@@ -4,6 +4,7 @@
     python bench.py --quick     # up to 1,000 clients: about 3 minutes
     python bench.py --redis     # also the chat across two workers, through Redis
     python bench.py --sketch    # also the simplest cure, a queue and a task per client
+    python bench.py --flags     # also main.py with the README's production flags
     python bench.py --hostile-only  # the hostile clients alone: about 10 minutes
 
 The servers: the tutorial's code as it is taught (kept below as `naive_app`), and
@@ -1002,11 +1003,17 @@ async def run(
     hostile_only: bool,
     rooms_only: bool,
     with_sketch: bool,
+    with_flags: bool,
 ) -> None:
     contenders = [
         Contender("tutorial", "bench:naive_app"),
         Contender("main.py", "main:app"),
     ]
+    if with_flags:
+        flags = production_options()
+        contenders.append(
+            Contender("main.py, the README's flags", "main:app", options=flags)
+        )
     if with_redis:
         contenders.append(
             Contender("main.py, Redis, 2 workers", "main:app", 2, redis=True)
@@ -1644,6 +1651,11 @@ def main() -> None:
         help="also the simplest cure of step 3's header: a queue and a task per client",
     )
     parser.add_argument(
+        "--flags",
+        action="store_true",
+        help="also main.py as the README's production command runs it",
+    )
+    parser.add_argument(
         "--hostile-only",
         action="store_true",
         help="only the hostile-client loads, on main.py: about 10 minutes",
@@ -1676,6 +1688,7 @@ def main() -> None:
             args.hostile_only,
             args.rooms_only,
             args.sketch,
+            args.flags,
         )
     )
 
