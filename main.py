@@ -58,9 +58,6 @@ from fastapi.websockets import WebSocketState
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn._types import ASGIReceiveEvent
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.frames import Frame
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's main log, shown where it runs
 
@@ -83,15 +80,16 @@ async def get() -> FileResponse:
 # The guards every step relies on. They are defined in "What every step shares", after
 # step 6, and most of them wrap the whole app, letting HTTP through:
 # - CheckOrigin refuses a WebSocket from another site's page (Origin is not Host): 1006.
-#   A page opened from disk sends Origin "null": ALLOWED_ORIGINS=null lets it in, on your
-#   own machine only, as any site's sandboxed frames send "null" too. A page at 127.0.0.1
-#   that connects to localhost, as both tutorials' pages do, is let in: one machine;
+#   A page at 127.0.0.1 connecting to localhost, as the tutorials' pages do, is let in;
+#   one opened from disk (Origin "null"), with ALLOWED_ORIGINS=null, on your machine only;
 # - CheckWhatClientsSend refuses a binary frame (1003) and text over 64 KiB (1009);
 # - FloodControl slows a chat client that floods, then closes it with 1008;
 # - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
 #   that reads nothing; close_refused_websocket uses it for any WebSocketException;
 # - GONE: the errors a write to a client that has gone raises. ServerClosedIsGone makes
-#   a write to a connection uvicorn closed itself raise one too: no traceback for either.
+#   a write to a connection uvicorn closed itself raise one too: no traceback for either;
+# - SansIOBounded, run by the README's production command, bounds what uvicorn parses
+#   for the app, and drops a client that has not read its close 5 s after it.
 #
 # Close codes, as the page shows them: 1000 normal; 1003 binary; 1006 dropped, or a
 # refused handshake; 1007 not UTF-8, or not step 5's JSON; 1008 flooding, or too slow;
@@ -103,8 +101,8 @@ async def get() -> FileResponse:
 # Try it: http://127.0.0.1:8000/?endpoint=echo, then send "hi": "Message text was: hi".
 # Or, without the page, any step's path in a terminal, with the client the websockets
 # package comes with: `python -m websockets ws://127.0.0.1:8000/ws` (it sends no Origin).
-# The tutorials' loop, with the tab's close caught, as the second tutorial does from
-# step 2 on. The guards above apply to it all the same: a binary frame, say, closes it
+# The tutorials' loop, with the tab's close caught, as the first tutorial does from its
+# first example, and the second from its step 2. The guards above apply to it all the same: a binary frame, say, closes it
 # with 1003, where the tutorials' code would raise a KeyError.
 
 
@@ -379,8 +377,8 @@ class LocalChat:
         client.cut_off_scope.cancel()
 
     async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None). A sender whose message fills the batch waits
-        until the delivery task has written that batch."""
+        """To one client, or all (None). A sender that leaves MAX_BATCH_MESSAGES or more
+        in the batch waits until the delivery task has written that batch."""
         self.add_to_batch_nowait(to, message)
         if len(self.batch) >= MAX_BATCH_MESSAGES:
             await self.batch_written.wait()
@@ -489,10 +487,10 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # 4. That close frame waits behind what its buffers hold, for 5 s at most: read within
 #    them, it gets those messages, then the 1008; read later, those messages, then a
 #    drop (1006, to a page). Its page reconnects, to a chat that has gone on. One that
-#    never reads again keeps its TCP connection until it goes: ASGI cannot abort a
-#    connection (see the README).
+#    never reads again would keep its TCP connection: ASGI cannot drop one, but the
+#    README's production command does, 5 s later (SansIOBounded, a guard).
 # If the chat goes quiet first, nothing more is added: the client stays, slowing nobody,
-# until it reads or leaves. The rule counts messages, not time: a socket that stays full
+# until it reads, leaves, or leaves uvicorn's pings unanswered (40 s). The rule counts messages, not time: a socket that stays full
 # through a burst of over 100 is cut off within it.
 #
 # Why not the simplest cure, a queue and a task for every client, so that broadcast
@@ -1515,7 +1513,7 @@ class RedisRelay:
             takeover = ChatTakeover(chat=name, takeover=client.client_id, token=token)
             try:
                 await self.publish_notice(takeover)
-            except BaseException:  # a bug, or cancelled: its handler never began
+            except BaseException:  # a bug, or cancelled: its read loop never began
                 chat.leave(client)
                 raise
 
@@ -2072,16 +2070,18 @@ else:
 # - the words that end its RuntimeError for a write after its own close
 #   (ServerClosedIsGone; test_main.py:
 #   test_only_uvicorn_s_error_for_a_write_after_its_own_close_means_gone);
-# - websockets-sansio's data_received, its frame handlers, frames, close_sent and
-#   handle_parser_exception (SansIOBounded; test_server.py:
-#   test_a_client_flooding_pings_or_pongs_is_closed_with_1008 and the tests after it).
+# - websockets-sansio's data_received, receive, read_paused, its frame handlers,
+#   frames, close_sent, handle_parser_exception, run_asgi and keepalive_timeout
+#   (SansIOBounded; test_server.py: the tests from
+#   test_a_client_flooding_pings_or_pongs_is_closed_with_1008 on, and
+#   test_a_client_cut_off_that_never_reads_is_dropped).
 
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
 # 65536` in the README's production command.
 MAX_MESSAGE_BYTES = 64 * 1024  # longer text closes the connection with 1009
 FLOOD_BURST_MESSAGES = 100  # a chat client may send this many at full speed
 FLOOD_MESSAGES_PER_S = 10  # after the burst; a faster client's next read waits
-FLOOD_MAX_SLOWED_MESSAGES = 20  # reads made to wait in a row, then closed with 1008
+FLOOD_MAX_SLOWED_MESSAGES = 20  # reads made to wait in a row; one more closes: 1008
 FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages a second"
 BINARY_REFUSED = "Binary frames are not supported: send text"
 TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"
@@ -2307,17 +2307,30 @@ app.add_middleware(CheckWhatClientsSend)
 app.add_middleware(ServerClosedIsGone)
 
 
+# Imported here: only a server started with `--ws main:SansIOBounded` uses these.
+import socket
+import struct
+
+from uvicorn._types import ASGIReceiveEvent
+from uvicorn.protocols.websockets.websockets_sansio_impl import (
+    WebSocketsSansIOProtocol,
+)
+from websockets.frames import Frame
+
+
 # uvicorn's websockets-sansio parses all it reads at once, 250 KB a read, read after
 # read. It stops reading once it holds a message for the app, queueing all the others
 # it found: tens of thousands of one-letter messages. Frames the app never sees (pings,
 # pongs, the pieces of a message) never stop it, and the app cannot limit them. So one
-# client could hold every other up for seconds. Measured in `bench.py`'s hostile loads.
+# client could hold every other up for seconds. And a connection it closes stays open
+# until the client has read all it was sent. Measured in `bench.py`'s hostile loads.
 # The README's production command runs this class: `--ws main:SansIOBounded`.
 class SansIOBounded(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio, parsing READ_SLICE_BYTES at a time, none while the
-    app has a message to take, and closing a client that sends over
+    app has a message to take; closing a client that sends over
     MAX_PINGS_AND_PONGS_PER_S pings and pongs in a second (1008), or a message in over
-    MAX_MESSAGE_FRAMES frames (1009)."""
+    MAX_MESSAGE_FRAMES frames (1009); and dropping a connection CLOSE_TIMEOUT_S after
+    closing it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -2350,6 +2363,29 @@ class SansIOBounded(WebSocketsSansIOProtocol):
             self.loop.call_soon(self.parse_what_the_app_can_take)
         else:
             self.transport.resume_reading()  # does nothing if reading
+
+    async def run_asgi(self) -> None:
+        await super().run_asgi()  # closes the connection once the app has returned
+        self.drop_unless_closed_in(CLOSE_TIMEOUT_S)
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()  # closes the connection, unanswered
+        self.drop_unless_closed_in(CLOSE_TIMEOUT_S)
+
+    def drop_unless_closed_in(self, timeout_s: float) -> None:
+        # A closing connection waits until the client has read all it is sent, and one
+        # that reads nothing would be kept open, with all it holds, for as long as it is.
+        self.loop.call_later(timeout_s, self.drop_unless_closed)
+
+    def drop_unless_closed(self) -> None:
+        if self.disconnected:  # closed in time
+            return
+        # A reset, not a close: the kernel keeps nothing of it either.
+        reset = struct.pack("ii", 1, 0)  # SO_LINGER: on, for 0 s
+        self.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, reset
+        )
+        self.transport.abort()
 
     def handle_ping(self) -> None:
         if self.one_more_ping_or_pong_allowed():

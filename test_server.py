@@ -121,6 +121,25 @@ def cut_off_a_stalled_client(server: Server) -> socket.socket:
     return stalled
 
 
+TCP_CLOSE = 7  # a socket's state in Linux's TCP_INFO once the other end reset it
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def test_a_client_cut_off_that_never_reads_is_dropped(server: Server) -> None:
+    stalled = cut_off_a_stalled_client(server)
+    # The close frame waits behind what it holds, CLOSE_TIMEOUT_S at most; then uvicorn
+    # closes the connection, which waited for it to read all, for as long as it stayed.
+    deadline = time.monotonic() + 2 * main.CLOSE_TIMEOUT_S + 5
+    while tcp_state(stalled) != TCP_CLOSE and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tcp_state(stalled) == TCP_CLOSE
+    stalled.close()
+    assert_nothing_went_wrong(server)
+
+
 REFUSED_WS = "Run this app with --ws websockets-sansio"
 
 
