@@ -1663,7 +1663,8 @@ def main() -> None:
     parser.add_argument(
         "--rooms-only",
         action="store_true",
-        help="only step 5's rooms beside step 3's chat, main.py alone, 3 runs each",
+        help="only step 5's rooms beside step 3's chat, 3 runs each; with --redis "
+        "or --flags, those servers' rooms too",
     )
     args = parser.parse_args()
     if not Path("/proc/self/stat").exists():
