@@ -81,7 +81,7 @@ async def get() -> FileResponse:
 # step 6, and most of them wrap the whole app, letting HTTP through:
 # - CheckOrigin refuses a WebSocket from another site's page (Origin is not Host): 1006.
 #   A page at 127.0.0.1 connecting to localhost, as the tutorials' pages do, is let in;
-#   one opened from disk (Origin "null"), with ALLOWED_ORIGINS=null, on your machine only;
+#   one from disk (Origin "null"), with ALLOWED_ORIGINS=null, on your own machine only;
 # - CheckWhatClientsSend refuses a binary frame (1003) and text over 64 KiB (1009);
 # - FloodControl slows a chat client that floods, then closes it with 1008;
 # - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
@@ -102,8 +102,9 @@ async def get() -> FileResponse:
 # Or, without the page, any step's path in a terminal, with the client the websockets
 # package comes with: `python -m websockets ws://127.0.0.1:8000/ws` (it sends no Origin).
 # The tutorials' loop, with the tab's close caught, as the first tutorial does from its
-# first example, and the second from its step 2. The guards above apply to it all the same: a binary frame, say, closes it
-# with 1003, where the tutorials' code would raise a KeyError.
+# first example, and the second from its step 2. The guards above apply to it all the
+# same: a binary frame, say, closes it with 1003, where the tutorials' code would raise
+# a KeyError.
 
 
 @app.websocket("/ws")
@@ -490,8 +491,9 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    never reads again would keep its TCP connection: ASGI cannot drop one, but the
 #    README's production command does, 5 s later (SansIOBounded, a guard).
 # If the chat goes quiet first, nothing more is added: the client stays, slowing nobody,
-# until it reads, leaves, or leaves uvicorn's pings unanswered (40 s). The rule counts messages, not time: a socket that stays full
-# through a burst of over 100 is cut off within it.
+# until it reads, leaves, or leaves uvicorn's pings unanswered (40 s). The rule counts
+# messages, not time: a socket that stays full through a burst of over 100 is cut off
+# within it.
 #
 # Why not the simplest cure, a queue and a task for every client, so that broadcast
 # waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`, run S in
@@ -2382,9 +2384,9 @@ class SansIOBounded(WebSocketsSansIOProtocol):
             return
         # A reset, not a close: the kernel keeps nothing of it either.
         reset = struct.pack("ii", 1, 0)  # SO_LINGER: on, for 0 s
-        self.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_LINGER, reset
-        )
+        with contextlib.suppress(OSError):  # closed as this ran: abort() does nothing
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
         self.transport.abort()
 
     def handle_ping(self) -> None:
