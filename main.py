@@ -2309,7 +2309,7 @@ app.add_middleware(CheckWhatClientsSend)
 app.add_middleware(ServerClosedIsGone)
 
 
-# Imported here: only a server started with `--ws main:SansIOBounded` uses these.
+# Imported here, beside SansIOBounded, their only user; every start imports them.
 import socket
 import struct
 
