@@ -59,7 +59,9 @@ from conftest import (
     raw_handshake,
     read_frame,
     read_until_close,
+    send_endless_header,
     send_pings_reading_nothing,
+    send_unread,
     start_server,
     wait_for_log,
 )
@@ -1340,19 +1342,12 @@ async def unread_letters(server: Server) -> dict[str, float]:
     """UNREAD_SENDERS clients each sending UNREAD_LETTERS_BYTES of one-letter messages
     to the echo, reading none of its answers."""
 
-    def send_them() -> None:
-        for _ in range(UNREAD_SENDERS):
-            sock, _ = raw_handshake(server.port, "/ws", rcvbuf=4096)
-            sock.settimeout(1)
-            letters = memoryview(client_frame(0x1, b"a") * (UNREAD_LETTERS_BYTES // 7))
-            with contextlib.suppress(TimeoutError):  # no longer read
-                while letters:
-                    letters = letters[sock.send(letters) :]
-            senders.append(sock)
+    def send_them() -> list[socket.socket]:
+        letters = client_frame(0x1, b"a") * (UNREAD_LETTERS_BYTES // 7)
+        return [send_unread(server.port, "/ws", letters) for _ in range(UNREAD_SENDERS)]
 
-    senders: list[socket.socket] = []
     rss_before = server.rss_bytes()
-    await asyncio.to_thread(send_them)
+    senders = await asyncio.to_thread(send_them)
     grown = server.peak_rss_bytes() - rss_before
     for sock in senders:
         sock.close()
@@ -1362,17 +1357,10 @@ async def unread_letters(server: Server) -> dict[str, float]:
 async def endless_header(server: Server) -> dict[str, float]:
     """One request whose header's value goes on for ENDLESS_HEADER_S, never ended."""
 
-    def send_it() -> int:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
-            sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
-            sent, started = 0, time.monotonic()
-            with contextlib.suppress(OSError):  # answered, or no longer read
-                while time.monotonic() - started < ENDLESS_HEADER_S:
-                    sent += sock.send(b"a" * 65536)
-            return sent
-
     rss_before = server.rss_bytes()
-    sent = await asyncio.to_thread(send_it)
+    sent = await asyncio.to_thread(
+        send_endless_header, server.port, 1 << 40, ENDLESS_HEADER_S
+    )
     grown = server.peak_rss_bytes() - rss_before
     return {"header_sent_mb": sent / 1e6, "header_rss_growth_mb": grown / 1e6}
 

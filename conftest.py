@@ -474,52 +474,21 @@ def send_pings_reading_nothing(
     try:
         while sent < most_bytes and time.monotonic() - started < most_s:
             sent += sock.send(pings)
-    except (
-        OSError
-    ):  # the server has stopped reading them, or closed (a timeout, a reset)
+    except OSError:  # no longer read (a timeout), or closed (a reset)
         pass
     return sent
 
 
-def flood_reading_answers(
-    sock: socket.socket, frames: bytes, most_bytes: int, most_s: float
+def flood_past_close(
+    port: int, path: str, frames: bytes, most_s: float
 ) -> tuple[int, tuple[int, str] | None]:
-    """Send `frames` again and again, as fast as the server takes them, reading all it
-    answers (empty pongs, if any), until it closes, or most_bytes, or most_s: the bytes
-    sent, and the server's close code and reason, if it sent one."""
-    answers, sent, started = bytearray(), 0, time.monotonic()
-    sock.setblocking(False)
-    try:
-        while sent < most_bytes and time.monotonic() - started < most_s:
-            readable, writable, _ = select.select([sock], [sock], [], 0.1)
-            if readable:
-                answer = sock.recv(1 << 16)
-                if not answer:
-                    break
-                answers += answer
-                if 0x88 in answer:  # a close frame: no empty pong holds that byte
-                    break
-            if writable:
-                sent += sock.send(frames)
-    except OSError:  # reset by the server, once it closed
-        pass
-    sock.settimeout(5)
-    start = answers.find(0x88)
-    if start < 0:
-        return sent, None
-    answers += read_exactly(sock, max(0, start + 2 - len(answers)))
-    end = start + 2 + answers[start + 1]  # a close frame's payload is under 126 bytes
-    answers += read_exactly(sock, max(0, end - len(answers)))
-    return sent, close_code_and_reason(bytes(answers[start + 2 : end]))
-
-
-def flood_past_close(port: int, path: str, frames: bytes, most_s: float) -> str:
     """Open `path`, and send `frames` again and again for most_s, reading and ignoring
     all the server sends, its close too, until it drops the connection: the bytes sent,
-    and the close code (0: none), as "sent code"."""
-    sock, _ = raw_handshake(port, path)
+    and the server's close code and reason, if it sent one."""
+    sock, head = raw_handshake(port, path)
+    assert head.startswith(b"HTTP/1.1 101"), head
     sock.setblocking(False)
-    sent, code, started = 0, 0, time.monotonic()
+    sent, close, started = 0, bytearray(), time.monotonic()
     with sock, contextlib.suppress(OSError):  # dropped by the server
         while time.monotonic() - started < most_s:
             readable, writable, _ = select.select([sock], [sock], [], 0.1)
@@ -527,12 +496,39 @@ def flood_past_close(port: int, path: str, frames: bytes, most_s: float) -> str:
                 answer = sock.recv(1 << 16)
                 if not answer:
                     break
-                start = answer.find(0x88)  # no answer to these floods holds this byte
-                if code == 0 and 0 <= start < len(answer) - 3:
-                    (code,) = struct.unpack("!H", answer[start + 2 : start + 4])
+                if close:
+                    close += answer[: 127 - len(close)]  # the rest of its frame
+                elif (start := answer.find(0x88)) >= 0:  # no other answer holds it
+                    close += answer[start:]
             if writable:
                 sent += sock.send(frames)
-    return f"{sent} {code}"
+    if len(close) < 4 or len(close) < 2 + close[1]:  # a close payload is < 126 bytes
+        return sent, None
+    return sent, close_code_and_reason(bytes(close[2 : 2 + close[1]]))
+
+
+def send_unread(port: int, path: str, frames: bytes) -> socket.socket:
+    """Open `path` with a small receive buffer, send `frames` until the server stops
+    reading them (1 s with no room), and read nothing: the socket, still open."""
+    sock, _ = raw_handshake(port, path, rcvbuf=4096)
+    sock.settimeout(1)
+    unsent = memoryview(frames)
+    with contextlib.suppress(TimeoutError):
+        while unsent:
+            unsent = unsent[sock.send(unsent) :]
+    return sock
+
+
+def send_endless_header(port: int, most_bytes: int, most_s: float) -> int:
+    """A request whose one header goes on, never ended, until the server answers or
+    stops reading, or most_bytes, or most_s: the bytes of it sent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
+        sent, started = 0, time.monotonic()
+        with contextlib.suppress(OSError):  # answered and closed, or no longer read
+            while sent < most_bytes and time.monotonic() - started < most_s:
+                sent += sock.send(b"a" * 65536)
+        return sent
 
 
 FLOODER = """
@@ -540,7 +536,8 @@ import sys
 from conftest import client_frame, flood_past_close
 port, path, opcode, payload, most_s = sys.argv[1:]
 frames = client_frame(int(opcode), payload.encode()) * 10_000
-print(flood_past_close(int(port), path, frames, float(most_s)))
+sent, close = flood_past_close(int(port), path, frames, float(most_s))
+print(sent, close[0] if close else 0)
 """
 
 
