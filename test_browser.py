@@ -211,6 +211,15 @@ def test_switching_endpoint_with_the_controls(open_tab) -> None:
     expect(messages(page)).to_have_text(["Client #5 says: switched"])
 
 
+@pytest.mark.parametrize("endpoint", ["nonsense", "toString", "__proto__"])
+def test_a_link_to_no_step_opens_the_first(open_tab, endpoint: str) -> None:
+    # "toString" and "__proto__" are in every JavaScript object, though no step's name.
+    page = open_tab(f"?endpoint={endpoint}")
+    expect(page.locator("#endpoint")).to_have_value("echo")
+    send(page, "hello")
+    expect(messages(page)).to_have_text(["Message text was: hello"])
+
+
 def test_disconnect_button_is_not_retried(open_tab) -> None:
     page = open_tab("?endpoint=echo", clock=True, count_closes=True)
     page.click("#disconnect")
