@@ -34,7 +34,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path as FilePath
 from typing import Annotated, Any, ClassVar, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import anyio
 from fastapi import (
@@ -2183,10 +2183,15 @@ async def close_refused_websocket(
     # Starlette's own handler calls close() even when the client's close frame arrived
     # with the refused message, and the close then fails with a traceback.
     if websocket.application_state is WebSocketState.CONNECTED:
-        logger.info(
-            "Closed %s with %d: %s", websocket.url.path, refusal.code, refusal.reason
-        )
+        path = path_as_logged(websocket.scope["path"])
+        logger.info("Closed %s with %d: %s", path, refusal.code, refusal.reason)
     await close_or_give_up(websocket, refusal.code, refusal.reason or "")
+
+
+def path_as_logged(path: str) -> str:
+    # Percent-encoded again, as uvicorn logs it: a path may hold a newline or a
+    # terminal's escape, to forge a line or recolour the log (step 4's item id does).
+    return quote(path)
 
 
 class ClientFaultsAsWarnings(logging.Filter):
@@ -2418,7 +2423,8 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         """As uvicorn closes a message over --ws-max-size: the app hears the close."""
         if self.close_sent:  # refused already, or closed by the app
             return
-        logger.info("Closed %s with %d: %s", self.scope["path"], code, reason)
+        path = path_as_logged(self.scope["path"])
+        logger.info("Closed %s with %d: %s", path, code, reason)
         self.frames = []
         self.conn.fail(code, reason)
         self.handle_parser_exception()

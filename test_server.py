@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -1098,6 +1099,21 @@ def test_a_message_in_too_many_frames_is_closed_with_1009(server: Server) -> Non
     assert read_until_close(sock) == (1009, main.TOO_MANY_FRAMES)
     sock.close()
     assert echo_still_answers(server) == "Message text was: hi"
+
+
+def test_a_path_cannot_write_lines_or_escapes_into_the_log(server: Server) -> None:
+    # Step 4's item id takes any text: here a newline, a made-up log line, and the
+    # terminal escape that turns the text after it red.
+    forged = "INFO:     Forged line"
+    item_id = urllib.parse.quote(f"x\n{forged}\x1b[31m")
+    sock, head = raw_handshake(server.port, f"/items/{item_id}/ws?token=t")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    send_in_frames(sock, main.MAX_MESSAGE_FRAMES + 1)  # logged as it is closed
+    assert read_until_close(sock) == (1009, main.TOO_MANY_FRAMES)
+    sock.close()
+    wait_for_log(server, main.TOO_MANY_FRAMES)
+    assert "\x1b" not in server.log()
+    assert not any(line.startswith(forged) for line in server.log().splitlines())
 
 
 def test_a_message_in_as_many_frames_as_allowed_is_read(server: Server) -> None:
