@@ -366,9 +366,10 @@ class LocalChat:
         # Does no harm called twice, or for a connection a newer one has replaced.
         if self.active_connections.get(client.key) is client:
             del self.active_connections[client.key]
-        if client.backlog is not None and client.backlog.task is not None:
-            client.backlog.task.cancel()
-            client.backlog.had_a_turn.set()  # its task, cancelled before a turn, would not
+        backlog, client.backlog = client.backlog, None  # dropped: it is out
+        if backlog is not None and backlog.task is not None:
+            backlog.task.cancel()
+            backlog.had_a_turn.set()  # its task, cancelled before a turn, would not
 
     def cut_off(
         self, client: Client, code: int, reason: str, quiet: bool = False
@@ -605,7 +606,7 @@ async def add_to_backlog_or_cut_off(
         elif not waited_a_turn:  # a drain the loop has seen: its task writes first
             waited_a_turn = True
             await asyncio.sleep(0)
-        else:  # its socket still full: it stays behind
+        else:  # its write still waits, no drain seen: it stays behind
             chat.cut_off(client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
             return
 
