@@ -195,7 +195,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # endpoints. FloodControl, close_or_give_up and GONE are guards, after the steps.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
-MAX_BATCH_MESSAGES = 100  # waiting to be written: a sender that makes this many waits
+FULL_BATCH_MESSAGES = 100  # not a cap: a sender that leaves this many to write waits
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
@@ -380,10 +380,10 @@ class LocalChat:
         client.cut_off_scope.cancel()
 
     async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None). A sender that leaves MAX_BATCH_MESSAGES or more
+        """To one client, or all (None). A sender that leaves FULL_BATCH_MESSAGES or more
         in the batch waits until the delivery task has written that batch."""
         self.add_to_batch_nowait(to, message)
-        if len(self.batch) >= MAX_BATCH_MESSAGES:
+        if len(self.batch) >= FULL_BATCH_MESSAGES:
             await self.batch_written.wait()
 
     def add_to_batch_nowait(self, to: Client | None, message: str) -> None:
@@ -458,7 +458,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # what was said while the one before it was being written: in a quiet chat, one message
 # (and, for a writer, its "You wrote").
 # As one task writes every message, everyone gets them in the same order. A sender adds
-# its message, then waits if the batch holds 100 (MAX_BATCH_MESSAGES) or more, until
+# its message, then waits if the batch holds 100 (FULL_BATCH_MESSAGES) or more, until
 # that batch is written. So a batch never holds more than 100 messages, plus one from
 # each sender now waiting. What must not wait goes in with add_to_batch_nowait, outside
 # that bound.
@@ -1212,7 +1212,7 @@ async def room_endpoint(
 # - a publish Redis does not take gets no "You wrote": so it is sent once Redis has the
 #   message, and may come after the message itself, back from the channel.
 # A message from the channel joins a batch without waiting (add_to_batch_nowait): the
-# subscription must be read on. So through Redis, a full batch (MAX_BATCH_MESSAGES)
+# subscription must be read on. So through Redis, a full batch (FULL_BATCH_MESSAGES)
 # holds up nobody's message. It holds up only a chat sender's own "You wrote", in its
 # own process. Other senders wait for Redis to take their messages, and no longer.
 
