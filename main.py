@@ -195,6 +195,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # endpoints. FloodControl, close_or_give_up and GONE are guards, after the steps.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
+TURNS_TO_SEE_A_DRAIN = 3  # of the event loop: uvloop needs 2, asyncio's own loop 3
 FULL_BATCH_MESSAGES = 100  # not a cap: a sender that leaves this many to write waits
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
@@ -393,8 +394,7 @@ class LocalChat:
 
 
 class ServerShutdown(WebSocketDisconnect):
-    """uvicorn's own 1012, as it shuts down. A client may send 1012 too, in a close
-    frame: uvicorn's message for a close frame has a "reason", even empty."""
+    """uvicorn's own 1012, as it shuts down: a client's close frame has a "reason"."""
 
 
 async def receive_chat_text(websocket: WebSocket) -> str:
@@ -483,10 +483,10 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    first checks that the client's socket holds it up, not a busy server: if the
 #    backlog's task has not had a turn to write yet, the server is busy, and the
 #    delivery waits for that turn. If the task's write waits on the socket, the delivery
-#    gives it one more turn of the event loop, in case the loop has seen the socket
-#    drain and the task is due to write. If it still waits,
-#    the client is cut off: out of the chat, its backlog dropped, the others told it
-#    left, and closed with 1008, "Too slow: over 100 messages behind".
+#    gives it three turns of the event loop: if the loop sees the socket drain in one,
+#    it wakes the task in the next, to write. If it still waits, the client is cut off:
+#    out of the chat, its backlog dropped, the others told it left, and closed with
+#    1008, "Too slow: over 100 messages behind".
 # 4. That close frame waits behind what its buffers hold, for 5 s at most: read within
 #    them, it gets those messages, then the 1008; read later, those messages, then a
 #    drop (1006, to a page). Its page reconnects, to a chat that has gone on. One that
@@ -590,7 +590,7 @@ async def add_to_backlog_or_cut_off(
     chat: LocalChat, client: Client, message: str
 ) -> None:
     """Keep what its full socket did not take; past MAX_BACKLOG_MESSAGES, cut it off."""
-    waited_a_turn = False
+    turns = 0  # waited for its socket to drain
     while chat.active_connections.get(client.key) is client:  # still in
         backlog = client.backlog
         if backlog is None:
@@ -599,12 +599,11 @@ async def add_to_backlog_or_cut_off(
         if len(backlog.messages) < MAX_BACKLOG_MESSAGES:
             backlog.messages.append(message)  # the common case
             return
-        # Its backlog is full: is the server behind, or the client?
         if not backlog.write_waiting:  # its task has not had its turn: a busy server
             backlog.had_a_turn.clear()
             await backlog.had_a_turn.wait()  # for that turn, not for its socket
-        elif not waited_a_turn:  # a drain the loop has seen: its task writes first
-            waited_a_turn = True
+        elif turns < TURNS_TO_SEE_A_DRAIN:  # a drain the loop sees wakes its task
+            turns += 1
             await asyncio.sleep(0)
         else:  # its write still waits, no drain seen: it stays behind
             chat.cut_off(client, status.WS_1008_POLICY_VIOLATION, TOO_SLOW)
