@@ -15,13 +15,13 @@ import signal
 import socket
 import threading
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -162,6 +162,53 @@ def test_start_up_is_refused_where_a_given_up_write_would_have_been_sent(
 def test_the_readme_flags_start_without_a_refusal(server: Server) -> None:
     wait_for_log(server, "Application startup complete")
     assert REFUSED_WS not in server.log()
+
+
+class WaitsForRoom(asyncio.Protocol):
+    """A send that waits for room as websockets-sansio's does: until resume_writing."""
+
+    def __init__(self) -> None:
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+async def turns_a_drain_takes_to_wake_a_writer() -> int:
+    """A writer waits on a full socket; its client reads it all, unseen by the event
+    loop yet: how many turns of the loop before the writer runs."""
+    server_side, client_side = socket.socketpair()
+    client_side.setblocking(False)
+    transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
+        WaitsForRoom, server_side
+    )
+    while protocol.writable.is_set():
+        transport.write(b"x" * 65536)
+    writer = asyncio.create_task(protocol.writable.wait())
+    await asyncio.sleep(0.1)  # the loop has polled the full socket meanwhile
+    with contextlib.suppress(BlockingIOError):
+        while client_side.recv(1 << 20):
+            pass
+    turns = 0
+    while not writer.done() and turns < 10:
+        await asyncio.sleep(0)
+        turns += 1
+    transport.abort()
+    client_side.close()
+    return turns
+
+
+@pytest.mark.parametrize("runner", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_a_drain_wakes_its_writer_within_the_turns_a_full_backlog_is_given(
+    runner: Callable,
+) -> None:
+    # Fewer, and a client whose socket drains as its backlog fills would be cut off.
+    turns = run(turns_a_drain_takes_to_wake_a_writer(), runner=runner)
+    assert turns <= main.TURNS_TO_SEE_A_DRAIN
 
 
 def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) -> None:
@@ -1105,7 +1152,7 @@ def test_a_path_cannot_write_lines_or_escapes_into_the_log(server: Server) -> No
     # Step 4's item id takes any text: here a newline, a made-up log line, and the
     # terminal escape that turns the text after it red.
     forged = "INFO:     Forged line"
-    item_id = urllib.parse.quote(f"x\n{forged}\x1b[31m")
+    item_id = quote(f"x\n{forged}\x1b[31m")
     sock, head = raw_handshake(server.port, f"/items/{item_id}/ws?token=t")
     assert head.startswith(b"HTTP/1.1 101"), head
     send_in_frames(sock, main.MAX_MESSAGE_FRAMES + 1)  # logged as it is closed
