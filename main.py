@@ -179,7 +179,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
 # In bench.py, with 10,000 clients, this cost 0.95x to 1.15x the tutorials' CPU per
-# delivery, across runs AE to AZ.
+# delivery, across runs AE to BB.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
