@@ -1235,6 +1235,10 @@ PROCESS_TTL_S = 5.0  # a process silent this long is gone, and its room members 
 REDIS_CONNECTIONS = 50  # commands in flight at once, at most, from one process
 REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
 SERVER_PAUSED = "Chat unavailable: this server was paused; try again later"
+RELAY_NEVER_STARTED = (
+    "REDIS_URL is set, but the app's lifespan never ran (uvicorn --lifespan off): "
+    "nothing reaches Redis, and every chat and room client is closed with 1011"
+)
 # A publish's own key keeps its id this long: sent again meanwhile, it is not run twice.
 PUBLISHED_TTL_S = 10.0
 # What losing Redis raises. redis-py turns a failed write into a ConnectionError, but
@@ -1471,6 +1475,8 @@ class RedisRelay:
         self.announced: weakref.WeakSet[Client] = weakref.WeakSet()  # token came back
         self.relaying = False  # subscribed, and Redis answers: chat clients are welcome
         self.subscribed = asyncio.Event()
+        self.started = False  # by the app's lifespan, which `--lifespan off` skips
+        self.said_it_never_started = False
         self.process = ""  # this process's name in Redis, new for each session
         self.redis_clock_offset_ms = 0.0  # Redis's clock minus this process's
         self.best_round_trip_ms = float("inf")  # of the answers that measured it
@@ -1481,6 +1487,7 @@ class RedisRelay:
 
     @contextlib.asynccontextmanager
     async def running(self, _app: FastAPI) -> AsyncIterator[None]:
+        self.started = True
         relaying = asyncio.create_task(self.relay_messages())
         try:
             # Start-up completes once chat clients can be welcome.
@@ -1534,6 +1541,11 @@ class RedisRelay:
     # Step 5's rooms: RoomRelay.
 
     def check_open(self) -> None:
+        if not self.started:  # Redis is not lost: it was never reached
+            if not self.said_it_never_started:
+                self.said_it_never_started = True
+                logger.error(RELAY_NEVER_STARTED)
+            raise WebSocketException(status.WS_1011_INTERNAL_ERROR, SERVER_ERROR)
         if not self.relaying:
             # Raised after accept(), so the page sees the code and reason, and retries.
             raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)

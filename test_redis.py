@@ -1167,6 +1167,31 @@ def test_unreachable_redis_at_start_up_exits_with_one_line(
     assert output[0].endswith("): start it, or unset REDIS_URL")
 
 
+def test_redis_url_without_the_app_s_lifespan_says_so_not_that_redis_was_lost(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Under --lifespan off, the relay never starts: Redis, up, was never reached.
+    server = start_server(
+        tmp_path / "uvicorn.log",
+        options=(*redis_options(), "--lifespan", "off"),
+        REDIS_URL=redis_server.url,
+    )
+
+    async def try_the_chat_and_a_room() -> list[tuple[int, str]]:
+        closes = []
+        for path in ("/chat/1", "/rooms/lobby/1"):
+            async with open_client(f"{server.ws_url}{path}") as client:
+                closes.append(await closed_with(client))
+        return closes
+
+    try:
+        server_error = (1011, main.SERVER_ERROR)
+        assert run(try_the_chat_and_a_room()) == [server_error, server_error]
+        assert server.log().count(main.RELAY_NEVER_STARTED) == 1
+    finally:
+        server.stop()
+
+
 # --- What one client sends hurts only its sender ------------------------------------------
 
 
