@@ -79,7 +79,7 @@ async def get() -> FileResponse:
 
 # The guards every step relies on. They are defined in "What every step shares", after
 # step 6, and most of them wrap the whole app, letting HTTP through:
-# - CheckOrigin refuses a WebSocket from another site's page (Origin is not Host): 1006.
+# - CheckOrigin refuses a WebSocket from another site's page (Origin is not Host): 403.
 #   A page at 127.0.0.1 connecting to localhost, as the tutorials' pages do, is let in;
 #   one from disk (Origin "null") only with ALLOWED_ORIGINS=null, which lets in any
 #   site's sandboxed frames too: on your own machine only;
