@@ -90,7 +90,7 @@ async def get() -> FileResponse:
 # - GONE: the errors a write to a client that has gone raises. ServerClosedIsGone makes
 #   a write to a connection uvicorn closed itself raise one too: no traceback for either;
 # - SansIOBounded, run by the README's production command, bounds what uvicorn parses
-#   for the app, and drops a client that has not read its close 5 s after it.
+#   for the app, and drops a client still open 5 s after its handler has ended.
 #
 # Close codes, as the page shows them: 1000 normal; 1003 binary; 1006 dropped, or a
 # refused handshake; 1007 not UTF-8, or not step 5's JSON; 1008 flooding, or too slow;
@@ -103,7 +103,7 @@ async def get() -> FileResponse:
 # Or, without the page, any step's path in a terminal, with the client the websockets
 # package comes with: `python -m websockets ws://127.0.0.1:8000/ws` (it sends no Origin).
 # The tutorials' loop, with the tab's close caught, as the first tutorial does from its
-# first example, and the second from its step 2. The guards above apply to it all the
+# first example, and the second from its second. The guards above apply to it all the
 # same: a binary frame, say, closes it with 1003, where the tutorials' code would raise
 # a KeyError.
 
