@@ -488,9 +488,9 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    out of the chat, its backlog dropped, the others told it left, and closed with
 #    1008, "Too slow: over 100 messages behind".
 # 4. That close frame waits behind what its buffers hold, for 5 s at most: read within
-#    them, it gets those messages, then the 1008; read later, those messages, then a
-#    drop (1006, to a page). Its page reconnects, to a chat that has gone on. One that
-#    never reads again would keep its TCP connection: ASGI cannot drop one, but the
+#    them, it gets those messages, then the 1008; read later, at most those messages,
+#    then a drop (1006, to a page). Its page reconnects, to a chat that has gone on. One
+#    that never reads again would keep its TCP connection: ASGI cannot drop one, but the
 #    README's production command does, 5 s later (SansIOBounded, a guard).
 # If the chat goes quiet first, nothing more is added: the client stays, slowing nobody,
 # until it reads, leaves, or leaves uvicorn's pings unanswered (40 s). The rule counts
