@@ -86,7 +86,7 @@ async def get() -> FileResponse:
 # - CheckWhatClientsSend refuses a binary frame (1003) and text over 64 KiB (1009);
 # - FloodControl slows a chat client that floods, then closes it with 1008;
 # - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
-#   that reads nothing; close_refused_websocket uses it for any WebSocketException;
+#   that reads nothing; close_on_websocket_exception uses it for any WebSocketException;
 # - GONE: the errors a write to a client that has gone raises. ServerClosedIsGone makes
 #   a write to a connection uvicorn closed itself raise one too: no traceback for either;
 # - SansIOBounded, run by the README's production command, bounds what uvicorn parses
@@ -2189,7 +2189,7 @@ async def close_or_give_up(websocket: WebSocket, code: int, reason: str) -> None
 
 
 @app.exception_handler(WebSocketException)
-async def close_refused_websocket(
+async def close_on_websocket_exception(
     websocket: WebSocket, refusal: WebSocketException
 ) -> None:
     # Starlette's own handler calls close() even when the client's close frame arrived
