@@ -209,8 +209,9 @@ SERVER_ERROR = "Server error: try again later"
 #   4000 (the anonymous chat's clients go by their own id()). As in the tutorials,
 #   nothing checks that a client is who its id says: a real app would, with a
 #   dependency, as FastAPI's docs show, before anyone can take another's id over.
-# - connect() returns a Client, the manager's record of a connection, which disconnect()
-#   and send_personal_message() take where the tutorials take the WebSocket.
+# - connect() takes the client's id too (None in the anonymous chat), and returns a
+#   Client, the manager's record of a connection, which disconnect() and
+#   send_personal_message() take where the tutorials take the WebSocket.
 # - disconnect() tells the others who left, where the tutorials' endpoint broadcasts it:
 #   several who leave at once get one notice.
 # - send_personal_message() and broadcast() do not write: they put the message in the
@@ -284,7 +285,7 @@ def left_the_chat(client_ids: list[int | None]) -> str:
 # the client off, another task cancels that scope (LocalChat.cut_off, below). Only the
 # `with` block ends; the handler goes on, to tell the others and to close the connection.
 # task.cancel() would end the whole handler. The scope is anyio's, which Starlette runs
-# on. close_code is 1000 until the connection ends, or until cut_off sets its own.
+# on. close_code stays 1000 unless the client closes or drops, or cut_off sets one.
 class Client:
     """One chat connection, and what the manager keeps about it."""
 
@@ -394,7 +395,7 @@ class LocalChat:
 
 
 class ServerShutdown(WebSocketDisconnect):
-    """uvicorn's own 1012, as it shuts down: a client's close frame has a "reason"."""
+    """uvicorn's own 1012, as it shuts down; a client's 1012 comes with a "reason"."""
 
 
 async def receive_chat_text(websocket: WebSocket) -> str:
@@ -933,7 +934,7 @@ class RoomManager:
     ) -> tuple[Room, Client]:
         await websocket.accept()
         client = Client(websocket, client_id)
-        room = self.open_room(room_name)  # full (MAX_ROOMS), or no relay now: 1013
+        room = self.open_room(room_name)  # full (MAX_ROOMS): 1013; or the relay refuses
         room.joining.append((client, since))  # let in, with its welcome: see below
         self.call_the_doorkeeper(room)
         return room, client
