@@ -1060,6 +1060,18 @@ def answer_to_a_chunked_post(port: int, token: str) -> tuple[bytes, int]:
         return sock.recv(4096).split(b"\r\n\r\n")[0], sent
 
 
+def echo_still_answers(server: Server) -> str:
+    """A fresh client's ping is answered at once, and so is its "hi": the echo."""
+
+    async def a_client_that_reads() -> str:
+        async with open_client(f"{server.ws_url}/ws") as other:
+            await asyncio.wait_for(await other.ping(), 5)  # its pong, at once
+            await other.send("hi")
+            return await asyncio.wait_for(other.recv(), 5)
+
+    return run(a_client_that_reads())
+
+
 PING_FLOOD_BYTES = 40_000_000  # of pings, from one client that reads no pong
 
 
@@ -1073,14 +1085,7 @@ def test_a_client_that_pings_and_never_reads_costs_the_server_little(
         rss_before = server.rss_bytes()
         sent = send_pings_reading_nothing(sock, PING_FLOOD_BYTES, TEST_TIMEOUT_S / 2)
         grown = server.peak_rss_bytes() - rss_before
-
-        async def a_client_that_reads() -> str:
-            async with open_client(f"{server.ws_url}/ws") as other:
-                await asyncio.wait_for(await other.ping(), 5)  # its pong, at once
-                await other.send("hi")
-                return await asyncio.wait_for(other.recv(), 5)
-
-        assert run(a_client_that_reads()) == "Message text was: hi"
+        assert echo_still_answers(server) == "Message text was: hi"
         sock.close()
         # uvicorn's own websockets-sansio answers every ping it reads, and keeps each
         # answer until the client reads it: all 40 MB were read, and the server grew by
@@ -1089,15 +1094,6 @@ def test_a_client_that_pings_and_never_reads_costs_the_server_little(
     finally:
         server.stop()
     assert_nothing_went_wrong(server)
-
-
-def echo_still_answers(server: Server) -> str:
-    async def a_client_that_reads() -> str:
-        async with open_client(f"{server.ws_url}/ws") as other:
-            await other.send("hi")
-            return await asyncio.wait_for(other.recv(), 5)
-
-    return run(a_client_that_reads())
 
 
 @pytest.mark.parametrize("opcode", [0x9, 0xA], ids=["pings", "pongs"])
