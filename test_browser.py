@@ -8,6 +8,7 @@ import base64
 import contextlib
 import datetime
 import hashlib
+import json
 import re
 import socket
 import struct
@@ -25,6 +26,8 @@ from conftest import (
     Server,
     expect,
     free_port,
+    open_client,
+    run,
     start_server,
     wait_for_log,
 )
@@ -348,6 +351,52 @@ def test_markup_in_a_message_is_shown_as_text(open_tab) -> None:
     )
     # Shown as text: no element was made of it, so no script of it could run.
     assert page.locator("#messages img").count() == 0
+
+
+# The page's own bound, MAX_SHOWN_MESSAGES in index.html.
+MAX_SHOWN_MESSAGES = 1000
+SENDERS = range(2, 13)  # a burst of 100 each, as flood control allows: 1,100 in all
+
+
+@pytest.mark.parametrize(
+    ("query", "path", "frame"),
+    [
+        ("?endpoint=chat&client_id=1", "/chat/{}", str),
+        ("?endpoint=rooms&room=lobby&client_id=1", "/rooms/lobby/{}", None),
+    ],
+    ids=["chat", "rooms"],
+)
+def test_a_tab_shows_its_latest_messages_and_lets_the_oldest_go(
+    open_tab, server: Server, query: str, path: str, frame
+) -> None:
+    page = open_tab(query)
+
+    async def senders_of_100_each() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    open_client(server.ws_url + path.format(sender))
+                )
+                for sender in SENDERS
+            ]
+            for sender, client in zip(SENDERS, clients):
+                for n in range(100):
+                    text = f"{sender}-{n}"
+                    await client.send(
+                        frame(text) if frame else json.dumps({"text": text})
+                    )
+            for client in clients:  # each has had every message: the page has too
+                while f"{SENDERS[-1]}-99" not in await client.recv():
+                    pass
+
+    run(senders_of_100_each())
+    shown = messages(page)
+    expect(shown.filter(has_text=f"{SENDERS[-1]}-99")).to_have_count(1)
+    expect(shown).to_have_count(MAX_SHOWN_MESSAGES)
+    texts = shown.all_text_contents()
+    assert not any(text.endswith(f" {SENDERS[0]}-0") for text in texts)
+    # What a room page keeps of the ids it has shown goes with the messages.
+    assert page.evaluate("shownIds.size") == (0 if frame else MAX_SHOWN_MESSAGES)
 
 
 # --- Step 5: rooms ------------------------------------------------------------------------
