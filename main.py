@@ -731,7 +731,8 @@ async def item_endpoint(
 # How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
 # doorkeeper task lets joiners in between two deliveries, so that a joiner's history
-# and the messages it gets live meet exactly; the room's senders wait a moment for it.
+# and the messages it gets live meet exactly; the room's senders wait a moment for it,
+# and what a joiner sends waits until it is in: it hears its own messages too.
 # Where a room's messages, ids and members live is the rooms' relay: by default
 # RoomsHere, this process; its five calls are the places where another relay would do
 # something else, and here most do nothing.
@@ -840,6 +841,7 @@ class Room:
         self.history = History()
         self.joining: list[Joiner] = []
         self.let_in: weakref.WeakSet[Client] = weakref.WeakSet()  # see `disconnect`
+        self.joiners_let_in = asyncio.Event()  # set, and replaced, as each are let in
         self.away: dict[int, float] = {}  # dropped, and when their grace ends
         self.told: set[int] = set()  # the members the others were last told of
         self.told_at = -PRESENCE_INTERVAL_S  # when, by the event loop's clock
@@ -954,6 +956,12 @@ class RoomManager:
             room.away[client.key] = until
             self.call_when_due(until, self.presence_changed, room)
         self.presence_changed(room)  # and, once nobody is left, see `forget_if_idle`
+
+    async def wait_until_let_in(self, room: Room, client: Client) -> None:
+        """A joiner's messages wait until it is in: sent before, they would reach
+        everyone but it, and its welcome would hold only the latest of them."""
+        while client not in room.let_in:
+            await room.joiners_let_in.wait()
 
     async def broadcast(self, room: Room, client_id: int, text: str) -> None:
         """To everyone in the room, the sender too: its copy is its acknowledgement."""
@@ -1074,6 +1082,8 @@ class RoomManager:
                 room.chat.add_to_batch_nowait(client, frame)
         # Joining until welcomed: after a bug before this, keep_the_door closes them.
         room.joining = [joiner for joiner in room.joining if joiner not in joiners]
+        room.joiners_let_in.set()
+        room.joiners_let_in = asyncio.Event()
 
     def update_who_is_away(self, room: Room) -> None:
         """Away no more: those back, and those whose grace is over, who have left. A
@@ -1171,6 +1181,7 @@ async def room_endpoint(
         with client.cut_off_scope:
             while True:
                 text = await receive_json_text(websocket)  # {"text": ...}, else 1007
+                await rooms.wait_until_let_in(room, client)  # it hears its own too
                 await rooms.broadcast(room, client_id, text)
                 await flood_control.slow_down()
     except WebSocketDisconnect as gone:

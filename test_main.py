@@ -907,6 +907,20 @@ def test_room_message_reaches_everyone_the_sender_too(client: TestClient) -> Non
             assert next_of_type(bob, "message") == mine
 
 
+def test_messages_sent_before_the_welcome_all_reach_their_sender_after_it(
+    client: TestClient,
+) -> None:
+    early = [f"early {n}" for n in range(main.WELCOME_HISTORY_MESSAGES + 10)]
+    with client.websocket_connect("/rooms/lobby/8") as bob:
+        next_of_type(bob, "welcome")  # the room was just told of a joiner: the next
+        with client.websocket_connect("/rooms/lobby/7") as alice:  # waits a moment
+            for text in early:  # sent at once, before its welcome
+                say(alice, text)
+            # Read once it is let in: as a member, it hears its own messages live.
+            assert next_of_type(alice, "welcome")["history"] == []
+            assert [next_of_type(alice, "message")["text"] for _ in early] == early
+
+
 def test_room_history_is_the_latest_messages_oldest_first(
     client: TestClient, monkeypatch
 ) -> None:
