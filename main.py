@@ -2207,15 +2207,16 @@ async def close_on_websocket_exception(
     # Starlette's own handler calls close() even when the client's close frame arrived
     # with the refused message, and the close then fails with a traceback.
     if websocket.application_state is WebSocketState.CONNECTED:
-        path = path_as_logged(websocket.scope["path"])
+        path = as_logged(websocket.scope["path"])
         logger.info("Closed %s with %d: %s", path, refusal.code, refusal.reason)
     await close_or_give_up(websocket, refusal.code, refusal.reason or "")
 
 
-def path_as_logged(path: str) -> str:
-    # Percent-encoded again, as uvicorn logs it: a path may hold a newline or a
-    # terminal's escape, to forge a line or recolour the log (step 4's item id does).
-    return quote(path)
+def as_logged(client_text: str) -> str:
+    # Percent-encoded, as uvicorn logs a path (":" kept, for an origin): a path or a
+    # header may hold a line break or a terminal's escape, to forge a line or recolour
+    # the log (step 4's item id takes any; an Origin may hold latin-1's "\x85").
+    return quote(client_text, safe="/:")
 
 
 class ClientFaultsAsWarnings(logging.Filter):
@@ -2279,7 +2280,7 @@ class CheckOrigin(WebSocketMiddleware):
             return
         logger.warning(
             "Refused WebSocket from origin %s: add it to ALLOWED_ORIGINS to allow it",
-            origin,
+            as_logged(origin or ""),
         )
         refusal = f"Origin {origin} is not allowed"
         code = status.WS_1008_POLICY_VIOLATION
@@ -2447,7 +2448,7 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         """As uvicorn closes a message over --ws-max-size: the app hears the close."""
         if self.close_sent:  # refused already, or closed by the app
             return
-        path = path_as_logged(self.scope["path"])
+        path = as_logged(self.scope["path"])
         logger.info("Closed %s with %d: %s", path, code, reason)
         self.frames = []
         self.conn.fail(code, reason)

@@ -1159,6 +1159,19 @@ def test_a_path_cannot_write_lines_or_escapes_into_the_log(server: Server) -> No
     assert not any(line.startswith(forged) for line in server.log().splitlines())
 
 
+def test_an_origin_cannot_write_lines_or_escapes_into_the_log(server: Server) -> None:
+    # A header's bytes past ASCII reach the app as latin-1: "\x85" is a line break to
+    # Python's splitlines and many a log viewer, "\x9b" a terminal's escape.
+    forged = "INFO:     Forged line"
+    origin = f"http://evil.example\x85{forged}\x9b31m"
+    sock, head = raw_handshake(server.port, "/ws", origin=origin)
+    assert head.startswith(b"HTTP/1.1 403"), head
+    sock.close()
+    wait_for_log(server, "Refused WebSocket from origin http://evil.example")
+    assert not {"\x85", "\x9b"} & set(server.log())
+    assert not any(line.startswith(forged) for line in server.log().splitlines())
+
+
 def test_a_message_in_as_many_frames_as_allowed_is_read(server: Server) -> None:
     sock, _ = raw_handshake(server.port, "/ws")
     send_in_frames(sock, main.MAX_MESSAGE_FRAMES)
