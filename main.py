@@ -841,7 +841,7 @@ class Room:
         self.history = History()
         self.joining: list[Joiner] = []
         self.let_in: weakref.WeakSet[Client] = weakref.WeakSet()  # see `disconnect`
-        self.joiners_let_in = asyncio.Event()  # set, and replaced, as each are let in
+        self.joiners_let_in = asyncio.Event()  # set, then replaced, as joiners go in
         self.away: dict[int, float] = {}  # dropped, and when their grace ends
         self.told: set[int] = set()  # the members the others were last told of
         self.told_at = -PRESENCE_INTERVAL_S  # when, by the event loop's clock

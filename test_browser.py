@@ -393,7 +393,7 @@ def test_a_tab_shows_its_latest_messages_and_lets_the_oldest_go(
                     await client.send(
                         frame(text) if frame else json.dumps({"text": text})
                     )
-            for client in clients:  # each has had every message: the page has too
+            for client in clients:  # until each has had the last sender's last
                 while f"{SENDERS[-1]}-99" not in await client.recv():
                     pass
 
