@@ -27,10 +27,12 @@ import gc
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import statistics
+import string
 import sys
 import tempfile
 import time
@@ -267,7 +269,9 @@ SHOOTOUT_SHARE = 0.95
 FAN_OUT_CLIENTS = 1000
 FAN_OUT_MESSAGES = 100  # one client's burst, sent as fast as it can
 ECHO_ROUND_TRIPS = 50  # per client, one after another
-STALL_SENDERS, STALL_MESSAGE_BYTES = 30, 4096  # each sends one burst of 100
+# Each sends one burst of 100, of messages short enough to count as one each in
+# main.py's flood control (1 KiB more counts as a second).
+STALL_SENDERS, STALL_MESSAGE_BYTES = 30, 1000
 STALL_TIMEOUT_S = 10.0  # the tutorial's loop never finishes: stop waiting then
 QUIET_TIMEOUT_S = 3.0  # no delivery for this long: the rest is lost
 IDLE_SAMPLE_S = 20.0  # uvicorn's keepalive interval: every client's ping, once
@@ -511,7 +515,7 @@ async def echo(deployment: "Deployment", client_count: int) -> dict[str, float]:
 async def stalled_client(
     deployment: "Deployment", client_count: int
 ) -> dict[str, float]:
-    """A client that stops reading sits in the room while 30 others send 100 x 4 KiB each.
+    """A client that stops reading sits in the room while 30 others send 100 x 1 KB each.
 
     `client_count` is not used here. With several workers, the stalled client and the
     healthy one watched are on different ones.
@@ -1197,13 +1201,60 @@ async def flood(server: Server) -> dict[str, float]:
     }
 
 
+LONG_READERS, LONG_WRITER_MESSAGES = 100, 50
+LONG_BYTES = 64 * 1024 - 32  # just within main.py's MAX_MESSAGE_BYTES
+
+
+async def long_messages(server: Server) -> dict[str, float]:
+    """One client sends 64 KiB messages of random letters as fast as the server reads
+    them, to 100 readers that ask for compression, as browsers do; another client writes
+    every 0.1 s: the server's CPU a second, and that writer's latency."""
+    readers = await connect_all(
+        [f"{server.ws_url}/chat/{1000 + n}" for n in range(LONG_READERS)]
+    )
+    chat = Deliveries()
+    reading = [asyncio.create_task(chat.read(r)) for r in readers]
+    letters = random.Random(1).choices(string.ascii_lowercase + " ", k=LONG_BYTES)
+    long_text = "".join(letters)
+    async with (
+        connect(f"{server.ws_url}/chat/666", max_queue=None) as sender,
+        connect(f"{server.ws_url}/chat/1", max_queue=None) as writer,
+    ):
+
+        async def send_long() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await sender.send(long_text)
+
+        cpu_before, started = server.cpu_seconds(), time.perf_counter()
+        sending = asyncio.create_task(send_long())
+        for seq in range(LONG_WRITER_MESSAGES):
+            await send_stamped(writer, seq)
+            await asyncio.sleep(PAIR_INTERVAL_S)
+        cpu_s_per_s = (server.cpu_seconds() - cpu_before) / (
+            time.perf_counter() - started
+        )
+        expected = LONG_READERS * LONG_WRITER_MESSAGES
+        await chat.wait_for(lambda: chat.count >= expected, QUIET_TIMEOUT_S)
+        sending.cancel()
+    for task in reading:
+        task.cancel()
+    await close_all(readers)
+    return {
+        "long_cpu_s_per_s": cpu_s_per_s,
+        "long_writer_p50_ms": percentile_ms(chat.latencies_s, 50),
+        "long_writer_p99_ms": percentile_ms(chat.latencies_s, 99),
+        "long_writer_lost": expected - chat.count,
+    }
+
+
 SLOW_READERS, SLOW_SENDERS, SLOW_MESSAGES = 20, 5, 200
 SLOW_PACE_S, SLOW_READ_EVERY_S = 1 / 8, 0.3
 
 
 async def slow_reader(server: Server) -> dict[str, float]:
     """A client that reads one message every 0.3 s, beside 20 readers and 5 senders of
-    200 messages of 4 KB each, 8 a second each: the readers' latency, and its fate."""
+    200 messages of 1 KB each, 8 a second each: the readers' latency, and its fate."""
     slow, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
     reading_slowly = True
 
@@ -1496,6 +1547,8 @@ async def measure_hostile(log_dir: Path, max_clients: int) -> dict[str, dict]:
     flags = figures["with the README's flags"]
     progress("hostile clients: a flood beside 50 readers")
     flags |= await with_server(log_dir, production_options(), flood)
+    progress("hostile clients: 64 KiB messages to 100 compressed readers")
+    flags |= await with_server(log_dir, production_options(), long_messages)
     progress("hostile clients: a reader that drains slowly")
     flags |= await with_server(log_dir, production_options(), slow_reader)
     progress("hostile clients: a POST of 20 MiB, and 1,000 rooms opened and left")
@@ -1571,6 +1624,14 @@ HOSTILE_ROWS = [
     ("writer_p99_ms", "... another writer's p99, ms", "{:.0f}"),
     ("flooder_close_code", "... the flooder's close code", "{:.0f}"),
     ("healthy_cut_off", "... healthy clients cut off", "{:.0f}"),
+    (
+        "long_cpu_s_per_s",
+        "64 KiB messages to 100 compressed readers, as fast as read: server CPU s/s",
+        "{:.2f}",
+    ),
+    ("long_writer_p50_ms", "... another writer's p50, ms", "{:.0f}"),
+    ("long_writer_p99_ms", "... another writer's p99, ms", "{:.0f}"),
+    ("long_writer_lost", "... that writer's messages lost", "{:.0f}"),
     (
         "slow_readers_p50_ms",
         "a reader draining one message per 0.3 s, beside 20: their p50, ms",

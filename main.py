@@ -242,7 +242,6 @@ class ConnectionManager:
             self.announce_leaving(client)
 
     async def send_personal_message(self, message: str, client: Client) -> None:
-        """To one client, queued in the batch with everyone's: see `add_to_batch`."""
         await self.chat.add_to_batch(client, message)
 
     async def broadcast(self, message: str) -> bool:
@@ -427,7 +426,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
                 await manager.say(
                     client, f"You wrote: {data}", f"Client #{client_id} says: {data}"
                 )
-                await flood_control.slow_down()  # a flooder waits, or is closed: 1008
+                await flood_control.slow_down(data)  # a flooder waits; or 1008
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
@@ -444,7 +443,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
             while True:
                 data = await receive_chat_text(websocket)
                 await anonymous_manager.broadcast(f"Someone said: {data}")
-                await flood_control.slow_down()
+                await flood_control.slow_down(data)
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
@@ -1183,7 +1182,7 @@ async def room_endpoint(
                 text = await receive_json_text(websocket)  # {"text": ...}, else 1007
                 await rooms.wait_until_let_in(room, client)  # it hears its own too
                 await rooms.broadcast(room, client_id, text)
-                await flood_control.slow_down()
+                await flood_control.slow_down(text)
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
@@ -2108,8 +2107,9 @@ else:
 MAX_MESSAGE_BYTES = 64 * 1024  # longer text closes the connection with 1009
 FLOOD_BURST_MESSAGES = 100  # a chat client may send this many at full speed
 FLOOD_MESSAGES_PER_S = 10  # after the burst; a faster client's next read waits
+FLOOD_BYTES_PER_MESSAGE = 1024  # a message counts once, and once more per full KiB
 FLOOD_MAX_SLOWED_MESSAGES = 20  # reads made to wait in a row; one more closes: 1008
-FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages a second"
+FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages (or KiB) a second"
 BINARY_REFUSED = "Binary frames are not supported: send text"
 TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"
 CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
@@ -2160,20 +2160,23 @@ def refuse_what_no_handler_takes(message: Message) -> None:
         raise WebSocketException(status.WS_1009_MESSAGE_TOO_BIG, TOO_BIG)
 
 
+# A flooder's next messages wait in its own connection (uvicorn reads one only once its
+# handler asks): it slows itself, not the room. A long message counts as several: it
+# costs the server more to deliver, most of all compressed, as browsers ask.
 class FloodControl:
-    """A token bucket: FLOOD_BURST_MESSAGES at full speed, then FLOOD_MESSAGES_PER_S. A
-    flooder's next messages wait in its own connection: it slows itself, not the room.
-    Slowed over FLOOD_MAX_SLOWED_MESSAGES times in a row, it is closed with 1008."""
+    """A token bucket: FLOOD_BURST_MESSAGES at once, then FLOOD_MESSAGES_PER_S, a long
+    message counting as several. Slowed over FLOOD_MAX_SLOWED_MESSAGES in a row: 1008."""
 
     def __init__(self) -> None:
         self.allowance = float(FLOOD_BURST_MESSAGES)  # messages it may send at once
         self.counted_at = time.monotonic()
         self.slowed_in_a_row = 0
 
-    async def slow_down(self) -> None:
+    async def slow_down(self, message: str) -> None:
         now = time.monotonic()
         earned = (now - self.counted_at) * FLOOD_MESSAGES_PER_S
-        self.allowance = min(FLOOD_BURST_MESSAGES, self.allowance + earned) - 1
+        counts_as = 1 + len(message.encode()) // FLOOD_BYTES_PER_MESSAGE
+        self.allowance = min(FLOOD_BURST_MESSAGES, self.allowance + earned) - counts_as
         self.counted_at = now
         if self.allowance >= 0:
             self.slowed_in_a_row = 0

@@ -692,7 +692,7 @@ def test_a_client_that_left_twice_before_the_notice_is_named_once() -> None:
     assert main.left_the_chat([2, 2]) == "Client #2 left the chat"
 
 
-# Flood control scaled down: 5 messages at full speed, then 20 a second; slowed more
+# Flood control scaled down: 5 messages at full speed, then 5 a second; slowed more
 # than 3 times in a row, the client is closed.
 BURST, PER_S, SLOWED = 5, 5, 3  # slow enough that a busy machine still floods
 
@@ -704,14 +704,19 @@ def flood_rule(monkeypatch) -> None:
     monkeypatch.setattr(main, "FLOOD_MAX_SLOWED_MESSAGES", SLOWED)
 
 
-def assert_read_no_faster_than_the_rule(seconds_to: list[float]) -> None:
+def assert_read_no_faster_than_the_rule(
+    seconds_to: list[float], counts_as: list[int] | None = None
+) -> None:
     """Message i, counted from before the first was sent, reached the room no sooner
-    than the rule lets it be read: BURST at once, then one every 1 / PER_S s.
+    than the rule lets it be read: BURST at once, then one every 1 / PER_S s, where
+    message j counts as counts_as[j] (one each, by default).
 
     A lower bound only: a slow machine makes every message later, never earlier.
     """
+    counts_as = counts_as or [1] * len(seconds_to)
     for i, seconds in enumerate(seconds_to):
-        assert seconds >= (i - BURST) / PER_S - 0.001, (i, seconds_to)
+        counted_before = sum(counts_as[:i])
+        assert seconds >= (counted_before - BURST) / PER_S - 0.001, (i, seconds_to)
 
 
 def test_flooding_client_is_slowed_then_closed_with_1008(
@@ -738,6 +743,23 @@ def test_flooding_client_is_slowed_then_closed_with_1008(
 
 
 PREFIXES = ("You wrote: ", "Client #1 says: ")
+
+
+def test_a_long_message_counts_as_one_more_for_each_kib(
+    client: TestClient, flood_rule
+) -> None:
+    # 64 KiB each, at the flood rate, would cost a compressed chat 90 times the CPU of
+    # short messages: 4 KiB counts as 5, and the second message is past the burst.
+    sent = [f"{i} " + "x" * 4096 for i in range(4)]
+    heard_at: list[float] = []
+    with client.websocket_connect("/chat/1") as sender:
+        started = time.monotonic()
+        for text in sent:
+            sender.send_text(text)
+        while len(heard_at) < len(sent):
+            if sender.receive_text().startswith("Client #1 says: "):
+                heard_at.append(time.monotonic() - started)
+    assert_read_no_faster_than_the_rule(heard_at, [5] * len(sent))
 
 
 # --- Bad input, on every endpoint ----------------------------------------------------------
@@ -1600,6 +1622,11 @@ def test_the_readme_promises_the_reasons_the_tests_expect() -> None:
 README_LIMITS = [
     ("100 messages at once (`FLOOD_BURST_MESSAGES`)", "FLOOD_BURST_MESSAGES", 100),
     ("then 10 a second (`FLOOD_MESSAGES_PER_S`)", "FLOOD_MESSAGES_PER_S", 10),
+    (
+        "each KiB counting as one more (`FLOOD_BYTES_PER_MESSAGE`)",
+        "FLOOD_BYTES_PER_MESSAGE",
+        1024,
+    ),
     ("Slowed 20 times in a row", "FLOOD_MAX_SLOWED_MESSAGES", 20),
     ("at most 100 messages (`MAX_BACKLOG_MESSAGES`)", "MAX_BACKLOG_MESSAGES", 100),
     ("waits 5 s at most, `CLOSE_TIMEOUT_S`", "CLOSE_TIMEOUT_S", 5),

@@ -111,13 +111,18 @@ async def send_bursts(
 # --- A client that stops reading -------------------------------------------------------------
 
 
+def long_text(n: int, i: int) -> str:
+    """Sender n's message i, as long as counts as one message for flood control."""
+    return f"{n}:{i:03d} " + "x" * (main.FLOOD_BYTES_PER_MESSAGE - 10)
+
+
 def cut_off_a_stalled_client(server: Server) -> socket.socket:
     """A client that stops reading, in a chat busy enough for it to be cut off."""
     stalled, head = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
     assert head.startswith(b"HTTP/1.1 101")
 
     async def chat() -> None:
-        await send_bursts(server, 10, 30, lambda n, i: f"{n}:{i:03d} " + "x" * 4090)
+        await send_bursts(server, 10, 30, long_text)
 
     run(chat())
     wait_for_log(server, "Client #2 cut off")
@@ -227,9 +232,7 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
                 receive_from_each(healthy, counts, LEFT_THE_CHAT, notices)
             )
             started = time.monotonic()
-            sent = await send_bursts(
-                server, 10, 30, lambda n, i: f"{n}:{i:03d} " + "x" * 4090
-            )
+            sent = await send_bursts(server, 10, 30, long_text)
             received = await reader
             # Not held back by the stalled client, which reads nothing all the while:
             # the chat is over sooner than closing that client may take.
@@ -253,7 +256,7 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
 
 
 def room_says(n: int, i: int) -> str:
-    return json.dumps({"text": f"{n}:{i:02d} " + "x" * 4090})
+    return json.dumps({"text": long_text(n, i)})
 
 
 async def room_message_ids(
@@ -279,7 +282,7 @@ async def room_message_ids(
 def test_a_room_client_cut_off_for_not_reading_gets_everything_back(
     server: Server,
 ) -> None:
-    # Rounds of one 4 KB message from each of 20 senders until the stalled client is cut
+    # Rounds of one 1 KB message from each of 20 senders until the stalled client is cut
     # off, then two more: what it missed stays within the room's history.
     senders, rounds_after = 20, 2
     sender_ids = {10 + n for n in range(senders)}
@@ -969,7 +972,7 @@ def test_a_client_with_the_websockets_library_s_defaults_takes_any_welcome(
     # A welcome is one frame. The websockets library, and `python -m websockets`,
     # refuse a frame over 1 MiB by default: with 2 MiB of history, they closed with 1009
     # on every attempt, and could never join the room.
-    senders, said = 3, 30
+    senders = said = 30  # one message each: 60 KB counts as 59 against flood control
 
     async def scenario() -> tuple[int, dict, str]:
         async with contextlib.AsyncExitStack() as stack:
@@ -1306,10 +1309,10 @@ def test_a_post_whose_body_is_no_message_gets_422_without_a_traceback(
 def test_a_slow_reader_is_cut_off_and_the_others_get_every_message(
     server: Server,
 ) -> None:
-    # Beside 5 senders of 8 messages of 60 KB a second (2.4 MB/s), a reader that takes
-    # two every 0.3 s: its socket is never still for long, and always full.
-    senders, per_sender, pace_s, size = 5, 60, 1 / 8, 60_000
-    slow, head = raw_handshake(server.port, "/chat/2", rcvbuf=64 * 1024)
+    # Beside 10 senders of 8 messages of 1 KB a second (within flood control), a reader
+    # that takes two every 0.3 s: its socket is never still for long, and always full.
+    senders, per_sender, pace_s, size = 10, 60, 1 / 8, 1000
+    slow, head = raw_handshake(server.port, "/chat/2", rcvbuf=16 * 1024)
     assert head.startswith(b"HTTP/1.1 101")
     reading_slowly = threading.Event()
     reading_slowly.set()
