@@ -198,6 +198,11 @@ MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 TURNS_TO_SEE_A_DRAIN = 3  # of the event loop: uvloop needs 2, asyncio's own loop 3
 FULL_BATCH_MESSAGES = 100  # not a cap: a sender that leaves this many to write waits
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
+# A client's id is in each of its messages, and in the notice when it leaves: one of
+# 4,300 digits, the most pydantic parses, would make each 4 KB. Past 2**53 - 1, a page's
+# JavaScript holds a number inexactly: that is the bound, either way.
+MAX_CLIENT_ID = 2**53 - 1
+ClientId = Annotated[int, Path(ge=-MAX_CLIENT_ID, le=MAX_CLIENT_ID)]
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
 SERVER_ERROR = "Server error: try again later"
@@ -416,7 +421,7 @@ anonymous_manager = ConnectionManager()  # the first tutorial's /chat/
 
 
 @app.websocket("/chat/{client_id}")
-async def chat_endpoint(websocket: WebSocket, client_id: int) -> None:
+async def chat_endpoint(websocket: WebSocket, client_id: ClientId) -> None:
     client = await manager.connect(websocket, client_id)
     flood_control = FloodControl()  # a guard, in "What every step shares"
     try:
@@ -527,7 +532,6 @@ Outgoing = tuple[list[str], dict[Client, list[str]]]
 
 
 async def deliver_batches(chat: LocalChat) -> None:
-    """The delivery task: each batch to all, in order, never waiting on a socket."""
     try:
         while chat.batch:
             batch, chat.batch = chat.batch, []
@@ -740,10 +744,6 @@ async def item_endpoint(
 # a URL, a key or a channel's message unchanged. pydantic checks it with Rust's regex,
 # whose `$` is the very end: a trailing newline is refused.
 ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
-# A client id reaches a page as a JSON number, which JavaScript holds exactly up to
-# 2**53 - 1: past it, two ids look the same, and an id of 4,300 digits (the most
-# pydantic parses) is Infinity, and 4 KB in every welcome. Step 3's ids are in text.
-MAX_CLIENT_ID = 2**53 - 1
 WELCOME_HISTORY_MESSAGES = 50  # of the latest, in a welcome without `since`
 HISTORY_MESSAGES = 500  # a room keeps at most this many messages,
 # and this many bytes, as sent; a welcome at most too, with room left for its members:
@@ -1171,7 +1171,7 @@ rooms = RoomManager()
 async def room_endpoint(
     websocket: WebSocket,
     room_name: Annotated[str, Path(pattern=ROOM_NAME)],
-    client_id: Annotated[int, Path(ge=-MAX_CLIENT_ID, le=MAX_CLIENT_ID)],
+    client_id: ClientId,  # step 3's: a page holds it exactly, as a JSON number too
     since: str | None = None,  # the id of the last message this client received
 ) -> None:
     room, client = await rooms.connect(websocket, room_name, client_id, since)
@@ -1261,18 +1261,18 @@ UVLOOP_CONNECTION_CLOSED = "; the handler is closed"  # how uvloop ends that err
 # A Redis stream id, as `since` must be for Redis to take it: two numbers below 2**64.
 STREAM_ID = r"([0-9]{1,19})-([0-9]{1,19})"
 
-# Publishes prefix .. text on the channel, unless Redis's clock is past the sender's
-# deadline; in a room, first adds the text to the room's stream, KEYS[1], which gives it
-# its id. One script: the stream's ids and the channel's order are the same for every
-# process. The stream keeps max_count messages at most, and max_bytes of their frames,
-# counted in KEYS[2]; both keys live keys_ttl_ms. All rooms together keep all_bytes at
-# most, as in one process: the ledger, KEYS[3] to KEYS[5], holds when each room was last
-# written, its bytes, and their total; past all_bytes, the least recently written lose
-# their oldest first, and a room whose keys expired leaves the ledger with its bytes.
-# (Its keys are named here, not passed: this needs one Redis, not a cluster.) The last
-# key is the publish's own, which keeps its id for once_ttl_ms: sent twice (redis-py
-# retries on a fresh connection when one breaks), it is published once. A frame is the
-# text, its id and extra_bytes, FRAME_EXTRA_BYTES, below.
+# Publishes the id, a space, prefix and text on the channel, unless Redis's clock is past
+# the sender's deadline; in a room, first adds the text to the room's stream, KEYS[1],
+# which gives it its id (elsewhere, "-"). One script: the stream's ids and the channel's
+# order are the same for every process. The stream keeps max_count messages at most, and
+# max_bytes of their frames, counted in KEYS[2]; both keys live keys_ttl_ms. All rooms
+# together keep all_bytes at most, as in one process: the ledger, KEYS[3] to KEYS[5],
+# holds when each room was last written, its bytes, and their total; past all_bytes, the
+# least recently written lose their oldest first, and a room whose keys expired leaves
+# the ledger with its bytes. (Its keys are named here, not passed: this needs one Redis,
+# not a cluster.) The last key is the publish's own, which keeps its id for once_ttl_ms:
+# sent twice (redis-py retries on a fresh connection when one breaks), it is published
+# once. A frame is the text, its id and extra_bytes, FRAME_EXTRA_BYTES, below.
 PUBLISH_ONCE_BEFORE_DEADLINE = """
 local deadline_ms, channel, prefix, text = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_count, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -2160,12 +2160,12 @@ def refuse_what_no_handler_takes(message: Message) -> None:
         raise WebSocketException(status.WS_1009_MESSAGE_TOO_BIG, TOO_BIG)
 
 
-# A flooder's next messages wait in its own connection (uvicorn reads one only once its
-# handler asks): it slows itself, not the room. A long message counts as several: it
-# costs the server more to deliver, most of all compressed, as browsers ask.
+# A token bucket: FLOOD_BURST_MESSAGES at once, then FLOOD_MESSAGES_PER_S, a long
+# message counting as several, as it costs the server more to deliver, most of all
+# compressed, as browsers ask. A flooder's next messages wait in its own connection,
+# unread by its handler: it slows itself, not the room.
 class FloodControl:
-    """A token bucket: FLOOD_BURST_MESSAGES at once, then FLOOD_MESSAGES_PER_S, a long
-    message counting as several. Slowed over FLOOD_MAX_SLOWED_MESSAGES in a row: 1008."""
+    """Slows a client down to the rate; slowed too often in a row, it is closed: 1008."""
 
     def __init__(self) -> None:
         self.allowance = float(FLOOD_BURST_MESSAGES)  # messages it may send at once

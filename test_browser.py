@@ -264,20 +264,22 @@ def test_a_client_id_that_is_not_a_number_is_caught_on_the_page(
     assert "/chat/abc" not in server.log()  # no handshake was even tried
 
 
+@pytest.mark.parametrize(
+    ("query", "path"),
+    [("endpoint=rooms&room=lobby", "/rooms/lobby/"), ("endpoint=chat", "/chat/")],
+)
 def test_a_client_id_past_what_javascript_holds_exactly_is_caught_on_the_page(
-    open_tab, server: Server
+    open_tab, server: Server, query: str, path: str
 ) -> None:
-    page = open_tab(
-        "?endpoint=rooms&room=lobby&client_id=9007199254740993", connected=False
-    )
+    page = open_tab(f"?{query}&client_id=9007199254740993", connected=False)
     expect(page.locator("#status")).to_have_text(
         "disconnected (client id must be at most 9007199254740991 either way, "
         "not 9007199254740993)"
     )
     page.fill("#clientId", "9007199254740991")
     page.click("#connect")
-    wait_for_log(server, '"WebSocket /rooms/lobby/9007199254740991" [accepted]')
-    assert server.log().count("WebSocket /rooms/") == 1  # none tried before
+    wait_for_log(server, f'"WebSocket {path}9007199254740991" [accepted]')
+    assert server.log().count(f"WebSocket {path}") == 1  # none tried before
 
 
 def test_no_favicon_request(open_tab, server: Server) -> None:

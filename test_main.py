@@ -1195,13 +1195,15 @@ def test_a_room_name_out_of_the_rule_is_refused_at_handshake(
     assert refused_handshake(client, path).code == 1008
 
 
+@pytest.mark.parametrize("path", ["/rooms/lobby/", "/chat/"])
 @pytest.mark.parametrize("client_id", [str(2**53), str(-(2**53)), "9" * 4300])
 def test_a_client_id_a_page_cannot_hold_exactly_is_refused_at_handshake(
-    client: TestClient, client_id: str
+    client: TestClient, path: str, client_id: str
 ) -> None:
     # In a page's JavaScript, 2**53 and 2**53 + 1 are one number; 4,300 digits (the most
-    # pydantic parses) are Infinity, and would be 4 KB in every welcome of the room.
-    assert refused_handshake(client, f"/rooms/lobby/{client_id}").code == 1008
+    # pydantic parses) are Infinity, and would be 4 KB in every message of the client's,
+    # every welcome of its room, and the notice when it leaves.
+    assert refused_handshake(client, f"{path}{client_id}").code == 1008
 
 
 def test_a_client_id_up_to_what_a_page_holds_exactly_is_let_in(
@@ -1210,6 +1212,10 @@ def test_a_client_id_up_to_what_a_page_holds_exactly_is_let_in(
     for client_id in (2**53 - 1, -(2**53 - 1)):
         with client.websocket_connect(f"/rooms/lobby/{client_id}") as alice:
             assert next_of_type(alice, "welcome")["client_id"] == client_id
+        with client.websocket_connect(f"/chat/{client_id}") as bob:
+            bob.send_text("hi")
+            assert bob.receive_text() == "You wrote: hi"
+            assert bob.receive_text() == f"Client #{client_id} says: hi"
 
 
 def test_a_room_name_may_use_letters_digits_and_three_signs(
