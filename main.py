@@ -179,7 +179,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
 # In bench.py, with 10,000 clients, this cost 0.95x to 1.15x the tutorials' CPU per
-# delivery, across runs AE to BB.
+# delivery, across runs AE to BD.
 #
 # Words this step uses, in its code and in the log:
 # - the batch: what has been said and not yet written, which one task writes to all;
@@ -318,10 +318,10 @@ class Client:
 # processes first.
 #
 # The manager calls the relay's three methods: join, publish and say, each with its
-# LocalChat. The relay calls the LocalChat's: enter() to let a client in,
-# add_to_batch() to queue a message for everyone, or for one client
-# (add_to_batch_nowait() where it must not wait), and cut_off() for a client it can no
-# longer serve.
+# LocalChat. The relay calls the LocalChat's: enter() to let a client in (and leave()
+# if its join then fails), add_to_batch() to queue a message for everyone, or for one
+# client (add_to_batch_nowait() where it must not wait), and cut_off() for a client it
+# can no longer serve.
 #
 # A relay may refuse a message. Then publish() returns False, and so does broadcast().
 # That is why say() belongs to the relay: one that can refuse a message sends "You
