@@ -2086,6 +2086,10 @@ else:
 # - under --ws websockets, a write is sent before it waits: the app refuses to start
 #   (test_server.py:
 #   test_start_up_is_refused_where_a_given_up_write_would_have_been_sent);
+# - a close frame reaches the app with a "reason", a dropped connection without one
+#   (receive_chat_text; test_server.py:
+#   test_a_room_client_closed_with_a_frame_has_left_at_once, and
+#   test_a_dropped_room_client_is_a_member_for_its_grace_then_has_left);
 # - its own 1012, at shutdown, has no "reason" (ServerShutdown; test_redis.py:
 #   test_a_room_member_s_process_restarting_is_not_heard_as_a_leaving);
 # - the log lines ClientFaultsAsWarnings rewords (test_server.py:
