@@ -353,6 +353,27 @@ def test_a_second_tab_with_the_same_id_takes_over(open_tab) -> None:
     expect(status).to_have_text(expected)
 
 
+@pytest.mark.parametrize(
+    ("query", "wrapped"),
+    [("endpoint=chat&client_id=1", 0), ("endpoint=rooms&room=lobby&client_id=1", 11)],
+)
+def test_a_message_too_long_for_the_server_is_kept_not_sent(
+    open_tab, query: str, wrapped: int
+) -> None:
+    # Sent, the server would close the connection with 1009, and the text would be gone.
+    page = open_tab(f"?{query}", count_closes=True)
+    over = 65537 - wrapped  # one byte over, in UTF-8, as sent; in characters, far less
+    too_long = "é" * (over // 2) + "x" * (over % 2)
+    send(page, too_long)
+    expect(page.locator("#status")).to_have_text(
+        "connected (message over 65536 bytes: not sent)"
+    )
+    assert page.input_value("#messageText") == too_long
+    send(page, "still here")
+    expect(messages(page).last).to_contain_text("still here")
+    assert page.evaluate("window.closedSockets") == 0
+
+
 def test_markup_in_a_message_is_shown_as_text(open_tab) -> None:
     page = open_tab("?endpoint=echo")
     send(page, "<img src=x onerror=alert(1)>")
