@@ -33,7 +33,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path as FilePath
-from typing import Annotated, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 from urllib.parse import quote, urlsplit
 
 import anyio
@@ -1365,12 +1365,12 @@ if #ARGV >= 7 then
   if after.err then
     after = {}  -- a `since` Redis refuses: those joiners missed some, nobody else
   end
-  local held = {}
+  local ids_read = {}
   for _, entry in ipairs(after) do
-    held[entry[1]] = true
+    ids_read[entry[1]] = true
   end
   for i = 7, #ARGV do
-    latest_needed = latest_needed or not held[ARGV[i]]
+    latest_needed = latest_needed or not ids_read[ARGV[i]]
   end
   found[3] = after
 end
@@ -1643,10 +1643,10 @@ class RedisRelay:
         histories = {}
         for client, since in joiners:
             after = found.after.get(since or "", [])
-            held = bool(after) and after[0][0] == since
-            kept = after[1:] if held else found.latest
+            since_found = bool(after) and after[0][0] == since
+            kept = after[1:] if since_found else found.latest
             last = max(stream_order(kept[-1][0]) if kept else (0, 0), newest)
-            if held:
+            if since_found:
                 last = max(last, stream_order(since or ""))
             since_then = [
                 (i, frame.decode())
@@ -1660,7 +1660,8 @@ class RedisRelay:
                     if stream_order(message_id) <= state.shown_upto
                 ]
             )
-            histories[client] = (history, since is not None and (cut or not held))
+            missed = since is not None and (cut or not since_found)
+            histories[client] = (history, missed)
         return histories
 
     async def share_presence(self, room: Room) -> None:
@@ -2352,11 +2353,13 @@ app.add_middleware(ServerClosedIsGone)
 import socket
 import struct
 
-from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import (
     WebSocketsSansIOProtocol,
 )
 from websockets.frames import Frame
+
+if TYPE_CHECKING:  # a private module of uvicorn's: for the type checker alone
+    from uvicorn._types import ASGIReceiveEvent
 
 
 # uvicorn's websockets-sansio parses all it reads at once, 250 KB a read, read after
