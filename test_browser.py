@@ -389,16 +389,25 @@ MAX_SHOWN_MESSAGES = 1000
 SENDERS = range(2, 13)  # a burst of 100 each, as flood control allows: 1,100 in all
 
 
+def room_frame(text: str) -> str:
+    return json.dumps({"text": text})
+
+
 @pytest.mark.parametrize(
-    ("query", "path", "frame"),
+    ("query", "path", "frame", "ids_kept"),
     [
-        ("?endpoint=chat&client_id=1", "/chat/{}", str),
-        ("?endpoint=rooms&room=lobby&client_id=1", "/rooms/lobby/{}", None),
+        ("?endpoint=chat&client_id=1", "/chat/{}", str, 0),
+        (
+            "?endpoint=rooms&room=lobby&client_id=1",
+            "/rooms/lobby/{}",
+            room_frame,
+            MAX_SHOWN_MESSAGES,
+        ),
     ],
     ids=["chat", "rooms"],
 )
 def test_a_tab_shows_its_latest_messages_and_lets_the_oldest_go(
-    open_tab, server: Server, query: str, path: str, frame
+    open_tab, server: Server, query: str, path: str, frame, ids_kept: int
 ) -> None:
     page = open_tab(query)
 
@@ -413,9 +422,7 @@ def test_a_tab_shows_its_latest_messages_and_lets_the_oldest_go(
             for sender, client in zip(SENDERS, clients):
                 for n in range(100):
                     text = f"{sender}-{n}"
-                    await client.send(
-                        frame(text) if frame else json.dumps({"text": text})
-                    )
+                    await client.send(frame(text))
             for client in clients:  # until each has had the last sender's last
                 while f"{SENDERS[-1]}-99" not in await client.recv():
                     pass
@@ -427,7 +434,7 @@ def test_a_tab_shows_its_latest_messages_and_lets_the_oldest_go(
     texts = shown.all_text_contents()
     assert not any(text.endswith(f" {SENDERS[0]}-0") for text in texts)
     # What a room page keeps of the ids it has shown goes with the messages.
-    assert page.evaluate("shownIds.size") == (0 if frame else MAX_SHOWN_MESSAGES)
+    assert page.evaluate("shownIds.size") == ids_kept
 
 
 # --- Step 5: rooms ------------------------------------------------------------------------

@@ -748,8 +748,8 @@ PREFIXES = ("You wrote: ", "Client #1 says: ")
 def test_a_long_message_counts_as_one_more_for_each_kib(
     client: TestClient, flood_rule
 ) -> None:
-    # 64 KiB each, at the flood rate, would cost a compressed chat 90 times the CPU of
-    # short messages: 4 KiB counts as 5, and the second message is past the burst.
+    # 64 KiB ones at the message rate took all of the server's CPU (run BE). 4 KiB
+    # counts as 5: the first spends the burst, and the third waits out the second's 5.
     sent = [f"{i} " + "x" * 4096 for i in range(4)]
     heard_at: list[float] = []
     with client.websocket_connect("/chat/1") as sender:
