@@ -425,9 +425,11 @@ def raw_handshake(
     origin: str | None = None,
     rcvbuf: int | None = None,
     host: str | None = None,
+    headers: tuple[str, ...] = (),
 ) -> tuple[socket.socket, bytes]:
     """Open a WebSocket by hand; return the socket and the server's HTTP response head.
-    `host`: the Host header, as a page's address for the server has it."""
+    `host`: the Host header, as a page's address for the server has it; `headers`, more
+    lines for the request, each "Name: value"."""
     sock = socket.socket()
     if rcvbuf is not None:
         # Set before connect, so the TCP window stays small: the client stalls sooner.
@@ -445,6 +447,7 @@ def raw_handshake(
     )
     if origin is not None:
         head += f"Origin: {origin}\r\n"
+    head += "".join(f"{line}\r\n" for line in headers)
     sock.sendall((head + "\r\n").encode())
     response = b""
     while b"\r\n\r\n" not in response:

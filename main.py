@@ -1,6 +1,6 @@
 """FastAPI WebSockets, step by step: echo, client ids, a chat, rooms, and several processes.
 
-Python 3.11+; `pip install -r requirements.txt` (FastAPI, uvicorn 0.54 with its standard
+Python 3.11+; `pip install -r requirements.txt` (FastAPI, uvicorn 0.55 with its standard
 extras, redis-py). Follow along with `uvicorn main:app --reload --reload-exclude .venv
 --timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/.
 Beside this file: index.html, that page; README.md: why each flag, the production command
@@ -509,7 +509,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # always a slow client: beside 30 senders, a healthy client's queue filled while its
 # task waited for a turn, and it was cut off after 32 of the 3,000 messages.
 #
-# Giving up a write relies on uvicorn's --ws websockets-sansio (uvicorn 0.54's default;
+# Giving up a write relies on uvicorn's --ws websockets-sansio (uvicorn 0.55's default;
 # the commands in this file and the README name it anyway): its send waits for room
 # before it writes, so a write given up has sent nothing. --ws websockets writes, then
 # waits: a write given up would reach the client twice, now and from its backlog, so
@@ -2082,7 +2082,7 @@ else:
 # from another site's page, connect with the user's cookies. Measured: one client sending
 # 20,000 messages held another writer's up by 6.6 to 9.6 s (p99) before flood control.
 
-# What the file relies on in uvicorn 0.54, each where the file says why, and the test
+# What the file relies on in uvicorn 0.55, each where the file says why, and the test
 # that fails if an upgrade changes it:
 # - under --ws websockets, a write is sent before it waits: the app refuses to start
 #   (test_server.py:
@@ -2105,7 +2105,10 @@ else:
 #   frames, close_sent, handle_parser_exception, run_asgi and keepalive_timeout
 #   (SansIOBounded; test_server.py: the tests from
 #   test_a_client_flooding_pings_or_pongs_is_closed_with_1008 on, and
-#   test_a_client_cut_off_that_never_reads_is_dropped).
+#   test_a_client_cut_off_that_never_reads_is_dropped);
+# - it answers a handshake too big for websockets to parse with 431, and closes it:
+#   0.54 kept it open, unanswered (test_server.py:
+#   test_a_handshake_too_big_to_parse_is_answered_431_and_closed).
 
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
 # 65536` in the README's production command.
@@ -2317,7 +2320,7 @@ def origin_allowed(origin: str | None, host: str) -> bool:
     return {page.hostname, server.hostname} <= LOOPBACK_HOSTS and same_port
 
 
-# How uvicorn 0.54 ends the RuntimeError it raises for a message sent after its close.
+# How uvicorn 0.55 ends the RuntimeError it raises for a message sent after its close.
 UVICORN_SENT_AFTER_CLOSE = "after sending 'websocket.close'."
 
 

@@ -1259,6 +1259,30 @@ def test_a_header_that_never_ends_is_refused_before_it_fills_the_server(
         server.stop()
 
 
+# What the websockets library parses a handshake with: lines of 8 KiB at most, and 128
+# headers. A browser whose cookies for the host come to more sends such a one.
+TOO_BIG_FOR_THE_HANDSHAKE = {
+    "a 9 KB cookie": (f"Cookie: session={'a' * 9000}",),
+    "200 headers": tuple(f"X-Header-{n}: a" for n in range(200)),
+}
+
+
+@pytest.mark.parametrize(
+    "headers", TOO_BIG_FOR_THE_HANDSHAKE.values(), ids=list(TOO_BIG_FOR_THE_HANDSHAKE)
+)
+def test_a_handshake_too_big_to_parse_is_answered_431_and_closed(
+    server: Server, headers: tuple[str, ...]
+) -> None:
+    # uvicorn 0.54 logged a 431, sent nothing, and kept the connection: a page stayed
+    # "connecting", and 2,000 such handshakes held 2,000 of the server's files.
+    sock, head = raw_handshake(server.port, "/chat/1", headers=headers)
+    with sock:
+        assert head.startswith(b"HTTP/1.1 431"), head
+        sock.settimeout(2)
+        while sock.recv(4096):  # its body, then the end of the connection
+            pass
+
+
 def test_a_huge_post_is_answered_before_its_body_is_read(tmp_path: Path) -> None:
     server = start_server(
         tmp_path / "uvicorn.log", options=production_options(), ANNOUNCE_TOKEN="s3cret"
