@@ -89,9 +89,9 @@ async def get() -> FileResponse:
 #   that reads nothing; close_on_websocket_exception uses it for any WebSocketException;
 # - GONE: the errors a write to a client that has gone raises. ServerClosedIsGone makes
 #   a write to a connection uvicorn closed itself raise one too: no traceback for either;
+#   ClientFaultsAsWarnings logs what else a client causes as one line, not a traceback;
 # - SansIOBounded, run by the README's production command, bounds what uvicorn parses
 #   for the app, and drops a client still open 5 s after its handler has ended.
-#
 # Close codes, as the page shows them: 1000 normal; 1003 binary; 1006 dropped, or a
 # refused handshake; 1007 not UTF-8, or not step 5's JSON; 1008 flooding, or too slow;
 # 1009 over 64 KiB; 1011 server error; 1012 restart; 1013 try later; 4000 taken over.
@@ -102,10 +102,9 @@ async def get() -> FileResponse:
 # Try it: http://127.0.0.1:8000/?endpoint=echo, then send "hi": "Message text was: hi".
 # Or, without the page, any step's path in a terminal, with the client the websockets
 # package comes with: `python -m websockets ws://127.0.0.1:8000/ws` (it sends no Origin).
-# The tutorials' loop, with the tab's close caught, as the first tutorial does from its
-# first example, and the second from its second. The guards above apply to it all the
-# same: a binary frame, say, closes it with 1003, where the tutorials' code would raise
-# a KeyError.
+# The tutorials' loop, with WebSocketDisconnect caught, as both tutorials end up doing.
+# The guards above apply to it all the same: a binary frame, say, closes it with 1003,
+# where the tutorials' code would raise a KeyError.
 
 
 @app.websocket("/ws")
@@ -145,10 +144,9 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # client_id=2. Each tab sees what the other writes, and its own messages twice: "You
 # wrote: hi" to it alone, then "Client #1 says: hi" to all, as in FastAPI's docs. Open
 # client_id=1 in a third tab, and the first tab is closed with 4000: one id, one
-# connection. The chat is at /chat/{client_id}: the second tutorial has it at
-# /ws/{client_id}, the path of its own step 2; of two routes on one path, the first
-# wins, so that tutorial's chat never runs. /chat/ is the first tutorial's chat, with no
-# ids.
+# connection. The chat is at /chat/{client_id}, not the second tutorial's
+# /ws/{client_id}, which step 2 has: the first route on a path wins. /chat/ is the first
+# tutorial's chat, with no ids.
 #
 # The tutorials' ConnectionManager keeps a list of WebSockets, and its broadcast writes
 # to each in turn, waiting for each write to finish:
@@ -169,7 +167,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #
 # Ours keeps the second tutorial's four methods, by name and in order. Some of their
 # arguments change: the comment above the class says how. Its broadcast never waits for
-# a client's socket. It queues the message, and one task writes it to every client:
+# a client's socket. It adds the message to a batch, and one task writes the batch to
+# every client:
 # - a client whose socket has room gets it at once;
 # - a client whose socket is full gets it later, from a queue of its own (its Backlog),
 #   as the socket drains;
@@ -178,29 +177,18 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   is closed with 1008, "Too slow: over 100 messages behind", behind what its buffers
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
-# In bench.py, with 10,000 clients, this cost 0.95x to 1.15x the tutorials' CPU per
-# delivery, across runs AE to BD.
+# In bench.py, with 10,000 clients, this cost 1.05x the tutorials' CPU per delivery in
+# run BD (0.95x to 1.15x across runs AE to BD, on a shared machine).
 #
-# Words this step uses, in its code and in the log:
-# - the batch: what has been said and not yet written, which one task writes to all;
-# - a client's backlog: what it is yet to be sent, while its socket is full;
-# - cut off: taken out of the chat by the server, and closed with a code and a reason;
-# - quiet: closed by the server without the others being told (taken over; a restart);
-# - LocalChat: this process's clients of a chat, and the batch; the manager holds one;
-# - the relay: what carries the manager's messages; in one process, DeliverHere.
-#
-# First the manager, in the tutorials' shape; then what it is made of (the Client, the
-# relay's interface and its default, LocalChat), and the endpoints. How the batch
-# reaches everyone (deliver_batches, the Backlog) is "Step 3, continued", after the
-# endpoints. FloodControl, close_or_give_up and GONE are guards, after the steps.
+# First the manager, in the tutorials' shape; then what it is made of, and the
+# endpoints; then "Step 3, continued": how the batch reaches everyone.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 TURNS_TO_SEE_A_DRAIN = 3  # of the event loop: uvloop needs 2, asyncio's own loop 3
 FULL_BATCH_MESSAGES = 100  # not a cap: a sender that leaves this many to write waits
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
-# A client's id is in each of its messages, and in the notice when it leaves: one of
-# 4,300 digits, the most pydantic parses, would make each 4 KB. Past 2**53 - 1, a page's
-# JavaScript holds a number inexactly: that is the bound, either way.
+# A page's JavaScript holds a number exactly up to 2**53 - 1. The bound keeps ids short
+# too: each message names its sender, and pydantic parses up to 4,300 digits.
 MAX_CLIENT_ID = 2**53 - 1
 ClientId = Annotated[int, Path(ge=-MAX_CLIENT_ID, le=MAX_CLIENT_ID)]
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
@@ -225,8 +213,7 @@ SERVER_ERROR = "Server error: try again later"
 #   would replace to carry the chat between processes. Here it is DeliverHere, which
 #   puts the message in this process's batch.
 # - say() does FastAPI's docs' two sends, "You wrote: ..." to the writer, then the
-#   message to everyone, through the relay: why, above DeliverHere. The chat endpoint
-#   calls it; send_personal_message() stays, as in the tutorials, for sends of your own.
+#   message to everyone: why, above ChatRelay. send_personal_message() stays, for yours.
 class ConnectionManager:
     def __init__(self) -> None:
         self.chat = LocalChat()  # who is connected here, and the delivery to them
@@ -313,10 +300,6 @@ class Client:
             await close_or_give_up(self.websocket, self.close_code, self.close_reason)
 
 
-# The relay carries the manager's messages. In one process, DeliverHere hands each one
-# straight to the manager's LocalChat. Another relay could carry them to other
-# processes first.
-#
 # The manager calls the relay's three methods: join, publish and say, each with its
 # LocalChat. The relay calls the LocalChat's: enter() to let a client in (and leave()
 # if its join then fails), add_to_batch() to queue a message for everyone, or for one
@@ -351,8 +334,6 @@ class DeliverHere:
         await self.publish(chat, text)
 
 
-# Who is connected here, and the batch of what was said, which one task writes to them
-# all ("Step 3, continued"). The manager holds one; a relay, above, calls it too.
 class LocalChat:
     """This process's clients of one chat, and the delivery to them."""
 
@@ -485,13 +466,12 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    order (the very strings everyone is sent: a reference each). Its own task,
 #    write_backlog, writes them as its socket drains.
 # 3. With 100 in its backlog (MAX_BACKLOG_MESSAGES) and one more to add, the delivery
-#    first checks that the client's socket holds it up, not a busy server: if the
-#    backlog's task has not had a turn to write yet, the server is busy, and the
-#    delivery waits for that turn. If the task's write waits on the socket, the delivery
-#    gives it three turns of the event loop: if the loop sees the socket drain in one,
-#    it wakes the task in the next, to write. If it still waits, the client is cut off:
-#    out of the chat, its backlog dropped, the others told it left, and closed with
-#    1008, "Too slow: over 100 messages behind".
+#    checks that the client's socket holds it up, not a busy server. If the backlog's
+#    task has not yet had a turn to write, the server is busy: the delivery waits for
+#    that turn. If the task's write waits on the socket, the delivery gives it three
+#    turns of the event loop, as many as a drain takes to wake it. If it still waits,
+#    the client is cut off: out of the chat, its backlog dropped, the others told it
+#    left, and closed with 1008, "Too slow: over 100 messages behind".
 # 4. That close frame waits behind what its buffers hold, for 5 s at most: read within
 #    them, it gets those messages, then the 1008; read later, at most those messages,
 #    then a drop (1006, to a page). Its page reconnects, to a chat that has gone on. One
@@ -513,7 +493,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # the commands in this file and the README name it anyway): its send waits for room
 # before it writes, so a write given up has sent nothing. --ws websockets writes, then
 # waits: a write given up would reach the client twice, now and from its backlog, so
-# under it the app refuses to start (refuse_writes_that_cannot_be_given_up, below).
+# under it the app refuses to start (refuse_to_start_under_ws_websockets, below).
 
 
 class Backlog:
@@ -521,9 +501,9 @@ class Backlog:
 
     def __init__(self) -> None:
         self.messages: collections.deque[str] = collections.deque()
-        self.had_a_turn = asyncio.Event()  # its task took a message out, or it left
+        self.had_a_turn = asyncio.Event()  # its task took one out or ended, or it left
         self.task: asyncio.Task[None] | None = None
-        self.write_waiting = False  # its task's write waits: the client is not reading
+        self.write_waiting = False  # its task's write waits for the socket to drain
 
 
 # What everyone is sent of a batch, and, by client, what those with messages
@@ -654,9 +634,8 @@ def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
 
 
 @contextlib.asynccontextmanager
-async def refuse_writes_that_cannot_be_given_up(_app: FastAPI) -> AsyncIterator[None]:
-    # By start-up, uvicorn has imported the WebSocket implementation it runs. Only
-    # --ws websockets writes, then waits; websockets-sansio and wsproto wait, then write.
+async def refuse_to_start_under_ws_websockets(_app: FastAPI) -> AsyncIterator[None]:
+    # By start-up, uvicorn has imported the WebSocket implementation it runs.
     if "uvicorn.protocols.websockets.websockets_impl" in sys.modules:
         raise RuntimeError(
             "Run this app with --ws websockets-sansio: under --ws websockets, a chat "
@@ -667,7 +646,7 @@ async def refuse_writes_that_cannot_be_given_up(_app: FastAPI) -> AsyncIterator[
 
 # A router's lifespan, once the router is included, is merged into the app's: it runs at
 # start-up, and uvicorn exits if it fails.
-app.include_router(APIRouter(lifespan=refuse_writes_that_cannot_be_given_up))
+app.include_router(APIRouter(lifespan=refuse_to_start_under_ws_websockets))
 
 # --- Step 4, in FastAPI's docs, not the tutorials: "Using Depends and others" --------------
 #
@@ -729,7 +708,8 @@ async def item_endpoint(
 # The protocol, JSON text frames. From the server: a `welcome` first (the room, the
 # client's id, the members, the history, whether some was missed); then each `message`
 # ({"id", "client_id", "text"}, to everyone, the sender too), and `joined` and `left`
-# ({"client_ids": [...]}). From the client: {"text": T}; other text closes with 1007.
+# ({"client_ids": [...]}). From the client: {"text": T}, T a string, not empty; other
+# keys are ignored. Anything else closes with 1007.
 #
 # How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
@@ -1141,7 +1121,7 @@ def compact_json(value: object) -> str:
 
 
 async def receive_json_text(websocket: WebSocket) -> str:
-    """The text of a step 5 message, {"text": T}; anything else closes with 1007."""
+    """The text of a step 5 message, {"text": T}, other keys ignored; else 1007."""
     data = await receive_chat_text(websocket)
     try:
         message = json.loads(data)
