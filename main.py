@@ -103,8 +103,8 @@ async def get() -> FileResponse:
 # Or, without the page, any step's path in a terminal, with the client the websockets
 # package comes with: `python -m websockets ws://127.0.0.1:8000/ws` (it sends no Origin).
 # The tutorials' loop, with WebSocketDisconnect caught, as both tutorials end up doing.
-# The guards above apply to it all the same: a binary frame, say, closes it with 1003,
-# where the tutorials' code would raise a KeyError.
+# The guards above that wrap the app apply to it all the same: a binary frame, say,
+# closes it with 1003, where the tutorials' code would raise a KeyError.
 
 
 @app.websocket("/ws")
@@ -160,7 +160,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   it waits: so do the broadcast and its sender, until every sender is stuck there. In
 #   bench.py, with one such client among 30 senders of 100 messages each, a healthy
 #   client of the tutorials' chat received 114 of the 3,000 messages, then nothing. Of
-#   this chat's, it received all 3,000 (run BD).
+#   this chat's, it received all 3,000 (run BF).
 # - A write to a client that has gone raises in the sender's handler: the sender is
 #   taken out of the chat, and the client that has gone stays in until its own
 #   handler hears that it left.
@@ -177,15 +177,15 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   is closed with 1008, "Too slow: over 100 messages behind", behind what its buffers
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
-# In bench.py, with 10,000 clients, this cost 1.05x the tutorials' CPU per delivery in
-# run BD (0.95x to 1.15x across runs AE to BD, on a shared machine).
+# In bench.py, with 10,000 clients, this cost 0.98x the tutorials' CPU per delivery in
+# run BF (0.95x to 1.15x across runs AE to BF, on a shared machine).
 #
 # First the manager, in the tutorials' shape; then what it is made of, and the
 # endpoints; then "Step 3, continued": how the batch reaches everyone.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 TURNS_TO_SEE_A_DRAIN = 3  # of the event loop: uvloop needs 2, asyncio's own loop 3
-FULL_BATCH_MESSAGES = 100  # not a cap: a sender that leaves this many to write waits
+BATCH_BACKPRESSURE_MESSAGES = 100  # a sender that leaves this many to write waits
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 # A page's JavaScript holds a number exactly up to 2**53 - 1. The bound keeps ids short
 # too: each message names its sender, and pydantic parses up to 4,300 digits.
@@ -367,10 +367,10 @@ class LocalChat:
         client.cut_off_scope.cancel()
 
     async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None). A sender that leaves FULL_BATCH_MESSAGES or more
-        in the batch waits until the delivery task has written that batch."""
+        """To one client, or all (None). A sender that leaves BATCH_BACKPRESSURE_MESSAGES
+        or more in the batch waits until the delivery task has written that batch."""
         self.add_to_batch_nowait(to, message)
-        if len(self.batch) >= FULL_BATCH_MESSAGES:
+        if len(self.batch) >= BATCH_BACKPRESSURE_MESSAGES:
             await self.batch_written.wait()
 
     def add_to_batch_nowait(self, to: Client | None, message: str) -> None:
@@ -444,9 +444,9 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # what was said while the one before it was being written: in a quiet chat, one message
 # (and, for a writer, its "You wrote").
 # As one task writes every message, everyone gets them in the same order. A sender adds
-# its message, then waits if the batch holds 100 (FULL_BATCH_MESSAGES) or more, until
-# that batch is written. So a batch never holds more than 100 messages, plus one from
-# each sender now waiting. What must not wait goes in with add_to_batch_nowait, outside
+# its message, then waits if the batch holds 100 or more (BATCH_BACKPRESSURE_MESSAGES),
+# until that batch is written. So a batch never holds more than 100 messages, plus one
+# from each sender now waiting. What must not wait goes in with add_to_batch_nowait, outside
 # that bound.
 #
 # The path of a message, through the functions below:
@@ -726,9 +726,9 @@ async def item_endpoint(
 ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
 WELCOME_HISTORY_MESSAGES = 50  # of the latest, in a welcome without `since`
 HISTORY_MESSAGES = 500  # a room keeps at most this many messages,
-# and this many bytes, as sent; a welcome at most too, with room left for its members:
-# it is one frame, which the websockets library (`python -m websockets` too) refuses
-# past 1 MiB by default, closing with 1009.
+# and this many bytes, as sent; a welcome at most too. A welcome is one frame, which the
+# websockets library (`python -m websockets` too) refuses past 1 MiB by default (1009):
+# that leaves 256 KiB for its members, 15,000 of the longest ids.
 HISTORY_BYTES = 768 * 1024
 ALL_HISTORY_BYTES = 256 * 1024 * 1024  # all rooms: past it, the least active forget
 MAX_ROOMS = 1000  # with someone in each; past it, 1013 (an empty one makes room)
@@ -1202,9 +1202,10 @@ async def room_endpoint(
 # - a publish Redis does not take gets no "You wrote": so it is sent once Redis has the
 #   message, and may come after the message itself, back from the channel.
 # A message from the channel joins a batch without waiting (add_to_batch_nowait): the
-# subscription must be read on. So through Redis, a full batch (FULL_BATCH_MESSAGES)
-# holds up nobody's message. It holds up only a chat sender's own "You wrote", in its
-# own process. Other senders wait for Redis to take their messages, and no longer.
+# subscription must be read on. So through Redis, a batch past the backpressure bound
+# (BATCH_BACKPRESSURE_MESSAGES) holds up nobody's message. It holds up only a chat
+# sender's own "You wrote", in its own process. Other senders wait for Redis to take
+# their messages, and no longer.
 
 # Imported here, not at the top, to show that steps 1 to 5 use no Redis: a copy of them
 # leaves these lines behind, and needs no redis-py; this whole file does need it.
@@ -2151,7 +2152,7 @@ def refuse_what_no_handler_takes(message: Message) -> None:
 # A token bucket: FLOOD_BURST_MESSAGES at once, then FLOOD_MESSAGES_PER_S, a long
 # message counting as several: one client's 64 KiB messages, 10 a second, to 100
 # readers that asked for compression (as browsers do) took all of the server's CPU,
-# 1.00 s a second (run BE); counted so, 0.14 s (run BD). A flooder's next messages wait
+# 1.00 s a second (run BE); counted so, 0.14 s (run BF). A flooder's next messages wait
 # in its own connection, unread by its handler: it slows itself, not the room.
 class FloodControl:
     """Slows a client down to the rate; slowed too often in a row, it is closed: 1008."""

@@ -392,7 +392,7 @@ def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> No
         backlog = a_full_backlog_whose_task_has_had_no_turn(behind)
         filling = [
             asyncio.ensure_future(manager.broadcast(f"message {i}"))
-            for i in range(main.FULL_BATCH_MESSAGES)
+            for i in range(main.BATCH_BACKPRESSURE_MESSAGES)
         ]
         await turns_of_the_event_loop()
         filled = not filling[-1].done()  # its message made the batch 100 long
