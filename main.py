@@ -237,7 +237,7 @@ class ConnectionManager:
         await self.chat.add_to_batch(client, message)
 
     async def broadcast(self, message: str) -> bool:
-        """To everyone, the sender too, queued; False if the relay did not take it."""
+        """To every client, queued; False if the relay did not take it."""
         return await self.relay.publish(self.chat, message)
 
     async def say(self, client: Client, ack: str, text: str) -> None:
@@ -728,7 +728,7 @@ WELCOME_HISTORY_MESSAGES = 50  # of the latest, in a welcome without `since`
 HISTORY_MESSAGES = 500  # a room keeps at most this many messages,
 # and this many bytes, as sent; a welcome at most too. A welcome is one frame, which the
 # websockets library (`python -m websockets` too) refuses past 1 MiB by default (1009):
-# that leaves 256 KiB for its members, 15,000 of the longest ids.
+# that leaves 256 KiB for its members: 14,500 ids of 16 digits and a sign.
 HISTORY_BYTES = 768 * 1024
 ALL_HISTORY_BYTES = 256 * 1024 * 1024  # all rooms: past it, the least active forget
 MAX_ROOMS = 1000  # with someone in each; past it, 1013 (an empty one makes room)
