@@ -446,8 +446,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # As one task writes every message, everyone gets them in the same order. A sender adds
 # its message, then waits if the batch holds 100 or more (BATCH_BACKPRESSURE_MESSAGES),
 # until that batch is written. So a batch never holds more than 100 messages, plus one
-# from each sender now waiting. What must not wait goes in with add_to_batch_nowait, outside
-# that bound.
+# from each sender now waiting. What must not wait goes in with add_to_batch_nowait,
+# outside that bound.
 #
 # The path of a message, through the functions below:
 #
