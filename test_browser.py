@@ -331,6 +331,27 @@ def test_a_refused_handshake_is_given_up_after_a_few_attempts(
     assert server.log().count('"WebSocket /items/foo/ws" 403') == 5
 
 
+# Chromium keeps up to 4 KB a cookie, and sends a host's cookies in one Cookie line: these
+# make 12 KB, past the 8 KiB a line of a WebSocket handshake may hold (websockets' rule).
+BIG_COOKIES, COOKIE_BYTES = 3, 4000
+
+
+def test_a_page_whose_cookies_are_too_big_for_a_handshake_is_told_it_was_refused(
+    browser: "Browser", server: Server
+) -> None:
+    # uvicorn 0.54 logged a 431 and sent nothing: the page said "connecting" for good.
+    context = browser.new_context(viewport=TAB_SIZE)
+    try:
+        cookie = {"value": "a" * COOKIE_BYTES, "url": server.http_url}
+        context.add_cookies([{"name": f"c{n}", **cookie} for n in range(BIG_COOKIES)])
+        page = context.new_page()
+        page.goto(f"{server.http_url}/?endpoint=chat&client_id=1")
+        expect(page.locator("#status")).to_contain_text("code 1006; retrying in")
+    finally:
+        context.close()
+    wait_for_log(server, "431 Request Header Fields Too Large")
+
+
 def test_depends_step_from_its_link(open_tab) -> None:
     page = open_tab("?endpoint=items&item_id=foo&token=some-key-token")
     expect(page.locator("#status")).to_have_text("connected (/items/foo/ws)")
