@@ -63,9 +63,12 @@ def open_tab(browser: "Browser", server: Server) -> Iterator:
         clock: bool = False,
         port: int | None = None,
         count_closes: bool = False,
+        cookies: tuple[dict, ...] = (),
     ) -> "Page":
         context = browser.new_context(viewport=TAB_SIZE)
         contexts.append(context)
+        if cookies:
+            context.add_cookies(list(cookies))
         page = context.new_page()
         if count_closes:
             page.add_init_script(COUNT_CLOSES)
@@ -337,18 +340,13 @@ BIG_COOKIES, COOKIE_BYTES = 3, 4000
 
 
 def test_a_page_whose_cookies_are_too_big_for_a_handshake_is_told_it_was_refused(
-    browser: "Browser", server: Server
+    open_tab, server: Server
 ) -> None:
     # uvicorn 0.54 logged a 431 and sent nothing: the page said "connecting" for good.
-    context = browser.new_context(viewport=TAB_SIZE)
-    try:
-        cookie = {"value": "a" * COOKIE_BYTES, "url": server.http_url}
-        context.add_cookies([{"name": f"c{n}", **cookie} for n in range(BIG_COOKIES)])
-        page = context.new_page()
-        page.goto(f"{server.http_url}/?endpoint=chat&client_id=1")
-        expect(page.locator("#status")).to_contain_text("code 1006; retrying in")
-    finally:
-        context.close()
+    cookie = {"value": "a" * COOKIE_BYTES, "url": server.http_url}
+    cookies = tuple({"name": f"c{n}", **cookie} for n in range(BIG_COOKIES))
+    page = open_tab("?endpoint=chat&client_id=1", connected=False, cookies=cookies)
+    expect(page.locator("#status")).to_contain_text("code 1006; retrying in")
     wait_for_log(server, "431 Request Header Fields Too Large")
 
 
