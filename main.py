@@ -203,8 +203,8 @@ SERVER_ERROR = "Server error: try again later"
 #   nothing checks that a client is who its id says: a real app would, with a
 #   dependency, as FastAPI's docs show, before anyone can take another's id over.
 # - connect() takes the client's id too (None in the anonymous chat), and returns a
-#   Client, the manager's record of a connection, which disconnect() and
-#   send_personal_message() take where the tutorials take the WebSocket.
+#   Client, the manager's record of a connection, which disconnect() takes where the
+#   tutorials take the WebSocket. send_personal_message() takes the WebSocket, as theirs.
 # - disconnect() tells the others who left, where the tutorials' endpoint broadcasts it:
 #   several who leave at once get one notice.
 # - send_personal_message() and broadcast() do not write: they put the message in the
@@ -233,8 +233,8 @@ class ConnectionManager:
         if not client.quiet:
             self.announce_leaving(client)
 
-    async def send_personal_message(self, message: str, client: Client) -> None:
-        await self.chat.add_to_batch(client, message)
+    async def send_personal_message(self, message: str, websocket: WebSocket) -> None:
+        await self.chat.add_to_batch(websocket, message)
 
     async def broadcast(self, message: str) -> bool:
         """To every client, queued; False if the relay did not take it."""
@@ -330,7 +330,7 @@ class DeliverHere:
         return True
 
     async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
-        await chat.add_to_batch(client, ack)
+        await chat.add_to_batch(client.websocket, ack)
         await self.publish(chat, text)
 
 
@@ -339,7 +339,7 @@ class LocalChat:
 
     def __init__(self) -> None:
         self.active_connections: dict[int, Client] = {}  # by Client.key: one each
-        self.batch: list[tuple[Client | None, str]] = []  # see `add_to_batch`
+        self.batch: list[tuple[WebSocket | None, str]] = []  # see `add_to_batch`
         self.batch_written = asyncio.Event()  # set once the delivery is through it
         self.deliverer: asyncio.Task[None] | None = None
 
@@ -366,14 +366,14 @@ class LocalChat:
         client.close_code, client.close_reason, client.quiet = code, reason, quiet
         client.cut_off_scope.cancel()
 
-    async def add_to_batch(self, to: Client | None, message: str) -> None:
-        """To one client, or all (None). A sender that leaves BATCH_BACKPRESSURE_MESSAGES
-        or more in the batch waits until the delivery task has written that batch."""
+    async def add_to_batch(self, to: WebSocket | None, message: str) -> None:
+        """To one client's WebSocket, or all (None). A sender that leaves
+        BATCH_BACKPRESSURE_MESSAGES or more in it waits until that batch is written."""
         self.add_to_batch_nowait(to, message)
         if len(self.batch) >= BATCH_BACKPRESSURE_MESSAGES:
             await self.batch_written.wait()
 
-    def add_to_batch_nowait(self, to: Client | None, message: str) -> None:
+    def add_to_batch_nowait(self, to: WebSocket | None, message: str) -> None:
         self.batch.append((to, message))
         if self.deliverer is None:
             self.deliverer = asyncio.create_task(deliver_batches(self))
@@ -506,9 +506,9 @@ class Backlog:
         self.write_waiting = False  # its task's write waits for the socket to drain
 
 
-# What everyone is sent of a batch, and, by client, what those with messages
+# What everyone is sent of a batch, and, by WebSocket, what those with messages
 # of their own ("You wrote") are sent: theirs and everyone's, in order.
-Outgoing = tuple[list[str], dict[Client, list[str]]]
+Outgoing = tuple[list[str], dict[WebSocket, list[str]]]
 
 
 async def deliver_batches(chat: LocalChat) -> None:
@@ -553,7 +553,7 @@ async def write_without_waiting(
             for client in clients:
                 if chat.active_connections.get(client.key) is not client:
                     continue  # it left, or was taken over, while a backlog waited
-                messages, written = own.get(client, everyone), 0
+                messages, written = own.get(client.websocket, everyone), 0
                 if client.backlog is not None:
                     return client, messages  # behind already: after its backlog
                 for message in messages:
@@ -618,9 +618,9 @@ async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> No
 # client's messages then go out back to back. Written message by message, to everyone in
 # turn, bench.py's burst (one client's 100 messages, to 1,000 clients) cost 1.00x the
 # tutorials' CPU per delivery, where this costs 0.48x (runs V and W, the same hour).
-def by_recipient(batch: list[tuple[Client | None, str]]) -> Outgoing:
+def by_recipient(batch: list[tuple[WebSocket | None, str]]) -> Outgoing:
     everyone: list[str] = []
-    own: dict[Client, list[str]] = {}
+    own: dict[WebSocket, list[str]] = {}
     for to, message in batch:
         if to is None:
             everyone.append(message)
@@ -1058,7 +1058,7 @@ class RoomManager:
             if room.chat.active_connections.get(client.key) is client:
                 history, missed = histories[client]
                 frame = welcome(room, client, sorted(present), history, missed)
-                room.chat.add_to_batch_nowait(client, frame)
+                room.chat.add_to_batch_nowait(client.websocket, frame)
         # Joining until welcomed: after a bug before this, keep_the_door closes them.
         room.joining = [joiner for joiner in room.joining if joiner not in joiners]
         room.joiners_let_in.set()
@@ -1091,7 +1091,7 @@ def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) 
             notice = compact_json({"type": kind, "client_ids": sorted(client_ids)})
             for other in others:
                 if room.chat.active_connections.get(other.key) is other:
-                    room.chat.add_to_batch_nowait(other, notice)
+                    room.chat.add_to_batch_nowait(other.websocket, notice)
     room.told = present
 
 
@@ -1528,7 +1528,7 @@ class RedisRelay:
         # "You wrote" only once Redis has the message: a publish can fail. The message
         # may come back through the channel first: here, the ack can follow it.
         if await self.publish(chat, text):
-            await chat.add_to_batch(client, ack)
+            await chat.add_to_batch(client.websocket, ack)
 
     # Step 5's rooms: RoomRelay.
 

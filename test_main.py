@@ -275,6 +275,35 @@ def test_a_replaced_connection_leaving_takes_nothing_else_out_of_the_chat(
         assert second_tab.receive_text() == "Client #1 says: still both here"
 
 
+def test_the_tutorials_send_personal_message_call_reaches_that_client_alone() -> None:
+    # The tutorials write `send_personal_message(message, websocket)`: a reader's own
+    # endpoint, copied from them, must not lose the message without a word.
+    heard: dict[int, list[str]] = {1: [], 2: []}
+
+    def writing_to(client_id: int):
+        async def send(message: Message) -> None:
+            heard[client_id].append(message["text"])
+
+        return send
+
+    async def a_personal_message_then_a_broadcast() -> None:
+        manager = main.ConnectionManager()
+        for client_id in heard:
+            client = client_writing_with(writing_to(client_id), client_id)
+            manager.active_connections[client_id] = client
+        websocket = manager.active_connections[1].websocket
+        await manager.send_personal_message("You wrote: hi", websocket)
+        await manager.broadcast("Client #1 says: hi")
+        assert manager.chat.deliverer is not None
+        await manager.chat.deliverer
+
+    run(a_personal_message_then_a_broadcast())
+    assert heard == {
+        1: ["You wrote: hi", "Client #1 says: hi"],
+        2: ["Client #1 says: hi"],
+    }
+
+
 def test_a_client_whose_write_fails_leaves_the_room_and_the_rest_still_hear() -> None:
     heard: list[str] = []
 
@@ -1684,13 +1713,13 @@ def test_a_client_s_own_messages_copy_everyone_s_once() -> None:
 
     writer = run(a_writer())
     batch = [(None, f"message {i}") for i in range(50)]
-    batch += [(writer, f"you wrote {i}") for i in range(50)]
+    batch += [(writer.websocket, f"you wrote {i}") for i in range(50)]
     sys.setprofile(count_c_calls)
     try:
         everyone, own = main.by_recipient(batch)
     finally:
         sys.setprofile(None)
-    assert own[writer] == everyone + [f"you wrote {i}" for i in range(50)]
+    assert own[writer.websocket] == everyone + [f"you wrote {i}" for i in range(50)]
     assert calls.count("list.copy") <= 1
 
 
@@ -1701,10 +1730,11 @@ def test_a_batch_addressed_to_each_client_is_sorted_in_one_pass() -> None:
         return [client_writing_with(Socket().send, n) for n in range(1000)]
 
     clients = run(clients_of_a_room())
-    batch = CountedPasses([(client, "left 7") for client in clients])
-    batch += [(None, "hi all"), (clients[0], "you wrote")]
+    sockets = [client.websocket for client in clients]
+    batch = CountedPasses([(websocket, "left 7") for websocket in sockets])
+    batch += [(None, "hi all"), (sockets[0], "you wrote")]
     everyone, own = main.by_recipient(batch)
     assert CountedPasses.passes == 1
     assert everyone == ["hi all"]
-    assert own[clients[0]] == ["left 7", "hi all", "you wrote"]
-    assert own[clients[1]] == ["left 7", "hi all"]
+    assert own[sockets[0]] == ["left 7", "hi all", "you wrote"]
+    assert own[sockets[1]] == ["left 7", "hi all"]
