@@ -49,6 +49,7 @@ TOO_SLOW = "Too slow: over 100 messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
 FLOODING = "Flooding: over 10 messages (or KiB) a second"
 TOO_MANY_ROOMS = "Too many rooms open (over 1000): try again later"
+ROOM_FULL = "Room full (10000 members): try again later"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
 BINARY_REFUSED = "Binary frames are not supported: send text"
 TOO_BIG = "Message over 65536 bytes"
@@ -57,7 +58,7 @@ SERVER_PAUSED = "Chat unavailable: this server was paused; try again later"
 NOT_SENT = "Chat unavailable: the message was not sent; try again later"
 README_REASONS = (
     *(TOO_SLOW, TAKEN_OVER, FLOODING, TOO_MANY_ROOMS, EXPECTED_JSON, BINARY_REFUSED),
-    *(TOO_BIG, REDIS_DOWN, SERVER_PAUSED, NOT_SENT),
+    *(TOO_BIG, REDIS_DOWN, SERVER_PAUSED, NOT_SENT, ROOM_FULL),
 )
 
 # What the chat says, as patterns for the frames a test names as ones it ignores.

@@ -730,6 +730,7 @@ HISTORY_MESSAGES = 500  # a room keeps at most this many messages,
 # websockets library (`python -m websockets` too) refuses past 1 MiB by default (1009):
 # that leaves 256 KiB for its members: 14,500 ids of 16 digits and a sign.
 HISTORY_BYTES = 768 * 1024
+MAX_ROOM_MEMBERS = 10_000  # with those away and elsewhere; past it, a joiner gets 1013
 ALL_HISTORY_BYTES = 256 * 1024 * 1024  # all rooms: past it, the least active forget
 MAX_ROOMS = 1000  # with someone in each; past it, 1013 (an empty one makes room)
 ROOM_IDLE_S = 600.0  # a room nobody is in is forgotten, history and all, after this
@@ -746,6 +747,7 @@ AWAY_CLOSE_CODES = frozenset(
     {status.WS_1006_ABNORMAL_CLOSURE, status.WS_1008_POLICY_VIOLATION}
 )
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
+ROOM_FULL = f"Room full ({MAX_ROOM_MEMBERS} members): try again later"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
 # A message's id: the room's epoch, in hexadecimal, and a number. Any other `since` is
 # one the room cannot place: ASCII digits only (`\d` takes the Arabic "١" too), no newline
@@ -1043,12 +1045,18 @@ class RoomManager:
     def admit_joiners(
         self, room: Room, joiners: list[Joiner], elsewhere: set[int]
     ) -> None:
-        """Let the joiners in, each with its welcome; tell the others who joined and
-        left. `elsewhere`: members the relay knows of, beyond this process's."""
+        """Let the joiners in, up to MAX_ROOM_MEMBERS, each with its welcome; tell the
+        others who joined and left. `elsewhere`: members the relay knows of, beyond
+        this process's."""
         joiners = [joiner for joiner in joiners if joiner in room.joining]
         histories = self.relay.histories(room, joiners)
         others = list(room.chat.active_connections.values())
+        present = {*room.chat.active_connections, *room.away, *elsewhere}
         for client, _ in joiners:
+            if client.key not in present and len(present) >= MAX_ROOM_MEMBERS:
+                room.chat.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, ROOM_FULL)
+                continue
+            present.add(client.key)
             room.chat.enter(client)  # an older connection with this id gets 4000
             room.let_in.add(client)
         self.update_who_is_away(room)

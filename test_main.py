@@ -33,6 +33,7 @@ from conftest import (
     README,
     README_REASONS,
     REDIS_DOWN,
+    ROOM_FULL,
     TAKEN_OVER,
     TOO_BIG,
     TOO_MANY_ROOMS,
@@ -1271,6 +1272,25 @@ def test_past_max_rooms_a_new_room_is_refused_with_1013(
             assert receive_close(three) == (1013, TOO_MANY_ROOMS)
 
 
+def test_past_max_room_members_a_joiner_is_refused_with_1013(
+    client: TestClient, monkeypatch
+) -> None:
+    # A welcome lists every member in one frame: the bound keeps it within what
+    # clients accept. A member's own id coming back takes over, as ever.
+    monkeypatch.setattr(main, "MAX_ROOM_MEMBERS", 2)
+    with (
+        client.websocket_connect("/rooms/lobby/1") as one,
+        client.websocket_connect("/rooms/lobby/2") as two,
+    ):
+        next_of_type(one, "welcome")
+        next_of_type(two, "welcome")
+        with client.websocket_connect("/rooms/lobby/3") as three:
+            assert receive_close(three) == (1013, ROOM_FULL)
+        with client.websocket_connect("/rooms/lobby/2") as two_again:
+            assert next_of_type(two_again, "welcome")["members"] == [1, 2]
+            assert receive_close(two) == (4000, TAKEN_OVER)
+
+
 def test_a_room_nobody_is_in_forgets_itself(client: TestClient, monkeypatch) -> None:
     monkeypatch.setattr(main, "ROOM_IDLE_S", 0.2)
     with client.websocket_connect("/rooms/lobby/7") as alice:
@@ -1673,6 +1693,7 @@ README_LIMITS = [
     ("`HISTORY_MESSAGES`, `HISTORY_BYTES` | 500, 768 KiB", "HISTORY_BYTES", 768 << 10),
     ("`ALL_HISTORY_BYTES` | 256 MiB", "ALL_HISTORY_BYTES", 256 << 20),
     ("`MAX_ROOMS` | 1,000", "MAX_ROOMS", 1000),
+    ("`MAX_ROOM_MEMBERS` | 10,000", "MAX_ROOM_MEMBERS", 10_000),
     ("`ROOM_IDLE_S` | 600 s", "ROOM_IDLE_S", 600),
     ("for 5 s (`PROCESS_TTL_S`)", "PROCESS_TTL_S", 5),
     ("for 2 s (`REDIS_TIMEOUT_S`)", "REDIS_TIMEOUT_S", 2),
