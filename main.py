@@ -738,14 +738,6 @@ PRESENCE_INTERVAL_S = 0.25  # joiners are let in, and presence told, this often 
 # A dropped client may come back this long before it has left: time enough for a whole
 # server's pages to be back after a network cut (10,000 took 10 to 24 s in bench.py).
 PRESENCE_GRACE_S = 30.0
-# Endings a client did not choose, after which its page comes back by itself: the
-# connection dropped without a close frame (1006: see receive_chat_text), or the server
-# cut it off as too slow (1008). The server's own quiet endings (a restart's 1012) count
-# too: see `client.quiet`. After any other, the client has left: a close frame with no
-# code (a page's ws.close()) too, which uvicorn reports as 1005.
-AWAY_CLOSE_CODES = frozenset(
-    {status.WS_1006_ABNORMAL_CLOSURE, status.WS_1008_POLICY_VIOLATION}
-)
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
 ROOM_FULL = f"Room full ({MAX_ROOM_MEMBERS} members): try again later"
 EXPECTED_JSON = 'Expected a JSON object with a non-empty string "text": {"text": "hi"}'
@@ -928,8 +920,7 @@ class RoomManager:
         room.joining = [(c, since) for c, since in room.joining if c is not client]
         room.chat.leave(client)
         replaced = client.key in room.chat.active_connections  # by a newer one
-        away = client.quiet or client.close_code in AWAY_CLOSE_CODES
-        if was_let_in and not replaced and away:
+        if was_let_in and not replaced and may_come_back(client):
             # Not gone yet: a page that lost its connection, or whose server restarts,
             # is back within seconds, and 10,000 coming back at once would cost a
             # `left` and a `joined` each.
@@ -1086,6 +1077,15 @@ class RoomManager:
             self.call_when_due(
                 room.empty_since + ROOM_IDLE_S, self.forget_if_idle, room
             )
+
+
+def may_come_back(client: Client) -> bool:
+    """Ended in a way it did not choose, after which its page comes back by itself: the
+    connection dropped without a close frame (1006: see receive_chat_text), the server
+    cut it off as too slow, or the server's own quiet ending (see `client.quiet`). A
+    close frame of its own, whatever its code (1005 for a page's ws.close()): it left."""
+    dropped = client.close_code == status.WS_1006_ABNORMAL_CLOSURE
+    return client.quiet or dropped or client.close_reason == TOO_SLOW
 
 
 def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) -> None:
@@ -2113,6 +2113,7 @@ CLOSE_TIMEOUT_S = 5.0  # how long closing a client that reads nothing may take
 MAX_PINGS_AND_PONGS_PER_S = 10  # from one client; one more closes it with 1008
 MAX_MESSAGE_FRAMES = 100  # pieces of one message; one more closes it with 1009
 READ_SLICE_BYTES = 4096  # parsed at a time by SansIOBounded, below
+RESET_AFTER_CLOSE_S = 5.0  # by SansIOBounded: a connection closed, still open this long
 PINGING = f"Flooding: over {MAX_PINGS_AND_PONGS_PER_S} pings and pongs a second"
 TOO_MANY_FRAMES = f"Message in over {MAX_MESSAGE_FRAMES} frames"
 
@@ -2365,8 +2366,8 @@ class SansIOBounded(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio, parsing READ_SLICE_BYTES at a time, none while the
     app has a message to take; closing a client that sends over
     MAX_PINGS_AND_PONGS_PER_S pings and pongs in a second (1008), or a message in over
-    MAX_MESSAGE_FRAMES frames (1009); and dropping a connection CLOSE_TIMEOUT_S after
-    closing it."""
+    MAX_MESSAGE_FRAMES frames (1009); and resetting a connection still open
+    RESET_AFTER_CLOSE_S after closing it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -2402,11 +2403,11 @@ class SansIOBounded(WebSocketsSansIOProtocol):
 
     async def run_asgi(self) -> None:
         await super().run_asgi()  # closes the connection once the app has returned
-        self.drop_unless_closed_in(CLOSE_TIMEOUT_S)
+        self.drop_unless_closed_in(RESET_AFTER_CLOSE_S)
 
     def keepalive_timeout(self) -> None:
         super().keepalive_timeout()  # closes the connection, unanswered
-        self.drop_unless_closed_in(CLOSE_TIMEOUT_S)
+        self.drop_unless_closed_in(RESET_AFTER_CLOSE_S)
 
     def drop_unless_closed_in(self, timeout_s: float) -> None:
         # A closing connection waits until the client has read all it is sent, and one

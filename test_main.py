@@ -1164,6 +1164,21 @@ def test_a_dropped_client_has_a_grace_to_come_back_before_it_has_left(
         assert time.monotonic() - dropped_at >= 1.9
 
 
+@pytest.mark.parametrize("code", [1000, 1008])
+def test_a_client_that_closes_with_a_code_of_its_own_has_left(
+    client: TestClient, code: int
+) -> None:
+    # The server's cut-off of a slow client is 1008 too; a client's own 1008 is not it.
+    with client.websocket_connect("/rooms/lobby/1") as alice:
+        next_of_type(alice, "welcome")
+        with client.websocket_connect("/rooms/lobby/2") as bob:
+            next_of_type(bob, "welcome")
+            next_of_type(alice, "joined")
+            bob.close(code)
+        with client.websocket_connect("/rooms/lobby/3") as carol:
+            assert next_of_type(carol, "welcome")["members"] == [1, 3]
+
+
 def test_a_grace_timer_that_fires_early_still_ends_the_grace(
     client: TestClient, monkeypatch
 ) -> None:
@@ -1289,6 +1304,28 @@ def test_past_max_room_members_a_joiner_is_refused_with_1013(
         with client.websocket_connect("/rooms/lobby/2") as two_again:
             assert next_of_type(two_again, "welcome")["members"] == [1, 2]
             assert receive_close(two) == (4000, TAKEN_OVER)
+
+
+@pytest.mark.parametrize(("bound", "let_in"), [(3, False), (4, True)])
+def test_members_away_and_elsewhere_count_toward_max_room_members(
+    monkeypatch, bound: int, let_in: bool
+) -> None:
+    monkeypatch.setattr(main, "MAX_ROOM_MEMBERS", bound)
+
+    async def a_joiner_beside_one_here_one_away_and_one_elsewhere() -> main.Client:
+        rooms = main.RoomManager()
+        room = rooms.open_room("lobby")
+        room.chat.enter(client_writing_with(Socket().send, 1))
+        room.away[2] = asyncio.get_running_loop().time() + main.PRESENCE_GRACE_S
+        joiner = client_writing_with(Socket().send, 7)
+        room.joining.append((joiner, None))
+        rooms.admit_joiners(room, list(room.joining), elsewhere={5})
+        return joiner
+
+    joiner = run(a_joiner_beside_one_here_one_away_and_one_elsewhere())
+    assert joiner.cut_off_scope.cancel_called is not let_in
+    if not let_in:
+        assert (joiner.close_code, joiner.close_reason) == (1013, ROOM_FULL)
 
 
 def test_a_room_nobody_is_in_forgets_itself(client: TestClient, monkeypatch) -> None:
@@ -1685,6 +1722,7 @@ README_LIMITS = [
     ("Slowed 20 times in a row", "FLOOD_MAX_SLOWED_MESSAGES", 20),
     ("at most 100 messages (`MAX_BACKLOG_MESSAGES`)", "MAX_BACKLOG_MESSAGES", 100),
     ("waits 5 s at most, `CLOSE_TIMEOUT_S`", "CLOSE_TIMEOUT_S", 5),
+    ("resets a connection still open 5 s after", "RESET_AFTER_CLOSE_S", 5),
     ("Over 64 KiB (`MAX_MESSAGE_BYTES`)", "MAX_MESSAGE_BYTES", 64 * 1024),
     ("over 385 KiB (`MAX_POST_BYTES`)", "MAX_POST_BYTES", 385 * 1024),
     ("every 0.25 s (`PRESENCE_INTERVAL_S`)", "PRESENCE_INTERVAL_S", 0.25),

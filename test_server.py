@@ -139,8 +139,8 @@ def tcp_state(sock: socket.socket) -> int:
 def test_a_client_cut_off_that_never_reads_is_dropped(server: Server) -> None:
     stalled = cut_off_a_stalled_client(server)
     # The close frame waits behind what it holds, CLOSE_TIMEOUT_S at most; then uvicorn
-    # closes the connection, which waited for it to read all, for as long as it stayed.
-    deadline = time.monotonic() + 2 * main.CLOSE_TIMEOUT_S + 5
+    # closes the connection, which waits for it to read all: RESET_AFTER_CLOSE_S at most.
+    deadline = time.monotonic() + main.CLOSE_TIMEOUT_S + main.RESET_AFTER_CLOSE_S + 5
     while tcp_state(stalled) != TCP_CLOSE and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tcp_state(stalled) == TCP_CLOSE
