@@ -1129,14 +1129,17 @@ def test_joiners_of_one_moment_are_announced_together(client: TestClient) -> Non
 
 
 @contextlib.contextmanager
-def alice_and_a_dropped_member(client: TestClient) -> Iterator[WebSocketTestSession]:
-    """Alice in the lobby, once client 2 has joined, then dropped without a close frame."""
+def alice_and_a_dropped_member(
+    client: TestClient, code: int = 1006
+) -> Iterator[WebSocketTestSession]:
+    """Alice in the lobby, once client 2 has joined, then dropped without a close frame
+    (1006), or closed with `code`."""
     with client.websocket_connect("/rooms/lobby/1") as alice:
         next_of_type(alice, "welcome")
         with client.websocket_connect("/rooms/lobby/2") as bob:
             next_of_type(bob, "welcome")
             next_of_type(alice, "joined")
-            bob.close(1006)  # the connection dropped, without a close frame
+            bob.close(code)
         yield alice
 
 
@@ -1169,14 +1172,11 @@ def test_a_client_that_closes_with_a_code_of_its_own_has_left(
     client: TestClient, code: int
 ) -> None:
     # The server's cut-off of a slow client is 1008 too; a client's own 1008 is not it.
-    with client.websocket_connect("/rooms/lobby/1") as alice:
-        next_of_type(alice, "welcome")
-        with client.websocket_connect("/rooms/lobby/2") as bob:
-            next_of_type(bob, "welcome")
-            next_of_type(alice, "joined")
-            bob.close(code)
-        with client.websocket_connect("/rooms/lobby/3") as carol:
-            assert next_of_type(carol, "welcome")["members"] == [1, 3]
+    with (
+        alice_and_a_dropped_member(client, code),
+        client.websocket_connect("/rooms/lobby/3") as carol,
+    ):
+        assert next_of_type(carol, "welcome")["members"] == [1, 3]
 
 
 def test_a_grace_timer_that_fires_early_still_ends_the_grace(
@@ -1271,38 +1271,32 @@ def test_a_room_name_may_use_letters_digits_and_three_signs(
         assert next_of_type(alice, "welcome")["room"] == name
 
 
-def test_past_max_rooms_a_new_room_is_refused_with_1013(
-    client: TestClient, monkeypatch
+@pytest.mark.parametrize(
+    ("bound", "rooms", "reason"),
+    [
+        ("MAX_ROOMS", ("one", "two", "three"), TOO_MANY_ROOMS),
+        ("MAX_ROOM_MEMBERS", ("lobby", "lobby", "lobby"), ROOM_FULL),
+    ],
+)
+def test_past_a_bound_on_rooms_or_members_a_newcomer_is_refused_with_1013(
+    client: TestClient, monkeypatch, bound: str, rooms: tuple[str, ...], reason: str
 ) -> None:
-    monkeypatch.setattr(main, "MAX_ROOMS", 2)
+    # A welcome lists every member in one frame: MAX_ROOM_MEMBERS keeps it within what
+    # clients accept.
+    monkeypatch.setattr(main, bound, 2)
+    first, second, third = (f"/rooms/{room}/{n}" for n, room in enumerate(rooms, 1))
     with (
-        client.websocket_connect("/rooms/one/1") as one,
-        client.websocket_connect("/rooms/two/1") as two,
+        client.websocket_connect(first) as one,
+        client.websocket_connect(second) as two,
     ):
         next_of_type(one, "welcome")
         next_of_type(two, "welcome")
-        with client.websocket_connect("/rooms/three/1") as three:
+        with client.websocket_connect(third) as three:
             # The reason is built when main.py is imported, from the bound as shipped:
             # the README's words. Lowered here, the bound is only reached sooner.
-            assert receive_close(three) == (1013, TOO_MANY_ROOMS)
-
-
-def test_past_max_room_members_a_joiner_is_refused_with_1013(
-    client: TestClient, monkeypatch
-) -> None:
-    # A welcome lists every member in one frame: the bound keeps it within what
-    # clients accept. A member's own id coming back takes over, as ever.
-    monkeypatch.setattr(main, "MAX_ROOM_MEMBERS", 2)
-    with (
-        client.websocket_connect("/rooms/lobby/1") as one,
-        client.websocket_connect("/rooms/lobby/2") as two,
-    ):
-        next_of_type(one, "welcome")
-        next_of_type(two, "welcome")
-        with client.websocket_connect("/rooms/lobby/3") as three:
-            assert receive_close(three) == (1013, ROOM_FULL)
-        with client.websocket_connect("/rooms/lobby/2") as two_again:
-            assert next_of_type(two_again, "welcome")["members"] == [1, 2]
+            assert receive_close(three) == (1013, reason)
+        with client.websocket_connect(second) as two_again:  # replaces one: let in
+            assert next_of_type(two_again, "welcome")["client_id"] == 2
             assert receive_close(two) == (4000, TAKEN_OVER)
 
 
