@@ -1180,10 +1180,10 @@ async def room_endpoint(
 
 # --- Step 6: one chat across processes, through Redis -------------------------------------
 #
-# Protects against a chat that cannot grow past one process: with `uvicorn main:app
-# --workers 4`, or two machines behind a load balancer, clients of different processes
-# never see each other, and a client coming back to another process finds none of its
-# room's history. With REDIS_URL set, `use_redis` gives steps 3 and 5 another relay behind
+# Without it, a chat cannot grow past one process: with `uvicorn main:app --workers 4`,
+# or two machines behind a load balancer, clients of different processes never see
+# each other, and a client coming back to another process finds none of its room's
+# history. With REDIS_URL set, `use_redis` gives steps 3 and 5 another relay behind
 # the interfaces they declare (ChatRelay, RoomRelay), as Django Channels swaps its channel
 # layer: every broadcast goes through Redis, and each process hands what Redis brings to
 # its own clients. Measured at 10,000 clients over 2 workers: 1.01x to 1.20x one
@@ -1229,7 +1229,8 @@ REDIS_TIMEOUT_S = 2.0  # a Redis silent this long is lost (whether it died or ha
 REDIS_PING_INTERVAL_S = 0.5  # a quiet subscription is pinged, liveness told, this often
 REDIS_RETRY_S = 1.0  # between attempts to reach Redis again once it is lost
 # A publish that Redis runs later than this after it was sent, by Redis's own clock, is
-# refused: the sender had given up on it (REDIS_TIMEOUT_S) and told nobody it went out.
+# refused, before the sender gives up on it (REDIS_TIMEOUT_S) and closes the chat: one
+# it gave up on never runs.
 PUBLISH_DEADLINE_S = 1.5
 PROCESS_TTL_S = 5.0  # a process silent this long is gone, and its room members with it
 REDIS_CONNECTIONS = 50  # commands in flight at once, at most, from one process
@@ -1554,8 +1555,8 @@ class RedisRelay:
         self, room_manager: RoomManager, room: Room, client_id: int, text: str
     ) -> None:
         # Delivered, to the sender too, once it comes back through the channel.
-        stream, count, _ = room_keys(room)
-        keys = [stream, count, *HISTORY_LEDGER]
+        stream, frame_bytes, _ = room_keys(room)
+        keys = [stream, frame_bytes, *HISTORY_LEDGER]
         await self.run_publish(keys, f"{room.name} ", said(client_id, text))
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
@@ -1658,14 +1659,15 @@ class RedisRelay:
         from their connections with the joiners' ids."""
         here = sorted({*room.chat.active_connections, *room.away})
         if here != self.in_rooms.setdefault(room, RoomInRedis()).written:
-            stream, count, members = room_keys(room)  # someone left, or never came in
+            # Someone left, or never came in.
+            stream, frame_bytes, members = room_keys(room)
             try:
                 tell = self.redis.pipeline(transaction=False)
                 if here:
                     tell.hset(members, self.process, json.dumps(here))
                 else:
                     tell.hdel(members, self.process)
-                for key in (stream, count, members):
+                for key in (stream, frame_bytes, members):
                     tell.pexpire(key, int(ROOM_IDLE_S * 1000))
                 async with self.connections:
                     await tell.execute()
@@ -2066,7 +2068,7 @@ else:
 
 # --- What every step shares: what a client may send, flood control, closing, the origin check
 #
-# Protects against what the tutorials' code lets any client do: crash a handler with a
+# These guards stop what the tutorials' code lets any client do: crash a handler with a
 # binary frame, send 16 MiB at a time, flood the room, fill the log with tracebacks, and,
 # from another site's page, connect with the user's cookies. Measured: one client sending
 # 20,000 messages held another writer's up by 6.6 to 9.6 s (p99) before flood control.
@@ -2462,9 +2464,9 @@ class SansIOBounded(WebSocketsSansIOProtocol):
 # --- Sending into step 3's chat from HTTP, or from this app's own code --------------------
 #
 # manager.broadcast() is all it takes, from an endpoint, a background job or a scheduled
-# task on this app's event loop. Protects against a POST that anyone can send, of any
-# size: the token is checked, then the body is read, and never more of it than a message
-# can take.
+# task on this app's event loop. A POST that anyone can send, of any size, is refused:
+# the token is checked, then the body is read, and never more of it than a message can
+# take.
 
 # Unset or empty: POST /chat/messages refuses everyone. Set: the bearer token it takes.
 ANNOUNCE_TOKEN = os.environ.get("ANNOUNCE_TOKEN", "")
