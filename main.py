@@ -204,7 +204,8 @@ SERVER_ERROR = "Server error: try again later"
 #   dependency, as FastAPI's docs show, before anyone can take another's id over.
 # - connect() takes the client's id too (None in the anonymous chat), and returns a
 #   Client, the manager's record of a connection, which disconnect() takes where the
-#   tutorials take the WebSocket. send_personal_message() takes the WebSocket, as theirs.
+#   tutorials take the WebSocket. send_personal_message() takes the WebSocket, as theirs
+#   do: one in the chat; a WebSocket that is not gets nothing.
 # - disconnect() tells the others who left, where the tutorials' endpoint broadcasts it:
 #   several who leave at once get one notice.
 # - send_personal_message() and broadcast() do not write: they put the message in the
