@@ -1055,10 +1055,11 @@ class RoomManager:
         self.update_who_is_away(room)
         present = {*room.chat.active_connections, *room.away, *elsewhere}
         tell_who_came_and_went(room, others, present)
+        members = compact_json(sorted(present))  # once for all the joiners
         for client, _ in joiners:
             if room.chat.active_connections.get(client.key) is client:
                 history, missed = histories[client]
-                frame = welcome(room, client, sorted(present), history, missed)
+                frame = welcome(room, client, members, history, missed)
                 room.chat.add_to_batch_nowait(client.websocket, frame)
         # Joining until welcomed: after a bug before this, keep_the_door closes them.
         room.joining = [joiner for joiner in room.joining if joiner not in joiners]
@@ -1106,12 +1107,12 @@ def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) 
 
 
 def welcome(
-    room: Room, client: Client, members: list[int], history: list[str], missed: bool
+    room: Room, client: Client, members: str, history: list[str], missed: bool
 ) -> str:
-    fields: dict[str, object] = {"type": "welcome", "room": room.name}
-    fields |= {"client_id": client.client_id, "members": members, "missed": missed}
-    # The history as it is kept, encoded: spliced in, not decoded and encoded again.
-    return compact_json(fields)[:-1] + ',"history":[' + ",".join(history) + "]}"
+    """`members` is encoded already, and the history as kept: both are spliced in."""
+    fields = {"type": "welcome", "room": room.name, "client_id": client.client_id}
+    after = f',"members":{members},"missed":{compact_json(missed)},"history":['
+    return compact_json(fields)[:-1] + after + ",".join(history) + "]}"
 
 
 def said(client_id: int, text: str) -> str:

@@ -1322,6 +1322,38 @@ def test_members_away_and_elsewhere_count_toward_max_room_members(
         assert (joiner.close_code, joiner.close_reason) == (1013, ROOM_FULL)
 
 
+def test_a_turn_encodes_the_member_list_once_whatever_the_number_of_joiners(
+    monkeypatch,
+) -> None:
+    # Encoded for each welcome, the list made 5,000 members coming back to one room cost
+    # 8.5 to 8.9 s of CPU; encoded once a turn, 6.8 to 7.6 s.
+    encoded: list[str] = []
+    compact_json = main.compact_json
+
+    def recorded(value: object) -> str:
+        encoded.append(compact_json(value))
+        return encoded[-1]
+
+    monkeypatch.setattr(main, "compact_json", recorded)
+
+    async def fifty_joiners_beside_a_thousand_members() -> list[dict]:
+        rooms = main.RoomManager()
+        room = rooms.open_room("lobby")
+        for n in range(1000):
+            room.chat.enter(client_writing_with(Socket().send, n))
+        room.told = set(room.chat.active_connections)  # the members know each other
+        joiners = [client_writing_with(Socket().send, 1000 + n) for n in range(50)]
+        room.joining = [(joiner, None) for joiner in joiners]
+        rooms.admit_joiners(room, list(room.joining), elsewhere=set())
+        return [json.loads(frame) for to, frame in room.chat.batch if to is not None]
+
+    frames = run(fifty_joiners_beside_a_thousand_members())
+    welcomes = [frame for frame in frames if frame["type"] == "welcome"]
+    assert [w["members"] for w in welcomes] == [list(range(1050))] * 50
+    members = compact_json(list(range(1050)))
+    assert sum(members in text for text in encoded) == 1
+
+
 def test_a_room_nobody_is_in_forgets_itself(client: TestClient, monkeypatch) -> None:
     monkeypatch.setattr(main, "ROOM_IDLE_S", 0.2)
     with client.websocket_connect("/rooms/lobby/7") as alice:
