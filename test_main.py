@@ -279,27 +279,20 @@ def test_a_replaced_connection_leaving_takes_nothing_else_out_of_the_chat(
 def test_the_tutorials_send_personal_message_call_reaches_that_client_alone() -> None:
     # The tutorials write `send_personal_message(message, websocket)`: a reader's own
     # endpoint, copied from them, must not lose the message without a word.
-    heard: dict[int, list[str]] = {1: [], 2: []}
-
-    def writing_to(client_id: int):
-        async def send(message: Message) -> None:
-            heard[client_id].append(message["text"])
-
-        return send
-
-    async def a_personal_message_then_a_broadcast() -> None:
+    async def a_personal_message_then_a_broadcast() -> dict[int, list[str]]:
         manager = main.ConnectionManager()
-        for client_id in heard:
-            client = client_writing_with(writing_to(client_id), client_id)
+        sockets = {1: Socket(), 2: Socket()}
+        for client_id, socket in sockets.items():
+            client = client_writing_with(socket.send, client_id)
             manager.active_connections[client_id] = client
         websocket = manager.active_connections[1].websocket
         await manager.send_personal_message("You wrote: hi", websocket)
         await manager.broadcast("Client #1 says: hi")
         assert manager.chat.deliverer is not None
         await manager.chat.deliverer
+        return {client_id: socket.written for client_id, socket in sockets.items()}
 
-    run(a_personal_message_then_a_broadcast())
-    assert heard == {
+    assert run(a_personal_message_then_a_broadcast()) == {
         1: ["You wrote: hi", "Client #1 says: hi"],
         2: ["Client #1 says: hi"],
     }
