@@ -205,16 +205,18 @@ SERVER_ERROR = "Server error: try again later"
 # - connect() takes the client's id too (None in the anonymous chat), and returns a
 #   Client, the manager's record of a connection, which disconnect() takes where the
 #   tutorials take the WebSocket. send_personal_message() takes the WebSocket, as theirs
-#   do: one in the chat; a WebSocket that is not gets nothing.
+#   does, and its message reaches that WebSocket only while it is in the chat.
 # - disconnect() tells the others who left, where the tutorials' endpoint broadcasts it:
 #   several who leave at once get one notice.
 # - send_personal_message() and broadcast() do not write: they put the message in the
 #   batch of the manager's LocalChat, and one task writes it to everyone (below).
 #   broadcast() goes through the manager's relay first, the one piece another backend
 #   would replace to carry the chat between processes. Here it is DeliverHere, which
-#   puts the message in this process's batch.
+#   puts the message in this process's batch. broadcast() returns False if the relay
+#   refused the message; DeliverHere never does.
 # - say() does FastAPI's docs' two sends, "You wrote: ..." to the writer, then the
-#   message to everyone: why, above ChatRelay. send_personal_message() stays, for yours.
+#   message to everyone: why, above ChatRelay. The endpoint calls say();
+#   send_personal_message() is still there for endpoints of your own.
 class ConnectionManager:
     def __init__(self) -> None:
         self.chat = LocalChat()  # who is connected here, and the delivery to them
@@ -727,10 +729,11 @@ async def item_endpoint(
 # whose `$` is the very end: a trailing newline is refused.
 ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
 WELCOME_HISTORY_MESSAGES = 50  # of the latest, in a welcome without `since`
-HISTORY_MESSAGES = 500  # a room keeps at most this many messages,
-# and this many bytes, as sent; a welcome at most too. A welcome is one frame, which the
-# websockets library (`python -m websockets` too) refuses past 1 MiB by default (1009):
-# that leaves 256 KiB for its members: 14,500 ids of 16 digits and a sign.
+HISTORY_MESSAGES = 500  # a room keeps at most this many messages
+# A room keeps at most this many bytes of messages, as sent, and a welcome's history too.
+# A welcome is one frame, which the websockets library (`python -m websockets` too)
+# refuses past 1 MiB by default (1009): that leaves 256 KiB for its members, 14,500 ids
+# of 16 digits and a sign.
 HISTORY_BYTES = 768 * 1024
 MAX_ROOM_MEMBERS = 10_000  # with those away and elsewhere; past it, a joiner gets 1013
 ALL_HISTORY_BYTES = 256 * 1024 * 1024  # all rooms: past it, the least active forget
@@ -1206,7 +1209,7 @@ async def room_endpoint(
 #   lost right after, start-up waits for it, and the log says so (relay_messages);
 # - Redis lost, or silent for REDIS_TIMEOUT_S, or a publish not taken: every chat and
 #   room here closes with 1013, pages retry, and the relay subscribes again every
-#   REDIS_RETRY_S (relay_messages, relay_until_silent, close_chat);
+#   REDIS_RETRY_S (relay_messages, relay_until_silent, close_chats_and_rooms);
 # - this process paused past PROCESS_TTL_S: it closes its clients with 1013, and starts
 #   a new session (close_after_a_pause);
 # - the same client id in two processes: the older is closed with 4000 (take_over);
@@ -1589,7 +1592,7 @@ class RedisRelay:
         except REDIS_FAILURES as error:
             if not redis_lost(error):
                 raise
-            self.close_chat(f"looking up room {room.name}: {error}")
+            self.close_chats_and_rooms(f"looking up room {room.name}: {error}")
             return set()
         listed = dict(zip(processes, members[1::2], strict=True))
         state.elsewhere = {p: json.loads(listed[p]) for p, a in zip(others, alive) if a}
@@ -1677,7 +1680,9 @@ class RedisRelay:
             except REDIS_FAILURES as error:
                 if not redis_lost(error):
                     raise
-                self.close_chat(f"telling who is in room {room.name}: {error}")
+                self.close_chats_and_rooms(
+                    f"telling who is in room {room.name}: {error}"
+                )
                 return
             self.wrote_members(room, here)
         # One notice for all the joiners let in: 10,000 clients coming back at once
@@ -1726,9 +1731,11 @@ class RedisRelay:
         except REDIS_FAILURES as error:
             if not redis_lost(error):
                 raise
-            self.close_chat(f"publish failed: {error}")
+            self.close_chats_and_rooms(f"publish failed: {error}")
             return None
-        self.close_chat(f"a publish reached Redis after its deadline, {attempt}")
+        self.close_chats_and_rooms(
+            f"a publish reached Redis after its deadline, {attempt}"
+        )
         return None
 
     def redis_now_ms(self) -> float:
@@ -1749,7 +1756,7 @@ class RedisRelay:
                     logger.warning(
                         "Start-up waits for Redis at %s (%s)", self.url, error
                     )
-                self.close_chat(str(error))
+                self.close_chats_and_rooms(str(error))
                 await asyncio.sleep(REDIS_RETRY_S)
 
     async def relay_until_silent(self, pubsub: redis.asyncio.client.PubSub) -> None:
@@ -1801,7 +1808,7 @@ class RedisRelay:
         silent_s = time.monotonic() - self.alive_at
         if self.relaying:
             logger.warning("This process was silent for %.1f s: chat closed", silent_s)
-        self.close_chat(f"silent for {silent_s:.1f} s", SERVER_PAUSED)
+        self.close_chats_and_rooms(f"silent for {silent_s:.1f} s", SERVER_PAUSED)
 
     async def start_session(self) -> None:
         # A new name for each session: what an earlier one left in Redis is stale, and
@@ -1950,7 +1957,7 @@ class RedisRelay:
         elif client in self.announced:
             chat.cut_off(client, WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
 
-    def close_chat(self, why: str, reason: str = REDIS_DOWN) -> None:
+    def close_chats_and_rooms(self, why: str, reason: str = REDIS_DOWN) -> None:
         # Without Redis, this process's clients would only see part of the room: close
         # them with 1013, Try Again Later, and no leave notices. The page retries.
         if self.relaying:

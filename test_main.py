@@ -1544,7 +1544,7 @@ def test_redis_url_password_is_kept_out_of_the_log(caplog) -> None:
             url, {"chat": main.ConnectionManager()}, main.RoomManager()
         )
         relay.relaying = True
-        relay.close_chat("gone")
+        relay.close_chats_and_rooms("gone")
         await relay.redis.aclose()
 
     with caplog.at_level(logging.INFO, logger="uvicorn.error"):
@@ -1571,7 +1571,7 @@ def test_losing_redis_cuts_every_client_off_quietly_with_1013() -> None:
         room.chat.enter(in_room)
         joining = client_writing_with(Socket().send, 3)
         room.joining.append((joining, None))
-        relay.close_chat("gone")
+        relay.close_chats_and_rooms("gone")
         await relay.redis.aclose()
         left = [chat.active_connections, room.chat.active_connections, room.joining]
         return [in_chat, in_room, joining], left
@@ -1598,7 +1598,7 @@ def test_a_joiner_closed_with_the_chat_is_not_counted_as_away() -> None:
         rooms.admit_joiners(room, [(member, None)], set())
         joiner = client_writing_with(Socket().send, 3)
         room.joining.append((joiner, None))
-        relay.close_chat("gone")
+        relay.close_chats_and_rooms("gone")
         await relay.redis.aclose()
         for closed in (member, joiner):  # as their handlers do, once they end
             rooms.disconnect(room, closed)
