@@ -91,7 +91,7 @@ async def get() -> FileResponse:
 #   a write to a connection uvicorn closed itself raise one too: no traceback for either;
 #   ClientFaultsAsWarnings logs what else a client causes as one line, not a traceback;
 # - SansIOBounded, run by the README's production command, bounds what uvicorn parses
-#   for the app, and drops a client still open 5 s after its handler has ended.
+#   for the app, and drops a client still open 5 s after uvicorn closed it.
 # Close codes, as the page shows them: 1000 normal; 1003 binary; 1006 dropped, or a
 # refused handshake; 1007 not UTF-8, or not step 5's JSON; 1008 flooding, or too slow;
 # 1009 over 64 KiB; 1011 server error; 1012 restart; 1013 try later; 4000 taken over.
@@ -481,9 +481,11 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    that never reads again would keep its TCP connection: ASGI cannot drop one, but the
 #    README's production command does, 5 s later (SansIOBounded, a guard).
 # If the chat goes quiet first, nothing more is added: the client stays, slowing nobody,
-# until it reads, leaves, or leaves uvicorn's pings unanswered (40 s). The rule counts
-# messages, not time: a socket that stays full through a burst of over 100 is cut off
-# within it.
+# until it reads, leaves, or is cut off once the chat goes on. Under the README's
+# production command, it is also dropped within 45 s of not answering uvicorn's pings:
+# uvicorn closes it after 40 s, but that close waits behind what its buffers hold, and
+# SansIOBounded (a guard) resets it 5 s later. The rule counts messages, not time: a
+# socket that stays full through a burst of over 100 is cut off within it.
 #
 # Why not the simplest cure, a queue and a task for every client, so that broadcast
 # waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`, run S in

@@ -255,6 +255,49 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
     assert_nothing_went_wrong(server)
 
 
+PING_INTERVAL_S, PING_TIMEOUT_S = 2.0, 1.0  # uvicorn's are 20 s and 20 s
+
+
+def test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings(
+    tmp_path: Path,
+) -> None:
+    # Its socket is full, so uvicorn's close after the unanswered ping waits for ever
+    # behind what it holds, and the handler hears nothing: SansIOBounded resets it.
+    pings = ("--ws-ping-interval", str(PING_INTERVAL_S))
+    pings += ("--ws-ping-timeout", str(PING_TIMEOUT_S))
+    server = start_server(
+        tmp_path / "uvicorn.log", options=(*production_options(), *pings)
+    )
+    stalled, head = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
+    big = "x" * (main.MAX_MESSAGE_BYTES - 1024)  # one from each sender: no flooding
+    senders = range(10, 20)
+
+    async def fill_its_socket_then_go_quiet() -> float:
+        async with open_client(f"{server.ws_url}/chat/1") as watcher:
+            async with contextlib.AsyncExitStack() as stack:
+                for sender in await enter_chat_clients(stack, server, senders):
+                    await sender.send(big)
+                counts = dict.fromkeys(senders, 1)
+                await receive_from_each(watcher, counts, LEFT_THE_CHAT)
+            quiet_from = time.monotonic()  # its backlog holds a few, far from 100
+            notices: list[str] = []
+            while not any(re.search(r"#2\b.* left the chat", n) for n in notices):
+                assert_ignored(await watcher.recv(), LEFT_THE_CHAT, notices)
+            return time.monotonic() - quiet_from
+
+    try:
+        assert head.startswith(b"HTTP/1.1 101")
+        left_after_s = run(fill_its_socket_then_go_quiet())
+        assert (
+            left_after_s < PING_INTERVAL_S + PING_TIMEOUT_S + main.RESET_AFTER_CLOSE_S
+        )
+        assert "Client #2 cut off" not in server.log()  # it left: nobody cut it off
+    finally:
+        stalled.close()
+        server.stop()
+    assert_nothing_went_wrong(server)
+
+
 def room_says(n: int, i: int) -> str:
     return json.dumps({"text": long_text(n, i)})
 
