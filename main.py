@@ -2105,10 +2105,11 @@ else:
 #   (ServerClosedIsGone; test_main.py:
 #   test_only_uvicorn_s_error_for_a_write_after_its_own_close_means_gone);
 # - websockets-sansio's data_received, receive, read_paused, its frame handlers,
-#   frames, close_sent, handle_parser_exception, run_asgi and keepalive_timeout
-#   (SansIOBounded; test_server.py: the tests from
-#   test_a_client_flooding_pings_or_pongs_is_closed_with_1008 on, and
-#   test_a_client_cut_off_that_never_reads_is_dropped);
+#   frames, conn, close_sent, disconnected, handle_parser_exception, run_asgi and
+#   keepalive_timeout (SansIOBounded; test_server.py: the tests from
+#   test_a_client_flooding_pings_or_pongs_is_closed_with_1008 on,
+#   test_a_client_cut_off_that_never_reads_is_dropped, and
+#   test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings);
 # - it answers a handshake too big for websockets to parse with 431, and closes it:
 #   0.54 kept it open, unanswered (test_server.py:
 #   test_a_handshake_too_big_to_parse_is_answered_431_and_closed).
