@@ -1810,6 +1810,7 @@ class RedisRelay:
         silent_s = time.monotonic() - self.alive_at
         if self.relaying:
             logger.warning("This process was silent for %.1f s: chat closed", silent_s)
+        self.relaying = False  # so that close_chats_and_rooms logs no "Lost Redis"
         self.close_chats_and_rooms(f"silent for {silent_s:.1f} s", SERVER_PAUSED)
 
     async def start_session(self) -> None:

@@ -1590,6 +1590,8 @@ def test_a_worker_paused_past_its_liveness_closes_its_clients_who_come_back(
 
     closed, welcome, rejoined, said, back_after = run(in_rooms(pause))
     assert closed == (1013, SERVER_PAUSED)
+    assert "This process was silent for" in second.log()
+    assert "Lost Redis" not in second.log()  # it was this process, not Redis
     assert [m["id"] for m in welcome["history"]] == [said]
     assert welcome["missed"] is False
     assert rejoined["client_ids"] == [2]
