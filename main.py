@@ -57,6 +57,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.websockets import WebSocketState
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's main log, shown where it runs
@@ -77,8 +78,7 @@ async def get() -> FileResponse:
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
-# The guards every step relies on. They are defined in "What every step shares", after
-# step 6, and most of them wrap the whole app, letting HTTP through:
+# The guards every step relies on, defined after step 6; most wrap the whole app:
 # - CheckOrigin refuses a WebSocket from another site's page (Origin is not Host): 403.
 #   A page at 127.0.0.1 connecting to localhost, as the tutorials' pages do, is let in;
 #   one from disk (Origin "null") only with ALLOWED_ORIGINS=null, which lets in any
@@ -2492,6 +2492,7 @@ POST_TOO_LARGE = (
     f"a message is {MAX_MESSAGE_BYTES // 1024} KiB at most"
 )
 CHAT_UNAVAILABLE = "Chat unavailable: the message was not sent; try again later"
+POST_CUT_SHORT = "The connection closed before the body ended"
 
 
 class ChatMessage(BaseModel):
@@ -2533,10 +2534,13 @@ async def read_chat_message(request: Request) -> ChatMessage:
         if int(request.headers.get("content-length", "0")) > MAX_POST_BYTES:
             raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_POST_BYTES:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_POST_BYTES:
+                raise too_large
+    except ClientDisconnect:  # gone mid-body: a 400 nobody reads, as FastAPI's own
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, POST_CUT_SHORT) from None
     try:
         return ChatMessage.model_validate_json(body)
     except ValidationError as invalid:

@@ -1373,6 +1373,33 @@ def test_a_post_whose_body_is_no_message_gets_422_without_a_traceback(
     assert_nothing_went_wrong(server)
 
 
+def test_a_post_whose_client_leaves_mid_body_leaves_no_traceback(
+    tmp_path: Path,
+) -> None:
+    server = start_server(
+        tmp_path / "uvicorn.log", options=production_options(), ANNOUNCE_TOKEN="s3cret"
+    )
+    try:
+        for body in (b'{"text":', b'8\r\n{"text"'):  # by its length, then chunked
+            head = post_head(server.port, 100, "s3cret")
+            if body.startswith(b"8"):
+                head = head.replace("Content-Length: 100", "Transfer-Encoding: chunked")
+            with socket.create_connection(
+                ("127.0.0.1", server.port), timeout=5
+            ) as sock:
+                sock.sendall(head.encode() + b"\r\n" + body)
+        # A whole POST after them: answered once the server has seen them go.
+        body = b'{"text": "hi"}'
+        head = post_head(server.port, len(body), "s3cret") + "Connection: close\r\n"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(head.encode() + b"\r\n" + body)
+            answer = sock.recv(4096)
+    finally:
+        server.stop()
+    assert answer.startswith(b"HTTP/1.1 202"), answer
+    assert_nothing_went_wrong(server)
+
+
 def test_a_slow_reader_is_cut_off_and_the_others_get_every_message(
     server: Server,
 ) -> None:
