@@ -830,6 +830,7 @@ class Room:
         self.may_post = asyncio.Event()  # cleared while joiners are let in
         self.may_post.set()
         self.empty_since = 0.0  # by the event loop's clock
+        self.idle_timer: asyncio.TimerHandle | None = None  # see `update_who_is_away`
 
     def is_empty(self) -> bool:
         return not (self.chat.active_connections or self.joining or self.away)
@@ -971,24 +972,27 @@ class RoomManager:
         if self.by_name.get(room.name) is room:
             del self.by_name[room.name]
             self.history_bytes -= room.history.bytes
-            # A timer may hold the room a while yet: let its history go now.
+            if room.idle_timer is not None:  # else it would hold the room ROOM_IDLE_S
+                room.idle_timer.cancel()
+            # A grace timer may hold it PRESENCE_GRACE_S yet: its history goes now.
             room.history = History()
 
     def call_when_due(
         self, due: float, callback: Callable[[Room], None], room: Room
-    ) -> None:
+    ) -> asyncio.TimerHandle | None:
         """Call back once the event loop's clock has reached `due`. Woken for anything,
         the loop runs every timer due within its clock's resolution (15.6 ms on
         Windows): one that fired early is set again."""
         loop = asyncio.get_running_loop()
         if loop.time() < due:
-            loop.call_later(due - loop.time(), self.call_when_due, due, callback, room)
-        else:
-            callback(room)
+            delay = due - loop.time()
+            return loop.call_later(delay, self.call_when_due, due, callback, room)
+        callback(room)
+        return None
 
     def forget_if_idle(self, room: Room) -> None:
         """Forget a room empty for ROOM_IDLE_S. One that people came back to and left
-        again has a later timer of its own."""
+        again has had its timer set anew."""
         loop = asyncio.get_running_loop()
         if room.is_empty() and loop.time() >= room.empty_since + ROOM_IDLE_S:
             self.forget(room)
@@ -1082,7 +1086,9 @@ class RoomManager:
         }
         if room.is_empty():
             room.empty_since = loop.time()
-            self.call_when_due(
+            if room.idle_timer is not None:  # one a room, from when it last emptied
+                room.idle_timer.cancel()
+            room.idle_timer = self.call_when_due(
                 room.empty_since + ROOM_IDLE_S, self.forget_if_idle, room
             )
 
@@ -2390,6 +2396,7 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         self.unparsed = bytearray()  # read, and kept while the app has messages
         self.second_started = 0.0  # the loop's clock
         self.pings_and_pongs = 0  # since second_started
+        self.reset_timer: asyncio.TimerHandle | None = None  # see drop_unless_closed_in
 
     def data_received(self, data: bytes) -> None:
         self.unparsed += data
@@ -2428,7 +2435,12 @@ class SansIOBounded(WebSocketsSansIOProtocol):
     def drop_unless_closed_in(self, timeout_s: float) -> None:
         # A closing connection waits until the client has read all it is sent, and one
         # that reads nothing would be kept open, with all it holds, for as long as it is.
-        self.loop.call_later(timeout_s, self.drop_unless_closed)
+        self.reset_timer = self.loop.call_later(timeout_s, self.drop_unless_closed)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.reset_timer is not None:  # closed in time: the timer would hold it
+            self.reset_timer.cancel()
 
     def drop_unless_closed(self) -> None:
         if self.disconnected:  # closed in time
