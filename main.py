@@ -761,12 +761,14 @@ class History:
     bounds are what it holds (in memory, Python keeps a str with one emoji in it at
     four bytes for each of its characters).
 
-    An id is `{epoch}-{number}`, the epoch being when the room began: after a restart,
-    or once a room was forgotten, an old id is not mistaken for one of the new history's.
+    An id is `{epoch}-{number}`, the epoch drawn at random as the room begins: an id
+    from another room, from before a restart, or from before the room was forgotten, is
+    not mistaken for one of this history's. (A clock's milliseconds were: two rooms
+    opened in the same one shared an epoch.)
     """
 
     def __init__(self) -> None:
-        self.epoch = f"{time.time_ns() // 1_000_000:x}"  # hexadecimal: shorter frames
+        self.epoch = secrets.token_hex(6)  # 48 bits, in 12 hexadecimal digits
         self.next_number = 1
         self.messages: collections.deque[tuple[str, bytes]] = collections.deque()
         self.bytes = 0  # of the frames

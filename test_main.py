@@ -1060,6 +1060,20 @@ def test_since_older_than_the_history_is_missed(
     assert welcome["missed"] is False
 
 
+def test_an_id_from_another_room_opened_in_the_same_millisecond_is_missed(
+    monkeypatch,
+) -> None:
+    with monkeypatch.context() as frozen:
+        frozen.setattr(time, "time_ns", lambda: 1_765_000_000_000_000_000)
+        lobby, kitchen = main.History(), main.History()
+    lobby_s = lobby.next_id()
+    lobby.keep(lobby_s, main.message_frame(lobby_s, main.said(7, "in the lobby")))
+    for text in ("in the kitchen", "and again"):
+        kitchen_s = kitchen.next_id()
+        kitchen.keep(kitchen_s, main.message_frame(kitchen_s, main.said(8, text)))
+    assert kitchen.after(lobby_s) == (kitchen.latest(), True)
+
+
 def test_history_is_bounded_by_bytes_too(client: TestClient, monkeypatch) -> None:
     monkeypatch.setattr(main, "HISTORY_BYTES", 3 * 1024)
     with client.websocket_connect("/rooms/lobby/7") as alice:
