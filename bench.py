@@ -1335,23 +1335,31 @@ async def huge_post(server: Server) -> dict[str, float]:
     }
 
 
+ROOMS_OPENED_AND_LEFT = 10_000  # ten times MAX_ROOMS: most are forgotten to make room
+
+
 async def rooms_opened_and_left(server: Server) -> dict[str, float]:
-    """1,000 rooms, each opened by one handshake and left at once; then a new one."""
+    """Rooms, each opened by one handshake and left at once; then a new one."""
 
     async def open_and_leave(name: str) -> str:
         async with connect(f"{server.ws_url}/rooms/{name}/1") as client:
             return json.loads(await client.recv())["type"]
 
-    started = time.perf_counter()
-    for batch in range(0, 1000, CONNECT_BATCH):
+    rss_before, started = server.rss_bytes(), time.perf_counter()
+    for batch in range(0, ROOMS_OPENED_AND_LEFT, CONNECT_BATCH):
         names = [f"junk-{n}" for n in range(batch, batch + CONNECT_BATCH)]
         await asyncio.gather(*(open_and_leave(name) for name in names))
     seconds = time.perf_counter() - started
+    grown = server.rss_bytes() - rss_before
     try:
         opened = await open_and_leave("fresh") == "welcome"
     except ConnectionClosed:
         opened = False
-    return {"junk_rooms_s": seconds, "fresh_room_opened": float(opened)}
+    return {
+        "junk_rooms_s": seconds,
+        "junk_rooms_rss_growth_mb": grown / 1e6,
+        "fresh_room_opened": float(opened),
+    }
 
 
 async def ping_flood(server: Server) -> dict[str, float]:
@@ -1561,7 +1569,7 @@ async def measure_hostile(log_dir: Path, max_clients: int) -> dict[str, dict]:
     flags |= await with_server(log_dir, production_options(), long_messages)
     progress("hostile clients: a reader that drains slowly")
     flags |= await with_server(log_dir, production_options(), slow_reader)
-    progress("hostile clients: a POST of 20 MiB, and 1,000 rooms opened and left")
+    progress("hostile clients: a POST of 20 MiB, and 10,000 rooms opened and left")
     flags |= await with_server(log_dir, production_options(), huge_post)
     flags |= await with_server(log_dir, production_options(), rooms_opened_and_left)
     for client_count in SHUTDOWN_CLIENTS:
@@ -1653,7 +1661,8 @@ HOSTILE_ROWS = [
     ("post_status", "a POST announcing 20 MiB, no token: HTTP status", "{:.0f}"),
     ("post_s", "... seconds to the answer", "{:.2f}"),
     ("post_rss_growth_mb", "... server RSS growth, MB", "{:.0f}"),
-    ("junk_rooms_s", "1,000 rooms opened and left: seconds", "{:.1f}"),
+    ("junk_rooms_s", "10,000 rooms opened and left: seconds", "{:.1f}"),
+    ("junk_rooms_rss_growth_mb", "... server RSS growth, MB", "{:.0f}"),
     ("fresh_room_opened", "... then a new room opens (1: yes)", "{:.0f}"),
     (
         "sigterm_cut_off_s",
