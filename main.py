@@ -161,9 +161,9 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   bench.py, with one such client among 30 senders of 100 messages each, a healthy
 #   client of the tutorials' chat received 114 of the 3,000 messages, then nothing. Of
 #   this chat's, it received all 3,000 (run BF).
-# - A write to a client that has gone raises in the sender's handler: the sender is
-#   taken out of the chat, and the client that has gone stays in until its own
-#   handler hears that it left.
+# - A write to a client that has gone raises in the sender's handler: the clients after
+#   it in the list miss the message, the sender is taken out of the chat, and the
+#   client that has gone stays in until its own handler hears that it left.
 #
 # Ours keeps the second tutorial's four methods, by name and in order. Some of their
 # arguments change: the comment above the class says how. Its broadcast never waits for
@@ -715,7 +715,7 @@ async def item_endpoint(
 # client's id, the members, the history, whether some was missed); then each `message`
 # ({"id", "client_id", "text"}, to everyone, the sender too), and `joined` and `left`
 # ({"client_ids": [...]}). From the client: {"text": T}, T a string, not empty; other
-# keys are ignored. Anything else closes with 1007.
+# keys are ignored. Any other text closes with 1007.
 #
 # How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
@@ -1464,8 +1464,9 @@ class RedisRelay:
             # subscription and the heartbeat have their own.
             max_connections=REDIS_CONNECTIONS + 4,
             # One immediate retry, on a fresh connection, for a connection that went
-            # stale while Redis restarted: that command never ran. One that timed out
-            # is not retried: Redis may still run it, late.
+            # stale while Redis restarted. A publish that ran before its connection
+            # broke is not published twice: it carries a key of its own. A command that
+            # timed out is not retried: Redis may still run it, late.
             retry=redis.asyncio.retry.Retry(
                 redis.backoff.NoBackoff(),
                 retries=1,
@@ -2437,7 +2438,8 @@ class SansIOBounded(WebSocketsSansIOProtocol):
     def drop_unless_closed_in(self, timeout_s: float) -> None:
         # A closing connection waits until the client has read all it is sent, and one
         # that reads nothing would be kept open, with all it holds, for as long as it is.
-        self.reset_timer = self.loop.call_later(timeout_s, self.drop_unless_closed)
+        if self.reset_timer is None:  # the first close sets it: a ping, or the handler
+            self.reset_timer = self.loop.call_later(timeout_s, self.drop_unless_closed)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
