@@ -746,7 +746,7 @@ async def let_in_a_joiner(rooms: main.RoomManager, room: main.Room) -> Socket:
     socket = Socket()
     room.joining.append((client_writing_with(socket.send, 7), None))
     rooms.call_the_doorkeeper(room)
-    while 7 not in room.chat.active_connections:
+    while 7 not in room.chat.clients:
         await asyncio.sleep(0)
     return socket
 

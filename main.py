@@ -197,11 +197,12 @@ SERVER_ERROR = "Server error: try again later"
 
 
 # Ours beside the tutorials' manager, method by method:
-# - active_connections is a dict of Clients by client id, not a list of WebSockets: a
-#   second connection with the same id takes over, and the older one is closed with
-#   4000 (the anonymous chat's clients go by their own id()). As in the tutorials,
-#   nothing checks that a client is who its id says: a real app would, with a
-#   dependency, as FastAPI's docs show, before anyone can take another's id over.
+# - active_connections is the tutorials' list of WebSockets, made when it is read from
+#   the manager's LocalChat, which keeps a Client for each client id: a second
+#   connection with the same id takes over, and the older one is closed with 4000 (the
+#   anonymous chat's clients go by their own id()). As in the tutorials, nothing
+#   checks that a client is who its id says: a real app would, with a dependency, as
+#   FastAPI's docs show, before anyone can take another's id over.
 # - connect() takes the client's id too (None in the anonymous chat), and returns a
 #   Client, the manager's record of a connection, which disconnect() takes where the
 #   tutorials take the WebSocket. send_personal_message() takes the WebSocket, as theirs
@@ -220,10 +221,13 @@ SERVER_ERROR = "Server error: try again later"
 class ConnectionManager:
     def __init__(self) -> None:
         self.chat = LocalChat()  # who is connected here, and the delivery to them
-        self.active_connections = self.chat.active_connections  # a dict: see above
         self.relay: ChatRelay = DeliverHere()
         self.departed: list[int | None] = []  # see `announce_leaving`
         self.announcer: asyncio.Task[None] | None = None
+
+    @property
+    def active_connections(self) -> list[WebSocket]:
+        return [client.websocket for client in self.chat.clients.values()]
 
     async def connect(self, websocket: WebSocket, client_id: int | None) -> Client:
         await websocket.accept()
@@ -240,11 +244,9 @@ class ConnectionManager:
         await self.chat.add_to_batch(websocket, message)
 
     async def broadcast(self, message: str) -> bool:
-        """To every client, queued; False if the relay did not take it."""
         return await self.relay.publish(self.chat, message)
 
     async def say(self, client: Client, ack: str, text: str) -> None:
-        """FastAPI's docs' two sends: the ack, "You wrote", to the writer; text to all."""
         await self.relay.say(self.chat, client, ack, text)
 
     def announce_leaving(self, client: Client) -> None:
@@ -341,21 +343,21 @@ class LocalChat:
     """This process's clients of one chat, and the delivery to them."""
 
     def __init__(self) -> None:
-        self.active_connections: dict[int, Client] = {}  # by Client.key: one each
+        self.clients: dict[int, Client] = {}  # by Client.key: one each
         self.batch: list[tuple[WebSocket | None, str]] = []  # see `add_to_batch`
         self.batch_written = asyncio.Event()  # set once the delivery is through it
         self.deliverer: asyncio.Task[None] | None = None
 
     def enter(self, client: Client) -> None:
-        older = self.active_connections.get(client.key)
+        older = self.clients.get(client.key)
         if older is not None:
             self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
-        self.active_connections[client.key] = client
+        self.clients[client.key] = client
 
     def leave(self, client: Client) -> None:
         # Does no harm called twice, or for a connection a newer one has replaced.
-        if self.active_connections.get(client.key) is client:
-            del self.active_connections[client.key]
+        if self.clients.get(client.key) is client:
+            del self.clients[client.key]
         backlog, client.backlog = client.backlog, None  # dropped: it is out
         if backlog is not None and backlog.task is not None:
             backlog.task.cancel()
@@ -386,9 +388,11 @@ class ServerShutdown(WebSocketDisconnect):
     """uvicorn's own 1012, as it shuts down; a client's 1012 comes with a "reason"."""
 
 
+# Starlette's receive_text refuses to read once a write to the client has failed (in
+# the delivery task, say), and the endpoint must still hear the close. uvicorn gives a
+# close frame a "reason", and a dropped connection none: that tells the two apart.
 async def receive_chat_text(websocket: WebSocket) -> str:
-    """Starlette's receive_text refuses to read once a write to the client failed (in
-    the delivery task, say); this reads on, and tells a close from a dropped link."""
+    """Reads on after a failed write, unlike receive_text; tells a close from a drop."""
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         if "reason" in message:  # the client's close frame, or uvicorn's (1007, 1009)
@@ -534,7 +538,7 @@ async def deliver_batches(chat: LocalChat) -> None:
 
 async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
     # One iterator for all the calls: each starts after the client the last stopped at.
-    clients = iter(list(chat.active_connections.values()))
+    clients = iter(list(chat.clients.values()))
     while behind := await write_without_waiting(chat, clients, outgoing):
         client, unwritten = behind
         for message in unwritten:
@@ -557,7 +561,7 @@ async def write_without_waiting(
     try:
         async with asyncio.timeout(0):
             for client in clients:
-                if chat.active_connections.get(client.key) is not client:
+                if chat.clients.get(client.key) is not client:
                     continue  # it left, or was taken over, while a backlog waited
                 messages, written = own.get(client.websocket, everyone), 0
                 if client.backlog is not None:
@@ -581,7 +585,7 @@ async def add_to_backlog_or_cut_off(
 ) -> None:
     """Keep what its full socket did not take; past MAX_BACKLOG_MESSAGES, cut it off."""
     turns = 0  # waited for its socket to drain
-    while chat.active_connections.get(client.key) is client:  # still in
+    while chat.clients.get(client.key) is client:  # still in
         backlog = client.backlog
         if backlog is None:
             backlog = client.backlog = Backlog()
@@ -835,7 +839,7 @@ class Room:
         self.idle_timer: asyncio.TimerHandle | None = None  # see `update_who_is_away`
 
     def is_empty(self) -> bool:
-        return not (self.chat.active_connections or self.joining or self.away)
+        return not (self.chat.clients or self.joining or self.away)
 
     @contextlib.asynccontextmanager
     async def between_deliveries(self) -> AsyncIterator[None]:
@@ -929,7 +933,7 @@ class RoomManager:
         was_let_in = client in room.let_in  # a joiner never let in was never here
         room.joining = [(c, since) for c, since in room.joining if c is not client]
         room.chat.leave(client)
-        replaced = client.key in room.chat.active_connections  # by a newer one
+        replaced = client.key in room.chat.clients  # by a newer one
         if was_let_in and not replaced and may_come_back(client):
             # Not gone yet: a page that lost its connection, or whose server restarts,
             # is back within seconds, and 10,000 coming back at once would cost a
@@ -1054,8 +1058,8 @@ class RoomManager:
         this process's."""
         joiners = [joiner for joiner in joiners if joiner in room.joining]
         histories = self.relay.histories(room, joiners)
-        others = list(room.chat.active_connections.values())
-        present = {*room.chat.active_connections, *room.away, *elsewhere}
+        others = list(room.chat.clients.values())
+        present = {*room.chat.clients, *room.away, *elsewhere}
         for client, _ in joiners:
             if client.key not in present and len(present) >= MAX_ROOM_MEMBERS:
                 room.chat.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, ROOM_FULL)
@@ -1064,11 +1068,11 @@ class RoomManager:
             room.chat.enter(client)  # an older connection with this id gets 4000
             room.let_in.add(client)
         self.update_who_is_away(room)
-        present = {*room.chat.active_connections, *room.away, *elsewhere}
+        present = {*room.chat.clients, *room.away, *elsewhere}
         tell_who_came_and_went(room, others, present)
         members = compact_json(sorted(present))  # once for all the joiners
         for client, _ in joiners:
-            if room.chat.active_connections.get(client.key) is client:
+            if room.chat.clients.get(client.key) is client:
                 history, missed = histories[client]
                 frame = welcome(room, client, members, history, missed)
                 room.chat.add_to_batch_nowait(client.websocket, frame)
@@ -1084,7 +1088,7 @@ class RoomManager:
         room.away = {
             client_id: until
             for client_id, until in room.away.items()
-            if until > loop.time() and client_id not in room.chat.active_connections
+            if until > loop.time() and client_id not in room.chat.clients
         }
         if room.is_empty():
             room.empty_since = loop.time()
@@ -1114,7 +1118,7 @@ def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) 
         if client_ids:
             notice = compact_json({"type": kind, "client_ids": sorted(client_ids)})
             for other in others:
-                if room.chat.active_connections.get(other.key) is other:
+                if room.chat.clients.get(other.key) is other:
                     room.chat.add_to_batch_nowait(other.websocket, notice)
     room.told = present
 
@@ -1582,7 +1586,7 @@ class RedisRelay:
         state = self.in_rooms.setdefault(room, RoomInRedis())
         state.looked_up = None
         joining = [client.key for client, _ in joiners]
-        here = sorted({*room.chat.active_connections, *room.away, *joining})
+        here = sorted({*room.chat.clients, *room.away, *joining})
         write = members_to_write(here, state.written)
         # A `since` Redis would refuse counts as none: that joiner missed some.
         asked = {s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)}
@@ -1644,7 +1648,7 @@ class RedisRelay:
         if found is None:
             return {client: ([], since is not None) for client, since in joiners}
         newest = found.newest
-        if not room.chat.active_connections:
+        if not room.chat.clients:
             # Nobody here yet: what Redis had is in the welcomes, the rest comes live.
             state.shown_upto = max(state.shown_upto, newest)
         histories = {}
@@ -1674,7 +1678,7 @@ class RedisRelay:
     async def share_presence(self, room: Room) -> None:
         """Tell the other processes to look again at who is in the room; and take over
         from their connections with the joiners' ids."""
-        here = sorted({*room.chat.active_connections, *room.away})
+        here = sorted({*room.chat.clients, *room.away})
         if here != self.in_rooms.setdefault(room, RoomInRedis()).written:
             # Someone left, or never came in.
             stream, frame_bytes, members = room_keys(room)
@@ -1700,7 +1704,7 @@ class RedisRelay:
         # cost a notice per room each PRESENCE_INTERVAL_S, not one each.
         joined = {  # by client id: a room's clients all have one
             key: client
-            for key, client in room.chat.active_connections.items()
+            for key, client in room.chat.clients.items()
             if client not in self.tokens
         }
         for client in joined.values():
@@ -1961,7 +1965,7 @@ class RedisRelay:
         Redis orders the notices: a connection whose own notice has come back joined
         before the notice at hand, one whose notice is still to come joined after it.
         """
-        client = chat.active_connections.get(client_id)
+        client = chat.clients.get(client_id)
         if client is None:
             return
         if self.tokens.get(client) == token:
@@ -1976,10 +1980,10 @@ class RedisRelay:
             logger.warning("Lost Redis at %s (%s): chat closed", self.url, why)
         self.relaying = False
         for chat in self.chats.values():
-            for client in list(chat.active_connections.values()):
+            for client in list(chat.clients.values()):
                 chat.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True)
         for room in self.room_manager.by_name.values():
-            clients = [*room.chat.active_connections.values()]
+            clients = [*room.chat.clients.values()]
             clients += [client for client, _ in room.joining]
             room.joining, room.away = [], {}
             self.in_rooms.setdefault(room, RoomInRedis()).elsewhere = {}

@@ -195,7 +195,7 @@ def test_chat_announces_a_client_leaving(client: TestClient) -> None:
             bob.send_text("bye")
             assert alice.receive_text() == "Client #2 says: bye"
         assert alice.receive_text() == "Client #2 left the chat"
-        assert list(main.manager.active_connections) == [1]
+        assert list(main.manager.chat.clients) == [1]
 
 
 def test_anonymous_chat_is_the_first_tutorials(client: TestClient) -> None:
@@ -272,7 +272,7 @@ def test_a_replaced_connection_leaving_takes_nothing_else_out_of_the_chat(
         client.websocket_connect("/chat/7") as second_tab,
     ):
         assert receive_close(first_tab) == (4000, TAKEN_OVER)  # its handler has ended
-        assert sorted(main.manager.active_connections) == [1, 7]
+        assert sorted(main.manager.chat.clients) == [1, 7]
         alice.send_text("still both here")
         assert alice.receive_text() == "You wrote: still both here"
         assert alice.receive_text() == "Client #1 says: still both here"
@@ -287,8 +287,8 @@ def test_the_tutorials_send_personal_message_call_reaches_that_client_alone() ->
         sockets = {1: Socket(), 2: Socket()}
         for client_id, recorder in sockets.items():
             client = client_writing_with(recorder.send, client_id)
-            manager.active_connections[client_id] = client
-        websocket = manager.active_connections[1].websocket
+            manager.chat.clients[client_id] = client
+        websocket = manager.chat.clients[1].websocket
         await manager.send_personal_message("You wrote: hi", websocket)
         await manager.broadcast("Client #1 says: hi")
         assert manager.chat.deliverer is not None
@@ -314,11 +314,11 @@ def test_a_client_whose_write_fails_leaves_the_room_and_the_rest_still_hear() ->
         manager = main.ConnectionManager()
         for client_id, send in ((1, connection_gone), (2, connection_open)):
             client = client_writing_with(send, client_id)
-            manager.active_connections[client_id] = client
+            manager.chat.clients[client_id] = client
         await manager.broadcast("hello")
         assert manager.chat.deliverer is not None
         await manager.chat.deliverer
-        return list(manager.active_connections)
+        return list(manager.chat.clients)
 
     assert run(broadcast_past_a_vanished_client()) == [2]
     assert heard == ["hello"]
@@ -353,8 +353,8 @@ def test_a_client_whose_socket_keeps_it_a_full_backlog_behind_is_cut_off_at_once
         manager = main.ConnectionManager()
         full, healthy = Socket(), Socket()
         full.writable.clear()  # the client reads nothing: its socket stays full
-        slow = manager.active_connections[1] = client_writing_with(full.send, 1)
-        manager.active_connections[2] = client_writing_with(healthy.send, 2)
+        slow = manager.chat.clients[1] = client_writing_with(full.send, 1)
+        manager.chat.clients[2] = client_writing_with(healthy.send, 2)
         sent = [f"message {i}" for i in range(main.MAX_BACKLOG_MESSAGES + 2)]
         broadcasting = asyncio.gather(*(manager.broadcast(text) for text in sent))
         # No timer runs meanwhile: nothing may wait on the client's socket.
@@ -385,9 +385,7 @@ def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None
                 asyncio.get_running_loop().call_soon(socket.writable.set)
             await socket.send(message)
 
-        client = manager.active_connections[1] = client_writing_with(
-            full_for_a_moment, 1
-        )
+        client = manager.chat.clients[1] = client_writing_with(full_for_a_moment, 1)
         # One batch's burst: more than a backlog holds before its task has its turn.
         sent = [f"message {i}" for i in range(3 * main.MAX_BACKLOG_MESSAGES)]
         for text in sent:
@@ -413,8 +411,8 @@ def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> No
     # turn: a sender must not wait for every batch that others send meanwhile.
     async def fill_the_batch_while_the_delivery_waits() -> tuple[bool, bool]:
         manager = main.ConnectionManager()
-        manager.active_connections[1] = client_writing_with(Socket().send, 1)
-        behind = manager.active_connections[2] = client_writing_with(Socket().send, 2)
+        manager.chat.clients[1] = client_writing_with(Socket().send, 1)
+        behind = manager.chat.clients[2] = client_writing_with(Socket().send, 2)
         backlog = a_full_backlog_whose_task_has_had_no_turn(behind)
         filling = [
             asyncio.ensure_future(manager.broadcast(f"message {i}"))
@@ -437,7 +435,7 @@ def test_a_bug_in_one_delivery_is_logged_and_the_next_batch_still_goes(caplog) -
     # write fails with what no client causes: the second batch must still go out.
     async def fail_one_write_while_a_batch_waits() -> list[str]:
         manager = main.ConnectionManager()
-        behind = manager.active_connections[1] = client_writing_with(Socket().send, 1)
+        behind = manager.chat.clients[1] = client_writing_with(Socket().send, 1)
         backlog = a_full_backlog_whose_task_has_had_no_turn(behind)
         written: list[str] = []
 
@@ -446,7 +444,7 @@ def test_a_bug_in_one_delivery_is_logged_and_the_next_batch_still_goes(caplog) -
                 raise ValueError("a bug")
             written.append(message["text"])
 
-        manager.active_connections[2] = client_writing_with(fail_on_first, 2)
+        manager.chat.clients[2] = client_writing_with(fail_on_first, 2)
         await manager.broadcast("first")
         await turns_of_the_event_loop()  # the delivery waits for #1's backlog
         await manager.broadcast("second")  # the next batch
@@ -465,11 +463,11 @@ def test_a_delivery_waiting_on_a_backlog_goes_on_when_its_client_leaves() -> Non
     # cancelled then, the task would never tell the delivery that it may go on.
     async def leave_while_the_delivery_waits() -> bool:
         manager = main.ConnectionManager()
-        client = manager.active_connections[1] = client_writing_with(Socket().send, 1)
+        client = manager.chat.clients[1] = client_writing_with(Socket().send, 1)
         client.backlog = main.Backlog()
         client.backlog.messages.extend(["queued"] * main.MAX_BACKLOG_MESSAGES)
         waiting = asyncio.ensure_future(
-            main.add_to_backlog_or_cut_off(manager, client, "one more")
+            main.add_to_backlog_or_cut_off(manager.chat, client, "one more")
         )
         await turns_of_the_event_loop(3)
         assert not waiting.done()  # a full backlog whose task has not had its turn
@@ -489,10 +487,10 @@ def test_a_client_taken_over_while_a_delivery_waits_gets_no_more_of_it() -> None
     # client behind, a later one in its list is taken over, and is out of the chat.
     async def take_over_while_the_delivery_waits() -> list[str]:
         manager = main.ConnectionManager()
-        behind = manager.active_connections[1] = client_writing_with(Socket().send, 1)
+        behind = manager.chat.clients[1] = client_writing_with(Socket().send, 1)
         backlog = a_full_backlog_whose_task_has_had_no_turn(behind)
         older_socket = Socket()
-        manager.active_connections[2] = client_writing_with(older_socket.send, 2)
+        manager.chat.clients[2] = client_writing_with(older_socket.send, 2)
         await manager.broadcast("said before the takeover")
         await turns_of_the_event_loop()  # the delivery waits for #1's backlog
         # #2's older connection is cut off.
@@ -509,14 +507,30 @@ async def a_bug(message: Message) -> None:
     raise RuntimeError("a bug")
 
 
+def test_the_tutorials_loop_over_active_connections_writes_to_each_client() -> None:
+    # Code of a reader's own, copied from the tutorials, loops over the manager's list.
+    async def the_tutorials_broadcast() -> list[list[str]]:
+        manager = main.ConnectionManager()
+        sockets = [Socket(), Socket()]
+        for client_id, recorder in enumerate(sockets, 1):
+            manager.chat.clients[client_id] = client_writing_with(
+                recorder.send, client_id
+            )
+        for connection in manager.active_connections:
+            await connection.send_text("hello")
+        return [each.written for each in sockets]
+
+    assert run(the_tutorials_broadcast()) == [["hello"], ["hello"]]
+
+
 def test_a_runtime_error_in_a_write_is_a_bug_logged_not_a_client_gone(caplog) -> None:
     async def broadcast_to_a_client_whose_write_has_a_bug() -> list[int]:
         manager = main.ConnectionManager()
-        manager.active_connections[1] = client_writing_with(a_bug, 1)
+        manager.chat.clients[1] = client_writing_with(a_bug, 1)
         await manager.broadcast("hello")
         assert manager.chat.deliverer is not None
         await manager.chat.deliverer
-        return list(manager.active_connections)
+        return list(manager.chat.clients)
 
     assert run(broadcast_to_a_client_whose_write_has_a_bug()) == [1]
     [failed] = [r for r in caplog.records if r.exc_info]
@@ -597,12 +611,10 @@ def test_a_bug_writing_a_backlog_is_logged_and_cuts_its_client_off_with_1011(
 
     async def deliver_to_a_client_whose_backlog_write_fails() -> main.Client:
         manager = main.ConnectionManager()
-        client = manager.active_connections[1] = client_writing_with(
-            full_then_failing, 1
-        )
+        client = manager.chat.clients[1] = client_writing_with(full_then_failing, 1)
         await manager.broadcast("first")
         await turns_of_the_event_loop()
-        assert 1 not in manager.active_connections
+        assert 1 not in manager.chat.clients
         return client
 
     client = run(deliver_to_a_client_whose_backlog_write_fails())
@@ -630,10 +642,10 @@ def test_joiners_are_let_in_between_two_deliveries_never_during_one() -> None:
         room.joining.append((client_writing_with(Socket().send, 7), None))
         rooms.call_the_doorkeeper(room)
         await turns_of_the_event_loop()
-        let_in_during = 7 in room.chat.active_connections
+        let_in_during = 7 in room.chat.clients
         delivered.set()
         await turns_of_the_event_loop()
-        return let_in_during, 7 in room.chat.active_connections
+        return let_in_during, 7 in room.chat.clients
 
     assert run(join_while_a_delivery_is_under_way()) == (False, True)
 
@@ -649,7 +661,7 @@ def test_a_joiner_is_let_in_while_the_room_never_goes_quiet() -> None:
         room = rooms.open_room("lobby")
         for client_id in range(1, talkers + 1):
             member = client_writing_with(Socket().send, client_id)
-            room.chat.active_connections[member.key] = member
+            room.chat.clients[member.key] = member
         said = 0
 
         async def keep_talking(client_id: int) -> None:
@@ -693,8 +705,8 @@ def test_a_client_whose_socket_drains_as_its_backlog_fills_is_not_cut_off(
             elif message["text"] == sent[-1]:  # as the loop's next poll would
                 asyncio.get_running_loop().call_soon(slow.writable.set)
 
-        manager.active_connections[2] = client_writing_with(drains_the_other, 2)
-        client = manager.active_connections[1] = client_writing_with(slow.send, 1)
+        manager.chat.clients[2] = client_writing_with(drains_the_other, 2)
+        client = manager.chat.clients[1] = client_writing_with(slow.send, 1)
         for text in sent[:-1]:  # one being written, and a full backlog behind it
             await manager.broadcast(text)
             await turns_of_the_event_loop(3)
@@ -726,7 +738,7 @@ def test_a_client_taken_over_as_it_closes_is_not_heard_leaving() -> None:
     # "Client #7 left the chat", as the newer connection with id 7 is in.
     async def taken_over_as_it_closes() -> list[int | None]:
         manager = main.ConnectionManager()
-        older = manager.active_connections[7] = client_writing_with(Socket().send, 7)
+        older = manager.chat.clients[7] = client_writing_with(Socket().send, 7)
         manager.chat.cut_off(older, main.WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
         older.left_with(WebSocketDisconnect(1001))  # its close, read before the cut
         manager.disconnect(older)
@@ -835,7 +847,7 @@ def test_binary_frame_leaves_the_rest_of_the_chat_working(client: TestClient) ->
         bob.send_bytes(b"\x00")
         assert receive_close(bob)[0] == 1003
         assert alice.receive_text() == "Client #2 left the chat"
-        assert len(main.manager.active_connections) == 1
+        assert len(main.manager.chat.clients) == 1
         alice.send_text("still here")
         assert alice.receive_text() == "You wrote: still here"
         assert alice.receive_text() == "Client #1 says: still here"
@@ -1380,7 +1392,7 @@ def test_a_turn_encodes_the_member_list_once_whatever_the_number_of_joiners(
         room = rooms.open_room("lobby")
         for n in range(1000):
             room.chat.enter(client_writing_with(Socket().send, n))
-        room.told = set(room.chat.active_connections)  # the members know each other
+        room.told = set(room.chat.clients)  # the members know each other
         joiners = [client_writing_with(Socket().send, 1000 + n) for n in range(50)]
         room.joining = [(joiner, None) for joiner in joiners]
         rooms.admit_joiners(room, list(room.joining), elsewhere=set())
@@ -1607,11 +1619,11 @@ UVICORN_SHUTTING_DOWN = {"type": "websocket.disconnect", "code": 1012}
 def test_losing_redis_cuts_every_client_off_quietly_with_1013() -> None:
     # Each handler ends, to close with 1013, and quietly: nobody is told they left.
     async def lose_redis() -> tuple[list[main.Client], list[object]]:
-        chat, rooms = main.ConnectionManager(), main.RoomManager()
+        manager, rooms = main.ConnectionManager(), main.RoomManager()
         # Nothing is sent to Redis here: the relay connects only once it runs.
-        relay = main.RedisRelay("redis://127.0.0.1:9/0", {"chat": chat}, rooms)
+        relay = main.RedisRelay("redis://127.0.0.1:9/0", {"chat": manager}, rooms)
         relay.relaying = True
-        in_chat = chat.active_connections[1] = client_writing_with(Socket().send, 1)
+        in_chat = manager.chat.clients[1] = client_writing_with(Socket().send, 1)
         room = rooms.open_room("lobby")
         in_room = client_writing_with(Socket().send, 2)
         room.chat.enter(in_room)
@@ -1619,7 +1631,7 @@ def test_losing_redis_cuts_every_client_off_quietly_with_1013() -> None:
         room.joining.append((joining, None))
         relay.close_chats_and_rooms("gone")
         await relay.redis.aclose()
-        left = [chat.active_connections, room.chat.active_connections, room.joining]
+        left = [manager.chat.clients, room.chat.clients, room.joining]
         return [in_chat, in_room, joining], left
 
     closed_clients, left = run(lose_redis())

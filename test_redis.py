@@ -789,7 +789,7 @@ def test_a_bug_publishing_a_chat_takeover_leaves_no_client_in_the_chat(
             monkeypatch.setattr(relay, "run_publish", a_bug)
             with pytest.raises(RuntimeError, match="a bug"):
                 await relay.join(manager.chat, main.Client(websocket=None, client_id=7))
-            return 7 in manager.active_connections
+            return 7 in manager.chat.clients
 
     assert not run(join_while_publishing_fails(), timeout_s=10)
 
@@ -809,7 +809,7 @@ def test_a_joiner_is_let_in_while_other_processes_keep_its_room_busy(
         async with relay.running(main.app):
             room = rooms.open_room("lobby")
             member = client_writing_with(Socket().send, 1)
-            room.chat.active_connections[member.key] = member
+            room.chat.clients[member.key] = member
             heard = 0
 
             async def elsewhere_talking() -> None:
