@@ -160,7 +160,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   it waits: so do the broadcast and its sender, until every sender is stuck there. In
 #   bench.py, with one such client among 30 senders of 100 messages each, a healthy
 #   client of the tutorials' chat received 114 of the 3,000 messages, then nothing. Of
-#   this chat's, it received all 3,000 (run BF).
+#   this chat's, it received all 3,000 (run BK).
 # - A write to a client that has gone raises in the sender's handler: the clients after
 #   it in the list miss the message, the sender is taken out of the chat, and the
 #   client that has gone stays in until its own handler hears that it left.
@@ -177,8 +177,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   is closed with 1008, "Too slow: over 100 messages behind", behind what its buffers
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
-# In bench.py, with 10,000 clients, this cost 0.98x the tutorials' CPU per delivery in
-# run BF (0.95x to 1.15x across runs AE to BF, on a shared machine).
+# In bench.py, with 10,000 clients, this cost 0.99x the tutorials' CPU per delivery in
+# run BK (0.95x to 1.15x across runs AE to BK, on a shared machine).
 #
 # First the manager, in the tutorials' shape; then what it is made of, and the
 # endpoints; then "Step 3, continued": how the batch reaches everyone.
@@ -2190,7 +2190,7 @@ def refuse_what_no_handler_takes(message: Message) -> None:
 # A token bucket: FLOOD_BURST_MESSAGES at once, then FLOOD_MESSAGES_PER_S, a long
 # message counting as several: one client's 64 KiB messages, 10 a second, to 100
 # readers that asked for compression (as browsers do) took all of the server's CPU,
-# 1.00 s a second (run BE); counted so, 0.14 s (run BF). A flooder's next messages wait
+# 1.00 s a second (run BE); counted so, 0.13 s (run BK). A flooder's next messages wait
 # in its own connection, unread by its handler: it slows itself, not the room.
 class FloodControl:
     """Slows a client down to the rate; slowed too often in a row, it is closed: 1008."""
