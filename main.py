@@ -483,7 +483,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    them, it gets those messages, then the 1008; read later, at most those messages,
 #    then a drop (1006, to a page). Its page reconnects, to a chat that has gone on. One
 #    that never reads again would keep its TCP connection: ASGI cannot drop one, but the
-#    README's production command does, 5 s later (SansIOBounded, a guard).
+#    README's production command does, within 10 s of the cut-off: 5 s after the
+#    handler gives up on the close (SansIOBounded, a guard).
 # If the chat goes quiet first, nothing more is added: the client stays, slowing nobody,
 # until it reads, leaves, or is cut off once the chat goes on. Under the README's
 # production command, it is also dropped within 45 s of not answering uvicorn's pings:
