@@ -1106,6 +1106,14 @@ def answer_to_a_chunked_post(port: int, token: str) -> tuple[bytes, int]:
         return sock.recv(4096).split(b"\r\n\r\n")[0], sent
 
 
+def answer_to_a_post(port: int, body: bytes) -> bytes:
+    """The answer to a POST of `body`, with the token, on a connection of its own."""
+    head = post_head(port, len(body), "s3cret") + "Connection: close\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        return sock.recv(4096)
+
+
 def echo_still_answers(server: Server) -> str:
     """A fresh client's ping is answered at once, and so is its "hi": the echo."""
 
@@ -1363,10 +1371,7 @@ def test_a_post_whose_body_is_no_message_gets_422_without_a_traceback(
         tmp_path / "uvicorn.log", options=production_options(), ANNOUNCE_TOKEN="s3cret"
     )
     try:
-        head = post_head(server.port, len(body), "s3cret") + "Connection: close\r\n"
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-            sock.sendall(head.encode() + b"\r\n" + body)
-            answer = sock.recv(4096)
+        answer = answer_to_a_post(server.port, body)
     finally:
         server.stop()
     assert answer.startswith(b"HTTP/1.1 422"), answer
@@ -1389,11 +1394,7 @@ def test_a_post_whose_client_leaves_mid_body_leaves_no_traceback(
             ) as sock:
                 sock.sendall(head.encode() + b"\r\n" + body)
         # A whole POST after them: answered once the server has seen them go.
-        body = b'{"text": "hi"}'
-        head = post_head(server.port, len(body), "s3cret") + "Connection: close\r\n"
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-            sock.sendall(head.encode() + b"\r\n" + body)
-            answer = sock.recv(4096)
+        answer = answer_to_a_post(server.port, b'{"text": "hi"}')
     finally:
         server.stop()
     assert answer.startswith(b"HTTP/1.1 202"), answer
