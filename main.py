@@ -1497,6 +1497,7 @@ class RedisRelay:
         )
         self.announced: weakref.WeakSet[Client] = weakref.WeakSet()  # token came back
         self.relaying = False  # subscribed, and Redis answers: chat clients are welcome
+        self.unavailable = REDIS_DOWN  # why clients are refused while not relaying
         self.subscribed = asyncio.Event()
         self.started = False  # by the app's lifespan, which `--lifespan off` skips
         self.said_it_never_started = False
@@ -1571,7 +1572,7 @@ class RedisRelay:
             raise WebSocketException(status.WS_1011_INTERNAL_ERROR, SERVER_ERROR)
         if not self.relaying:
             # Raised after accept(), so the page sees the code and reason, and retries.
-            raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, REDIS_DOWN)
+            raise WebSocketException(status.WS_1013_TRY_AGAIN_LATER, self.unavailable)
 
     async def post(
         self, room_manager: RoomManager, room: Room, client_id: int, text: str
@@ -1824,7 +1825,8 @@ class RedisRelay:
         silent_s = time.monotonic() - self.alive_at
         if self.relaying:
             logger.warning("This process was silent for %.1f s: chat closed", silent_s)
-        self.relaying = False  # so that close_chats_and_rooms logs no "Lost Redis"
+            # Not "Lost Redis": close_chats_and_rooms says so only while relaying.
+            self.relaying, self.unavailable = False, SERVER_PAUSED
         self.close_chats_and_rooms(f"silent for {silent_s:.1f} s", SERVER_PAUSED)
 
     async def start_session(self) -> None:
@@ -1979,6 +1981,7 @@ class RedisRelay:
         # them with 1013, Try Again Later, and no leave notices. The page retries.
         if self.relaying:
             logger.warning("Lost Redis at %s (%s): chat closed", self.url, why)
+            self.unavailable = reason  # till it relays again, whatever fails meanwhile
         self.relaying = False
         for chat in self.chats.values():
             for client in list(chat.clients.values()):
