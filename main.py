@@ -1104,7 +1104,10 @@ def may_come_back(client: Client) -> bool:
     """Ended in a way it did not choose, after which its page comes back by itself: the
     connection dropped without a close frame (1006: see receive_chat_text), the server
     cut it off as too slow, or the server's own quiet ending (see `client.quiet`). A
-    close frame of its own, whatever its code (1005 for a page's ws.close()): it left."""
+    close frame of its own, whatever its code (1005 for a page's ws.close()): it left.
+    Taken over (4000): its id is in use already, maybe in another process."""
+    if client.close_code == WS_4000_TAKEN_OVER:
+        return False
     dropped = client.close_code == status.WS_1006_ABNORMAL_CLOSURE
     return client.quiet or dropped or client.close_reason == TOO_SLOW
 

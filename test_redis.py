@@ -636,15 +636,22 @@ def test_same_id_in_a_room_on_another_process_takes_over(workers: list[Server]) 
         # turn reads every process's members, so one that was due comes before it.
         await join_room(stack, first, "/rooms/lobby/9")
         frames.append(await next_frame(watcher, "joined"))  # and nothing before it
-        return closed, {"welcome": welcome, "frames": frames}
+        # It leaves, with a close frame: the first process does not keep it as away.
+        await second_tab.close()
+        closed_at = time.monotonic()
+        frames.append(await next_frame(watcher, "left"))
+        left_after_s = time.monotonic() - closed_at
+        return closed, {"welcome": welcome, "frames": frames, "after_s": left_after_s}
 
     closed, seen = run(in_rooms(two_tabs))
     assert closed == (4000, TAKEN_OVER)
     assert seen["welcome"]["members"] == [1, 7]
-    joined_7, moved, joined_9 = seen["frames"]
+    joined_7, moved, joined_9, left_7 = seen["frames"]
     assert (joined_7["type"], joined_7["client_ids"]) == ("joined", [7])
     assert (moved["type"], moved["text"]) == ("message", "moved over")
     assert joined_9 == {"type": "joined", "client_ids": [9]}
+    assert left_7 == {"type": "left", "client_ids": [7]}
+    assert seen["after_s"] < main.PRESENCE_GRACE_S / 3  # not held as away
     for server in workers:
         assert_nothing_went_wrong(server)
 
