@@ -1357,9 +1357,10 @@ HISTORY_LEDGER = ["chat:history:written", "chat:history:sizes", "chat:history:by
 # moment of its stream, KEYS[1]: the members, KEYS[3], by process; the latest
 # latest_count messages, if a joiner needs them (one has no `since`, or one Redis no
 # longer holds); and the stream from the oldest `since` the joiners asked (ARGV[7]; the
-# others follow), since_count at most: one range holds every joiner's, and is sent once.
-# First writes this process's members ('-' leaves them, '' removes them), and the
-# room's keys live keys_ttl_ms more.
+# others follow), since_count at most: one range holds every joiner's, and is sent once;
+# with it, the id of the last message trimmed off the stream (Redis 7), which still
+# counts as placed, as in one process. First writes this process's members ('-' leaves
+# them, '' removes them), and the room's keys live keys_ttl_ms more.
 LOOK_UP_ROOM = """
 local process, members, keys_ttl_ms = ARGV[1], ARGV[2], ARGV[3]
 local since_count, latest_count = ARGV[4], ARGV[5]
@@ -1373,8 +1374,14 @@ end
 for i = 1, 3 do
   redis.call('PEXPIRE', KEYS[i], keys_ttl_ms)
 end
-local found = {redis.call('HGETALL', members_key), {}, {}}
+local found = {redis.call('HGETALL', members_key), {}, {}, ''}
 if #ARGV >= 7 then
+  local info = redis.pcall('XINFO', 'STREAM', stream)
+  for i = 1, (info.err and 0 or #info), 2 do
+    if info[i] == 'max-deleted-entry-id' then
+      found[4] = info[i + 1]
+    end
+  end
   local after = redis.pcall('XRANGE', stream, ARGV[7], '+', 'COUNT', since_count)
   if after.err then
     after = {}  -- a `since` Redis refuses: those joiners missed some, nobody else
@@ -1404,6 +1411,7 @@ class LookedUp:
     latest: list[StreamEntry]  # oldest first
     after: dict[str, list[StreamEntry]]  # by `since`: from it on, if Redis holds it
     newest: tuple[int, int]  # the id of the newest message of either
+    trimmed: str  # the id of the last message trimmed off: all that follow it are held
 
 
 @dataclasses.dataclass
@@ -1601,9 +1609,8 @@ class RedisRelay:
         args += [HISTORY_MESSAGES + 1, WELCOME_HISTORY_MESSAGES, latest_needed, *sinces]
         try:
             async with self.connections:
-                members, newest_first, oldest_since_on = await self.look_up_script(
-                    keys=room_keys(room), args=args
-                )
+                reply = await self.look_up_script(keys=room_keys(room), args=args)
+            members, newest_first, oldest_since_on, trimmed = reply
             if write != "-":
                 self.wrote_members(room, here)
             processes = members[::2]
@@ -1624,12 +1631,10 @@ class RedisRelay:
         newest_of_each = latest[-1:] + from_oldest[-1:]
         state.looked_up = LookedUp(
             latest,
-            {
-                since: from_oldest[starts[since] :]
-                for since in sinces
-                if since in starts
-            },
+            {since: from_oldest[starts[since] :] for since in sinces if since in starts}
+            | ({trimmed: from_oldest} if trimmed in asked else {}),
             max((stream_order(i) for i, _ in newest_of_each), default=(0, 0)),
+            trimmed,
         )
         return set(itertools.chain.from_iterable(state.elsewhere.values()))
 
@@ -1660,9 +1665,10 @@ class RedisRelay:
         for client, since in joiners:
             after = found.after.get(since or "", [])
             since_found = bool(after) and after[0][0] == since
-            kept = after[1:] if since_found else found.latest
+            placed = since_found or (since is not None and since == found.trimmed)
+            kept = after[1:] if since_found else after if placed else found.latest
             last = max(stream_order(kept[-1][0]) if kept else (0, 0), newest)
-            if since_found:
+            if placed:
                 last = max(last, stream_order(since or ""))
             since_then = [
                 (i, frame.decode())
@@ -1676,7 +1682,7 @@ class RedisRelay:
                     if stream_order(message_id) <= state.shown_upto
                 ]
             )
-            missed = since is not None and (cut or not since_found)
+            missed = since is not None and (cut or not placed)
             histories[client] = (history, missed)
         return histories
 

@@ -1504,6 +1504,7 @@ SHORT_BOUNDS = """
 import main
 main.ROOM_IDLE_S = 2.0
 main.PRESENCE_GRACE_S = 0.5
+main.HISTORY_MESSAGES = 5
 app = main.app
 """
 
@@ -1517,6 +1518,24 @@ def short_bound_workers(
     yield servers
     for server in servers:
         stop_with_no_traceback(server)
+
+
+def test_since_the_message_just_trimmed_off_the_stream_misses_nothing(
+    short_bound_workers: list[Server],
+) -> None:
+    # As in one process: nothing after the message just dropped is missing.
+    first, second = short_bound_workers
+
+    async def one_more_than_the_stream_keeps(stack: contextlib.AsyncExitStack):
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        count = 5 + 1  # the shortened HISTORY_MESSAGES, and one more
+        ids = [(await say_in_room(alice, f"{i}"))["id"] for i in range(count)]
+        _, welcome = await join_room(stack, second, f"/rooms/lobby/2?since={ids[0]}")
+        return ids, welcome
+
+    ids, welcome = run(in_rooms(one_more_than_the_stream_keeps))
+    assert [message["id"] for message in welcome["history"]] == ids[1:]
+    assert welcome["missed"] is False
 
 
 def test_a_quiet_room_with_people_in_it_keeps_its_history_and_members(
