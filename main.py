@@ -2455,17 +2455,17 @@ class SansIOBounded(WebSocketsSansIOProtocol):
     def drop_unless_closed_in(self, timeout_s: float) -> None:
         # A closing connection waits until the client has read all it is sent, and one
         # that reads nothing would be kept open, with all it holds, for as long as it is.
-        if self.reset_timer is None:  # the first close sets it: a ping, or the handler
+        # One timer, from the first close (a ping unanswered, or the handler's end), and
+        # none once closed: a timer holds the connection, and all it holds, till it runs.
+        if not self.disconnected and self.reset_timer is None:
             self.reset_timer = self.loop.call_later(timeout_s, self.drop_unless_closed)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        if self.reset_timer is not None:  # closed in time: the timer would hold it
+        if self.reset_timer is not None:  # closed in time
             self.reset_timer.cancel()
 
     def drop_unless_closed(self) -> None:
-        if self.disconnected:  # closed in time
-            return
         # A reset, not a close: the kernel keeps nothing of it either.
         reset = struct.pack("ii", 1, 0)  # SO_LINGER: on, for 0 s
         with contextlib.suppress(OSError):  # closed as this ran: abort() does nothing
