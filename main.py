@@ -1225,9 +1225,10 @@ async def room_endpoint(
 #   PROCESS_TTL_S is gone, its members with it;
 # - Redis not answering at start-up: the app does not start (exit_unless_redis_answers);
 #   lost right after, start-up waits for it, and the log says so (relay_messages);
-# - Redis lost, or silent for REDIS_TIMEOUT_S, or a publish not taken: every chat and
-#   room here closes with 1013, pages retry, and the relay subscribes again every
-#   REDIS_RETRY_S (relay_messages, relay_until_silent, close_chats_and_rooms);
+# - Redis lost, or silent for REDIS_TIMEOUT_S, flushed, or cutting the subscription, or
+#   a publish not taken: every chat and room here closes with 1013, pages retry, and the
+#   relay subscribes again every REDIS_RETRY_S (relay_messages, relay_until_silent,
+#   heartbeat, close_chats_and_rooms);
 # - this process paused past PROCESS_TTL_S: it closes its clients with 1013, and starts
 #   a new session (close_after_a_pause);
 # - the same client id in two processes: the older is closed with 4000 (take_over);
@@ -1668,8 +1669,8 @@ class RedisRelay:
             placed = since_found or (since is not None and since == found.trimmed)
             kept = after[1:] if since_found else after if placed else found.latest
             last = max(stream_order(kept[-1][0]) if kept else (0, 0), newest)
-            if placed:
-                last = max(last, stream_order(since or ""))
+            # Placed or not (Redis restarted empty, say), it has what came up to it.
+            last = max(last, stream_order(since or ""))
             since_then = [
                 (i, frame.decode())
                 for i, frame in room.history.messages
@@ -1810,6 +1811,11 @@ class RedisRelay:
             elif message is None:
                 if now - (pinged_at or now) > REDIS_TIMEOUT_S:
                     raise redis.TimeoutError(f"no answer for {REDIS_TIMEOUT_S} s")
+            elif message["type"] == "subscribe" and in_session:
+                # redis-py subscribed again on a new connection, after Redis cut the
+                # old one (a subscriber too far behind, say): what was published
+                # between the two never came. Clients here may have missed it.
+                raise redis.ConnectionError("subscription cut, then taken again")
             elif message["type"] == "subscribe":
                 pinged_at, in_session = None, True
                 await self.start_session()
@@ -1857,6 +1863,7 @@ class RedisRelay:
         sent_ms = time.monotonic() * 1000
         beat = self.redis.pipeline(transaction=False)
         beat.time()
+        beat.exists(alive_key(self.process))
         beat.set(alive_key(self.process), 1, px=int(PROCESS_TTL_S * 1000))
         # MGET takes one key at least: "-" is one nobody sets.
         beat.mget([alive_key(process) for process in others] or ["-"])
@@ -1867,7 +1874,10 @@ class RedisRelay:
             for room in self.room_manager.by_name.values():
                 for key in room_keys(room) if not room.is_empty() else ():
                     beat.pexpire(key, int(ROOM_IDLE_S * 1000))
-        (seconds, microseconds), _, alive, *_ = await beat.execute()
+        (seconds, microseconds), was_alive, _, alive, *_ = await beat.execute()
+        if self.relaying and not was_alive:
+            # Flushed, or evicted: the others count this process gone, and its members.
+            raise redis.ConnectionError("Redis no longer held this process's keys")
         self.alive_at = sent_ms / 1000
         self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
         # With no others, `alive` is the answer for "-": zip stops at the shorter.

@@ -1047,6 +1047,36 @@ def test_redis_stopped_for_5_s_closes_rooms_in_time_and_loses_nothing_acknowledg
     assert [message["text"] for message in history] == ["acknowledged", "after"]
 
 
+def test_a_subscription_redis_cut_closes_the_chat_and_rooms_rather_than_miss_messages(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    """Redis cuts a subscriber that falls behind (its pubsub output buffer limit), or an
+    operator kills it: what was published before redis-py subscribed again never
+    reaches this process's clients, so they are closed, not left to miss it."""
+    first, second = workers
+
+    async def cut(stack: contextlib.AsyncExitStack) -> tuple[dict, tuple, tuple]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        last = (await say_in_room(alice, "before the cut"))["id"]
+        chatter = await stack.enter_async_context(open_client(f"{first.ws_url}/chat/1"))
+        with redis.Redis(port=redis_server.port) as operator:
+            operator.client_kill_filter(_type="pubsub")
+        room_closed = await asyncio.wait_for(closed_with(alice), DETECTION_BOUND_S)
+        chat_closed = await asyncio.wait_for(closed_with(chatter), DETECTION_BOUND_S)
+        return last, room_closed, chat_closed
+
+    last, room_closed, chat_closed = run(in_rooms(cut))
+    assert room_closed == chat_closed == LOST
+    for server in workers:
+        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+
+    async def back(stack: contextlib.AsyncExitStack) -> dict:
+        _, welcome = await join_room(stack, second, f"/rooms/lobby/1?since={last}")
+        return welcome
+
+    assert run(in_rooms(back))["missed"] is False
+
+
 def test_redis_killed_loses_the_rooms_history_and_says_so(
     workers: list[Server], redis_server: RedisServer
 ) -> None:
@@ -1070,6 +1100,62 @@ def test_redis_killed_loses_the_rooms_history_and_says_so(
 
     welcome = run(in_rooms(after))
     assert (welcome["history"], welcome["missed"]) == ([], True)
+
+
+def test_a_client_back_after_redis_restarted_empty_is_sent_nothing_it_had(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    """Redis lost the room's stream, but this process still keeps what it delivered:
+    a client back here is told it missed some, and sent only what followed its since."""
+    first, _ = workers
+
+    async def before(stack: contextlib.AsyncExitStack) -> tuple[str, dict]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        had = (await say_in_room(alice, "had"))["id"]
+        latest = await say_in_room(alice, "latest")
+        redis_server.kill()
+        assert await closed_with(alice) == LOST
+        return had, latest
+
+    had, latest = run(in_rooms(before))
+    redis_server.start()  # persistence off: an empty Redis
+    for server in workers:
+        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+
+    async def after(stack: contextlib.AsyncExitStack) -> list[dict]:
+        welcomes = []
+        for since in (had, latest["id"]):
+            _, welcome = await join_room(stack, first, f"/rooms/lobby/1?since={since}")
+            welcomes.append(welcome)
+        return welcomes
+
+    after_had, after_latest = run(in_rooms(after))
+    assert (after_had["history"], after_had["missed"]) == ([latest], True)
+    assert (after_latest["history"], after_latest["missed"]) == ([], True)
+
+
+def test_redis_flushed_closes_every_room_so_that_presence_is_told_again(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    """FLUSHALL (or an eviction) takes each process's members and liveness out of
+    Redis: the others would count this process's members as gone while they chat on."""
+    first, second = workers
+
+    async def flush(stack: contextlib.AsyncExitStack) -> tuple[tuple, tuple]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, _ = await join_room(stack, second, "/rooms/lobby/2")
+        await next_frame(alice, "joined")
+        with redis.Redis(port=redis_server.port) as operator:
+            operator.flushall()
+        told_left = r'.*"left".*'  # may come first: the close is what matters
+        return (
+            await asyncio.wait_for(closed_with(alice, told_left), DETECTION_BOUND_S),
+            await asyncio.wait_for(closed_with(bob, told_left), DETECTION_BOUND_S),
+        )
+
+    assert run(in_rooms(flush)) == (LOST, LOST)
+    for server in workers:  # a new session, its members written again as they join
+        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
 
 
 def test_a_process_killed_with_9_loses_its_members_in_time(
