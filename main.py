@@ -1091,7 +1091,7 @@ class RoomManager:
             for client_id, until in room.away.items()
             if until > loop.time() and client_id not in room.chat.clients
         }
-        if room.is_empty():
+        if room.is_empty() and self.by_name.get(room.name) is room:  # not forgotten
             room.empty_since = loop.time()
             if room.idle_timer is not None:  # one a room, from when it last emptied
                 room.idle_timer.cancel()

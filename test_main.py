@@ -1788,6 +1788,28 @@ def test_a_forgotten_room_is_freed_at_once_not_held_by_its_idle_timer(
     assert junk() is None
 
 
+def test_a_forgotten_room_whose_grace_timer_fires_later_is_freed_then(
+    client: TestClient, monkeypatch
+) -> None:
+    # A member dropped, came back, then left: the grace timer of its drop is still due
+    # after the room is forgotten. Firing, it must not set the room a new idle timer.
+    monkeypatch.setattr(main, "MAX_ROOMS", 1)
+    monkeypatch.setattr(main, "PRESENCE_GRACE_S", 0.5)
+    with client.websocket_connect("/rooms/junk/1") as opener:
+        next_of_type(opener, "welcome")
+        opener.close(1006)
+    with client.websocket_connect("/rooms/junk/1") as back:
+        next_of_type(back, "welcome")
+    junk = weakref.ref(main.rooms.by_name["junk"])
+    with client.websocket_connect("/rooms/fresh/1") as newcomer:  # junk is forgotten
+        next_of_type(newcomer, "welcome")
+        assert "junk" not in main.rooms.by_name
+        deadline = time.monotonic() + 5
+        while gc.collect() is not None and junk() is not None:
+            assert time.monotonic() < deadline, "the forgotten room is still held"
+            time.sleep(0.05)
+
+
 def test_a_welcome_is_bounded_in_bytes_as_sent(client: TestClient, monkeypatch) -> None:
     monkeypatch.setattr(main, "HISTORY_BYTES", 20 * 1024)
     with client.websocket_connect("/rooms/lobby/7") as alice:
