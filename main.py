@@ -717,10 +717,11 @@ async def item_endpoint(
 # its welcome says "missed": true.
 #
 # The protocol, JSON text frames. From the server: a `welcome` first (the room, the
-# client's id, the members, the history, whether some was missed); then each `message`
-# ({"id", "client_id", "text"}, to everyone, the sender too), and `joined` and `left`
-# ({"client_ids": [...]}). From the client: {"text": T}, T a string, not empty; other
-# keys are ignored. Any other text closes with 1007.
+# client's id, the members, whether some was missed, the history, and `last_id`, the
+# id of the room's newest message: the client's `since` until another comes); then
+# each `message` ({"id", "client_id", "text"}, to everyone, the sender too), and
+# `joined` and `left` ({"client_ids": [...]}). From the client: {"text": T}, T a
+# string, not empty; other keys are ignored. Any other text closes with 1007.
 #
 # How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
@@ -728,7 +729,7 @@ async def item_endpoint(
 # and the messages it gets live meet exactly; the room's senders wait a moment for it,
 # and what a joiner sends waits until it is in: it hears its own messages too.
 # Where a room's messages, ids and members live is the rooms' relay: by default
-# RoomsHere, this process; its five calls are the places where another relay would do
+# RoomsHere, this process; its six calls are the places where another relay would do
 # something else, and here most do nothing.
 
 # Django Channels' rule for group names: no spaces or slashes, so that a name goes into
@@ -783,6 +784,10 @@ class History:
         self.next_number += 1
         return message_id
 
+    def last_id(self) -> str:
+        """The newest message's id; before the first, `{epoch}-0`."""
+        return f"{self.epoch}-{self.next_number - 1}"
+
     def keep(self, message_id: str, frame: str) -> int:
         """Kept, with its id; how many bytes the history grew (or shrank)."""
         before, encoded = self.bytes, frame.encode()
@@ -802,8 +807,9 @@ class History:
         True: the client missed some."""
         first = self.next_number - len(self.messages)
         number = self.number_of(since)
-        # The message just dropped still counts: nothing after it is missing.
-        if number is not None and max(first - 1, 1) <= number < self.next_number:
+        # The message just dropped still counts (or, if none was, the 0 before the
+        # first): nothing after it is missing.
+        if number is not None and first - 1 <= number < self.next_number:
             after = itertools.islice(self.messages, number - first + 1, None)
             return [frame.decode() for _, frame in after], False
         return self.latest(), since is not None
@@ -879,6 +885,10 @@ class RoomRelay(Protocol):
         """By joiner: the frames it missed, or the latest, and whether some it asked
         for are gone. Called with no delivery under way, right after look_up."""
 
+    def last_id(self, room: Room) -> str:
+        """The id of the newest message the welcomes account for, in their history or
+        before it; one the room never had ends in "-0". A joiner's `since` from then."""
+
     async def share_presence(self, room: Room) -> None:
         """Tell the other processes, if any, who is in the room here."""
 
@@ -904,6 +914,9 @@ class RoomsHere:
         self, room: Room, joiners: list[Joiner]
     ) -> dict[Client, tuple[list[str], bool]]:
         return {client: room.history.after(since) for client, since in joiners}
+
+    def last_id(self, room: Room) -> str:
+        return room.history.last_id()
 
     async def share_presence(self, room: Room) -> None:
         pass  # nobody else to tell
@@ -1072,10 +1085,11 @@ class RoomManager:
         present = {*room.chat.clients, *room.away, *elsewhere}
         tell_who_came_and_went(room, others, present)
         members = compact_json(sorted(present))  # once for all the joiners
+        last_id = self.relay.last_id(room)
         for client, _ in joiners:
             if room.chat.clients.get(client.key) is client:
                 history, missed = histories[client]
-                frame = welcome(room, client, members, history, missed)
+                frame = welcome(room, client, members, history, missed, last_id)
                 room.chat.add_to_batch_nowait(client.websocket, frame)
         # Joining until welcomed: after a bug before this, keep_the_door closes them.
         room.joining = [joiner for joiner in room.joining if joiner not in joiners]
@@ -1128,11 +1142,17 @@ def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) 
 
 
 def welcome(
-    room: Room, client: Client, members: str, history: list[str], missed: bool
+    room: Room,
+    client: Client,
+    members: str,
+    history: list[str],
+    missed: bool,
+    last_id: str,
 ) -> str:
     """`members` is encoded already, and the history as kept: both are spliced in."""
     fields = {"type": "welcome", "room": room.name, "client_id": client.client_id}
-    after = f',"members":{members},"missed":{compact_json(missed)},"history":['
+    after = f',"members":{members},"missed":{compact_json(missed)},'
+    after += f'"last_id":"{last_id}","history":['
     return compact_json(fields)[:-1] + after + ",".join(history) + "]}"
 
 
@@ -1686,6 +1706,13 @@ class RedisRelay:
             missed = since is not None and (cut or not placed)
             histories[client] = (history, missed)
         return histories
+
+    def last_id(self, room: Room) -> str:
+        state = self.in_rooms.setdefault(room, RoomInRedis())
+        found = state.looked_up
+        # All that the stream trimmed off counts as placed: see `histories`.
+        trimmed = stream_order(found.trimmed) if found is not None else (0, 0)
+        return "{}-{}".format(*max(state.shown_upto, trimmed))
 
     async def share_presence(self, room: Room) -> None:
         """Tell the other processes to look again at who is in the room; and take over

@@ -548,13 +548,18 @@ def network(server: Server) -> Iterator[Network]:
     proxy.close()
 
 
+@pytest.mark.parametrize(
+    "before", [["before"], []], ids=["after-a-message", "before-any-message"]
+)
 def test_rooms_page_back_from_a_dropped_connection_asks_for_what_it_missed(
-    open_tab, network: Network, server: Server
+    open_tab, network: Network, server: Server, before: list[str]
 ) -> None:
+    # Before any message, the page's `since` is the welcome's last_id.
     alice = open_tab("?endpoint=rooms&room=lobby&client_id=1")
     bob = open_tab("?endpoint=rooms&room=lobby&client_id=2", port=network.port)
-    send(alice, "before")
-    expect(messages(bob)).to_have_text(["Client #1: before"])
+    for text in before:
+        send(alice, text)
+    expect(messages(bob)).to_have_text([f"Client #1: {text}" for text in before])
     network.down()
     expect(bob.locator("#status")).to_contain_text("code 1006")  # no close frame
     # While bob is away, more than a welcome without `since` holds (50).
@@ -562,11 +567,11 @@ def test_rooms_page_back_from_a_dropped_connection_asks_for_what_it_missed(
     alice.evaluate(
         "texts => texts.forEach((text) => socket.send(JSON.stringify({ text })))", away
     )
-    expect(messages(alice)).to_have_count(1 + len(away))
+    expect(messages(alice)).to_have_count(len(before) + len(away))
     network.back()
     expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
     send(alice, "after")
-    said = ["before", *away, "after"]
+    said = [*before, *away, "after"]
     expect(messages(bob)).to_have_text([f"Client #1: {text}" for text in said])
     assert "/rooms/lobby/2?since=" in server.log()
 

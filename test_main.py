@@ -978,13 +978,15 @@ def test_room_welcome_names_the_room_the_client_and_its_members(
     client: TestClient,
 ) -> None:
     with client.websocket_connect("/rooms/lobby/7") as alice:
+        epoch = main.rooms.by_name["lobby"].history.epoch
         assert alice.receive_json() == {
             "type": "welcome",
             "room": "lobby",
             "client_id": 7,
             "members": [7],
-            "history": [],
             "missed": False,
+            "last_id": f"{epoch}-0",  # before the room's first message
+            "history": [],
         }
         with client.websocket_connect("/rooms/lobby/8") as bob:
             welcome = next_of_type(bob, "welcome")
@@ -1085,6 +1087,30 @@ def test_since_older_than_the_history_is_missed(
         welcome = next_of_type(alice, "welcome")
     assert len(welcome["history"]) == 5
     assert welcome["missed"] is False
+
+
+@pytest.mark.parametrize("kept", [5, 3])
+def test_the_welcome_s_last_id_places_a_client_that_has_seen_no_message(
+    client: TestClient, monkeypatch, kept: int
+) -> None:
+    # A page with no message yet comes back with the welcome's last_id as its since:
+    # without one, it came back as a newcomer, got the latest, and was not told.
+    monkeypatch.setattr(main, "WELCOME_HISTORY_MESSAGES", 2)
+    monkeypatch.setattr(main, "HISTORY_MESSAGES", kept)
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        first = next_of_type(alice, "welcome")
+    with client.websocket_connect("/rooms/lobby/8") as bob:
+        next_of_type(bob, "welcome")
+        ids = []
+        for i in range(5):
+            say(bob, f"message {i}")
+            ids.append(next_of_type(bob, "message")["id"])
+    with client.websocket_connect(f"/rooms/lobby/7?since={first['last_id']}") as alice:
+        back = next_of_type(alice, "welcome")
+    assert first["history"] == []
+    missed = kept < len(ids)  # then the latest, as for a since the room cannot place
+    assert [m["id"] for m in back["history"]] == (ids[-2:] if missed else ids)
+    assert (back["missed"], back["last_id"]) == (missed, ids[-1])
 
 
 def test_an_id_from_another_room_opened_in_the_same_millisecond_is_missed(

@@ -1624,6 +1624,31 @@ def test_since_the_message_just_trimmed_off_the_stream_misses_nothing(
     assert welcome["missed"] is False
 
 
+@pytest.mark.parametrize("said", [4, 7])
+def test_the_welcome_s_last_id_places_a_client_that_has_seen_no_message(
+    short_bound_workers: list[Server], said: int
+) -> None:
+    # As in one process: a page with no message yet comes back with the welcome's
+    # last_id as its since. The stream keeps 5: past them, it missed some.
+    first, second = short_bound_workers
+
+    async def away_then_back(stack: contextlib.AsyncExitStack) -> tuple:
+        alice = open_client(f"{first.ws_url}/rooms/lobby/1")
+        async with alice as websocket:
+            welcome = json.loads(await websocket.recv())
+        bob, _ = await join_room(stack, second, "/rooms/lobby/2")
+        ids = [(await say_in_room(bob, f"{i}"))["id"] for i in range(said)]
+        since = welcome["last_id"]
+        _, back = await join_room(stack, first, f"/rooms/lobby/1?since={since}")
+        return welcome, ids, back
+
+    welcome, ids, back = run(in_rooms(away_then_back))
+    assert (welcome["history"], welcome["last_id"]) == ([], "0-0")
+    missed = said > 5
+    assert [m["id"] for m in back["history"]] == ids[-5:]
+    assert (back["missed"], back["last_id"]) == (missed, ids[-1])
+
+
 def test_a_quiet_room_with_people_in_it_keeps_its_history_and_members(
     short_bound_workers: list[Server],
 ) -> None:
