@@ -2293,11 +2293,18 @@ async def close_on_websocket_exception(
     await close_or_give_up(websocket, refusal.code, refusal.reason or "")
 
 
+# Of a client's text in a log line: one refusal, one short line, whatever it sent.
+MAX_LOGGED_CHARACTERS = 200
+
+
 def as_logged(client_text: str) -> str:
     # Percent-encoded, as uvicorn logs a path (":" kept, for an origin): a path or a
     # header may hold a line break or a terminal's escape, to forge a line or recolour
     # the log (step 4's item id takes any; an Origin may hold latin-1's "\x85").
-    return quote(client_text, safe="/:")
+    shown = quote(client_text[:MAX_LOGGED_CHARACTERS], safe="/:")
+    if len(shown) <= MAX_LOGGED_CHARACTERS:
+        return shown
+    return f"{shown[:MAX_LOGGED_CHARACTERS]}... ({len(client_text)} characters)"
 
 
 class ClientFaultsAsWarnings(logging.Filter):

@@ -1226,6 +1226,18 @@ def test_an_origin_cannot_write_lines_or_escapes_into_the_log(server: Server) ->
     assert not any(line.startswith(forged) for line in server.log().splitlines())
 
 
+def test_a_long_origin_is_logged_in_one_short_line(server: Server) -> None:
+    # Each byte past ASCII is logged as 6 ("%C3%BF"): 4 KB of them made a 24 KB line,
+    # and one client's refused handshakes wrote the log 6 times faster than it sent.
+    origin = "http://evil.example/" + "\xff" * 4000
+    sock, head = raw_handshake(server.port, "/ws", origin=origin)
+    assert head.startswith(b"HTTP/1.1 403"), head
+    sock.close()
+    wait_for_log(server, "Refused WebSocket from origin http://evil.example/")
+    longest = max(server.log().splitlines(), key=len)
+    assert len(longest) < len(origin) // 4, longest[:300]
+
+
 def test_a_message_in_as_many_frames_as_allowed_is_read(server: Server) -> None:
     sock, _ = raw_handshake(server.port, "/ws")
     send_in_frames(sock, main.MAX_MESSAGE_FRAMES)
