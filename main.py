@@ -1278,6 +1278,9 @@ REDIS_RETRY_S = 1.0  # between attempts to reach Redis again once it is lost
 # it gave up on never runs.
 PUBLISH_DEADLINE_S = 1.5
 PROCESS_TTL_S = 5.0  # a process silent this long is gone, and its room members with it
+# A process's mark, kept as its liveness is: gone sooner, Redis lost it (FLUSHALL, say).
+# Not the liveness key itself: a step of Redis's clock expires that one early.
+SESSION_MARK_TTL_S = 3600.0
 REDIS_CONNECTIONS = 50  # commands in flight at once, at most, from one process
 REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
 SERVER_PAUSED = "Chat unavailable: this server was paused; try again later"
@@ -1890,7 +1893,8 @@ class RedisRelay:
         sent_ms = time.monotonic() * 1000
         beat = self.redis.pipeline(transaction=False)
         beat.time()
-        beat.exists(alive_key(self.process))
+        beat.exists(session_key(self.process))
+        beat.set(session_key(self.process), 1, px=int(SESSION_MARK_TTL_S * 1000))
         beat.set(alive_key(self.process), 1, px=int(PROCESS_TTL_S * 1000))
         # MGET takes one key at least: "-" is one nobody sets.
         beat.mget([alive_key(process) for process in others] or ["-"])
@@ -1901,8 +1905,8 @@ class RedisRelay:
             for room in self.room_manager.by_name.values():
                 for key in room_keys(room) if not room.is_empty() else ():
                     beat.pexpire(key, int(ROOM_IDLE_S * 1000))
-        (seconds, microseconds), was_alive, _, alive, *_ = await beat.execute()
-        if self.relaying and not was_alive:
+        (seconds, microseconds), marked, _, _, alive, *_ = await beat.execute()
+        if self.relaying and not marked:
             # Flushed, or evicted: the others count this process gone, and its members.
             raise redis.ConnectionError("Redis no longer held this process's keys")
         self.alive_at = sent_ms / 1000
@@ -2071,6 +2075,11 @@ def stream_entries(entries: Iterable[tuple[str, list[str]]]) -> list[StreamEntry
 def alive_key(process: str) -> str:
     """The key a process keeps while it is alive: see PROCESS_TTL_S."""
     return f"chat:alive:{process}"
+
+
+def session_key(process: str) -> str:
+    """The mark a process keeps in Redis for its session: see SESSION_MARK_TTL_S."""
+    return f"chat:session:{process}"
 
 
 def stream_order(message_id: str) -> tuple[int, int]:
