@@ -2194,6 +2194,9 @@ FLOOD_BURST_MESSAGES = 100  # a chat client may send this many at full speed
 FLOOD_MESSAGES_PER_S = 10  # after the burst; a faster client's next read waits
 FLOOD_BYTES_PER_MESSAGE = 1024  # a message counts once, and once more per full KiB
 FLOOD_MAX_SLOWED_MESSAGES = 20  # reads made to wait in a row; one more closes: 1008
+# Waited in a row, at most; a longer wait closes: 1008. Meanwhile uvicorn reads nothing
+# from the client, its pongs included: at 20 s, its keepalive would close it with 1011.
+FLOOD_MAX_SLOWED_S = 10.0
 FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages (or KiB) a second"
 BINARY_REFUSED = "Binary frames are not supported: send text"
 TOO_BIG = f"Message over {MAX_MESSAGE_BYTES} bytes"
@@ -2258,6 +2261,7 @@ class FloodControl:
         self.allowance = float(FLOOD_BURST_MESSAGES)  # messages it may send at once
         self.counted_at = time.monotonic()
         self.slowed_in_a_row = 0
+        self.slowed_for_s = 0.0  # in a row
 
     async def slow_down(self, message: str) -> None:
         now = time.monotonic()
@@ -2266,12 +2270,17 @@ class FloodControl:
         self.allowance = min(FLOOD_BURST_MESSAGES, self.allowance + earned) - counts_as
         self.counted_at = now
         if self.allowance >= 0:
-            self.slowed_in_a_row = 0
+            self.slowed_in_a_row, self.slowed_for_s = 0, 0.0
             return
+        wait_s = -self.allowance / FLOOD_MESSAGES_PER_S
         self.slowed_in_a_row += 1
-        if self.slowed_in_a_row > FLOOD_MAX_SLOWED_MESSAGES:
+        self.slowed_for_s += wait_s
+        if (
+            self.slowed_in_a_row > FLOOD_MAX_SLOWED_MESSAGES
+            or self.slowed_for_s > FLOOD_MAX_SLOWED_S
+        ):
             raise WebSocketException(status.WS_1008_POLICY_VIOLATION, FLOODING)
-        await asyncio.sleep(-self.allowance / FLOOD_MESSAGES_PER_S)
+        await asyncio.sleep(wait_s)
 
 
 # A write to a client that has gone fails with an OSError (ASGI's rule), which Starlette

@@ -842,6 +842,24 @@ def test_a_long_message_counts_as_one_more_for_each_kib(
     assert_read_no_faster_than_the_rule(heard_at, [5] * len(sent))
 
 
+def test_a_client_slowed_too_long_in_a_row_is_closed_with_1008_before_its_pings_fail(
+    client: TestClient, flood_rule, monkeypatch
+) -> None:
+    # 60 KiB ones, 15 at once, were slowed 6 s each: uvicorn, reading nothing meanwhile,
+    # not even pongs, closed it with 1011 at 40 s, before the 20 slowed reads.
+    monkeypatch.setattr(main, "FLOOD_MAX_SLOWED_S", 1.0, raising=False)
+    sent = [f"{i} " + "x" * 4096 for i in range(3)] + ["small", "small"]
+    with client.websocket_connect("/chat/1") as sender:
+        for text in sent:  # 5 each: the second waits 1 s, the third 1 s more
+            sender.send_text(text)
+        said = []
+        while (message := sender.receive())["type"] == "websocket.send":
+            if message["text"].startswith("Client #1 says: "):
+                said.append(message["text"].removeprefix("Client #1 says: "))
+    assert (message["code"], message["reason"]) == (1008, FLOODING)
+    assert said == sent[:2]
+
+
 # --- Bad input, on every endpoint ----------------------------------------------------------
 
 
@@ -1877,6 +1895,7 @@ README_LIMITS = [
         1024,
     ),
     ("Slowed 20 times in a row", "FLOOD_MAX_SLOWED_MESSAGES", 20),
+    ("or for 10 s (`FLOOD_MAX_SLOWED_S`)", "FLOOD_MAX_SLOWED_S", 10),
     ("at most 100 messages (`MAX_BACKLOG_MESSAGES`)", "MAX_BACKLOG_MESSAGES", 100),
     ("waits 5 s at most, `CLOSE_TIMEOUT_S`", "CLOSE_TIMEOUT_S", 5),
     ("resets a connection still open 5 s after", "RESET_AFTER_CLOSE_S", 5),
