@@ -2255,7 +2255,7 @@ def refuse_what_no_handler_takes(message: Message) -> None:
 # 1.00 s a second (run BE); counted so, 0.13 s (run BK). A flooder's next messages wait
 # in its own connection, unread by its handler: it slows itself, not the room.
 class FloodControl:
-    """Slows a client down to the rate; slowed too often in a row, it is closed: 1008."""
+    """Slows a client down to the rate; slowed too often, or too long, in a row: 1008."""
 
     def __init__(self) -> None:
         self.allowance = float(FLOOD_BURST_MESSAGES)  # messages it may send at once

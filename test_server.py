@@ -549,10 +549,20 @@ def test_the_readme_s_ws_max_size_refuses_huge_messages_before_buffering(
     assert_nothing_went_wrong(server)
 
 
+def test_the_production_command_turns_compression_off(server: Server) -> None:
+    # Parsed 4 KiB at a time, 47 compressed messages of 64 KiB (86 bytes each) were
+    # inflated at once: 3 MiB held per connection, 300 of them grew the server 670 MB.
+    async def ask_for_it() -> str | None:
+        async with open_client(f"{server.ws_url}/ws", compression="deflate") as ws:
+            return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+    assert run(ask_for_it()) is None
+
+
 def test_the_readme_s_ws_max_size_refuses_compressed_huge_messages_too(
     server: Server,
 ) -> None:
-    # 15 MiB of one letter compresses to about 15 KiB on the wire.
+    # 15 MiB of one letter compresses to about 15 KiB on the wire, if compression is on.
     rss_before = server.rss_bytes()
     assert send_huge_messages(server, 20, compression="deflate") == {UVICORN_TOO_BIG}
     assert server.peak_rss_bytes() - rss_before < 200e6
