@@ -371,9 +371,9 @@ class LocalChat:
         client.close_code, client.close_reason, client.quiet = code, reason, quiet
         client.cut_off_scope.cancel()
 
+    # To one client's WebSocket, or all (None). A sender that leaves
+    # BATCH_BACKPRESSURE_MESSAGES or more in it waits until that batch is written.
     async def add_to_batch(self, to: WebSocket | None, message: str) -> None:
-        """To one client's WebSocket, or all (None). A sender that leaves
-        BATCH_BACKPRESSURE_MESSAGES or more in it waits until that batch is written."""
         self.add_to_batch_nowait(to, message)
         if len(self.batch) >= BATCH_BACKPRESSURE_MESSAGES:
             await self.batch_written.wait()
@@ -717,11 +717,11 @@ async def item_endpoint(
 # its welcome says "missed": true.
 #
 # The protocol, JSON text frames. From the server: a `welcome` first (the room, the
-# client's id, the members, whether some was missed, the history, and `last_id`, the
-# id of the room's newest message: the client's `since` until another comes); then
-# each `message` ({"id", "client_id", "text"}, to everyone, the sender too), and
-# `joined` and `left` ({"client_ids": [...]}). From the client: {"text": T}, T a
-# string, not empty; other keys are ignored. Any other text closes with 1007.
+# members, whether some was missed, the history, and `last_id`, the id of the room's
+# newest message: the client's `since` until another comes); then each `message`
+# ({"id", "client_id", "text"}, to everyone, the sender too), and `joined` and `left`
+# ({"client_ids": [...]}). From the client: {"text": T}, T a string, not empty; other
+# keys are ignored. Any other text closes with 1007.
 #
 # How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
@@ -805,14 +805,20 @@ class History:
     def after(self, since: str | None) -> tuple[list[str], bool]:
         """Every message after `since`, if the history holds it; else the latest, and
         True: the client missed some."""
+        if self.holds(since):
+            first = self.next_number - len(self.messages)
+            number = self.number_of(since) or 0
+            after = itertools.islice(self.messages, number - first + 1, None)
+            return [frame.decode() for _, frame in after], False
+        return self.latest(), since is not None
+
+    def holds(self, since: str | None) -> bool:
+        """Whether every message after `since` is here."""
         first = self.next_number - len(self.messages)
         number = self.number_of(since)
         # The message just dropped still counts (or, if none was, the 0 before the
         # first): nothing after it is missing.
-        if number is not None and first - 1 <= number < self.next_number:
-            after = itertools.islice(self.messages, number - first + 1, None)
-            return [frame.decode() for _, frame in after], False
-        return self.latest(), since is not None
+        return number is not None and first - 1 <= number < self.next_number
 
     def number_of(self, message_id: str | None) -> int | None:
         """The number in an id of this history's; None for anything else."""
@@ -913,7 +919,16 @@ class RoomsHere:
     def histories(
         self, room: Room, joiners: list[Joiner]
     ) -> dict[Client, tuple[list[str], bool]]:
-        return {client: room.history.after(since) for client, since in joiners}
+        # Joiners given the same history share its frames, and so their welcome: 10,000
+        # back after a restart, none placed, hold the latest once, not 10,000 times.
+        shared: dict[str | None, list[str]] = {}
+        histories = {}
+        for client, since in joiners:
+            placed = since if room.history.holds(since) else None
+            if placed not in shared:
+                shared[placed] = room.history.after(placed)[0]
+            histories[client] = (shared[placed], since is not None and placed is None)
+        return histories
 
     def last_id(self, room: Room) -> str:
         return room.history.last_id()
@@ -1086,11 +1101,16 @@ class RoomManager:
         tell_who_came_and_went(room, others, present)
         members = compact_json(sorted(present))  # once for all the joiners
         last_id = self.relay.last_id(room)
+        # One welcome for all those with the same history: one string in every batch
+        # and backlog it is in, as a message is (see `histories`).
+        welcomes: dict[tuple[bool, tuple[str, ...]], str] = {}
         for client, _ in joiners:
             if room.chat.clients.get(client.key) is client:
                 history, missed = histories[client]
-                frame = welcome(room, client, members, history, missed, last_id)
-                room.chat.add_to_batch_nowait(client.websocket, frame)
+                key = (missed, tuple(history))
+                if key not in welcomes:
+                    welcomes[key] = welcome(room, members, history, missed, last_id)
+                room.chat.add_to_batch_nowait(client.websocket, welcomes[key])
         # Joining until welcomed: after a bug before this, keep_the_door closes them.
         room.joining = [joiner for joiner in room.joining if joiner not in joiners]
         room.joiners_let_in.set()
@@ -1142,15 +1162,11 @@ def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) 
 
 
 def welcome(
-    room: Room,
-    client: Client,
-    members: str,
-    history: list[str],
-    missed: bool,
-    last_id: str,
+    room: Room, members: str, history: list[str], missed: bool, last_id: str
 ) -> str:
-    """`members` is encoded already, and the history as kept: both are spliced in."""
-    fields = {"type": "welcome", "room": room.name, "client_id": client.client_id}
+    """`members` is encoded already, and the history as kept: both are spliced in. No
+    client id: the client knows its own, and joiners share one welcome."""
+    fields = {"type": "welcome", "room": room.name}
     after = f',"members":{members},"missed":{compact_json(missed)},'
     after += f'"last_id":"{last_id}","history":['
     return compact_json(fields)[:-1] + after + ",".join(history) + "]}"
@@ -1685,6 +1701,8 @@ class RedisRelay:
         if not room.chat.clients:
             # Nobody here yet: what Redis had is in the welcomes, the rest comes live.
             state.shown_upto = max(state.shown_upto, newest)
+        # Decoded once for all the joiners: their histories share the frames.
+        here = [(i, frame.decode()) for i, frame in room.history.messages]
         histories = {}
         for client, since in joiners:
             after = found.after.get(since or "", [])
@@ -1694,11 +1712,7 @@ class RedisRelay:
             last = max(stream_order(kept[-1][0]) if kept else (0, 0), newest)
             # Placed or not (Redis restarted empty, say), it has what came up to it.
             last = max(last, stream_order(since or ""))
-            since_then = [
-                (i, frame.decode())
-                for i, frame in room.history.messages
-                if stream_order(i) > last
-            ]
+            since_then = [(i, frame) for i, frame in here if stream_order(i) > last]
             history, cut = latest_within_bytes(
                 [
                     frame
@@ -2253,15 +2267,14 @@ def refuse_what_no_handler_takes(message: Message) -> None:
 # message counting as several: one client's 64 KiB messages, 10 a second, to 100
 # readers that asked for compression (as browsers do) took all of the server's CPU,
 # 1.00 s a second (run BE); counted so, 0.13 s (run BK). A flooder's next messages wait
-# in its own connection, unread by its handler: it slows itself, not the room.
+# in its own connection, unread by its handler: it slows itself, not the room. Slowed
+# over FLOOD_MAX_SLOWED_S in a row, each wait counted as a 20th of it at least (so
+# that 21 waits do too), it is closed: 1008.
 class FloodControl:
-    """Slows a client down to the rate; slowed too often, or too long, in a row: 1008."""
-
     def __init__(self) -> None:
         self.allowance = float(FLOOD_BURST_MESSAGES)  # messages it may send at once
         self.counted_at = time.monotonic()
-        self.slowed_in_a_row = 0
-        self.slowed_for_s = 0.0  # in a row
+        self.slowed_for_s = 0.0  # in a row, as counted: see `slow_down`
 
     async def slow_down(self, message: str) -> None:
         now = time.monotonic()
@@ -2270,15 +2283,11 @@ class FloodControl:
         self.allowance = min(FLOOD_BURST_MESSAGES, self.allowance + earned) - counts_as
         self.counted_at = now
         if self.allowance >= 0:
-            self.slowed_in_a_row, self.slowed_for_s = 0, 0.0
+            self.slowed_for_s = 0.0
             return
         wait_s = -self.allowance / FLOOD_MESSAGES_PER_S
-        self.slowed_in_a_row += 1
-        self.slowed_for_s += wait_s
-        if (
-            self.slowed_in_a_row > FLOOD_MAX_SLOWED_MESSAGES
-            or self.slowed_for_s > FLOOD_MAX_SLOWED_S
-        ):
+        self.slowed_for_s += max(wait_s, FLOOD_MAX_SLOWED_S / FLOOD_MAX_SLOWED_MESSAGES)
+        if self.slowed_for_s > FLOOD_MAX_SLOWED_S:
             raise WebSocketException(status.WS_1008_POLICY_VIOLATION, FLOODING)
         await asyncio.sleep(wait_s)
 
