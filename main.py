@@ -717,11 +717,11 @@ async def item_endpoint(
 # its welcome says "missed": true.
 #
 # The protocol, JSON text frames. From the server: a `welcome` first (the room, the
-# members, whether some was missed, the history, and `last_id`, the id of the room's
-# newest message: the client's `since` until another comes); then each `message`
-# ({"id", "client_id", "text"}, to everyone, the sender too), and `joined` and `left`
-# ({"client_ids": [...]}). From the client: {"text": T}, T a string, not empty; other
-# keys are ignored. Any other text closes with 1007.
+# members, whether some was missed, the history, and `last_id`, the id of the newest
+# message it accounts for: the client's `since` until another comes); then each
+# `message` ({"id", "client_id", "text"}, to everyone, the sender too), and `joined`
+# and `left` ({"client_ids": [...]}). From the client: {"text": T}, T a string, not
+# empty; other keys are ignored. Any other text closes with 1007.
 #
 # How it builds on step 3: a Room holds a step 3 LocalChat for its clients (the
 # delivery, the takeovers, the cut-offs), a History, and who is joining and away. A
@@ -1725,11 +1725,13 @@ class RedisRelay:
         return histories
 
     def last_id(self, room: Room) -> str:
+        """The newest message shown here; or, before any, with the stream empty, the
+        last one trimmed off it, which counts as placed (see `histories`)."""
         state = self.in_rooms.setdefault(room, RoomInRedis())
-        found = state.looked_up
-        # All that the stream trimmed off counts as placed: see `histories`.
-        trimmed = stream_order(found.trimmed) if found is not None else (0, 0)
-        return "{}-{}".format(*max(state.shown_upto, trimmed))
+        found, last = state.looked_up, state.shown_upto
+        if last == (0, 0) and found is not None and found.newest == (0, 0):
+            last = stream_order(found.trimmed)
+        return "{}-{}".format(*last)
 
     async def share_presence(self, room: Room) -> None:
         """Tell the other processes to look again at who is in the room; and take over

@@ -1749,6 +1749,29 @@ def test_a_joiner_closed_with_the_chat_is_not_counted_as_away() -> None:
     assert run(lose_redis_with_a_joiner()) == {2}
 
 
+@pytest.mark.parametrize(
+    ("shown_upto", "newest", "last_id"),
+    [((7, 1), (9, 0), "7-1"), ((0, 0), (9, 0), "0-0"), ((0, 0), (0, 0), "5-0")],
+    ids=["shown here", "to come on the channel", "stream emptied"],
+)
+def test_a_welcome_through_redis_never_claims_a_message_not_shown_here(
+    shown_upto: tuple[int, int], newest: tuple[int, int], last_id: str
+) -> None:
+    # The stream trimmed up to 5-0, and holds up to `newest`. A last_id past what this
+    # process has shown would place a since past messages still to come to the joiner.
+    async def last_id_of_a_welcome() -> str:
+        rooms = main.RoomManager()
+        relay = main.RedisRelay("redis://127.0.0.1:9/0", {}, rooms)
+        room = rooms.open_room("lobby")
+        state = relay.in_rooms.setdefault(room, main.RoomInRedis())
+        state.shown_upto = shown_upto
+        state.looked_up = main.LookedUp([], {}, newest, "5-0")
+        await relay.redis.aclose()
+        return relay.last_id(room)
+
+    assert run(last_id_of_a_welcome()) == last_id
+
+
 # --- What one client sends hurts only its sender ---------------------------------------
 
 
