@@ -1295,7 +1295,8 @@ REDIS_RETRY_S = 1.0  # between attempts to reach Redis again once it is lost
 PUBLISH_DEADLINE_S = 1.5
 PROCESS_TTL_S = 5.0  # a process silent this long is gone, and its room members with it
 # A process's mark, kept as its liveness is: gone sooner, Redis lost it (FLUSHALL, say).
-# Not the liveness key itself: a step of Redis's clock expires that one early.
+# Not the liveness key itself: a step of Redis's clock expires that one early. A room's
+# members written by a session whose mark is gone are removed as joiners look it up.
 SESSION_MARK_TTL_S = 3600.0
 REDIS_CONNECTIONS = 50  # commands in flight at once, at most, from one process
 REDIS_DOWN = "Chat unavailable: lost its Redis server; try again later"
@@ -1400,7 +1401,9 @@ HISTORY_LEDGER = ["chat:history:written", "chat:history:sizes", "chat:history:by
 # others follow), since_count at most: one range holds every joiner's, and is sent once;
 # with it, the id of the last message trimmed off the stream (Redis 7), which still
 # counts as placed, as in one process. First writes this process's members ('-' leaves
-# them, '' removes them), and the room's keys live keys_ttl_ms more.
+# them, '' removes them), and the room's keys live keys_ttl_ms more; removes those of
+# sessions long gone (see SESSION_MARK_TTL_S): in a room never idle, each session of
+# every process would leave its own for good.
 LOOK_UP_ROOM = """
 local process, members, keys_ttl_ms = ARGV[1], ARGV[2], ARGV[3]
 local since_count, latest_count = ARGV[4], ARGV[5]
@@ -1414,7 +1417,17 @@ end
 for i = 1, 3 do
   redis.call('PEXPIRE', KEYS[i], keys_ttl_ms)
 end
-local found = {redis.call('HGETALL', members_key), {}, {}, ''}
+local listed = redis.call('HGETALL', members_key)
+local kept = {}
+for i = 1, #listed, 2 do
+  if redis.call('EXISTS', 'chat:session:' .. listed[i]) == 1 then
+    table.insert(kept, listed[i])
+    table.insert(kept, listed[i + 1])
+  else
+    redis.call('HDEL', members_key, listed[i])
+  end
+end
+local found = {kept, {}, {}, ''}
 if #ARGV >= 7 then
   local info = redis.pcall('XINFO', 'STREAM', stream)
   for i = 1, (info.err and 0 or #info), 2 do

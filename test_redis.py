@@ -1649,6 +1649,23 @@ def test_the_welcome_s_last_id_places_a_client_that_has_seen_no_message(
     assert (back["missed"], back["last_id"]) == (missed, ids[-1])
 
 
+def test_members_written_by_a_session_long_gone_are_removed_as_joiners_look(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    # Each session of a process writes a room's members under a name of its own: in a
+    # room that never went idle, those of every session before stayed for good.
+    first, _ = workers
+    members = "chat:members:lobby"
+    with redis.Redis(port=redis_server.port, decode_responses=True) as operator:
+        operator.hset(members, "deadbeef0000", "[99]")  # no session mark: long gone
+
+        async def join(stack: contextlib.AsyncExitStack) -> list[int]:
+            return (await join_room(stack, first, "/rooms/lobby/1"))[1]["members"]
+
+        assert run(in_rooms(join)) == [1]
+        assert not operator.hexists(members, "deadbeef0000")
+
+
 def test_a_quiet_room_with_people_in_it_keeps_its_history_and_members(
     short_bound_workers: list[Server],
 ) -> None:
