@@ -178,7 +178,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
 # In bench.py, with 10,000 clients, this cost 0.99x the tutorials' CPU per delivery in
-# run BK (0.95x to 1.15x across runs AE to BK, on a shared machine).
+# run BK (0.95x to 1.15x across runs AE to BN, on a shared machine).
 #
 # First the manager, in the tutorials' shape; then what it is made of, and the
 # endpoints; then "Step 3, continued": how the batch reaches everyone.
@@ -749,7 +749,7 @@ MAX_ROOMS = 1000  # with someone in each; past it, 1013 (an empty one makes room
 ROOM_IDLE_S = 600.0  # a room nobody is in is forgotten, history and all, after this
 PRESENCE_INTERVAL_S = 0.25  # joiners are let in, and presence told, this often at most
 # A dropped client may come back this long before it has left: time enough for a whole
-# server's pages to be back after a network cut (10,000 took 10 to 24 s in bench.py).
+# server's pages to be back after a network cut (10,000 took 10 to 28 s in bench.py).
 PRESENCE_GRACE_S = 30.0
 TOO_MANY_ROOMS = f"Too many rooms open (over {MAX_ROOMS}): try again later"
 ROOM_FULL = f"Room full ({MAX_ROOM_MEMBERS} members): try again later"
