@@ -992,6 +992,15 @@ def message_texts(frames: list[dict]) -> list[str]:
     return [frame["text"] for frame in frames]
 
 
+def ids_of_messages_said(websocket, count: int) -> list[str]:
+    """Say "message 0" to "message {count - 1}", each once its room's copy is back."""
+    ids = []
+    for i in range(count):
+        say(websocket, f"message {i}")
+        ids.append(next_of_type(websocket, "message")["id"])
+    return ids
+
+
 def test_room_welcome_names_the_room_and_its_members(
     client: TestClient,
 ) -> None:
@@ -1060,10 +1069,7 @@ def test_room_history_is_the_latest_messages_oldest_first(
 def test_since_a_held_message_gets_everything_after_it(client: TestClient) -> None:
     with client.websocket_connect("/rooms/lobby/7") as alice:
         next_of_type(alice, "welcome")
-        ids = []
-        for i in range(80):  # more than a welcome without `since` holds
-            say(alice, f"message {i}")
-            ids.append(next_of_type(alice, "message")["id"])
+        ids = ids_of_messages_said(alice, 80)  # more than a welcome holds without since
     with client.websocket_connect(f"/rooms/lobby/7?since={ids[9]}") as alice:
         welcome = next_of_type(alice, "welcome")
     assert [m["id"] for m in welcome["history"]] == ids[10:]
@@ -1091,10 +1097,7 @@ def test_since_older_than_the_history_is_missed(
     monkeypatch.setattr(main, "HISTORY_MESSAGES", 5)
     with client.websocket_connect("/rooms/lobby/7") as alice:
         next_of_type(alice, "welcome")
-        ids = []
-        for i in range(8):
-            say(alice, f"message {i}")
-            ids.append(next_of_type(alice, "message")["id"])
+        ids = ids_of_messages_said(alice, 8)
     with client.websocket_connect(f"/rooms/lobby/7?since={ids[1]}") as alice:
         welcome = next_of_type(alice, "welcome")
     assert message_texts(welcome["history"]) == [f"message {i}" for i in range(3, 8)]
@@ -1118,10 +1121,7 @@ def test_the_welcome_s_last_id_places_a_client_that_has_seen_no_message(
         first = next_of_type(alice, "welcome")
     with client.websocket_connect("/rooms/lobby/8") as bob:
         next_of_type(bob, "welcome")
-        ids = []
-        for i in range(5):
-            say(bob, f"message {i}")
-            ids.append(next_of_type(bob, "message")["id"])
+        ids = ids_of_messages_said(bob, 5)
     with client.websocket_connect(f"/rooms/lobby/7?since={first['last_id']}") as alice:
         back = next_of_type(alice, "welcome")
     assert first["history"] == []
