@@ -2224,7 +2224,7 @@ FLOOD_MESSAGES_PER_S = 10  # after the burst; a faster client's next read waits
 FLOOD_BYTES_PER_MESSAGE = 1024  # a message counts once, and once more per full KiB
 FLOOD_MAX_SLOWED_MESSAGES = 20  # reads made to wait in a row; one more closes: 1008
 # Waited in a row, at most; a longer wait closes: 1008. Meanwhile uvicorn reads nothing
-# from the client, its pongs included: at 20 s, its keepalive would close it with 1011.
+# from the client, its pongs included: a ping unanswered 20 s would close it with 1011.
 FLOOD_MAX_SLOWED_S = 10.0
 FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages (or KiB) a second"
 BINARY_REFUSED = "Binary frames are not supported: send text"
