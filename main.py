@@ -805,20 +805,21 @@ class History:
     def after(self, since: str | None) -> tuple[list[str], bool]:
         """Every message after `since`, if the history holds it; else the latest, and
         True: the client missed some."""
-        if self.holds(since):
-            first = self.next_number - len(self.messages)
-            number = self.number_of(since) or 0
-            after = itertools.islice(self.messages, number - first + 1, None)
-            return [frame.decode() for _, frame in after], False
-        return self.latest(), since is not None
+        start = self.start_after(since)
+        if start is None:
+            return self.latest(), since is not None
+        after = itertools.islice(self.messages, start, None)
+        return [frame.decode() for _, frame in after], False
 
-    def holds(self, since: str | None) -> bool:
-        """Whether every message after `since` is here."""
+    def start_after(self, since: str | None) -> int | None:
+        """Where the messages after `since` start here; None if some of them are gone."""
         first = self.next_number - len(self.messages)
         number = self.number_of(since)
         # The message just dropped still counts (or, if none was, the 0 before the
         # first): nothing after it is missing.
-        return number is not None and first - 1 <= number < self.next_number
+        if number is None or not first - 1 <= number < self.next_number:
+            return None
+        return number - first + 1
 
     def number_of(self, message_id: str | None) -> int | None:
         """The number in an id of this history's; None for anything else."""
@@ -921,13 +922,13 @@ class RoomsHere:
     ) -> dict[Client, tuple[list[str], bool]]:
         # Joiners given the same history share its frames, and so their welcome: 10,000
         # back after a restart, none placed, hold the latest once, not 10,000 times.
-        shared: dict[str | None, list[str]] = {}
+        shared: dict[int | None, list[str]] = {}  # by where each starts; None: latest
         histories = {}
         for client, since in joiners:
-            placed = since if room.history.holds(since) else None
-            if placed not in shared:
-                shared[placed] = room.history.after(placed)[0]
-            histories[client] = (shared[placed], since is not None and placed is None)
+            start = room.history.start_after(since)
+            if start not in shared:
+                shared[start] = room.history.after(since)[0]
+            histories[client] = (shared[start], since is not None and start is None)
         return histories
 
     def last_id(self, room: Room) -> str:
