@@ -2185,8 +2185,7 @@ else:
 #
 # These guards stop what the tutorials' code lets any client do: crash a handler with a
 # binary frame, send 16 MiB at a time, flood the room, fill the log with tracebacks, and,
-# from another site's page, connect with the user's cookies. Measured: one client sending
-# 20,000 messages held another writer's up by 6.6 to 9.6 s (p99) before flood control.
+# from another site's page, connect with the user's cookies.
 
 # What the file relies on in uvicorn 0.55, each where the file says why, and the test
 # that fails if an upgrade changes it:
@@ -2345,9 +2344,10 @@ def as_logged(client_text: str) -> str:
     # header may hold a line break or a terminal's escape, to forge a line or recolour
     # the log (step 4's item id takes any; an Origin may hold latin-1's "\x85").
     shown = quote(client_text[:MAX_LOGGED_CHARACTERS], safe="/:")
-    if len(shown) <= MAX_LOGGED_CHARACTERS:
+    if max(len(client_text), len(shown)) <= MAX_LOGGED_CHARACTERS:
         return shown
-    return f"{shown[:MAX_LOGGED_CHARACTERS]}... ({len(client_text)} characters)"
+    cut = re.sub(r"%[0-9A-F]?$", "", shown[:MAX_LOGGED_CHARACTERS])  # no "%0" left
+    return f"{cut}... ({len(client_text)} characters)"
 
 
 class ClientFaultsAsWarnings(logging.Filter):

@@ -1654,6 +1654,23 @@ def test_other_origin_is_refused(client: TestClient, caplog) -> None:
     assert "add it to ALLOWED_ORIGINS" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("o" * 200, "o" * 200),
+        ("a\nb", "a%0Ab"),
+        ("o" * 500, "o" * 200 + "... (500 characters)"),
+        ("\xff" * 500, "%C3%BF" * 33 + "... (500 characters)"),
+        ("o" * 198 + "\n", "o" * 198 + "... (199 characters)"),
+    ],
+)
+def test_a_client_s_text_is_logged_whole_or_cut_with_its_length(
+    text: str, shown: str
+) -> None:
+    # Cut text says so, and an escape such as "%0A" is shown whole or not at all.
+    assert main.as_logged(text) == shown
+
+
 def test_allowed_origins_lets_another_site_in(client: TestClient, monkeypatch) -> None:
     monkeypatch.setattr(main, "ALLOWED_ORIGINS", frozenset({"https://chat.example"}))
     with client.websocket_connect(
