@@ -277,6 +277,10 @@ def left_the_chat(client_ids: list[int | None]) -> str:
     return f"Clients {', '.join(names[:-1])} and {names[-1]} left the chat"
 
 
+class ServerShutdown(WebSocketDisconnect):
+    """uvicorn's own 1012, as it shuts down; a client's 1012 comes with a "reason"."""
+
+
 # The endpoint reads its client's messages inside `with client.cut_off_scope`. To cut
 # the client off, another task cancels that scope (LocalChat.cut_off, below). Only the
 # `with` block ends; the handler goes on, to tell the others and to close the connection.
@@ -382,10 +386,6 @@ class LocalChat:
         self.batch.append((to, message))
         if self.deliverer is None:
             self.deliverer = asyncio.create_task(deliver_batches(self))
-
-
-class ServerShutdown(WebSocketDisconnect):
-    """uvicorn's own 1012, as it shuts down; a client's 1012 comes with a "reason"."""
 
 
 # Starlette's receive_text refuses to read once a write to the client has failed (in
