@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 from urllib.parse import quote, urlsplit
 
 import anyio
+import h11
 from fastapi import (
     APIRouter,
     Cookie,
@@ -2350,10 +2351,17 @@ def as_logged(client_text: str) -> str:
     return f"{cut}... ({len(client_text)} characters)"
 
 
+# Under --http h11, a client that breaks HTTP once its request is answered, or as it is,
+# is answered 400 by uvicorn all the same, and h11 raises; the event loop or uvicorn
+# logs that as an error with a traceback, and the connection closes, as it should.
+BROKE_HTTP = "Closed an HTTP connection: its client sent what HTTP does not allow"
+
+
 class ClientFaultsAsWarnings(logging.Filter):
     """One WARNING line, not an ERROR with a traceback, for what clients cause: uvicorn
     logs so a text frame that is not UTF-8 (it closes with 1007), a graceful shutdown
-    that gave up on clients that read nothing, and each handler it then cancelled."""
+    that gave up on clients that read nothing, and each handler it then cancelled; the
+    event loop, or uvicorn, a client breaking HTTP once answered (BROKE_HTTP)."""
 
     REWORDED: ClassVar[dict[str, str]] = {
         "Invalid UTF-8 sequence received from client.": (
@@ -2370,8 +2378,13 @@ class ClientFaultsAsWarnings(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        broke_http = isinstance(error, h11.LocalProtocolError)
+        if broke_http and record.name == "asyncio":  # its lines show no level
+            logger.warning(BROKE_HTTP)
+            return False
         ended = isinstance(error, asyncio.CancelledError) and error.args == self.GAVE_UP
-        reworded = self.CANCELLED if ended else self.REWORDED.get(str(record.msg))
+        reworded = BROKE_HTTP if broke_http else self.REWORDED.get(str(record.msg))
+        reworded = self.CANCELLED if ended else reworded
         if reworded is not None:
             record.msg = reworded
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -2380,6 +2393,7 @@ class ClientFaultsAsWarnings(logging.Filter):
 
 
 logger.addFilter(ClientFaultsAsWarnings())
+logging.getLogger("asyncio").addFilter(ClientFaultsAsWarnings())
 
 # Browsers send Origin on every WebSocket handshake; other sites' pages are refused: a
 # browser may attach the user's cookies whatever page opens a WebSocket (those with

@@ -1124,6 +1124,30 @@ def answer_to_a_post(port: int, body: bytes) -> bytes:
         return sock.recv(4096)
 
 
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        "GET / HTTP/1.1",  # the page, answered whole
+        "POST /chat/messages HTTP/1.1",  # refused before its body is read: no token
+    ],
+)
+def test_a_client_breaking_http_after_its_answer_leaves_a_warning_not_a_traceback(
+    server: Server, request_head: str
+) -> None:
+    # uvicorn's h11 answers a malformed chunk with a 400, even once the answer is out,
+    # and h11 raises: a traceback in the log for anyone who can send a request.
+    head = f"{request_head}\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head.encode() + b"5\r\nhello\r\n")
+        answer = sock.recv(65536)
+        while b"</html>" not in answer and not answer.endswith(b"}"):
+            answer += sock.recv(65536)
+        sock.sendall(b"zz\r\n")
+        assert sock.recv(4096) == b""  # closed
+    wait_for_log(server, main.BROKE_HTTP)
+    assert_nothing_went_wrong(server)
+
+
 def echo_still_answers(server: Server) -> str:
     """A fresh client's ping is answered at once, and so is its "hi": the echo."""
 
