@@ -2357,12 +2357,10 @@ def as_logged(client_text: str) -> str:
 BROKE_HTTP = "Closed an HTTP connection: its client sent what HTTP does not allow"
 
 
+# One WARNING line, not an ERROR with a traceback, for what clients cause: uvicorn logs
+# so a text frame that is not UTF-8 (it closes with 1007), a graceful shutdown that gave
+# up on clients that read nothing, each handler it then cancelled, and BROKE_HTTP.
 class ClientFaultsAsWarnings(logging.Filter):
-    """One WARNING line, not an ERROR with a traceback, for what clients cause: uvicorn
-    logs so a text frame that is not UTF-8 (it closes with 1007), a graceful shutdown
-    that gave up on clients that read nothing, and each handler it then cancelled; the
-    event loop, or uvicorn, a client breaking HTTP once answered (BROKE_HTTP)."""
-
     REWORDED: ClassVar[dict[str, str]] = {
         "Invalid UTF-8 sequence received from client.": (
             "Closed a WebSocket with 1007: its text was not valid UTF-8"
@@ -2378,13 +2376,10 @@ class ClientFaultsAsWarnings(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        broke_http = isinstance(error, h11.LocalProtocolError)
-        if broke_http and record.name == "asyncio":  # its lines show no level
-            logger.warning(BROKE_HTTP)
-            return False
         ended = isinstance(error, asyncio.CancelledError) and error.args == self.GAVE_UP
-        reworded = BROKE_HTTP if broke_http else self.REWORDED.get(str(record.msg))
-        reworded = self.CANCELLED if ended else reworded
+        reworded = self.CANCELLED if ended else self.REWORDED.get(str(record.msg))
+        if isinstance(error, h11.LocalProtocolError):
+            reworded = BROKE_HTTP
         if reworded is not None:
             record.msg = reworded
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -2393,7 +2388,19 @@ class ClientFaultsAsWarnings(logging.Filter):
 
 
 logger.addFilter(ClientFaultsAsWarnings())
-logging.getLogger("asyncio").addFilter(ClientFaultsAsWarnings())
+
+
+class BrokenHttpAsWarning(logging.Filter):
+    """The event loop's log of BROKE_HTTP, logged as uvicorn's is, with its level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], h11.LocalProtocolError):
+            logger.warning(BROKE_HTTP)
+            return False
+        return True
+
+
+logging.getLogger("asyncio").addFilter(BrokenHttpAsWarning())
 
 # Browsers send Origin on every WebSocket handshake; other sites' pages are refused: a
 # browser may attach the user's cookies whatever page opens a WebSocket (those with
