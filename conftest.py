@@ -427,14 +427,16 @@ def raw_handshake(
     rcvbuf: int | None = None,
     host: str | None = None,
     headers: tuple[str, ...] = (),
+    ethernet: bool = True,
 ) -> tuple[socket.socket, bytes]:
     """Open a WebSocket by hand; return the socket and the server's HTTP response head.
     `host`: the Host header, as a page's address for the server has it; `headers`, more
-    lines for the request, each "Name: value"."""
+    lines for the request, each "Name: value"; `ethernet`, with `rcvbuf`: see below."""
     sock = socket.socket()
     if rcvbuf is not None:
         # Set before connect, so the TCP window stays small: the client stalls sooner.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if rcvbuf is not None and ethernet:
         # And an Ethernet's segments: for loopback's 64 KiB ones, Linux gave the
         # server's end 2.8 MB of send buffer, 0.08 MB for these.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, ETHERNET_SEGMENT_BYTES)

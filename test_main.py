@@ -1965,7 +1965,7 @@ README_LIMITS = [
     ("or for 10 s (`FLOOD_MAX_SLOWED_S`)", "FLOOD_MAX_SLOWED_S", 10),
     ("at most 100 messages (`MAX_BACKLOG_MESSAGES`)", "MAX_BACKLOG_MESSAGES", 100),
     ("waits 5 s at most, `CLOSE_TIMEOUT_S`", "CLOSE_TIMEOUT_S", 5),
-    ("resets a connection still open 5 s after", "RESET_AFTER_CLOSE_S", 5),
+    ("resets a connection 5 s after closing it", "RESET_AFTER_CLOSE_S", 5),
     ("Over 64 KiB (`MAX_MESSAGE_BYTES`)", "MAX_MESSAGE_BYTES", 64 * 1024),
     ("over 385 KiB (`MAX_POST_BYTES`)", "MAX_POST_BYTES", 385 * 1024),
     ("every 0.25 s (`PRESENCE_INTERVAL_S`)", "PRESENCE_INTERVAL_S", 0.25),
