@@ -678,16 +678,25 @@ def test_page_reconnects_after_a_server_restart(
     )
 
 
+def say_in_a_room_then_stop_the_server(
+    restarting: RestartingServer, page: "Page", text: str
+):
+    """Client #1 says `text` in the lobby; then the server stops, and with it the room's
+    history, kept in that process. The page's status line."""
+    page.goto(f"{restarting.server.http_url}/?endpoint=rooms&room=lobby&client_id=1")
+    status = page.locator("#status")
+    expect(status).to_have_attribute("data-state", "connected")
+    send(page, text)
+    expect(messages(page)).to_have_text([f"Client #1: {text}"])
+    restarting.server.stop()
+    return status
+
+
 def test_rooms_page_that_gave_up_asks_for_what_it_missed_once_connected_again(
     restarting: RestartingServer, page: "Page"
 ) -> None:
     # Connect after the page gave up joined afresh, and said nothing of what it missed.
-    page.goto(f"{restarting.server.http_url}/?endpoint=rooms&room=lobby&client_id=1")
-    status = page.locator("#status")
-    expect(status).to_have_attribute("data-state", "connected")
-    send(page, "before")
-    expect(messages(page)).to_have_text(["Client #1: before"])
-    restarting.server.stop()
+    status = say_in_a_room_then_stop_the_server(restarting, page, "before")
     expect(status).to_contain_text("gave up after", timeout=ALL_RETRY_DELAYS_MS * 2)
     server = restarting.start()
     page.click("#connect")
@@ -699,13 +708,7 @@ def test_rooms_page_that_gave_up_asks_for_what_it_missed_once_connected_again(
 def test_rooms_page_across_a_server_restart_says_what_it_missed(
     restarting: RestartingServer, page: "Page"
 ) -> None:
-    page.goto(f"{restarting.server.http_url}/?endpoint=rooms&room=lobby&client_id=1")
-    status = page.locator("#status")
-    expect(status).to_have_attribute("data-state", "connected")
-    send(page, "before the restart")
-    expect(messages(page)).to_have_text(["Client #1: before the restart"])
-
-    restarting.server.stop()  # the room's history, kept in that process, is gone
+    status = say_in_a_room_then_stop_the_server(restarting, page, "before the restart")
     expect(status).to_contain_text("retrying in")
     server = restarting.start()
     expect(status).to_have_attribute("data-state", "connected", timeout=10_000)

@@ -148,45 +148,6 @@ def test_a_client_cut_off_that_never_reads_is_dropped(server: Server) -> None:
     assert_nothing_went_wrong(server)
 
 
-def kernel_holds(local_port: int, remote_port: int) -> bool:
-    """Whether the kernel has a TCP socket between these loopback ports, open or not."""
-    pair = f":{local_port:04X} 0100007F:{remote_port:04X} "
-    return pair in Path("/proc/net/tcp").read_text()
-
-
-def test_a_client_closed_with_all_it_is_sent_in_the_kernel_is_dropped_too(
-    tmp_path: Path,
-) -> None:
-    # Loopback's segments give the server's end megabytes of send buffer: all the
-    # stalled client is sent fits there, so uvicorn's close after the unanswered ping
-    # hands the socket to the kernel at once, which kept it, and what it held, minutes.
-    pings = ("--ws-ping-interval", str(PING_INTERVAL_S))
-    pings += ("--ws-ping-timeout", str(PING_TIMEOUT_S))
-    server = start_server(
-        tmp_path / "uvicorn.log", options=(*production_options(), *pings)
-    )
-    stalled, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096, ethernet=False)
-    big = "x" * (main.MAX_MESSAGE_BYTES - 1024)  # one from each sender: no flooding
-
-    async def send_it_600_kb() -> None:
-        async with contextlib.AsyncExitStack() as stack:
-            for sender in await enter_chat_clients(stack, server, range(10, 20)):
-                await sender.send(big)
-
-    ends = (server.port, stalled.getsockname()[1])
-    try:
-        run(send_it_600_kb())
-        deadline = time.monotonic() + PING_INTERVAL_S + PING_TIMEOUT_S
-        deadline += main.RESET_AFTER_CLOSE_S + 5
-        while kernel_holds(*ends) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not kernel_holds(*ends)  # the server's end: its client never hears
-    finally:
-        stalled.close()
-        server.stop()
-    assert_nothing_went_wrong(server)
-
-
 REFUSED_WS = "Run this app with --ws websockets-sansio"
 
 
@@ -297,16 +258,20 @@ def test_stalled_client_is_cut_off_with_1008_and_slows_nobody(server: Server) ->
 PING_INTERVAL_S, PING_TIMEOUT_S = 2.0, 1.0  # uvicorn's are 20 s and 20 s
 
 
+def start_with_short_pings(tmp_path: Path) -> Server:
+    pings = ("--ws-ping-interval", str(PING_INTERVAL_S))
+    pings += ("--ws-ping-timeout", str(PING_TIMEOUT_S))
+    return start_server(
+        tmp_path / "uvicorn.log", options=(*production_options(), *pings)
+    )
+
+
 def test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings(
     tmp_path: Path,
 ) -> None:
     # Its socket is full, so uvicorn's close after the unanswered ping waits for ever
     # behind what it holds, and the handler hears nothing: SansIOBounded resets it.
-    pings = ("--ws-ping-interval", str(PING_INTERVAL_S))
-    pings += ("--ws-ping-timeout", str(PING_TIMEOUT_S))
-    server = start_server(
-        tmp_path / "uvicorn.log", options=(*production_options(), *pings)
-    )
+    server = start_with_short_pings(tmp_path)
     stalled, head = raw_handshake(server.port, "/chat/2", rcvbuf=4096)
     big = "x" * (main.MAX_MESSAGE_BYTES - 1024)  # one from each sender: no flooding
     senders = range(10, 20)
@@ -331,6 +296,41 @@ def test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings(
             left_after_s < PING_INTERVAL_S + PING_TIMEOUT_S + main.RESET_AFTER_CLOSE_S
         )
         assert "Client #2 cut off" not in server.log()  # it left: nobody cut it off
+    finally:
+        stalled.close()
+        server.stop()
+    assert_nothing_went_wrong(server)
+
+
+def kernel_holds(local_port: int, remote_port: int) -> bool:
+    """Whether the kernel has a TCP socket between these loopback ports, open or not."""
+    pair = f":{local_port:04X} 0100007F:{remote_port:04X} "
+    return pair in Path("/proc/net/tcp").read_text()
+
+
+def test_a_client_closed_with_all_it_is_sent_in_the_kernel_is_dropped_too(
+    tmp_path: Path,
+) -> None:
+    # Loopback's segments give the server's end megabytes of send buffer: all the
+    # stalled client is sent fits there, so uvicorn's close after the unanswered ping
+    # hands the socket to the kernel at once, which kept it, and what it held, minutes.
+    server = start_with_short_pings(tmp_path)
+    stalled, _ = raw_handshake(server.port, "/chat/2", rcvbuf=4096, ethernet=False)
+    big = "x" * (main.MAX_MESSAGE_BYTES - 1024)  # one from each sender: no flooding
+
+    async def send_it_600_kb() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            for sender in await enter_chat_clients(stack, server, range(10, 20)):
+                await sender.send(big)
+
+    ends = (server.port, stalled.getsockname()[1])
+    try:
+        run(send_it_600_kb())
+        deadline = time.monotonic() + PING_INTERVAL_S + PING_TIMEOUT_S
+        deadline += main.RESET_AFTER_CLOSE_S + 5
+        while kernel_holds(*ends) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not kernel_holds(*ends)  # the server's end: its client never hears
     finally:
         stalled.close()
         server.stop()
