@@ -286,7 +286,7 @@ class ServerShutdown(WebSocketDisconnect):
 # the client off, another task cancels that scope (LocalChat.cut_off, below). Only the
 # `with` block ends; the handler goes on, to tell the others and to close the connection.
 # task.cancel() would end the whole handler. The scope is anyio's, which Starlette runs
-# on. close_code stays 1000 unless the client closes or drops, or cut_off sets one.
+# on. close_code stays 1000 unless the connection ends (left_with), or cut_off sets one.
 class Client:
     """One chat connection, and what the manager keeps about it."""
 
