@@ -501,11 +501,11 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # task waited for a turn, and it was cut off after 32 of the 3,000 messages.
 #
 # Giving up a write relies on uvicorn's --ws websockets-sansio (uvicorn 0.55's default;
-# the commands in this file and the README name it anyway): its send waits for room
-# before it writes, so a write given up has sent nothing. (--ws wsproto waits first too,
-# but the tests run websockets-sansio only.) --ws websockets writes, then waits: a write
-# given up would reach the client twice, now and from its backlog, so under it the app
-# refuses to start (refuse_to_start_under_ws_websockets, below).
+# this file's commands name it, the README's its subclass SansIOBounded): its send
+# waits for room before it writes, so a write given up has sent nothing. (--ws wsproto
+# waits first too, but the tests run websockets-sansio only.) --ws websockets writes,
+# then waits: a write given up would reach the client twice, now and from its backlog,
+# so under it the app refuses to start (refuse_to_start_under_ws_websockets, below).
 
 
 class Backlog:
