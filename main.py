@@ -81,9 +81,8 @@ async def get() -> FileResponse:
 
 # The guards every step relies on, defined after step 6; most wrap the whole app:
 # - CheckOrigin refuses a WebSocket from another site's page (Origin is not Host): 403.
-#   A page at 127.0.0.1 connecting to localhost, as the tutorials' pages do, is let in;
-#   one from disk (Origin "null") only with ALLOWED_ORIGINS=null, which lets in any
-#   site's sandboxed frames too: on your own machine only;
+#   A page at 127.0.0.1 calling localhost, as the tutorials' pages do, is let in; one
+#   from disk (Origin "null") only with ALLOWED_ORIGINS=null, on your own machine only;
 # - CheckWhatClientsSend refuses a binary frame (1003) and text over 64 KiB (1009);
 # - FloodControl slows a chat client that floods, then closes it with 1008;
 # - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
