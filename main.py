@@ -1583,9 +1583,11 @@ class RedisRelay:
             await self.subscribed.wait()
             yield
         finally:
-            relaying.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relaying
+            # Until it ends: on Python 3.11, redis-py's asyncio.wait_for may swallow a
+            # cancel that comes as its write ends, and the process never exited.
+            while not relaying.done():
+                relaying.cancel()
+                await asyncio.wait({relaying}, timeout=REDIS_PING_INTERVAL_S)
             await self.stay_alive_through_a_restart()
             await self.redis.aclose()
 
