@@ -339,7 +339,7 @@ class DeliverHere:
         return True
 
     async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
-        await chat.add_to_batch(client.websocket, ack)
+        chat.add_to_batch_nowait(client.websocket, ack)  # in the message's batch
         await self.publish(chat, text)
 
 

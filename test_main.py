@@ -430,6 +430,30 @@ def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> No
     assert run(fill_the_batch_while_the_delivery_waits()) == (True, True)
 
 
+def test_a_writer_s_you_wrote_goes_in_the_batch_its_message_goes_in() -> None:
+    # Were "You wrote" written in the batch before, a server stopping between the two
+    # batches would leave a writer told its message went, and no one sent it.
+    async def say_into_a_batch_one_short_of_full() -> tuple[list[str], bool]:
+        manager = main.ConnectionManager()
+        writer = manager.chat.clients[1] = client_writing_with(Socket().send, 1)
+        manager.chat.deliverer = asyncio.ensure_future(asyncio.Event().wait())  # busy
+        for i in range(main.BATCH_BACKPRESSURE_MESSAGES - 1):
+            manager.chat.add_to_batch_nowait(None, f"message {i}")
+        saying = asyncio.ensure_future(
+            manager.say(writer, "You wrote: hi", "Client #1 says: hi")
+        )
+        await turns_of_the_event_loop()
+        waiting = not saying.done()  # the batch is full: the writer waits for it
+        saying.cancel()
+        manager.chat.deliverer.cancel()
+        return [message for _, message in manager.chat.batch[-2:]], waiting
+
+    assert run(say_into_a_batch_one_short_of_full()) == (
+        ["You wrote: hi", "Client #1 says: hi"],
+        True,
+    )
+
+
 def test_a_bug_in_one_delivery_is_logged_and_the_next_batch_still_goes(caplog) -> None:
     # The delivery pauses for a client behind; meanwhile a second batch is said. Then a
     # write fails with what no client causes: the second batch must still go out.
