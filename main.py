@@ -2533,15 +2533,14 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         # A connection closed with all it is yet to be sent in the kernel's buffer is the
         # kernel's, which held 311 MB of 300 joiners' unread welcomes 5 minutes. So it
         # gives up on a client whose window stays shut as long as the pings allow.
-        if self.ping_interval and self.ping_timeout:
+        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux's alone
+        if self.ping_interval and self.ping_timeout and user_timeout is not None:
             shut_ms = (
                 self.ping_interval + self.ping_timeout + RESET_AFTER_CLOSE_S
             ) * 1000
             sock = transport.get_extra_info("socket")
             with contextlib.suppress(OSError):  # closed already
-                sock.setsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(shut_ms)
-                )
+                sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(shut_ms))
 
     def data_received(self, data: bytes) -> None:
         self.unparsed += data

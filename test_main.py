@@ -616,6 +616,33 @@ def test_a_connection_closed_in_time_is_freed_at_once_not_held_by_its_reset_time
     assert run(closed_and_collected())
 
 
+def test_sansio_bounded_takes_connections_where_tcp_has_no_user_timeout(
+    monkeypatch,
+) -> None:
+    # TCP_USER_TIMEOUT is Linux's: macOS and Windows have none, and serve all the same.
+    monkeypatch.delattr(socket, "TCP_USER_TIMEOUT", raising=False)
+
+    async def make_a_connection() -> bool:
+        config = Config(app=main.app, ws=main.SansIOBounded)
+        config.load()
+        protocol = main.SansIOBounded(
+            config=config, server_state=ServerState(), app_state={}
+        )
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            accepted, _ = listener.accept()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, accepted)
+        try:
+            protocol.connection_made(transport)
+            return protocol.transport is transport
+        finally:
+            transport.close()
+            client.close()
+
+    assert run(make_a_connection())
+
+
 @pytest.mark.parametrize(
     ("server_send", "expected"),
     [(uvicorn_s_send_after_its_own_close, main.ServerClosedIt), (None, RuntimeError)],
