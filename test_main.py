@@ -430,6 +430,40 @@ def test_a_sender_that_fills_the_batch_waits_for_that_batch_not_the_next() -> No
     assert run(fill_the_batch_while_the_delivery_waits()) == (True, True)
 
 
+def test_a_delivery_to_many_lets_the_event_loop_serve_all_else_between_groups() -> None:
+    # Written to everyone in one go, a burst to 10,000 clients held up every other
+    # connection, the echo's and the server's own shutdown included, for seconds.
+    async def deliver_while_another_task_counts_its_turns() -> list[int]:
+        manager = main.ConnectionManager()
+        turns = 0
+        turns_seen: list[int] = []  # by each write, in order
+
+        async def send(message: Message) -> None:
+            turns_seen.append(turns)
+
+        for client_id in range(2 * main.CLIENTS_PER_TURN + 1):
+            manager.chat.clients[client_id] = client_writing_with(send, client_id)
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.ensure_future(count_turns())
+        await manager.broadcast("hi")
+        await turns_of_the_event_loop()
+        counter.cancel()
+        return turns_seen
+
+    turns_seen = run(deliver_while_another_task_counts_its_turns())
+    groups = [
+        turns_seen[first] for first in range(0, len(turns_seen), main.CLIENTS_PER_TURN)
+    ]
+    assert len(turns_seen) == 2 * main.CLIENTS_PER_TURN + 1
+    assert len(set(turns_seen)) == 3 and groups == sorted(set(groups))
+
+
 def test_a_writer_s_you_wrote_goes_in_the_batch_its_message_goes_in() -> None:
     # Were "You wrote" written in the batch before, a server stopping between the two
     # batches would leave a writer told its message went, and no one sent it.
