@@ -737,7 +737,7 @@ async def item_endpoint(
 # and what a joiner sends waits until it is in: it hears its own messages too.
 # Where a room's messages, ids and members live is the rooms' relay: by default
 # RoomsHere, this process; its six calls are the places where another relay would do
-# something else, and here most do nothing.
+# something else, and here three do nothing.
 
 # Django Channels' rule for group names: no spaces or slashes, so that a name goes into
 # a URL, a key or a channel's message unchanged. pydantic checks it with Rust's regex,
@@ -2513,7 +2513,7 @@ if TYPE_CHECKING:  # a private module of uvicorn's: for the type checker alone
     from uvicorn._types import ASGIReceiveEvent
 
 
-# uvicorn's websockets-sansio parses all it reads at once, 250 KB a read, read after
+# uvicorn's websockets-sansio parses all it reads at once, 250 KiB a read, read after
 # read. It stops reading once it holds a message for the app, queueing all the others
 # it found: tens of thousands of one-letter messages. Frames the app never sees (pings,
 # pongs, the pieces of a message) never stop it, and the app cannot limit them. So one
