@@ -346,7 +346,9 @@ def test_a_page_whose_cookies_are_too_big_for_a_handshake_is_told_it_was_refused
     cookie = {"value": "a" * COOKIE_BYTES, "url": server.http_url}
     cookies = tuple({"name": f"c{n}", **cookie} for n in range(BIG_COOKIES))
     page = open_tab("?endpoint=chat&client_id=1", connected=False, cookies=cookies)
-    expect(page.locator("#status")).to_contain_text("code 1006; retrying in")
+    expect(page.locator("#status")).to_contain_text(
+        "code 1006: connection lost or refused; retrying in"
+    )
     wait_for_log(server, "431 Request Header Fields Too Large")
 
 
@@ -520,6 +522,23 @@ def test_rooms_two_tabs_in_one_room_and_one_in_another(open_tab) -> None:
     expect(messages(dave)).to_have_text(["Client #1: Hello, lobby"])
 
 
+def test_a_room_message_leaves_the_members_line_as_it_was(open_tab) -> None:
+    # A message does not change who is here: the line was sorted and written anew.
+    alice = open_tab("?endpoint=rooms&room=lobby&client_id=1")
+    expect(alice.locator("#members")).to_have_text("#1")
+    changes = alice.evaluate_handle(
+        """() => {
+          const changes = [];
+          new MutationObserver((records) => changes.push(...records))
+            .observe(document.getElementById("members"), { childList: true, subtree: true });
+          return changes;
+        }"""
+    )
+    send(alice, "hi")
+    expect(messages(alice)).to_have_text(["Client #1: hi"])
+    assert changes.evaluate("changes => changes.length") == 0
+
+
 class Network:
     """A TCP proxy in front of the server, whose connections can be cut as a network
     failure cuts them: each side's TCP connection reset, no WebSocket close frame."""
@@ -661,16 +680,30 @@ def page(browser: "Browser") -> Iterator["Page"]:
     tab.close()
 
 
+# Every status the page shows from now on, in order.
+SHOWN_STATUSES = """() => {
+  const shown = [];
+  const status = document.getElementById("status");
+  new MutationObserver(() => shown.push(status.textContent))
+    .observe(status, { childList: true, characterData: true, subtree: true });
+  return shown;
+}"""
+
+
 def test_page_reconnects_after_a_server_restart(
     restarting: RestartingServer, page: "Page"
 ) -> None:
     page.goto(f"{restarting.server.http_url}/?endpoint=chat&client_id=1")
     status = page.locator("#status")
     expect(status).to_have_attribute("data-state", "connected")
+    shown = page.evaluate_handle(SHOWN_STATUSES)
 
     restarting.server.stop()
     expect(status).to_have_attribute("data-state", "disconnected")
     expect(status).to_contain_text("retrying in")
+    # uvicorn's 1012 comes with no reason: the page says what it means.
+    first = "disconnected (code 1012: server restarting; retrying in"
+    assert shown.evaluate("shown => shown[0]").startswith(first)
 
     restarting.start()
     expect(status).to_have_attribute("data-state", "connected", timeout=10_000)
