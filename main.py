@@ -1238,7 +1238,7 @@ async def room_endpoint(
                 text = await receive_json_text(websocket)  # {"text": ...}, else 1007
                 await rooms.wait_until_let_in(room, client)  # it hears its own too
                 await rooms.broadcast(room, client_id, text)
-                await flood_control.slow_down(text)
+                await flood_control.slow_down(compact_json(text))  # as everyone gets it
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:

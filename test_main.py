@@ -1669,6 +1669,24 @@ def test_a_flooding_room_client_is_slowed_then_closed_with_1008(
     assert_read_no_faster_than_the_rule(heard_at)
 
 
+def test_a_room_message_counts_as_long_as_the_frame_everyone_is_sent(
+    client: TestClient, flood_rule
+) -> None:
+    # 700 control characters are 700 bytes of text, and 4,200 in JSON ("\u0001" each):
+    # counted by its text, a 64 KiB frame of them went out to everyone as 11 messages.
+    sent = [f"{i} " + "\u0001" * 700 for i in range(4)]
+    heard_at: list[float] = []
+    with client.websocket_connect("/rooms/lobby/1") as sender:
+        next_of_type(sender, "welcome")
+        started = time.monotonic()
+        for text in sent:
+            say(sender, text)
+        while len(heard_at) < len(sent):
+            assert next_of_type(sender, "message")["text"] == sent[len(heard_at)]
+            heard_at.append(time.monotonic() - started)
+    assert_read_no_faster_than_the_rule(heard_at, [5] * len(sent))
+
+
 # --- Sending into the chat over HTTP ------------------------------------------------------
 
 
