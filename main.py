@@ -1004,7 +1004,8 @@ class RoomManager:
     def forget_a_room_nobody_is_in(self) -> None:
         """The least recently active room nobody is in forgets itself to make room; if
         everyone is in one, 1013. So rooms opened and left lock nobody out: to hold
-        MAX_ROOMS, a client must keep a connection open in each."""
+        MAX_ROOMS, a client must keep a connection open in each, or drop one there
+        without a close frame every PRESENCE_GRACE_S (for a proxy's limits to stop)."""
         for room in self.by_name.values():  # the least recently active first
             if room.is_empty():
                 self.forget(room)
