@@ -177,8 +177,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   is closed with 1008, "Too slow: over 100 messages behind", behind what its buffers
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
-# In bench.py, with 10,000 clients, this cost 0.99x the tutorials' CPU per delivery in
-# run BK (0.95x to 1.15x across runs AE to BN, on a shared machine).
+# In bench.py, with 10,000 clients, this cost 0.99x the tutorials' CPU per delivery over
+# run BV's three runs (0.95x to 1.19x across runs AE to BV, on a shared machine).
 #
 # First the manager, in the tutorials' shape; then what it is made of, and the
 # endpoints; then "Step 3, continued": how the batch reaches everyone.
