@@ -2217,11 +2217,12 @@ else:
 #   (ServerClosedIsGone; test_main.py:
 #   test_only_uvicorn_s_error_for_a_write_after_its_own_close_means_gone);
 # - websockets-sansio's data_received, receive, read_paused, its frame handlers,
-#   frames, conn, close_sent, disconnected, handle_parser_exception, run_asgi and
-#   keepalive_timeout (SansIOBounded; test_server.py: the tests from
+#   frames, conn, close_sent, disconnected, handle_parser_exception, run_asgi,
+#   keepalive_timeout and pong_timer (SansIOBounded; test_server.py: the tests from
 #   test_a_client_flooding_pings_or_pongs_is_closed_with_1008 on,
-#   test_a_client_cut_off_that_never_reads_is_dropped, and
-#   test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings);
+#   test_a_client_cut_off_that_never_reads_is_dropped,
+#   test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings, and
+#   test_a_client_whose_pong_waits_behind_its_slowed_messages_stays);
 # - it answers a handshake too big for websockets to parse with 431, and closes it:
 #   0.54 kept it open, unanswered (test_server.py:
 #   test_a_handshake_too_big_to_parse_is_answered_431_and_closed).
@@ -2234,7 +2235,7 @@ FLOOD_MESSAGES_PER_S = 10  # after the burst; a faster client's next read waits
 FLOOD_BYTES_PER_MESSAGE = 1024  # a message counts once, and once more per full KiB
 FLOOD_MAX_SLOWED_MESSAGES = 20  # reads made to wait in a row; one more closes: 1008
 # Waited in a row, at most; a longer wait closes: 1008. Meanwhile uvicorn reads nothing
-# from the client, its pongs included: a ping unanswered 20 s would close it with 1011.
+# from the client, its pongs included: alone, it closes it with 1011 20 s after a ping.
 FLOOD_MAX_SLOWED_S = 10.0
 FLOODING = f"Flooding: over {FLOOD_MESSAGES_PER_S} messages (or KiB) a second"
 BINARY_REFUSED = "Binary frames are not supported: send text"
@@ -2525,9 +2526,9 @@ class SansIOBounded(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio, parsing READ_SLICE_BYTES at a time, none while the
     app has a message to take; closing a client that sends over
     MAX_PINGS_AND_PONGS_PER_S pings and pongs in a second (1008), or a message in over
-    MAX_MESSAGE_FRAMES frames (1009); and resetting a connection still open
-    RESET_AFTER_CLOSE_S after closing it, or, once the kernel has it, 5 s after the
-    pings would have."""
+    MAX_MESSAGE_FRAMES frames (1009); waiting for a pong behind what the app has yet to
+    take; and resetting a connection still open RESET_AFTER_CLOSE_S after closing it,
+    or, once the kernel has it, 5 s after the pings would have."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -2581,6 +2582,13 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         self.drop_unless_closed_in(RESET_AFTER_CLOSE_S)
 
     def keepalive_timeout(self) -> None:
+        # While the app has yet to take what the client sent, its pong may wait behind
+        # that, unread: the silence is the server's, and the pong is waited for again.
+        if self.ping_timeout is not None and (self.read_paused or self.unparsed):
+            self.pong_timer = self.loop.call_later(
+                self.ping_timeout, self.keepalive_timeout
+            )
+            return
         super().keepalive_timeout()  # closes the connection, unanswered
         self.drop_unless_closed_in(RESET_AFTER_CLOSE_S)
 

@@ -302,6 +302,34 @@ def test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings(
     assert_nothing_went_wrong(server)
 
 
+def test_a_client_whose_pong_waits_behind_its_slowed_messages_stays(
+    tmp_path: Path,
+) -> None:
+    # Flood control slows a long burst's reads, and the client's pong waits behind them,
+    # unread: uvicorn took that silence for a dead client, and closed it with 1011.
+    server = start_with_short_pings(tmp_path)
+    # Each counts as 5: the first 20 spend the burst, and the other 10 wait 0.5 s each.
+    size = 4 * main.FLOOD_BYTES_PER_MESSAGE
+    sent = [f"{i:02d} ".ljust(size, "x") for i in range(30)]
+
+    async def send_then_hear_them_all() -> list[str]:
+        async with open_client(f"{server.ws_url}/chat/1") as sender:
+            for text in sent:
+                await sender.send(text)
+            heard: list[str] = []
+            while len(heard) < len(sent):
+                message = await sender.recv()
+                if message.startswith("Client #1 says: "):
+                    heard.append(message.removeprefix("Client #1 says: "))
+            return heard
+
+    try:
+        assert run(send_then_hear_them_all()) == sent
+    finally:
+        server.stop()
+    assert_nothing_went_wrong(server)
+
+
 def kernel_holds(local_port: int, remote_port: int) -> bool:
     """Whether the kernel has a TCP socket between these loopback ports, open or not."""
     pair = f":{local_port:04X} 0100007F:{remote_port:04X} "
