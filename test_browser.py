@@ -522,21 +522,24 @@ def test_rooms_two_tabs_in_one_room_and_one_in_another(open_tab) -> None:
     expect(messages(dave)).to_have_text(["Client #1: Hello, lobby"])
 
 
+# Every text the element with this id shows from now on, in order.
+SHOWN_TEXTS = """(id) => {
+  const shown = [];
+  const element = document.getElementById(id);
+  new MutationObserver(() => shown.push(element.textContent))
+    .observe(element, { childList: true, characterData: true, subtree: true });
+  return shown;
+}"""
+
+
 def test_a_room_message_leaves_the_members_line_as_it_was(open_tab) -> None:
     # A message does not change who is here: the line was sorted and written anew.
     alice = open_tab("?endpoint=rooms&room=lobby&client_id=1")
     expect(alice.locator("#members")).to_have_text("#1")
-    changes = alice.evaluate_handle(
-        """() => {
-          const changes = [];
-          new MutationObserver((records) => changes.push(...records))
-            .observe(document.getElementById("members"), { childList: true, subtree: true });
-          return changes;
-        }"""
-    )
+    shown = alice.evaluate_handle(SHOWN_TEXTS, "members")
     send(alice, "hi")
     expect(messages(alice)).to_have_text(["Client #1: hi"])
-    assert changes.evaluate("changes => changes.length") == 0
+    assert shown.evaluate("shown => shown.length") == 0
 
 
 class Network:
@@ -680,23 +683,13 @@ def page(browser: "Browser") -> Iterator["Page"]:
     tab.close()
 
 
-# Every status the page shows from now on, in order.
-SHOWN_STATUSES = """() => {
-  const shown = [];
-  const status = document.getElementById("status");
-  new MutationObserver(() => shown.push(status.textContent))
-    .observe(status, { childList: true, characterData: true, subtree: true });
-  return shown;
-}"""
-
-
 def test_page_reconnects_after_a_server_restart(
     restarting: RestartingServer, page: "Page"
 ) -> None:
     page.goto(f"{restarting.server.http_url}/?endpoint=chat&client_id=1")
     status = page.locator("#status")
     expect(status).to_have_attribute("data-state", "connected")
-    shown = page.evaluate_handle(SHOWN_STATUSES)
+    shown = page.evaluate_handle(SHOWN_TEXTS, "status")
 
     restarting.server.stop()
     expect(status).to_have_attribute("data-state", "disconnected")
