@@ -79,19 +79,19 @@ async def get() -> FileResponse:
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
-# The guards every step relies on, defined after step 6; most wrap the whole app:
-# - CheckOrigin refuses a WebSocket from another site's page (Origin is not Host): 403.
+# The guards every step relies on, defined after step 6, in "What every step shares":
+# - what a client may send: CheckWhatClientsSend refuses binary (1003), and text over
+#   64 KiB (1009); SansIOBounded, run by the README's production command, bounds what
+#   uvicorn parses, and drops a client still open 5 s after uvicorn closed it;
+# - flood control: FloodControl slows a chat client that floods, then closes it: 1008;
+# - closing: close_or_give_up closes with a code and a reason, waiting 5 s at most for a
+#   client that reads nothing. GONE: what a write to a client that has gone raises, as
+#   does one to a connection uvicorn closed itself (ServerClosedIsGone);
+# - the origin check: CheckOrigin refuses another site's page (Origin is not Host): 403.
 #   A page at 127.0.0.1 calling localhost, as the tutorials' pages do, is let in; one
 #   from disk (Origin "null") only with ALLOWED_ORIGINS=null, on your own machine only;
-# - CheckWhatClientsSend refuses a binary frame (1003) and text over 64 KiB (1009);
-# - FloodControl slows a chat client that floods, then closes it with 1008;
-# - close_or_give_up closes with a code and a reason, and waits 5 s at most for a client
-#   that reads nothing; close_on_websocket_exception uses it for any WebSocketException;
-# - GONE: the errors a write to a client that has gone raises. ServerClosedIsGone makes
-#   a write to a connection uvicorn closed itself raise one too: no traceback for either;
-#   ClientFaultsAsWarnings logs what else a client causes as one line, not a traceback;
-# - SansIOBounded, run by the README's production command, bounds what uvicorn parses
-#   for the app, and drops a client still open 5 s after uvicorn closed it.
+# - the log filters: ClientFaultsAsWarnings and BrokenHttpAsWarning log what a client
+#   causes as a one-line warning, not a traceback.
 # Close codes, as the page shows them: 1000 normal; 1003 binary; 1006 dropped, or a
 # refused handshake; 1007 not UTF-8, or not step 5's JSON; 1008 flooding, or too slow;
 # 1009 over 64 KiB; 1011 server error; 1012 restart; 1013 try later; 4000 taken over.
@@ -186,7 +186,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 TURNS_TO_SEE_A_DRAIN = 3  # of the event loop: uvloop needs 2, asyncio's own loop 3
 BATCH_BACKPRESSURE_MESSAGES = 100  # a sender that leaves this many to write waits
-CLIENTS_PER_TURN = 100  # written to in one go: then the event loop serves all else
+CLIENTS_PER_GROUP = 100  # written to in one go: then the event loop serves all else
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 # A page's JavaScript holds a number exactly up to 2**53 - 1. The bound keeps ids short
 # too: each message names its sender, and pydantic parses up to 4,300 digits.
@@ -198,27 +198,21 @@ SERVER_ERROR = "Server error: try again later"
 
 
 # Ours beside the tutorials' manager, method by method:
-# - active_connections is the tutorials' list of WebSockets, made when it is read from
-#   the manager's LocalChat, which keeps a Client for each client id: a second
-#   connection with the same id takes over, and the older one is closed with 4000 (the
-#   anonymous chat's clients go by their own id()). As in the tutorials, nothing
-#   checks that a client is who its id says: a real app would, with a dependency, as
-#   FastAPI's docs show, before anyone can take another's id over.
-# - connect() takes the client's id too (None in the anonymous chat), and returns a
-#   Client, the manager's record of a connection, which disconnect() takes where the
-#   tutorials take the WebSocket. send_personal_message() takes the WebSocket, as theirs
-#   does, and its message reaches that WebSocket only while it is in the chat.
-# - disconnect() tells the others who left, where the tutorials' endpoint broadcasts it:
-#   several who leave at once get one notice.
-# - send_personal_message() and broadcast() do not write: they put the message in the
-#   batch of the manager's LocalChat, and one task writes it to everyone (below).
-#   broadcast() goes through the manager's relay first, the one piece another backend
-#   would replace to carry the chat between processes. Here it is DeliverHere, which
-#   puts the message in this process's batch. broadcast() returns False if the relay
-#   refused the message; DeliverHere never does.
-# - say() does FastAPI's docs' two sends, "You wrote: ..." to the writer, then the
-#   message to everyone: why, above ChatRelay. The endpoint calls say();
-#   send_personal_message() is still there for endpoints of your own.
+# - active_connections: the tutorials' list of WebSockets, read from self.chat, a
+#   LocalChat (below), which keeps a Client (below) for each client id. A second
+#   connection with the same id takes over, and the older one is closed with 4000. As
+#   in the tutorials, nothing checks that a client is who its id says: a real app
+#   would, with a dependency, as FastAPI's docs show.
+# - connect() takes the client's id too (None in the anonymous chat), and returns its
+#   Client, which disconnect() takes where the tutorials take the WebSocket.
+# - disconnect() tells the others who left, where the tutorials' endpoint broadcasts
+#   it: several who leave at once get one notice.
+# - send_personal_message() and broadcast() write nothing: they add the message to a
+#   batch, which one task writes to everyone ("Step 3, continued"). broadcast() goes
+#   through self.relay, a ChatRelay (below): DeliverHere adds to this process's batch.
+# - say(): FastAPI's docs' two sends, "You wrote: ..." to the writer, then the message
+#   to all, in one batch: a shutdown never sends one without the other. Why the relay
+#   does it: above ChatRelay.
 class ConnectionManager:
     def __init__(self) -> None:
         self.chat = LocalChat()  # who is connected here, and the delivery to them
@@ -238,7 +232,7 @@ class ConnectionManager:
 
     def disconnect(self, client: Client) -> None:
         self.chat.leave(client)
-        if not client.quiet:
+        if not client.unannounced:
             self.announce_leaving(client)
 
     async def send_personal_message(self, message: str, websocket: WebSocket) -> None:
@@ -297,11 +291,11 @@ class Client:
         self.backlog: Backlog | None = None  # only while it is behind: see below
         self.cut_off_scope = anyio.CancelScope()
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
-        self.quiet = False  # a restart, a takeover: nobody is told it left
+        self.unannounced = False  # a restart, a takeover: nobody is told it left
 
     def left_with(self, gone: WebSocketDisconnect) -> None:
         self.close_code = gone.code
-        self.quiet = self.quiet or isinstance(gone, ServerShutdown)
+        self.unannounced = self.unannounced or isinstance(gone, ServerShutdown)
 
     async def close_if_cut_off(self) -> None:
         if self.cut_off_scope.cancelled_caught:
@@ -316,9 +310,10 @@ class Client:
 # client (add_to_batch_nowait() where it must not wait), and cut_off() for a client it
 # can no longer serve.
 #
-# A relay may refuse a message. Then publish() returns False, and so does broadcast().
-# That is why say() belongs to the relay: one that can refuse a message sends "You
-# wrote" only once it has taken the message. DeliverHere takes every one.
+# A relay may refuse a message: one that carries the chat over a network, say, when the
+# network fails. Then publish() returns False, and so does broadcast(). That is why
+# say() belongs to the relay: one that can refuse a message sends "You wrote" only once
+# it has taken the message. DeliverHere takes every one.
 class ChatRelay(Protocol):
     """What carries a manager's messages: DeliverHere, below, by default."""
 
@@ -356,7 +351,7 @@ class LocalChat:
     def enter(self, client: Client) -> None:
         older = self.clients.get(client.key)
         if older is not None:
-            self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
+            self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER, unannounced=True)
         self.clients[client.key] = client
 
     def leave(self, client: Client) -> None:
@@ -369,11 +364,12 @@ class LocalChat:
             backlog.had_a_turn.set()  # its task, cancelled before a turn, would not
 
     def cut_off(
-        self, client: Client, code: int, reason: str, quiet: bool = False
+        self, client: Client, code: int, reason: str, unannounced: bool = False
     ) -> None:
         """Out of the chat; its handler stops reading, and closes with `code`, `reason`."""
         self.leave(client)
-        client.close_code, client.close_reason, client.quiet = code, reason, quiet
+        client.close_code, client.close_reason = code, reason
+        client.unannounced = unannounced
         client.cut_off_scope.cancel()
 
     # To one client's WebSocket, or all (None). A sender that leaves
@@ -423,7 +419,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: ClientId) -> None:
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
-        manager.disconnect(client)  # "Client #N left the chat", unless quiet
+        manager.disconnect(client)  # tells the others: "Client #N left the chat"
     await client.close_if_cut_off()  # cut off by the server: it is told why
 
 
@@ -440,24 +436,23 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
-        anonymous_manager.disconnect(client)  # "A user left the chat", unless quiet
+        anonymous_manager.disconnect(client)  # tells the others: "A user left the chat"
     await client.close_if_cut_off()
 
 
 # ~~~ Step 3, continued: how a message reaches everyone, waiting on no client's socket ~~~~~~
 #
 # Senders never wait for a client's socket. A message joins the manager's batch, and one
-# task, deliver_batches, writes the whole batch to every client in turn, 100 clients at
-# a time (CLIENTS_PER_TURN): between two groups, the event loop serves all else. Written
+# task, deliver_batches, writes the whole batch to every client in turn, in groups of
+# 100 (CLIENTS_PER_GROUP): between two groups, the event loop serves all else. Written
 # to 10,000 in one pass, a burst of 100 held an echo up for 9 to 15 s; in groups, 0.3 s
 # at most (run BT). A batch holds what was said while the one before it was being
 # written: in a quiet chat, one message (and, for a writer, its "You wrote").
 # As one task writes every message, everyone gets them in the same order. A sender adds
-# its message, then waits if the batch holds 100 or more (BATCH_BACKPRESSURE_MESSAGES),
-# until that batch is written. So a batch never holds more than 100 messages, plus, from
-# each sender now waiting, its message and its "You wrote", added just before it without
-# waiting: the two go out in the same batch. What else must not wait goes in with
-# add_to_batch_nowait too, outside that bound.
+# its message, then, if the batch holds 100 or more (BATCH_BACKPRESSURE_MESSAGES), waits
+# until that batch is written: senders run ahead of the delivery by a batch at most. A
+# writer's "You wrote" goes in without waiting (add_to_batch_nowait), just before its
+# message: the two go out in the same batch.
 #
 # The path of a message, through the functions below:
 #
@@ -482,18 +477,16 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    turns of the event loop, as many as a drain takes to wake it. If it still waits,
 #    the client is cut off: out of the chat, its backlog dropped, the others told it
 #    left, and closed with 1008, "Too slow: over 100 messages behind".
-# 4. That close frame waits behind what its buffers hold, for 5 s at most: read within
-#    them, it gets those messages, then the 1008; read later, at most those messages,
-#    then a drop (1006, to a page). Its page reconnects, to a chat that has gone on. One
-#    that never reads again would keep its TCP connection: ASGI cannot drop one, but the
-#    README's production command does, within 10 s of the cut-off: 5 s after the
-#    handler gives up on the close (SansIOBounded, a guard).
+# 4. That close frame waits behind what its buffers hold, 5 s at most: read within them,
+#    it gets those messages, then the 1008; read later, at most those messages, then a
+#    drop (1006, to a page). Its page reconnects, to a chat that has gone on. ASGI
+#    cannot drop a TCP connection that never reads again: the README's production
+#    command does, 5 s after the handler gives up on the close (SansIOBounded, a guard).
 # If the chat goes quiet first, nothing more is added: the client stays, slowing nobody,
 # until it reads, leaves, or is cut off once the chat goes on. Under the README's
-# production command, it is also dropped within 45 s of not answering uvicorn's pings:
-# uvicorn closes it after 40 s, but that close waits behind what its buffers hold, and
-# SansIOBounded (a guard) resets it 5 s later. The rule counts messages, not time: a
-# socket that stays full through a burst of over 100 is cut off within it.
+# production command, it is also dropped within 45 s, for not answering uvicorn's pings
+# (SansIOBounded). The rule counts messages, not time: a socket that stays full through
+# a burst of over 100 is cut off within it.
 #
 # Why not the simplest cure, a queue and a task for every client, so that broadcast
 # waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`, run S in
@@ -540,12 +533,12 @@ async def deliver_batches(chat: LocalChat) -> None:
         chat.deliverer = None
 
 
-# CLIENTS_PER_TURN clients at a time, one iterator for all the calls to each group:
+# CLIENTS_PER_GROUP clients at a time, one iterator for all the calls to each group:
 # each call starts after the client the last stopped at.
 async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
     everyone = list(chat.clients.values())
-    for first in range(0, len(everyone), CLIENTS_PER_TURN):
-        clients = iter(everyone[first : first + CLIENTS_PER_TURN])
+    for first in range(0, len(everyone), CLIENTS_PER_GROUP):
+        clients = iter(everyone[first : first + CLIENTS_PER_GROUP])
         while behind := await write_without_waiting(chat, clients, outgoing):
             client, unwritten = behind
             for message in unwritten:
@@ -1146,13 +1139,13 @@ class RoomManager:
 def may_come_back(client: Client) -> bool:
     """Ended in a way it did not choose, after which its page comes back by itself: the
     connection dropped without a close frame (1006: see receive_chat_text), the server
-    cut it off as too slow, or the server's own quiet ending (see `client.quiet`). A
+    cut it off as too slow, or the server's own unannounced ending (a restart, say). A
     close frame of its own, whatever its code (1005 for a page's ws.close()): it left.
     Taken over (4000): its id is in use already, maybe in another process."""
     if client.close_code == WS_4000_TAKEN_OVER:
         return False
     dropped = client.close_code == status.WS_1006_ABNORMAL_CLOSURE
-    return client.quiet or dropped or client.close_reason == TOO_SLOW
+    return client.unannounced or dropped or client.close_reason == TOO_SLOW
 
 
 def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) -> None:
@@ -2064,7 +2057,7 @@ class RedisRelay:
         if self.tokens.get(client) == token:
             self.announced.add(client)
         elif client in self.announced:
-            chat.cut_off(client, WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
+            chat.cut_off(client, WS_4000_TAKEN_OVER, TAKEN_OVER, unannounced=True)
 
     def close_chats_and_rooms(self, why: str, reason: str = REDIS_DOWN) -> None:
         # Without Redis, this process's clients would only see part of the room: close
@@ -2075,7 +2068,9 @@ class RedisRelay:
         self.relaying = False
         for chat in self.chats.values():
             for client in list(chat.clients.values()):
-                chat.cut_off(client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True)
+                chat.cut_off(
+                    client, status.WS_1013_TRY_AGAIN_LATER, reason, unannounced=True
+                )
         for room in self.room_manager.by_name.values():
             clients = [*room.chat.clients.values()]
             clients += [client for client, _ in room.joining]
@@ -2083,7 +2078,7 @@ class RedisRelay:
             self.in_rooms.setdefault(room, RoomInRedis()).elsewhere = {}
             for client in clients:
                 room.chat.cut_off(
-                    client, status.WS_1013_TRY_AGAIN_LATER, reason, quiet=True
+                    client, status.WS_1013_TRY_AGAIN_LATER, reason, unannounced=True
                 )
 
 
@@ -2191,7 +2186,7 @@ else:
     app.include_router(APIRouter(lifespan=log_that_the_chat_stays_in_one_process))
 
 
-# --- What every step shares: what a client may send, flood control, closing, the origin check
+# --- What every step shares: what a client may send, flood control, closing, origins, logs
 #
 # These guards stop what the tutorials' code lets any client do: crash a handler with a
 # binary frame, send 16 MiB at a time, flood the room, fill the log with tracebacks, and,
@@ -2325,9 +2320,9 @@ class FloodControl:
 GONE = (OSError, WebSocketDisconnect)
 
 
-# The close frame waits behind all the client has not read: so, CLOSE_TIMEOUT_S at most.
+# Closes with a code and reason, unless the client has gone. The close frame waits
+# behind all the client has not read: so, CLOSE_TIMEOUT_S at most.
 async def close_or_give_up(websocket: WebSocket, code: int, reason: str) -> None:
-    """Close with a code and reason, unless the client has gone, or it takes too long."""
     if websocket.application_state is WebSocketState.DISCONNECTED:
         return  # closed already, or a write found the client gone
     with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(*GONE):

@@ -441,7 +441,7 @@ def test_a_delivery_to_many_lets_the_event_loop_serve_all_else_between_groups() 
         async def send(message: Message) -> None:
             turns_seen.append(turns)
 
-        for client_id in range(2 * main.CLIENTS_PER_TURN + 1):
+        for client_id in range(2 * main.CLIENTS_PER_GROUP + 1):
             manager.chat.clients[client_id] = client_writing_with(send, client_id)
 
         async def count_turns() -> None:
@@ -458,9 +458,9 @@ def test_a_delivery_to_many_lets_the_event_loop_serve_all_else_between_groups() 
 
     turns_seen = run(deliver_while_another_task_counts_its_turns())
     groups = [
-        turns_seen[first] for first in range(0, len(turns_seen), main.CLIENTS_PER_TURN)
+        turns_seen[first] for first in range(0, len(turns_seen), main.CLIENTS_PER_GROUP)
     ]
-    assert len(turns_seen) == 2 * main.CLIENTS_PER_TURN + 1
+    assert len(turns_seen) == 2 * main.CLIENTS_PER_GROUP + 1
     assert len(set(turns_seen)) == 3 and groups == sorted(set(groups))
 
 
@@ -837,7 +837,9 @@ def test_a_client_taken_over_as_it_closes_is_not_heard_leaving() -> None:
     async def taken_over_as_it_closes() -> list[int | None]:
         manager = main.ConnectionManager()
         older = manager.chat.clients[7] = client_writing_with(Socket().send, 7)
-        manager.chat.cut_off(older, main.WS_4000_TAKEN_OVER, TAKEN_OVER, quiet=True)
+        manager.chat.cut_off(
+            older, main.WS_4000_TAKEN_OVER, TAKEN_OVER, unannounced=True
+        )
         older.left_with(WebSocketDisconnect(1001))  # its close, read before the cut
         manager.disconnect(older)
         return manager.departed
@@ -1852,7 +1854,7 @@ def test_losing_redis_cuts_every_client_off_quietly_with_1013() -> None:
     for closed in closed_clients:
         assert closed.cut_off_scope.cancel_called  # its handler ends
         assert (closed.close_code, closed.close_reason) == (1013, REDIS_DOWN)
-        assert closed.quiet
+        assert closed.unannounced
     assert left == [{}, {}, []]
 
 
