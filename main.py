@@ -1329,7 +1329,8 @@ STREAM_ID = r"([0-9]{1,19})-([0-9]{1,19})"
 # the ledger with its bytes. (Its keys are named here, not passed: this needs one Redis,
 # not a cluster.) The last key is the publish's own, which keeps its id for once_ttl_ms:
 # sent twice (redis-py retries on a fresh connection when one breaks), it is published
-# once. A frame is the text, its id and extra_bytes, FRAME_EXTRA_BYTES, below.
+# once. A frame is the text, its id and extra_bytes, FRAME_EXTRA_BYTES, below. A chat
+# message that no process heard, kept in no stream, is lost: '' tells the sender so.
 PUBLISH_ONCE_BEFORE_DEADLINE = """
 local deadline_ms, channel, prefix, text = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_count, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -1386,7 +1387,9 @@ if #KEYS > 1 then
     end
   end
 end
-redis.call('PUBLISH', channel, id .. ' ' .. prefix .. text)
+if redis.call('PUBLISH', channel, id .. ' ' .. prefix .. text) == 0 and id == '-' then
+  return ''  -- a chat message, in no stream, that no process was subscribed to hear
+end
 redis.call('SET', own_key, id, 'PX', once_ttl_ms)
 return id
 """
@@ -1800,20 +1803,23 @@ class RedisRelay:
     async def run_publish(self, keys: list[str], prefix: str, text: str) -> str | None:
         """The id Redis gave the message (`-` off the streams); None if it was not
         taken: the chat is closed then, if it was not already."""
-        if not self.relaying:
-            return None
         own_key = f"chat:published:{self.process}:{next(self.publishes)}"
         limits = [HISTORY_MESSAGES, HISTORY_BYTES, int(ROOM_IDLE_S * 1000)]
         limits += [int(PUBLISHED_TTL_S * 1000), FRAME_EXTRA_BYTES, ALL_HISTORY_BYTES]
         try:
             for attempt in ("first", "once Redis's clock was learned again"):
                 async with self.connections:
+                    if not self.relaying:  # lost, maybe while the first was late
+                        return None
                     # The deadline once a connection is ours: it is sent at once.
                     deadline_ms = int(self.redis_now_ms() + PUBLISH_DEADLINE_S * 1000)
                     args: list[str | int] = [deadline_ms, REDIS_CHANNEL, prefix, text]
                     message_id: str | None = await self.publish_script(
                         keys=[*keys, own_key], args=[*args, *limits]
                     )
+                if message_id == "":  # every process had lost Redis as it ran
+                    self.close_chats_and_rooms("no process was subscribed to a publish")
+                    return None
                 if message_id is not None:
                     return message_id
                 # Refused as late, it ran nothing: Redis's clock may have stepped.

@@ -1521,7 +1521,9 @@ class RedisProxy:
         self.marker: bytes | None = None
         self.connections: list[asyncio.StreamWriter] = []
         self.cut = False  # drop the reply and the connection, rather than hold it
+        self.hold_request = False  # hold the command, rather than its reply
         self.reply_held = threading.Event()
+        self.request_held = threading.Event()
         self.released = threading.Event()
         ready = threading.Event()
         self.thread = threading.Thread(target=self.serve, args=(ready,), daemon=True)
@@ -1549,6 +1551,12 @@ class RedisProxy:
         self.marker, self.cut = marker.encode(), True
         self.reply_held.clear()
 
+    def hold_request_with(self, marker: str) -> None:
+        """Hold back the command itself, not Redis's reply, until release()."""
+        self.marker, self.cut, self.hold_request = marker.encode(), False, True
+        self.request_held.clear()
+        self.released.clear()
+
     def release(self) -> None:
         self.released.set()
 
@@ -1563,7 +1571,12 @@ class RedisProxy:
             while data := await client.read(65536):
                 if self.marker is not None and self.marker in data:
                     self.marker = None
-                    marked.set()
+                    if self.hold_request:
+                        self.hold_request = False
+                        self.request_held.set()
+                        await asyncio.to_thread(self.released.wait, 10)
+                    else:
+                        marked.set()
                 to_server.write(data)
                 await to_server.drain()
             to_server.close()
@@ -1615,6 +1628,7 @@ def start_workers(
                 options=redis_options(),
                 cwd=tmp_path if app != "main:app" else HERE,
                 REDIS_URL=url,
+                ANNOUNCE_TOKEN="s3cret",
                 PYTHONPATH=str(HERE),
             )
         )
@@ -1904,6 +1918,92 @@ def test_a_publish_whose_reply_is_lost_in_the_chat_is_published_once(
             return heard
 
     assert run(cut()) == []
+
+
+# The worker refuses a publish that reaches Redis 1 s late, not 1.5 s, so that the test
+# has a wide window between that and giving up on Redis's reply (REDIS_TIMEOUT_S, 2 s);
+# once Redis is lost, it waits a minute before it subscribes again.
+LATE_PUBLISHES = """
+import main
+main.PUBLISH_DEADLINE_S = 1.0
+main.REDIS_RETRY_S = 60.0
+app = main.app
+"""
+HELD_S = 1.4  # a publish held this long reaches Redis past its deadline, not timed out
+
+
+@pytest.fixture
+def proxied_worker(
+    redis_server: RedisServer, tmp_path: Path
+) -> Iterator[tuple[Server, RedisProxy]]:
+    (tmp_path / "late_publishes.py").write_text(LATE_PUBLISHES)
+    proxy = RedisProxy(redis_server.port)
+    (server,) = start_workers(tmp_path, [proxy.url], app="late_publishes:app")
+    yield server, proxy
+    proxy.stop()
+    stop_with_no_traceback(server)
+
+
+def post_while_redis_is_lost(
+    server: Server,
+    proxy: RedisProxy,
+    operator: redis.Redis,
+    held_s: float,
+    listener=None,
+) -> tuple[tuple, tuple[int, dict]]:
+    """POST a message, and hold it back on its way to Redis; meanwhile, cut every
+    process's subscription (then subscribe `listener`, if any). Then let it through,
+    `held_s` after it was held."""
+
+    async def lose_redis_while_a_post_is_on_its_way() -> tuple[tuple, tuple]:
+        async with open_client(f"{server.ws_url}/chat/1") as alice:
+            proxy.hold_request_with("held back")
+            posted = asyncio.create_task(asyncio.to_thread(post, server, "held back"))
+            assert await asyncio.to_thread(proxy.request_held.wait, 5)
+            held_at = time.monotonic()
+            operator.client_kill_filter(_type="pubsub")
+            closed = await asyncio.wait_for(closed_with(alice), DETECTION_BOUND_S)
+        if listener is not None:
+            listener.subscribe(main.REDIS_CHANNEL)
+            assert listener.get_message(timeout=5)["type"] == "subscribe"
+        await asyncio.sleep(held_at + held_s - time.monotonic())
+        proxy.release()
+        return closed, await posted
+
+    return run(lose_redis_while_a_post_is_on_its_way())
+
+
+def test_a_publish_refused_as_late_is_not_sent_again_once_redis_is_lost(
+    proxied_worker: tuple[Server, RedisProxy], redis_server: RedisServer
+) -> None:
+    # Refused as late, a publish is sent again once Redis's clock is learned: not if
+    # meanwhile the process lost Redis and closed its chat. It would be a message
+    # nobody here can receive, and a 202 for it.
+    server, proxy = proxied_worker
+    with (
+        redis.Redis(port=redis_server.port, decode_responses=True) as operator,
+        operator.pubsub() as listener,
+    ):
+        closed, answer = post_while_redis_is_lost(
+            server, proxy, operator, HELD_S, listener
+        )
+        operator.publish(main.REDIS_CHANNEL, "marker")
+        heard = channel_until(listener, "marker")
+    assert closed == LOST
+    assert answer == (503, {"detail": NOT_SENT})
+    assert heard == ["marker"]
+
+
+def test_a_chat_message_no_process_was_subscribed_to_hear_is_not_sent(
+    proxied_worker: tuple[Server, RedisProxy], redis_server: RedisServer
+) -> None:
+    # In time, but every process had lost its subscription: nobody got it, and no
+    # stream keeps it (a room's would, for its members to catch up from).
+    server, proxy = proxied_worker
+    with redis.Redis(port=redis_server.port, decode_responses=True) as operator:
+        closed, answer = post_while_redis_is_lost(server, proxy, operator, 0.0)
+    assert closed == LOST
+    assert answer == (503, {"detail": NOT_SENT})
 
 
 @contextlib.contextmanager
