@@ -419,7 +419,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: ClientId) -> None:
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
-        manager.disconnect(client)  # tells the others: "Client #N left the chat"
+        manager.disconnect(client)  # and "Client #N left the chat", unless unannounced
     await client.close_if_cut_off()  # cut off by the server: it is told why
 
 
@@ -436,7 +436,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
-        anonymous_manager.disconnect(client)  # tells the others: "A user left the chat"
+        anonymous_manager.disconnect(client)  # "A user left the chat", as above
     await client.close_if_cut_off()
 
 
@@ -457,6 +457,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # The path of a message, through the functions below:
 #
 #     broadcast -> relay.publish -> add_to_batch; send_personal_message -> add_to_batch
+#     say -> relay.say: add_to_batch_nowait ("You wrote"), then as broadcast
 #     deliver_batches, one task: each batch in turn -> write_to_everyone, in order
 #       -> write_without_waiting: the tutorials' loop, giving up a write that would wait
 #       -> add_to_backlog_or_cut_off: keeps what a client was not sent, for it alone
@@ -536,9 +537,9 @@ async def deliver_batches(chat: LocalChat) -> None:
 # CLIENTS_PER_GROUP clients at a time, one iterator for all the calls to each group:
 # each call starts after the client the last stopped at.
 async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
-    everyone = list(chat.clients.values())
-    for first in range(0, len(everyone), CLIENTS_PER_GROUP):
-        clients = iter(everyone[first : first + CLIENTS_PER_GROUP])
+    in_chat = list(chat.clients.values())
+    for first in range(0, len(in_chat), CLIENTS_PER_GROUP):
+        clients = iter(in_chat[first : first + CLIENTS_PER_GROUP])
         while behind := await write_without_waiting(chat, clients, outgoing):
             client, unwritten = behind
             for message in unwritten:
@@ -571,7 +572,7 @@ async def write_without_waiting(
                     try:
                         await client.websocket.send_text(message)
                     except GONE:  # a write to a client gone: see its guard
-                        chat.leave(client)  # its handler tells the room
+                        chat.leave(client)  # its handler tells the others
                         break
                     written += 1
     except TimeoutError:
@@ -732,9 +733,9 @@ async def item_endpoint(
 # RoomsHere, this process; its six calls are the places where another relay would do
 # something else, and here three do nothing.
 
-# Django Channels' rule for group names: no spaces or slashes, so that a name goes into
-# a URL, a key or a channel's message unchanged. pydantic checks it with Rust's regex,
-# whose `$` is the very end: a trailing newline is refused.
+# The characters Django Channels allows in group names: no spaces or slashes, so that a
+# name goes into a URL, a key or a channel's message unchanged. pydantic checks it with
+# Rust's regex, whose `$` is the very end: a trailing newline is refused.
 ROOM_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
 WELCOME_HISTORY_MESSAGES = 50  # of the latest, in a welcome without `since`
 HISTORY_MESSAGES = 500  # a room keeps at most this many messages
@@ -880,7 +881,7 @@ class RoomRelay(Protocol):
         self, room_manager: RoomManager, room: Room, client_id: int, text: str
     ) -> None:
         """Give the message its id and keep it; it reaches the members, the sender too,
-        through room.chat's add_to_batch, in the order of the ids."""
+        through room.chat's batch, in the order of the ids."""
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
         """Before the joiners are let in: who is in the room elsewhere. What it reads,
@@ -1232,7 +1233,7 @@ async def room_endpoint(
                 text = await receive_json_text(websocket)  # {"text": ...}, else 1007
                 await rooms.wait_until_let_in(room, client)  # it hears its own too
                 await rooms.broadcast(room, client_id, text)
-                await flood_control.slow_down(compact_json(text))  # as everyone gets it
+                await flood_control.slow_down(compact_json(text))  # as JSON, as sent
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
@@ -1581,7 +1582,7 @@ class RedisRelay:
     @contextlib.asynccontextmanager
     async def running(self, _app: FastAPI) -> AsyncIterator[None]:
         self.started = True
-        relaying = asyncio.create_task(self.relay_messages())
+        relay_task = asyncio.create_task(self.relay_messages())
         try:
             # Start-up completes once chat clients can be welcome.
             await self.subscribed.wait()
@@ -1589,9 +1590,9 @@ class RedisRelay:
         finally:
             # Until it ends: on Python 3.11, redis-py's asyncio.wait_for may swallow a
             # cancel that comes as its write ends, and the process never exited.
-            while not relaying.done():
-                relaying.cancel()
-                await asyncio.wait({relaying}, timeout=REDIS_PING_INTERVAL_S)
+            while not relay_task.done():
+                relay_task.cancel()
+                await asyncio.wait({relay_task}, timeout=REDIS_PING_INTERVAL_S)
             await self.stay_alive_through_a_restart()
             await self.redis.aclose()
 
