@@ -1818,7 +1818,7 @@ class RedisRelay:
                     message_id: str | None = await self.publish_script(
                         keys=[*keys, own_key], args=[*args, *limits]
                     )
-                if message_id == "":  # every process had lost Redis as it ran
+                if message_id == "":  # no process was subscribed: nobody heard it
                     self.close_chats_and_rooms("no process was subscribed to a publish")
                     return None
                 if message_id is not None:
