@@ -177,8 +177,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   is closed with 1008, "Too slow: over 100 messages behind", behind what its buffers
 #   hold;
 # - a write to a client that has gone takes that client out, and nobody else.
-# In bench.py, with 10,000 clients, this cost 0.99x the tutorials' CPU per delivery over
-# run BV's three runs (0.95x to 1.19x across runs AE to BV, on a shared machine).
+# In bench.py, with 10,000 clients, this cost 0.99x the tutorials' CPU per delivery in
+# run BV, three alternating runs of each (0.95x to 1.19x across runs AE to BV).
 #
 # First the manager, in the tutorials' shape; then what it is made of, and the
 # endpoints; then "Step 3, continued": how the batch reaches everyone.
@@ -999,7 +999,7 @@ class RoomManager:
         """The least recently active room nobody is in forgets itself to make room; if
         everyone is in one, 1013. So rooms opened and left lock nobody out: to hold
         MAX_ROOMS, a client must keep a connection open in each, or drop one there
-        without a close frame every PRESENCE_GRACE_S (for a proxy's limits to stop)."""
+        without a close frame every PRESENCE_GRACE_S: a proxy's limits stop that."""
         for room in self.by_name.values():  # the least recently active first
             if room.is_empty():
                 self.forget(room)
