@@ -1406,15 +1406,21 @@ HISTORY_LEDGER = ["chat:history:written", "chat:history:sizes", "chat:history:by
 # longer holds); and the stream from the oldest `since` the joiners asked (ARGV[7]; the
 # others follow), since_count at most: one range holds every joiner's, and is sent once;
 # with it, the id of the last message trimmed off the stream (Redis 7), which still
-# counts as placed, as in one process. First writes this process's members ('-' leaves
-# them, '' removes them), and the room's keys live keys_ttl_ms more; removes those of
-# sessions long gone (see SESSION_MARK_TTL_S): in a room never idle, each session of
-# every process would leave its own for good.
+# counts as placed, as in one process. A room's first look-up makes its stream, with an
+# entry trimmed off at once: its id is a welcome's last_id before any message, of this
+# stream alone, as a room's epoch is in one process; one from before the stream expired,
+# or before Redis restarted empty, cannot be placed. First writes this process's members
+# ('-' leaves them, '' removes them), and the room's keys live keys_ttl_ms more; removes
+# those of sessions long gone (see SESSION_MARK_TTL_S): in a room never idle, each
+# session of every process would leave its own for good.
 LOOK_UP_ROOM = """
 local process, members, keys_ttl_ms = ARGV[1], ARGV[2], ARGV[3]
 local since_count, latest_count = ARGV[4], ARGV[5]
 local latest_needed = ARGV[6] == '1'
 local stream, members_key = KEYS[1], KEYS[3]
+if redis.call('EXISTS', stream) == 0 then
+  redis.call('XDEL', stream, redis.call('XADD', stream, '*', 'm', ''))
+end
 if members == '' then
   redis.call('HDEL', members_key, process)
 elseif members ~= '-' then
@@ -1434,13 +1440,13 @@ for i = 1, #listed, 2 do
   end
 end
 local found = {kept, {}, {}, ''}
-if #ARGV >= 7 then
-  local info = redis.pcall('XINFO', 'STREAM', stream)
-  for i = 1, (info.err and 0 or #info), 2 do
-    if info[i] == 'max-deleted-entry-id' then
-      found[4] = info[i + 1]
-    end
+local info = redis.call('XINFO', 'STREAM', stream)
+for i = 1, #info, 2 do
+  if info[i] == 'max-deleted-entry-id' then
+    found[4] = info[i + 1]
   end
+end
+if #ARGV >= 7 then
   local after = redis.pcall('XRANGE', stream, ARGV[7], '+', 'COUNT', since_count)
   if after.err then
     after = {}  -- a `since` Redis refuses: those joiners missed some, nobody else
@@ -2016,6 +2022,8 @@ class RedisRelay:
             return  # nobody here in that room
         for client_id, token in notice.takeovers:
             self.take_over(room.chat, client_id, token)
+            if notice.presence != self.process:  # back elsewhere: not away here
+                room.away.pop(client_id, None)
         if notice.presence != self.process:
             self.room_manager.presence_changed(room)
 

@@ -620,6 +620,28 @@ def test_a_client_back_on_the_other_process_gets_what_it_missed(
     assert welcome["members"] == [1, 2]
 
 
+def test_a_member_dropped_here_back_there_and_gone_is_told_gone_at_once(
+    workers: list[Server],
+) -> None:
+    # Back on the other process, it is away here no more: its close there is a leaving,
+    # told at once, not once its grace here is over (PRESENCE_GRACE_S, 30 s).
+    first, second = workers
+
+    async def drop_move_and_leave(stack: contextlib.AsyncExitStack) -> tuple:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        bob, _ = await join_room(stack, first, "/rooms/lobby/7")
+        assert (await next_frame(alice, "joined"))["client_ids"] == [7]
+        bob.transport.abort()  # no close frame: away, for its grace
+        async with open_client(f"{second.ws_url}/rooms/lobby/7") as bob_again:
+            welcome = json.loads(await bob_again.recv())
+        left = await asyncio.wait_for(next_frame(alice, "left"), RECOVERY_BOUND_S)
+        return welcome["members"], left
+
+    members, left = run(in_rooms(drop_move_and_leave))
+    assert members == [1, 7]
+    assert left == {"type": "left", "client_ids": [7]}
+
+
 def test_same_id_in_a_room_on_another_process_takes_over(workers: list[Server]) -> None:
     first, second = workers
 
@@ -1675,7 +1697,7 @@ def test_since_the_message_just_trimmed_off_the_stream_misses_nothing(
     assert welcome["missed"] is False
 
 
-@pytest.mark.parametrize("said", [4, 7])
+@pytest.mark.parametrize("said", [0, 4, 7])
 def test_the_welcome_s_last_id_places_a_client_that_has_seen_no_message(
     short_bound_workers: list[Server], said: int
 ) -> None:
@@ -1694,10 +1716,13 @@ def test_the_welcome_s_last_id_places_a_client_that_has_seen_no_message(
         return welcome, ids, back
 
     welcome, ids, back = run(in_rooms(away_then_back))
-    assert (welcome["history"], welcome["last_id"]) == ([], "0-0")
-    missed = said > 5
     assert [m["id"] for m in back["history"]] == ids[-5:]
-    assert (back["missed"], back["last_id"]) == (missed, ids[-1])
+    newest = ([welcome["last_id"], *ids])[-1]
+    assert (back["missed"], back["last_id"]) == (said > 5, newest)
+    assert welcome["history"] == []
+    # The id of the stream's first entry, trimmed off: the room's own, not 0-0.
+    assert re.fullmatch(main.STREAM_ID, welcome["last_id"])
+    assert welcome["last_id"] != "0-0"
 
 
 def test_members_written_by_a_session_long_gone_are_removed_as_joiners_look(
