@@ -552,6 +552,7 @@ class Network:
         self.port = self.listener.getsockname()[1]
         self.up = threading.Event()
         self.up.set()
+        self.hung = threading.Event()  # what comes is dropped, and nothing closes
         self.connections: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self.accept, daemon=True).start()
@@ -571,11 +572,11 @@ class Network:
                     target=self.relay, args=(source, sink), daemon=True
                 ).start()
 
-    @staticmethod
-    def relay(source: socket.socket, sink: socket.socket) -> None:
+    def relay(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self.hung.is_set():
+                    sink.sendall(data)
 
     def down(self) -> None:
         """Every connection reset; new ones wait until `back`."""
@@ -592,7 +593,12 @@ class Network:
                 sock.shutdown(socket.SHUT_RD)
             sock.close()
 
+    def hang(self) -> None:
+        """Nothing gets through, and nothing tells either side: a link gone dead."""
+        self.hung.set()
+
     def back(self) -> None:
+        self.hung.clear()
         self.up.set()
 
     def close(self) -> None:
@@ -636,6 +642,58 @@ def test_rooms_page_back_from_a_dropped_connection_asks_for_what_it_missed(
     said = [*before, *away, "after"]
     expect(messages(bob)).to_have_text([f"Client #1: {text}" for text in said])
     assert "/rooms/lobby/2?since=" in server.log()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "shown"),
+    [("rooms&room=lobby", "Not delivered"), ("chat", "Not confirmed")],
+    ids=["room", "chat"],
+)
+def test_a_message_sent_into_a_dead_connection_is_shown_as_such(
+    open_tab, network: Network, endpoint: str, shown: str
+) -> None:
+    # The page sees nothing wrong until the link is reset: its box is cleared all the
+    # same. A room's welcome, back, shows it never arrived; the chat, no "You wrote".
+    page = open_tab(f"?endpoint={endpoint}&client_id=2", port=network.port)
+    send(page, "before")
+    expect(messages(page).last).to_contain_text("before")
+    network.hang()
+    send(page, "into the void")
+    expect(page.locator("#messageText")).to_have_value("")
+    network.down()
+    network.back()
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    expect(page.locator("#messages li.missed")).to_have_text(
+        [f"{shown}: into the void"]
+    )
+
+
+def test_connect_pressed_while_connected_tells_nobody_the_page_left(open_tab) -> None:
+    # The new connection takes the old one over before it is closed: no leave notice.
+    alice = open_tab("?endpoint=chat&client_id=1")
+    bob = open_tab("?endpoint=chat&client_id=2", count_closes=True)
+    for pressed in range(1, 4):
+        bob.click("#connect")
+        expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
+        bob.wait_for_function("n => window.closedSockets === n", arg=pressed)
+    send(bob, "still here")
+    expect(messages(alice)).to_have_text(["Client #2 says: still here"])
+
+
+def test_the_members_line_is_emptied_once_the_page_is_disconnected(open_tab) -> None:
+    page = open_tab("?endpoint=rooms&room=lobby&client_id=1")
+    expect(page.locator("#members")).to_have_text("#1")
+    page.click("#disconnect")
+    expect(page.locator("#members")).to_have_text("")
+
+
+def test_a_page_opened_as_a_file_connects_to_the_tutorial_s_address(
+    page: "Page",
+) -> None:
+    # No host to build the address from: the tutorial's page's own, localhost:8000.
+    with page.expect_websocket() as opened:
+        page.goto((HERE / "index.html").as_uri() + "?endpoint=echo")
+    assert opened.value.url == "ws://localhost:8000/ws"
 
 
 def test_a_room_name_out_of_the_rule_is_caught_on_the_page(
