@@ -94,7 +94,7 @@ async def get() -> FileResponse:
 #   causes as a one-line warning, not a traceback.
 # Close codes, as the page shows them: 1000 normal; 1003 binary; 1006 dropped, or a
 # refused handshake; 1007 not UTF-8, or not step 5's JSON; 1008 flooding, or too slow;
-# 1009 over 64 KiB; 1011 server error; 1012 restart; 1013 try later; 4000 taken over.
+# 1009 too big; 1011 server error, or no pong; 1012 restart; 1013 try later; 4000 taken over.
 
 
 # --- Step 1: echo. Accept, then receive and send in a loop ---------------------------------
@@ -448,11 +448,11 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # to 10,000 in one pass, a burst of 100 held an echo up for 9 to 15 s; in groups, 0.3 s
 # at most (run BT). A batch holds what was said while the one before it was being
 # written: in a quiet chat, one message (and, for a writer, its "You wrote").
-# As one task writes every message, everyone gets them in the same order. A sender adds
-# its message, then, if the batch holds 100 or more (BATCH_BACKPRESSURE_MESSAGES), waits
-# until that batch is written: senders run ahead of the delivery by a batch at most. A
-# writer's "You wrote" goes in without waiting (add_to_batch_nowait), just before its
-# message: the two go out in the same batch.
+# One task writes every batch, and a backlog keeps its order: everyone gets the messages
+# in the same order. A sender adds its message, then, if the batch holds 100 or more
+# (BATCH_BACKPRESSURE_MESSAGES), waits until that batch is written: senders run ahead of
+# the delivery by a batch at most. A writer's "You wrote" goes in without waiting
+# (add_to_batch_nowait), just before its message: the two go out in the same batch.
 #
 # The path of a message, through the functions below:
 #
@@ -612,7 +612,7 @@ async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> No
         while backlog.messages:
             message = backlog.messages.popleft()
             backlog.had_a_turn.set()
-            backlog.write_waiting = True  # others see True only while this write waits
+            backlog.write_waiting = True  # till the write is done and this task runs on
             await client.websocket.send_text(message)
             backlog.write_waiting = False
     except GONE:
@@ -770,8 +770,8 @@ class History:
 
     An id is `{epoch}-{number}`, the epoch drawn at random as the room begins: an id
     from another room, from before a restart, or from before the room was forgotten, is
-    not mistaken for one of this history's. (A clock's milliseconds were: two rooms
-    opened in the same one shared an epoch.)
+    not mistaken for one of this history's. (Not a clock's milliseconds: two rooms
+    opened in the same one would share an epoch.)
     """
 
     def __init__(self) -> None:
@@ -1946,7 +1946,7 @@ class RedisRelay:
         beat.mget([alive_key(process) for process in others] or ["-"])
         if sent_ms / 1000 - self.rooms_kept_at > ROOM_IDLE_S / 4:
             # A room's keys live ROOM_IDLE_S from its last message or joiner: one that
-            # someone is in, however quiet, is kept at least four times meanwhile.
+            # someone is in, however quiet, is kept anew about every quarter of that.
             self.rooms_kept_at = sent_ms / 1000
             for room in self.room_manager.by_name.values():
                 for key in room_keys(room) if not room.is_empty() else ():
@@ -2234,7 +2234,7 @@ else:
 #   test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings, and
 #   test_a_client_whose_pong_waits_behind_its_slowed_messages_stays);
 # - it answers a handshake too big for websockets to parse with 431, and closes it:
-#   0.54 kept it open, unanswered (test_server.py:
+#   uvicorn 0.54 keeps it open, unanswered (test_server.py:
 #   test_a_handshake_too_big_to_parse_is_answered_431_and_closed).
 
 # uvicorn must enforce the size limit too, before it buffers a message: `--ws-max-size
