@@ -668,6 +668,43 @@ def test_a_message_sent_into_a_dead_connection_is_shown_as_such(
     )
 
 
+def test_a_room_message_sent_before_the_welcome_is_not_shown_as_undelivered(
+    open_tab,
+) -> None:
+    # Held by the server until the page is let in, it comes after the welcome, live.
+    page = open_tab("?endpoint=rooms&room=lobby&client_id=1", clock=True)
+    page.evaluate(
+        """() => {
+          connectNow();
+          socket.addEventListener("open", () => {
+            messageText.value = "on open";
+            sendMessage(new Event("submit"));
+          });
+        }"""
+    )
+    expect(messages(page)).to_have_text(["Client #1: on open"])
+    page.clock.run_for(10_000)  # past SETTLE_MS, when what was not delivered is shown
+    expect(messages(page)).to_have_text(["Client #1: on open"])
+
+
+def test_a_chat_message_on_a_connection_replaced_by_connect_is_not_lost_unsaid(
+    open_tab, network: Network
+) -> None:
+    # The replaced connection's messages are settled when it closes, not forgotten.
+    page = open_tab("?endpoint=chat&client_id=2", port=network.port)
+    send(page, "before")
+    expect(messages(page)).to_have_text(["You wrote: before", "Client #2 says: before"])
+    network.hang()
+    send(page, "into the void")
+    page.click("#connect")
+    network.down()
+    network.back()
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    expect(page.locator("#messages li.missed")).to_have_text(
+        ["Not confirmed: into the void"]
+    )
+
+
 def test_connect_pressed_while_connected_tells_nobody_the_page_left(open_tab) -> None:
     # The new connection takes the old one over before it is closed: no leave notice.
     alice = open_tab("?endpoint=chat&client_id=1")
@@ -678,6 +715,26 @@ def test_connect_pressed_while_connected_tells_nobody_the_page_left(open_tab) ->
         bob.wait_for_function("n => window.closedSockets === n", arg=pressed)
     send(bob, "still here")
     expect(messages(alice)).to_have_text(["Client #2 says: still here"])
+
+
+def test_another_room_and_straight_back_tells_the_room_nothing(open_tab) -> None:
+    # The connection to the first room is closed only once the newest one is open.
+    peer = open_tab("?endpoint=rooms&room=lobby&client_id=2")
+    page = open_tab("?endpoint=rooms&room=lobby&client_id=1")
+    expect(peer.locator("#members")).to_have_text("#1, #2")
+    shown = peer.evaluate_handle(SHOWN_TEXTS, "members")
+    page.evaluate(
+        """() => {
+          roomInput.value = "kitchen";
+          connectNow();
+          roomInput.value = "lobby";
+          connectNow();
+        }"""
+    )
+    expect(page.locator("#members")).to_have_text("#1, #2")
+    send(page, "back")
+    expect(messages(peer)).to_have_text(["Client #1: back"])
+    assert shown.evaluate("shown => shown.length") == 0
 
 
 def test_the_members_line_is_emptied_once_the_page_is_disconnected(open_tab) -> None:
