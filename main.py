@@ -1752,12 +1752,13 @@ class RedisRelay:
         return histories
 
     def last_id(self, room: Room) -> str:
-        """The newest message shown here; or, before any, with the stream empty, the
-        last one trimmed off it, which counts as placed (see `histories`)."""
+        """The newest message shown here; or, with the stream empty, the last one trimmed
+        off it, if newer (before any message, or once Redis restarted empty): it counts
+        as placed (see `histories`)."""
         state = self.in_rooms.setdefault(room, RoomInRedis())
         found, last = state.looked_up, state.shown_upto
-        if last == (0, 0) and found is not None and found.newest == (0, 0):
-            last = stream_order(found.trimmed)
+        if found is not None and found.newest == (0, 0):
+            last = max(last, stream_order(found.trimmed))
         return "{}-{}".format(*last)
 
     async def share_presence(self, room: Room) -> None:

@@ -1883,8 +1883,13 @@ def test_a_joiner_closed_with_the_chat_is_not_counted_as_away() -> None:
 
 @pytest.mark.parametrize(
     ("shown_upto", "newest", "last_id"),
-    [((7, 1), (9, 0), "7-1"), ((0, 0), (9, 0), "0-0"), ((0, 0), (0, 0), "5-0")],
-    ids=["shown here", "to come on the channel", "stream emptied"],
+    [
+        ((7, 1), (9, 0), "7-1"),
+        ((0, 0), (9, 0), "0-0"),
+        ((0, 0), (0, 0), "5-0"),
+        ((3, 0), (0, 0), "5-0"),
+    ],
+    ids=["shown here", "to come on the channel", "stream emptied", "stream made anew"],
 )
 def test_a_welcome_through_redis_never_claims_a_message_not_shown_here(
     shown_upto: tuple[int, int], newest: tuple[int, int], last_id: str

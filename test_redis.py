@@ -1193,6 +1193,36 @@ def test_a_client_back_after_redis_restarted_empty_is_sent_nothing_it_had(
     assert (after_latest["history"], after_latest["missed"]) == ([], True)
 
 
+def test_a_welcome_after_redis_restarted_empty_gives_a_last_id_that_places(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    # The welcome's last_id is the new stream's, not the last message shown here
+    # before the restart: a page back with it, on either process, missed nothing.
+    first, second = workers
+
+    async def before(stack: contextlib.AsyncExitStack) -> None:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        await say_in_room(alice, "before the restart")
+        redis_server.kill()
+        assert await closed_with(alice) == LOST
+
+    run(in_rooms(before))
+    redis_server.start()  # persistence off: an empty Redis
+    for server in workers:
+        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+
+    async def welcomed_then_back(stack: contextlib.AsyncExitStack) -> list[bool]:
+        async with open_client(f"{first.ws_url}/rooms/lobby/2") as bob:
+            since = json.loads(await bob.recv())["last_id"]
+        missed = []
+        for server in (first, second):
+            _, back = await join_room(stack, server, f"/rooms/lobby/2?since={since}")
+            missed.append(back["missed"])
+        return missed
+
+    assert run(in_rooms(welcomed_then_back)) == [False, False]
+
+
 def test_redis_flushed_closes_every_room_so_that_presence_is_told_again(
     workers: list[Server], redis_server: RedisServer
 ) -> None:
