@@ -767,6 +767,21 @@ def test_a_room_name_out_of_the_rule_is_caught_on_the_page(
     assert server.log().count("WebSocket /rooms/") == 1
 
 
+@pytest.mark.parametrize("item_id", ["..", ".", "", "a%2Fb"])
+def test_an_item_id_no_address_keeps_is_caught_on_the_page(
+    open_tab, server: Server, item_id: str
+) -> None:
+    # ".." would reach step 1's /ws, and the others no route at all.
+    page = open_tab(f"?endpoint=items&item_id={item_id}&token=t", connected=False)
+    expect(page.locator("#status")).to_contain_text(
+        'disconnected (item ID must not be empty, "." or "..", nor hold "/"'
+    )
+    page.fill("#itemId", "foo")
+    page.click("#connect")
+    wait_for_log(server, '"WebSocket /items/foo/ws?token=t" [accepted]')
+    assert server.log().count("WebSocket /") == 1
+
+
 # --- The reader's --reload loop ------------------------------------------------------------------
 
 
