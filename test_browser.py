@@ -723,6 +723,7 @@ def test_another_room_and_straight_back_tells_the_room_nothing(open_tab) -> None
     page = open_tab("?endpoint=rooms&room=lobby&client_id=1")
     expect(peer.locator("#members")).to_have_text("#1, #2")
     shown = peer.evaluate_handle(SHOWN_TEXTS, "members")
+    statuses = page.evaluate_handle(SHOWN_TEXTS, "status")
     page.evaluate(
         """() => {
           roomInput.value = "kitchen";
@@ -735,6 +736,8 @@ def test_another_room_and_straight_back_tells_the_room_nothing(open_tab) -> None
     send(page, "back")
     expect(messages(peer)).to_have_text(["Client #1: back"])
     assert shown.evaluate("shown => shown.length") == 0
+    # The kitchen's connection, replaced before it opened, never says it is connected.
+    assert "kitchen" not in " ".join(statuses.evaluate("shown => shown"))
 
 
 def test_the_members_line_is_emptied_once_the_page_is_disconnected(open_tab) -> None:
