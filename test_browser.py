@@ -756,18 +756,28 @@ def test_a_page_opened_as_a_file_connects_to_the_tutorial_s_address(
     assert opened.value.url == "ws://localhost:8000/ws"
 
 
+def caught_then_let_through(
+    page: "Page", server: Server, problem: str, field: str, value: str, path: str
+) -> str:
+    """The page says what is wrong before trying; with `field` put right, it connects
+    to `path`: a handshake from this page, after any it would have tried before. The
+    server's log, for the test to count the handshakes in."""
+    expect(page.locator("#status")).to_contain_text(f"disconnected ({problem}")
+    page.fill(field, value)
+    page.click("#connect")
+    wait_for_log(server, f'"WebSocket {path}" [accepted]')
+    return server.log()
+
+
 def test_a_room_name_out_of_the_rule_is_caught_on_the_page(
     open_tab, server: Server
 ) -> None:
     page = open_tab("?endpoint=rooms&room=a%20b&client_id=1", connected=False)
-    expect(page.locator("#status")).to_contain_text(
-        'disconnected (room must be 1 to 100 letters, digits, "_", "." or "-"'
+    problem = 'room must be 1 to 100 letters, digits, "_", "." or "-"'
+    log = caught_then_let_through(
+        page, server, problem, "#room", "lobby", "/rooms/lobby/1"
     )
-    # A handshake from this page, after any it would have tried before.
-    page.fill("#room", "lobby")
-    page.click("#connect")
-    wait_for_log(server, '"WebSocket /rooms/lobby/1" [accepted]')
-    assert server.log().count("WebSocket /rooms/") == 1
+    assert log.count("WebSocket /rooms/") == 1
 
 
 @pytest.mark.parametrize("item_id", ["..", ".", "", "a%2Fb"])
@@ -776,13 +786,10 @@ def test_an_item_id_no_address_keeps_is_caught_on_the_page(
 ) -> None:
     # ".." would reach step 1's /ws, and the others no route at all.
     page = open_tab(f"?endpoint=items&item_id={item_id}&token=t", connected=False)
-    expect(page.locator("#status")).to_contain_text(
-        'disconnected (item ID must not be empty, "." or "..", nor hold "/"'
-    )
-    page.fill("#itemId", "foo")
-    page.click("#connect")
-    wait_for_log(server, '"WebSocket /items/foo/ws?token=t" [accepted]')
-    assert server.log().count("WebSocket /") == 1
+    problem = 'item ID must not be empty, "." or "..", nor hold "/"'
+    path = "/items/foo/ws?token=t"
+    log = caught_then_let_through(page, server, problem, "#itemId", "foo", path)
+    assert log.count("WebSocket /") == 1
 
 
 # --- The reader's --reload loop ------------------------------------------------------------------
