@@ -142,7 +142,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #
 # Try it in two tabs: http://127.0.0.1:8000/?endpoint=chat&client_id=1, and the same with
 # client_id=2. Each tab sees what the other writes, and its own messages twice: "You
-# wrote: hi" to it alone, then "Client #1 says: hi" to all, as in FastAPI's docs. Open
+# wrote: hi" to it alone, then "Client #1 says: hi" to all, as in FastAPI's docs (the
+# second tutorial defines send_personal_message, but its endpoint never calls it). Open
 # client_id=1 in a third tab, and the first tab is closed with 4000: one id, one
 # connection. The chat is at /chat/{client_id}, not the second tutorial's
 # /ws/{client_id}, which step 2 has: the first route on a path wins. /chat/ is the first
@@ -184,8 +185,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # endpoints; then "Step 3, continued": how the batch reaches everyone.
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
-TURNS_TO_SEE_A_DRAIN = 3  # of the event loop: uvloop needs 2, asyncio's own loop 3
-BATCH_BACKPRESSURE_MESSAGES = 100  # a sender that leaves this many to write waits
+TURNS_TO_SEE_A_DRAIN = 3  # of the event loop, to see a drain: uvloop needs 2, asyncio 3
+BATCH_BACKPRESSURE_MESSAGES = 100  # in the batch: then a sender waits till it is out
 CLIENTS_PER_GROUP = 100  # written to in one go: then the event loop serves all else
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 # A page's JavaScript holds a number exactly up to 2**53 - 1. The bound keeps ids short
@@ -195,11 +196,12 @@ ClientId = Annotated[int, Path(ge=-MAX_CLIENT_ID, le=MAX_CLIENT_ID)]
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
 SERVER_ERROR = "Server error: try again later"
+EVERYONE = None  # the recipient, in a batch, of a message to every client in the chat
 
 
 # Ours beside the tutorials' manager, method by method:
-# - active_connections: the tutorials' list of WebSockets, read from self.chat, a
-#   LocalChat (below), which keeps a Client (below) for each client id. A second
+# - active_connections: the tutorials' list of WebSockets, now made on demand from
+#   self.chat, a LocalChat (below), which keeps a Client (below) for each client id. A second
 #   connection with the same id takes over, and the older one is closed with 4000. As
 #   in the tutorials, nothing checks that a client is who its id says: a real app
 #   would, with a dependency, as FastAPI's docs show.
@@ -209,10 +211,11 @@ SERVER_ERROR = "Server error: try again later"
 #   it: several who leave at once get one notice.
 # - send_personal_message() and broadcast() write nothing: they add the message to a
 #   batch, which one task writes to everyone ("Step 3, continued"). broadcast() goes
-#   through self.relay, a ChatRelay (below): DeliverHere adds to this process's batch.
-# - say(): FastAPI's docs' two sends, "You wrote: ..." to the writer, then the message
-#   to all, in one batch: a shutdown never sends one without the other. Why the relay
-#   does it: above ChatRelay.
+#   through self.relay, a ChatRelay (below), and returns whether the relay took the
+#   message: DeliverHere, the default, adds it to this process's batch, and always does.
+# - say(): the endpoint's call for FastAPI's docs' two sends, send_personal_message("You
+#   wrote: ...") to the writer, then broadcast() of the message, in one batch: a
+#   shutdown never sends one without the other. Why the relay does it: above ChatRelay.
 class ConnectionManager:
     def __init__(self) -> None:
         self.chat = LocalChat()  # who is connected here, and the delivery to them
@@ -232,7 +235,7 @@ class ConnectionManager:
 
     def disconnect(self, client: Client) -> None:
         self.chat.leave(client)
-        if not client.unannounced:
+        if not client.leaves_silently:
             self.announce_leaving(client)
 
     async def send_personal_message(self, message: str, websocket: WebSocket) -> None:
@@ -273,14 +276,13 @@ def left_the_chat(client_ids: list[int | None]) -> str:
 
 
 class ServerShutdown(WebSocketDisconnect):
-    """uvicorn's own 1012, as it shuts down; a client's 1012 comes with a "reason"."""
+    """The server shutting down: uvicorn's 1012, sent with no reason, unlike a client's."""
 
 
-# The endpoint reads its client's messages inside `with client.cut_off_scope`. To cut
-# the client off, another task cancels that scope (LocalChat.cut_off, below). Only the
-# `with` block ends; the handler goes on, to tell the others and to close the connection.
-# task.cancel() would end the whole handler. The scope is anyio's, which Starlette runs
-# on. close_code stays 1000 unless the connection ends (left_with), or cut_off sets one.
+# cut_off_scope: the endpoint reads its client's messages in it, and another task
+# cancels it to cut the client off (LocalChat.cut_off, below): only that block ends, not
+# the handler, as task.cancel() would. The scope is anyio's, which Starlette runs on.
+# close_code stays 1000 unless the connection ends (left_with), or cut_off sets one.
 class Client:
     """One chat connection, and what the manager keeps about it."""
 
@@ -291,11 +293,11 @@ class Client:
         self.backlog: Backlog | None = None  # only while it is behind: see below
         self.cut_off_scope = anyio.CancelScope()
         self.close_code, self.close_reason = status.WS_1000_NORMAL_CLOSURE, ""
-        self.unannounced = False  # a restart, a takeover: nobody is told it left
+        self.leaves_silently = False  # a restart, a takeover: nobody is told it left
 
     def left_with(self, gone: WebSocketDisconnect) -> None:
         self.close_code = gone.code
-        self.unannounced = self.unannounced or isinstance(gone, ServerShutdown)
+        self.leaves_silently |= isinstance(gone, ServerShutdown)
 
     async def close_if_cut_off(self) -> None:
         if self.cut_off_scope.cancelled_caught:
@@ -304,8 +306,8 @@ class Client:
             await close_or_give_up(self.websocket, self.close_code, self.close_reason)
 
 
-# The manager calls the relay's three methods: join, publish and say, each with its
-# LocalChat. The relay calls the LocalChat's: enter() to let a client in (and leave()
+# A ChatRelay carries a manager's messages: DeliverHere, below, by default. The manager
+# calls the relay's three methods: join, publish and say, each with its LocalChat. The relay calls the LocalChat's: enter() to let a client in (and leave()
 # if its join then fails), add_to_batch() to queue a message for everyone, or for one
 # client (add_to_batch_nowait() where it must not wait), and cut_off() for a client it
 # can no longer serve.
@@ -315,8 +317,6 @@ class Client:
 # say() belongs to the relay: one that can refuse a message sends "You wrote" only once
 # it has taken the message. DeliverHere takes every one.
 class ChatRelay(Protocol):
-    """What carries a manager's messages: DeliverHere, below, by default."""
-
     async def join(self, chat: LocalChat, client: Client) -> None: ...
     async def publish(self, chat: LocalChat, message: str) -> bool: ...
     async def say(
@@ -331,7 +331,7 @@ class DeliverHere:
         chat.enter(client)
 
     async def publish(self, chat: LocalChat, message: str) -> bool:
-        await chat.add_to_batch(None, message)
+        await chat.add_to_batch(EVERYONE, message)
         return True
 
     async def say(self, chat: LocalChat, client: Client, ack: str, text: str) -> None:
@@ -351,7 +351,7 @@ class LocalChat:
     def enter(self, client: Client) -> None:
         older = self.clients.get(client.key)
         if older is not None:
-            self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER, unannounced=True)
+            self.cut_off(older, WS_4000_TAKEN_OVER, TAKEN_OVER, silently=True)
         self.clients[client.key] = client
 
     def leave(self, client: Client) -> None:
@@ -364,15 +364,15 @@ class LocalChat:
             backlog.had_a_turn.set()  # its task, cancelled before a turn, would not
 
     def cut_off(
-        self, client: Client, code: int, reason: str, unannounced: bool = False
+        self, client: Client, code: int, reason: str, silently: bool = False
     ) -> None:
         """Out of the chat; its handler stops reading, and closes with `code`, `reason`."""
         self.leave(client)
         client.close_code, client.close_reason = code, reason
-        client.unannounced = unannounced
+        client.leaves_silently = silently
         client.cut_off_scope.cancel()
 
-    # To one client's WebSocket, or all (None). A sender that leaves
+    # To one client's WebSocket, or to EVERYONE. A sender that leaves
     # BATCH_BACKPRESSURE_MESSAGES or more in it waits until that batch is written.
     async def add_to_batch(self, to: WebSocket | None, message: str) -> None:
         self.add_to_batch_nowait(to, message)
@@ -409,9 +409,12 @@ async def chat_endpoint(websocket: WebSocket, client_id: ClientId) -> None:
     client = await manager.connect(websocket, client_id)
     flood_control = FloodControl()  # a guard, in "What every step shares"
     try:
-        with client.cut_off_scope:  # the manager cancels it to cut this client off
+        # To cut this client off, the manager cancels this scope: only the `with` block
+        # ends, and the handler goes on, to tell the others and to close with a reason.
+        with client.cut_off_scope:
             while True:
                 data = await receive_chat_text(websocket)
+                # send_personal_message("You wrote: ...") and broadcast(), in one batch
                 await manager.say(
                     client, f"You wrote: {data}", f"Client #{client_id} says: {data}"
                 )
@@ -419,7 +422,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: ClientId) -> None:
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
-        manager.disconnect(client)  # and "Client #N left the chat", unless unannounced
+        manager.disconnect(client)  # "Client #N left the chat", or silently
     await client.close_if_cut_off()  # cut off by the server: it is told why
 
 
@@ -486,7 +489,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # If the chat goes quiet first, nothing more is added: the client stays, slowing nobody,
 # until it reads, leaves, or is cut off once the chat goes on. Under the README's
 # production command, it is also dropped within 45 s, for not answering uvicorn's pings
-# (SansIOBounded). The rule counts messages, not time: a socket that stays full through
+# (one every 20 s, 20 s to answer, then 5 s for the close: SansIOBounded). The rule counts messages, not time: a socket that stays full through
 # a burst of over 100 is cut off within it.
 #
 # Why not the simplest cure, a queue and a task for every client, so that broadcast
@@ -534,6 +537,26 @@ async def deliver_batches(chat: LocalChat) -> None:
         chat.deliverer = None
 
 
+# A batch sorted into Outgoing, in one pass, even with "You wrote" for many clients:
+# each client's list starts as a copy of everyone's so far, and grows with both. Each
+# client's messages then go out back to back. Written message by message, to everyone in
+# turn, bench.py's burst (one client's 100 messages, to 1,000 clients) cost 1.00x the
+# tutorials' CPU per delivery, where this costs 0.48x (runs V and W, the same hour).
+def by_recipient(batch: list[tuple[WebSocket | None, str]]) -> Outgoing:
+    everyone: list[str] = []
+    own: dict[WebSocket, list[str]] = {}
+    for to, message in batch:
+        if to is EVERYONE:
+            everyone.append(message)
+            for messages in own.values():
+                messages.append(message)
+        elif to in own:
+            own[to].append(message)
+        else:  # its first: after everyone's before it
+            own[to] = [*everyone, message]
+    return everyone, own
+
+
 # CLIENTS_PER_GROUP clients at a time, one iterator for all the calls to each group:
 # each call starts after the client the last stopped at.
 async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
@@ -548,7 +571,7 @@ async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
 
 
 # How a write is given up: asyncio.timeout(0) sets a deadline of now, and asyncio then
-# cancels the task at the first await that actually has to wait, not before. A write
+# cancels the task at the first await that suspends it (one that must wait). A write
 # to a socket with room never waits, in any layer (Starlette's, the middlewares',
 # uvicorn's). A write to a full socket waits for room, and websockets-sansio waits
 # before it writes anything. So only a write to a full socket is cancelled, unsent.
@@ -557,7 +580,7 @@ async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
 async def write_without_waiting(
     chat: LocalChat, clients: Iterator[Client], outgoing: Outgoing
 ) -> tuple[Client, list[str]] | None:
-    """The tutorials' loop, up to a full socket: its client, and what it was not sent."""
+    """The tutorials' loop, till a client is behind: it, and what it was not sent."""
     everyone, own = outgoing
     client: Client | None = None
     try:
@@ -571,7 +594,7 @@ async def write_without_waiting(
                 for message in messages:
                     try:
                         await client.websocket.send_text(message)
-                    except GONE:  # a write to a client gone: see its guard
+                    except GONE:  # a client gone: a guard, in "What every step shares"
                         chat.leave(client)  # its handler tells the others
                         break
                     written += 1
@@ -623,26 +646,6 @@ async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> No
     finally:
         client.backlog = None  # caught up, or gone
         backlog.had_a_turn.set()  # a delivery waiting for its turn goes on
-
-
-# A batch sorted into Outgoing, in one pass, even with "You wrote" for many clients:
-# each client's list starts as a copy of everyone's so far, and grows with both. Each
-# client's messages then go out back to back. Written message by message, to everyone in
-# turn, bench.py's burst (one client's 100 messages, to 1,000 clients) cost 1.00x the
-# tutorials' CPU per delivery, where this costs 0.48x (runs V and W, the same hour).
-def by_recipient(batch: list[tuple[WebSocket | None, str]]) -> Outgoing:
-    everyone: list[str] = []
-    own: dict[WebSocket, list[str]] = {}
-    for to, message in batch:
-        if to is None:
-            everyone.append(message)
-            for messages in own.values():
-                messages.append(message)
-        elif to in own:
-            own[to].append(message)
-        else:  # its first: after everyone's before it
-            own[to] = [*everyone, message]
-    return everyone, own
 
 
 @contextlib.asynccontextmanager
@@ -913,7 +916,7 @@ class RoomsHere:
         message_id = room.history.next_id()
         frame = message_frame(message_id, said(client_id, text))
         room_manager.keep(room, message_id, frame)
-        await room.chat.add_to_batch(None, frame)
+        await room.chat.add_to_batch(EVERYONE, frame)
 
     async def look_up(self, room: Room, joiners: list[Joiner]) -> set[int]:
         return set()  # no members but this process's
@@ -1140,13 +1143,13 @@ class RoomManager:
 def may_come_back(client: Client) -> bool:
     """Ended in a way it did not choose, after which its page comes back by itself: the
     connection dropped without a close frame (1006: see receive_chat_text), the server
-    cut it off as too slow, or the server's own unannounced ending (a restart, say). A
+    cut it off as too slow, or the server's own silent ending (a restart, say). A
     close frame of its own, whatever its code (1005 for a page's ws.close()): it left.
     Taken over (4000): its id is in use already, maybe in another process."""
     if client.close_code == WS_4000_TAKEN_OVER:
         return False
     dropped = client.close_code == status.WS_1006_ABNORMAL_CLOSURE
-    return client.unannounced or dropped or client.close_reason == TOO_SLOW
+    return client.leaves_silently or dropped or client.close_reason == TOO_SLOW
 
 
 def tell_who_came_and_went(room: Room, others: list[Client], present: set[int]) -> None:
@@ -2015,7 +2018,7 @@ class RedisRelay:
         if isinstance(notice, ChatTakeover):
             self.take_over(chat, notice.takeover, notice.token)
         else:
-            chat.add_to_batch_nowait(None, notice.text)
+            chat.add_to_batch_nowait(EVERYONE, notice.text)
 
     def on_room_notice(self, notice: RoomNotice) -> None:
         room = self.room_manager.by_name.get(notice.room)
@@ -2059,7 +2062,7 @@ class RedisRelay:
         state.shown_upto = stream_order(message_id)
         frame = message_frame(message_id, what)
         self.room_manager.keep(room, message_id, frame)
-        room.chat.add_to_batch_nowait(None, frame)
+        room.chat.add_to_batch_nowait(EVERYONE, frame)
 
     def take_over(self, chat: LocalChat, client_id: int, token: str) -> None:
         """Another connection with this id joined: close ours if it joined earlier.
@@ -2073,7 +2076,7 @@ class RedisRelay:
         if self.tokens.get(client) == token:
             self.announced.add(client)
         elif client in self.announced:
-            chat.cut_off(client, WS_4000_TAKEN_OVER, TAKEN_OVER, unannounced=True)
+            chat.cut_off(client, WS_4000_TAKEN_OVER, TAKEN_OVER, silently=True)
 
     def close_chats_and_rooms(self, why: str, reason: str = REDIS_DOWN) -> None:
         # Without Redis, this process's clients would only see part of the room: close
@@ -2085,7 +2088,7 @@ class RedisRelay:
         for chat in self.chats.values():
             for client in list(chat.clients.values()):
                 chat.cut_off(
-                    client, status.WS_1013_TRY_AGAIN_LATER, reason, unannounced=True
+                    client, status.WS_1013_TRY_AGAIN_LATER, reason, silently=True
                 )
         for room in self.room_manager.by_name.values():
             clients = [*room.chat.clients.values()]
@@ -2094,7 +2097,7 @@ class RedisRelay:
             self.in_rooms.setdefault(room, RoomInRedis()).elsewhere = {}
             for client in clients:
                 room.chat.cut_off(
-                    client, status.WS_1013_TRY_AGAIN_LATER, reason, unannounced=True
+                    client, status.WS_1013_TRY_AGAIN_LATER, reason, silently=True
                 )
 
 
@@ -2513,7 +2516,7 @@ app.add_middleware(CheckWhatClientsSend)
 app.add_middleware(ServerClosedIsGone)
 
 
-# Imported here, beside SansIOBounded, their only user; every start imports them.
+# Imported here, beside SansIOBounded, their only user.
 import socket
 import struct
 

@@ -389,7 +389,7 @@ def test_a_client_behind_only_because_the_server_is_busy_is_waited_for() -> None
         # One batch's burst: more than a backlog holds before its task has its turn.
         sent = [f"message {i}" for i in range(3 * main.MAX_BACKLOG_MESSAGES)]
         for text in sent:
-            manager.chat.add_to_batch_nowait(None, text)
+            manager.chat.add_to_batch_nowait(main.EVERYONE, text)
         await turns_of_the_event_loop()
         return client, socket, sent
 
@@ -472,7 +472,7 @@ def test_a_writer_s_you_wrote_goes_in_the_batch_its_message_goes_in() -> None:
         writer = manager.chat.clients[1] = client_writing_with(Socket().send, 1)
         manager.chat.deliverer = asyncio.ensure_future(asyncio.Event().wait())  # busy
         for i in range(main.BATCH_BACKPRESSURE_MESSAGES - 1):
-            manager.chat.add_to_batch_nowait(None, f"message {i}")
+            manager.chat.add_to_batch_nowait(main.EVERYONE, f"message {i}")
         saying = asyncio.ensure_future(
             manager.say(writer, "You wrote: hi", "Client #1 says: hi")
         )
@@ -837,9 +837,7 @@ def test_a_client_taken_over_as_it_closes_is_not_heard_leaving() -> None:
     async def taken_over_as_it_closes() -> list[int | None]:
         manager = main.ConnectionManager()
         older = manager.chat.clients[7] = client_writing_with(Socket().send, 7)
-        manager.chat.cut_off(
-            older, main.WS_4000_TAKEN_OVER, TAKEN_OVER, unannounced=True
-        )
+        manager.chat.cut_off(older, main.WS_4000_TAKEN_OVER, TAKEN_OVER, silently=True)
         older.left_with(WebSocketDisconnect(1001))  # its close, read before the cut
         manager.disconnect(older)
         return manager.departed
@@ -1854,7 +1852,7 @@ def test_losing_redis_cuts_every_client_off_quietly_with_1013() -> None:
     for closed in closed_clients:
         assert closed.cut_off_scope.cancel_called  # its handler ends
         assert (closed.close_code, closed.close_reason) == (1013, REDIS_DOWN)
-        assert closed.unannounced
+        assert closed.leaves_silently
     assert left == [{}, {}, []]
 
 
