@@ -81,8 +81,8 @@ async def get() -> FileResponse:
 
 # The guards every step relies on, defined after step 6, in "What every step shares":
 # - what a client may send: CheckWhatClientsSend refuses binary (1003), and text over
-#   64 KiB (1009); SansIOBounded, run by the README's production command, bounds what
-#   uvicorn parses, and drops a client still open 5 s after uvicorn closed it;
+#   64 KiB (1009); SansIOBounded and H11Bounded, run by the README's production command,
+#   bound what uvicorn parses at once; the first drops a client 5 s after closing it;
 # - flood control: FloodControl slows a chat client that floods, then closes it: 1008;
 # - closing: close_or_give_up closes with a code and a reason, waiting 5 s at most for a
 #   client that reads nothing. GONE: what a write to a client that has gone raises, as
@@ -2237,6 +2237,9 @@ else:
 #   test_a_client_cut_off_that_never_reads_is_dropped,
 #   test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings, and
 #   test_a_client_whose_pong_waits_behind_its_slowed_messages_stays);
+# - h11's data_received, flow, its resume_reading, and the handshake handed over to the
+#   WebSocket by transport.set_protocol (H11Bounded; test_server.py:
+#   test_a_body_sent_in_one_byte_chunks_holds_nobody_else_up, and every WebSocket test);
 # - it answers a handshake too big for websockets to parse with 431, and closes it:
 #   uvicorn 0.54 keeps it open, unanswered (test_server.py:
 #   test_a_handshake_too_big_to_parse_is_answered_431_and_closed).
@@ -2520,6 +2523,8 @@ app.add_middleware(ServerClosedIsGone)
 import socket
 import struct
 
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import (
     WebSocketsSansIOProtocol,
 )
@@ -2660,6 +2665,58 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         self.frames = []
         self.conn.fail(code, reason)
         self.handle_parser_exception()
+
+
+# uvicorn's h11 protocol parses all it reads at once too, and uvloop reads up to 32 times
+# in a row: h11 takes about 13 µs for each chunk of a chunked body, and one client's
+# body of one-byte chunks, 6 MB over 3 s, held a chat member's message 12 s; 0.05 s at
+# most under this class. The README's production command runs it: `--http main:H11Bounded`.
+class H11Bounded(H11Protocol):
+    """uvicorn's h11, parsing READ_SLICE_BYTES at a time, as SansIOBounded does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unparsed = bytearray()  # read, and kept while uvicorn reads no more
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self.flow = FlowResumingParsing(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.unparsed += data
+        self.parse_a_piece()
+
+    def parse_a_piece(self) -> None:
+        """One piece a turn of the event loop: every other connection has its turn."""
+        if self.flow.read_paused or self.transport.is_closing() or not self.unparsed:
+            return
+        piece = bytes(self.unparsed[:READ_SLICE_BYTES])
+        del self.unparsed[:READ_SLICE_BYTES]
+        super().data_received(piece)
+        if self.transport.get_protocol() is not self:  # a WebSocket's from now on
+            self.unparsed.clear()  # as uvicorn drops what follows a handshake
+            self.transport.resume_reading()
+        elif self.flow.read_paused or self.transport.is_closing():
+            return
+        elif self.unparsed:
+            self.transport.pause_reading()  # what it read already comes first
+            self.loop.call_soon(self.parse_a_piece)
+        else:
+            self.transport.resume_reading()  # does nothing if reading
+
+
+class FlowResumingParsing(FlowControl):
+    """uvicorn's flow control, which, as uvicorn lets the client's bytes in again (its
+    app reads a body, or has answered one request of several sent at once), parses
+    those H11Bounded read before it paused."""
+
+    def __init__(self, protocol: H11Bounded) -> None:
+        super().__init__(protocol.transport)
+        self.protocol = protocol
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        self.protocol.loop.call_soon(self.protocol.parse_a_piece)
 
 
 # --- Sending into step 3's chat from HTTP, or from this app's own code --------------------

@@ -1215,6 +1215,47 @@ def test_a_client_breaking_http_after_its_answer_leaves_a_warning_not_a_tracebac
     assert_nothing_went_wrong(server)
 
 
+TINY_CHUNKS = 250_000  # of a body's one-byte chunks: six bytes each, 1.5 MB
+ECHOES_WHILE_PARSED = 20  # answered to another client, at least, while they are parsed
+
+
+def test_a_body_sent_in_one_byte_chunks_holds_nobody_else_up(server: Server) -> None:
+    # h11 parses a chunk a time, about 13 µs each; uvicorn's h11 protocol parses all
+    # it reads in one go, and uvloop reads up to 32 times in a row: a few MB of chunks
+    # held every other client up for seconds.
+    head = b"POST /chat/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    body = b"1\r\na\r\n" * TINY_CHUNKS + b"0\r\n\r\n"
+    next_request = b"GET /missing HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # then 404
+    parsed = threading.Event()
+
+    def send_and_wait_for_the_next_answer() -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            threading.Thread(
+                target=sock.sendall, args=(head + body + next_request,)
+            ).start()
+            answers = b""
+            while answers.count(b"HTTP/1.1 ") < 2:  # the 401, then the 404
+                answers += sock.recv(65536)
+            parsed.set()
+
+    async def echoes_while_parsed() -> int:
+        async with open_client(f"{server.ws_url}/ws") as echo:
+            echoes = 0  # a burst of BURST at most, from this one client
+            while not parsed.is_set() and echoes < BURST:
+                await echo.send("hi")
+                await asyncio.wait_for(echo.recv(), 10)
+                echoes += 1
+            return echoes
+
+    sender = threading.Thread(target=send_and_wait_for_the_next_answer)
+    sender.start()
+    echoes = run(echoes_while_parsed())
+    sender.join(TEST_TIMEOUT_S)
+    assert parsed.is_set()
+    assert echoes >= ECHOES_WHILE_PARSED, f"{echoes} echoes while the body was parsed"
+
+
 def echo_still_answers(server: Server) -> str:
     """A fresh client's ping is answered at once, and so is its "hi": the echo."""
 
