@@ -1397,6 +1397,21 @@ end
 redis.call('SET', own_key, id, 'PX', once_ttl_ms)
 return id
 """
+# Marks this process alive, KEYS[2], for process_ttl_ms, and its session, KEYS[1], for
+# session_ttl_ms, unless Redis's clock is past the deadline: a heartbeat Redis runs late,
+# once it continues after hanging, would revive a session the process has given up, and
+# the members it listed. Returns whether the session's mark was there; -1, if late.
+BEAT_BEFORE_DEADLINE = """
+local deadline_ms, session_ttl_ms, process_ttl_ms = ARGV[1], ARGV[2], ARGV[3]
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(deadline_ms) then
+  return -1
+end
+local marked = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], 1, 'PX', session_ttl_ms)
+redis.call('SET', KEYS[2], 1, 'PX', process_ttl_ms)
+return marked
+"""
 # What message_frame() adds to what was said, beside the id.
 FRAME_EXTRA_BYTES = len(message_frame("", "{}")) - len("{}")
 # All rooms' history, for ALL_HISTORY_BYTES: when each was last written, by the
@@ -1489,6 +1504,7 @@ class RoomInRedis:
     elsewhere: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     written: list[int] | None = None  # the members last written to Redis as here
     shown_upto: tuple[int, int] = (0, 0)  # the id of the last message delivered here
+    shown_more: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     looked_up: LookedUp | None = None  # for the joiners being let in
     # What came on the channel while joiners were let in, and the task that delivers it.
     held: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -1559,6 +1575,7 @@ class RedisRelay:
         )
         self.publish_script = self.redis.register_script(PUBLISH_ONCE_BEFORE_DEADLINE)
         self.look_up_script = self.redis.register_script(LOOK_UP_ROOM)
+        self.beat_script = self.redis.register_script(BEAT_BEFORE_DEADLINE)
         self.publishes = itertools.count()  # each its own key: see the script
         # Thousands of handlers may publish at once: each waits for a connection here,
         # rather than redis-py failing past its pool's size ("Too many connections").
@@ -1706,7 +1723,21 @@ class RedisRelay:
             max((stream_order(i) for i, _ in newest_of_each), default=(0, 0)),
             trimmed,
         )
+        placed = [stream_order(since) for since in state.looked_up.after]
+        await self.catch_up(room, state, max(placed, default=(0, 0)))
         return set(itertools.chain.from_iterable(state.elsewhere.values()))
+
+    async def catch_up(
+        self, room: Room, state: RoomInRedis, message_id: tuple[int, int]
+    ) -> None:
+        """Until this process has delivered `message_id` to its members, for
+        REDIS_TIMEOUT_S at most: a joiner that had it, let in while this process is
+        behind the channel, would get again, live, what came between."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                while room.chat.clients and state.shown_upto < message_id:
+                    state.shown_more.clear()
+                    await state.shown_more.wait()
 
     async def which_are_alive(self, processes: list[str]) -> list[bool]:
         async with self.connections:
@@ -1943,9 +1974,10 @@ class RedisRelay:
         sent_ms = time.monotonic() * 1000
         beat = self.redis.pipeline(transaction=False)
         beat.time()
-        beat.exists(session_key(self.process))
-        beat.set(session_key(self.process), 1, px=int(SESSION_MARK_TTL_S * 1000))
-        beat.set(alive_key(self.process), 1, px=int(PROCESS_TTL_S * 1000))
+        keys = [session_key(self.process), alive_key(self.process)]
+        deadline_ms = int(self.redis_now_ms() + PUBLISH_DEADLINE_S * 1000)
+        ttls_ms = [int(SESSION_MARK_TTL_S * 1000), int(PROCESS_TTL_S * 1000)]
+        await self.beat_script(keys=keys, args=[deadline_ms, *ttls_ms], client=beat)
         # MGET takes one key at least: "-" is one nobody sets.
         beat.mget([alive_key(process) for process in others] or ["-"])
         if sent_ms / 1000 - self.rooms_kept_at > ROOM_IDLE_S / 4:
@@ -1955,12 +1987,14 @@ class RedisRelay:
             for room in self.room_manager.by_name.values():
                 for key in room_keys(room) if not room.is_empty() else ():
                     beat.pexpire(key, int(ROOM_IDLE_S * 1000))
-        (seconds, microseconds), marked, _, _, alive, *_ = await beat.execute()
+        (seconds, microseconds), marked, alive, *_ = await beat.execute()
+        self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
+        if marked == -1:
+            return  # late: not alive by it; the clock, learned again, tells the next
         if self.relaying and not marked:
             # Flushed, or evicted: the others count this process gone, and its members.
             raise redis.ConnectionError("Redis no longer held this process's keys")
         self.alive_at = sent_ms / 1000
-        self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
         # With no others, `alive` is the answer for "-": zip stops at the shorter.
         lapsed = {p for p, a in zip(others, alive, strict=False) if not a}
         self.others_alive -= lapsed
@@ -2060,6 +2094,7 @@ class RedisRelay:
         if stream_order(message_id) <= state.shown_upto:
             return  # delivered here already, or in the joiners' welcomes
         state.shown_upto = stream_order(message_id)
+        state.shown_more.set()
         frame = message_frame(message_id, what)
         self.room_manager.keep(room, message_id, frame)
         room.chat.add_to_batch_nowait(EVERYONE, frame)

@@ -1106,6 +1106,25 @@ def test_redis_stopped_for_5_s_closes_rooms_in_time_and_loses_nothing_acknowledg
     assert [message["text"] for message in history] == ["acknowledged", "after"]
 
 
+def test_a_heartbeat_redis_runs_late_revives_no_session_given_up(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    # A heartbeat written into a Redis that hangs runs when it continues: had it set
+    # its liveness, the session each process gave up would count as alive again, and
+    # the members it listed, gone meanwhile, would be welcomed as in the room.
+    with redis.Redis(port=redis_server.port, decode_responses=True) as operator:
+        given_up = operator.keys(main.alive_key("*"))
+        assert len(given_up) == 2
+        redis_server.pause()
+        time.sleep(main.PROCESS_TTL_S + 1)  # each process gives up; the keys expire
+        redis_server.resume()
+        for server in workers:
+            wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+        alive = operator.keys(main.alive_key("*"))
+    assert len(alive) == 2
+    assert set(alive).isdisjoint(given_up)
+
+
 def test_a_subscription_redis_cut_closes_the_chat_and_rooms_rather_than_miss_messages(
     workers: list[Server], redis_server: RedisServer
 ) -> None:
@@ -1574,6 +1593,7 @@ class RedisProxy:
         self.connections: list[asyncio.StreamWriter] = []
         self.cut = False  # drop the reply and the connection, rather than hold it
         self.hold_request = False  # hold the command, rather than its reply
+        self.channel_held = threading.Event()  # hold what subscriptions are sent
         self.reply_held = threading.Event()
         self.request_held = threading.Event()
         self.released = threading.Event()
@@ -1618,9 +1638,12 @@ class RedisProxy:
         server, to_server = await asyncio.open_connection("127.0.0.1", self.redis_port)
         self.connections += [to_client, to_server]
         marked = asyncio.Event()  # the next reply on this connection is the one
+        subscription = False
 
         async def requests() -> None:
+            nonlocal subscription
             while data := await client.read(65536):
+                subscription = subscription or b"SUBSCRIBE" in data
                 if self.marker is not None and self.marker in data:
                     self.marker = None
                     if self.hold_request:
@@ -1643,6 +1666,8 @@ class RedisProxy:
                         to_server.transport.abort()
                         return
                     await asyncio.to_thread(self.released.wait, 10)
+                while subscription and self.channel_held.is_set():
+                    await asyncio.sleep(0.01)
                 to_client.write(data)
                 await to_client.drain()
             to_client.close()
@@ -1869,6 +1894,44 @@ def proxied_workers(
     proxy.stop()
     for server in servers:
         stop_with_no_traceback(server)
+
+
+CHANNEL_HELD_S = 0.5  # a process this far behind the channel is behind, not lost
+
+
+def test_a_client_back_on_a_process_behind_the_channel_gets_nothing_twice(
+    proxied_workers: tuple[list[Server], RedisProxy],
+) -> None:
+    # The process it comes back to has yet to deliver what the client had: let in
+    # at once, the client would get those messages again, live.
+    (first, second), proxy = proxied_workers
+
+    async def back_ahead(stack: contextlib.AsyncExitStack) -> tuple[str, dict, list]:
+        anchor, _ = await join_room(stack, second, "/rooms/ahead/1")
+        mover, _ = await join_room(stack, first, "/rooms/ahead/7")
+        assert (await next_frame(anchor, "joined"))["client_ids"] == [7]
+        proxy.channel_held.set()
+        had = [(await say_in_room(mover, f"had {i}"))["id"] for i in range(3)]
+        await mover.close()
+        back = open_client(f"{second.ws_url}/rooms/ahead/7?since={had[-1]}")
+        mover = await stack.enter_async_context(back)
+        await asyncio.sleep(CHANNEL_HELD_S)
+        proxy.channel_held.clear()
+        welcome = json.loads(await mover.recv())
+        await say_in_room(anchor, "after", ignore={"message", "left", "joined"})
+        live = []
+        while (frame := json.loads(await mover.recv())).get("text") != "after":
+            live.append(frame)
+        return had[-1], welcome, live
+
+    last, welcome, live = run(in_rooms(back_ahead))
+    assert (welcome["type"], welcome["history"], welcome["missed"]) == (
+        "welcome",
+        [],
+        False,
+    )
+    assert welcome["last_id"] == last
+    assert live == []
 
 
 def test_joiners_with_and_without_since_let_in_together_miss_nothing(
