@@ -372,14 +372,19 @@ def test_a_second_tab_with_the_same_id_takes_over(open_tab) -> None:
     expect(status).to_have_text(expected)
     first.clock.run_for(ALL_RETRY_DELAYS_MS)  # no retry is due: it would take it back
     expect(status).to_have_text(expected)
+    send(first, "hi")  # the reason, and what to do, stay in sight
+    expect(status).to_have_text(f"{expected[:-1]}; not connected: message not sent)")
 
 
 @pytest.mark.parametrize(
-    ("query", "wrapped"),
-    [("endpoint=chat&client_id=1", 0), ("endpoint=rooms&room=lobby&client_id=1", 11)],
+    ("query", "path", "wrapped"),
+    [
+        ("endpoint=chat&client_id=1", "/chat/1", 0),
+        ("endpoint=rooms&room=lobby&client_id=1", "/rooms/lobby/1", 11),
+    ],
 )
 def test_a_message_too_long_for_the_server_is_kept_not_sent(
-    open_tab, query: str, wrapped: int
+    open_tab, query: str, path: str, wrapped: int
 ) -> None:
     # Sent, the server would close the connection with 1009, and the text would be gone.
     page = open_tab(f"?{query}", count_closes=True)
@@ -387,7 +392,7 @@ def test_a_message_too_long_for_the_server_is_kept_not_sent(
     too_long = "é" * (over // 2) + "x" * (over % 2)
     send(page, too_long)
     expect(page.locator("#status")).to_have_text(
-        "connected (message over 65536 bytes: not sent)"
+        f"connected ({path}; message over 65536 bytes: not sent)"
     )
     assert page.input_value("#messageText") == too_long
     send(page, "still here")
@@ -702,6 +707,67 @@ def test_a_chat_message_on_a_connection_replaced_by_connect_is_not_lost_unsaid(
     expect(page.locator("#status")).to_have_attribute("data-state", "connected")
     expect(page.locator("#messages li.missed")).to_have_text(
         ["Not confirmed: into the void"]
+    )
+
+
+def test_the_copy_of_a_room_message_confirms_it_under_another_id_since(
+    open_tab,
+) -> None:
+    # Sent as #7, its copy names #7, whatever id the page has connected with since.
+    page = open_tab("?endpoint=rooms&room=lobby&client_id=7", clock=True)
+    page.evaluate(
+        """() => {
+          messageText.value = "hello";
+          sendMessage(new Event("submit"));
+          clientIdInput.value = "8";
+          connectNow();
+        }"""
+    )
+    expect(page.locator("#status")).to_have_text("connected (/rooms/lobby/8)")
+    expect(messages(page)).to_have_text(["Client #7: hello"])
+    page.clock.run_for(10_000)  # past SETTLE_MS, when what was not delivered is shown
+    expect(messages(page)).to_have_text(["Client #7: hello"])
+
+
+def test_the_same_text_sent_again_after_a_reconnect_leaves_the_lost_one_reported(
+    open_tab, network: Network
+) -> None:
+    # The copy of the second confirms the second, sent on its connection: the first,
+    # sent into the dead one, is the one reported.
+    page = open_tab(
+        "?endpoint=rooms&room=lobby&client_id=2", port=network.port, clock=True
+    )
+    network.hang()
+    send(page, "ok")
+    network.down()
+    network.back()
+    page.clock.run_for(1000)  # the first retry, at 0.5 s at most
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    send(page, "ok")
+    expect(messages(page)).to_have_text(["Client #2: ok"])
+    page.clock.run_for(10_000)  # past SETTLE_MS after the welcome
+    expect(page.locator("#messages li.missed")).to_have_text(["Not delivered: ok"])
+
+
+def test_chat_messages_on_a_connection_connect_replaces_show_until_the_new_one_opens(
+    open_tab, network: Network
+) -> None:
+    # The chat keeps nothing for a page that comes back: what the old connection gets
+    # before the new one opens is shown, not dropped.
+    alice = open_tab("?endpoint=chat&client_id=1")
+    bob = open_tab("?endpoint=chat&client_id=2", port=network.port)
+    network.up.clear()  # a new connection waits; the open one goes on
+    bob.click("#connect")
+    expect(bob.locator("#status")).to_have_text("connecting")
+    send(alice, "meanwhile")
+    expect(messages(alice)).to_have_text(
+        ["You wrote: meanwhile", "Client #1 says: meanwhile"]
+    )
+    network.up.set()
+    expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
+    send(alice, "after")
+    expect(messages(bob)).to_have_text(
+        ["Client #1 says: meanwhile", "Client #1 says: after"]
     )
 
 
