@@ -2797,7 +2797,8 @@ def check_announce_token(
             "ANNOUNCE_TOKEN set to a secret, and send it as a bearer token",
         )
     given = credentials.credentials if credentials is not None else ""
-    if not secrets.compare_digest(given.encode(), ANNOUNCE_TOKEN.encode()):
+    # Starlette decodes a header's bytes as latin-1: encoded so, they are the bytes sent.
+    if not secrets.compare_digest(given.encode("latin-1"), ANNOUNCE_TOKEN.encode()):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "Missing or wrong token: send Authorization: Bearer <ANNOUNCE_TOKEN>",

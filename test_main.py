@@ -1738,6 +1738,16 @@ def test_post_refuses_a_missing_or_wrong_token(
     assert response.headers["www-authenticate"] == "Bearer"
 
 
+def test_a_token_that_is_not_ascii_is_taken_as_sent_in_utf_8(
+    client: TestClient, monkeypatch
+) -> None:
+    # As curl sends it: the header's bytes, which Starlette decodes as latin-1.
+    monkeypatch.setattr(main, "ANNOUNCE_TOKEN", "café-s3cret")
+    headers = {"Authorization": b"Bearer " + "café-s3cret".encode()}
+    response = client.post("/chat/messages", json={"text": "hi"}, headers=headers)
+    assert response.status_code == 202
+
+
 @pytest.mark.parametrize(
     "body", [{"text": ""}, {"text": "x" * (main.MAX_MESSAGE_BYTES + 1)}, {}]
 )
