@@ -461,7 +461,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #
 #     broadcast -> relay.publish -> add_to_batch; send_personal_message -> add_to_batch
 #     say -> relay.say: add_to_batch_nowait ("You wrote"), then as broadcast
-#     deliver_batches, one task: each batch in turn -> write_to_everyone, in order
+#     deliver_batches, one task: each batch in turn, sorted by by_recipient into what
+#     everyone is sent and what a writer is (its "You wrote" too) -> write_to_everyone
 #       -> write_without_waiting: the tutorials' loop, giving up a write that would wait
 #       -> add_to_backlog_or_cut_off: keeps what a client was not sent, for it alone
 #            -> write_backlog, one task per such client, writes it as its socket drains
