@@ -13,6 +13,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -558,6 +559,8 @@ class Network:
         self.up = threading.Event()
         self.up.set()
         self.hung = threading.Event()  # what comes is dropped, and nothing closes
+        self.dead: set[socket.socket] = set()  # what comes on these is dropped
+        self.slowed: set[socket.socket] = set()  # what comes on these waits SLOWED_S
         self.connections: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self.accept, daemon=True).start()
@@ -580,7 +583,9 @@ class Network:
     def relay(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if not self.hung.is_set():
+                if source in self.slowed:
+                    time.sleep(SLOWED_S)
+                if not self.hung.is_set() and source not in self.dead:
                     sink.sendall(data)
 
     def down(self) -> None:
@@ -602,6 +607,16 @@ class Network:
         """Nothing gets through, and nothing tells either side: a link gone dead."""
         self.hung.set()
 
+    def hang_those_open(self) -> None:
+        """The connections open now go dead, as one NAT mapping lost: new ones work."""
+        with self.lock:
+            self.dead = set(self.connections)
+
+    def slow_those_open(self) -> None:
+        """What the connections open now carry, either way, waits SLOWED_S."""
+        with self.lock:
+            self.slowed = set(self.connections)
+
     def back(self) -> None:
         self.hung.clear()
         self.up.set()
@@ -610,6 +625,9 @@ class Network:
         self.listener.close()
         self.down()
         self.back()
+
+
+SLOWED_S = 1.0  # by Network.slow_those_open
 
 
 @pytest.fixture
@@ -768,6 +786,61 @@ def test_chat_messages_on_a_connection_connect_replaces_show_until_the_new_one_o
     send(alice, "after")
     expect(messages(bob)).to_have_text(
         ["Client #1 says: meanwhile", "Client #1 says: after"]
+    )
+
+
+def test_a_welcome_on_a_connection_replaced_while_it_opened_is_not_shown(
+    open_tab, network: Network
+) -> None:
+    # Connect pressed twice: the first new connection, replaced before it opened, is
+    # welcomed all the same; only the newest one's welcome says what was missed.
+    page = open_tab("?endpoint=rooms&room=lobby&client_id=1", port=network.port)
+    network.up.clear()  # new connections wait
+    page.evaluate("lastId = '0-1'")  # an id no room has: each welcome says missed
+    page.click("#connect")
+    page.click("#connect")
+    network.up.set()
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    page.wait_for_timeout(1000)  # both welcomes in
+    expect(page.locator("#messages li.missed")).to_have_text([MISSED])
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "shown", "settled_ms"),
+    [("rooms&room=lobby", "Not delivered", 3000), ("chat", "Not confirmed", 13_000)],
+    ids=["room", "chat"],
+)
+def test_a_message_sent_into_a_connection_gone_dead_alone_is_shown_as_such(
+    open_tab, network: Network, endpoint: str, shown: str, settled_ms: int
+) -> None:
+    # Only this connection's link is dead: the browser waits 60 s for its close to
+    # be answered. A room's welcome on the new one settles it (SETTLE_MS); the chat,
+    # RETIRING_WAIT_MS after the new one opened.
+    page = open_tab(f"?endpoint={endpoint}&client_id=2", port=network.port, clock=True)
+    network.hang_those_open()
+    send(page, "into the void")
+    page.click("#connect")
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    page.wait_for_timeout(500)  # a room's welcome in
+    page.clock.run_for(settled_ms)
+    expect(page.locator("#messages li.missed")).to_have_text(
+        [f"{shown}: into the void"]
+    )
+
+
+def test_a_chat_message_confirmed_after_connect_under_another_id_is_not_reported(
+    open_tab, network: Network
+) -> None:
+    # Closed as the new connection opens, the old one would drop its "You wrote".
+    bob = open_tab("?endpoint=chat&client_id=1", port=network.port, count_closes=True)
+    network.slow_those_open()
+    send(bob, "hello")
+    bob.fill("#clientId", "3")
+    bob.click("#connect")
+    expect(bob.locator("#status")).to_have_text("connected (/chat/3)")
+    bob.wait_for_function("window.closedSockets === 1")  # the old one, and its report
+    expect(messages(bob)).to_have_text(
+        ["Client #1 says: hello", "Client #1 left the chat"]
     )
 
 
