@@ -2273,9 +2273,9 @@ else:
 #   test_a_client_cut_off_that_never_reads_is_dropped,
 #   test_a_stalled_client_in_a_quiet_chat_leaves_once_it_misses_the_pings, and
 #   test_a_client_whose_pong_waits_behind_its_slowed_messages_stays);
-# - h11's data_received, flow, its resume_reading, and the handshake handed over to the
-#   WebSocket by transport.set_protocol (H11Bounded; test_server.py:
-#   test_a_body_sent_in_one_byte_chunks_holds_nobody_else_up, and every WebSocket test);
+# - h11's data_received, eof_received, flow and its resume_reading, cycle.keep_alive,
+#   and the handshake handed over by transport.set_protocol (H11Bounded; test_server.py:
+#   the tests from test_a_body_sent_in_one_byte_chunks_holds_nobody_else_up on);
 # - it answers a handshake too big for websockets to parse with 431, and closes it:
 #   uvicorn 0.54 keeps it open, unanswered (test_server.py:
 #   test_a_handshake_too_big_to_parse_is_answered_431_and_closed).
@@ -2705,54 +2705,85 @@ class SansIOBounded(WebSocketsSansIOProtocol):
 
 # uvicorn's h11 protocol parses all it reads at once too, and uvloop reads up to 32 times
 # in a row: h11 takes about 13 µs for each chunk of a chunked body, and one client's
-# body of one-byte chunks, 6 MB over 3 s, held a chat member's message 12 s; 0.05 s at
+# body of one-byte chunks, 6 MB over 3 s, held a chat member's message 12 s; 0.04 s at
 # most under this class. The README's production command runs it: `--http main:H11Bounded`.
 class H11Bounded(H11Protocol):
-    """uvicorn's h11, parsing READ_SLICE_BYTES at a time, as SansIOBounded does."""
+    """uvicorn's h11, parsing READ_SLICE_BYTES a turn of the event loop, as SansIOBounded
+    does, and reading nothing more until what it read is parsed. What follows a request
+    that said it would close is not parsed (h11 would answer it 400); a client that shuts
+    its side once its request is sent is answered, then closed."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.unparsed = bytearray()  # read, and kept while uvicorn reads no more
+        self.unparsed = bytearray()  # read, and parsed a piece a turn
+        self.parsing = False  # a piece is due, next turn
+        self.eof = False  # the client shut its side, after what is unparsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self.flow = FlowResumingParsing(self)
+        self.flow = ParsedBeforeReading(self)
 
     def data_received(self, data: bytes) -> None:
         self.unparsed += data
-        self.parse_a_piece()
+        if not self.parsing:
+            self.parse_a_piece()
 
     def parse_a_piece(self) -> None:
-        """One piece a turn of the event loop: every other connection has its turn."""
-        if self.flow.read_paused or self.transport.is_closing() or not self.unparsed:
+        self.parsing = False
+        if self.transport.get_protocol() is not self or self.transport.is_closing():
             return
+        if self.flow.read_paused:  # by uvicorn: its resume_reading parses on
+            return
+        if self.conn.their_state is h11.MUST_CLOSE:
+            self.unparsed.clear()
         piece = bytes(self.unparsed[:READ_SLICE_BYTES])
         del self.unparsed[:READ_SLICE_BYTES]
-        super().data_received(piece)
+        if piece:
+            super().data_received(piece)
         if self.transport.get_protocol() is not self:  # a WebSocket's from now on
-            self.unparsed.clear()  # as uvicorn drops what follows a handshake
-            self.transport.resume_reading()
-        elif self.flow.read_paused or self.transport.is_closing():
-            return
+            self.transport.resume_reading()  # as uvicorn, it drops what followed
         elif self.unparsed:
-            self.transport.pause_reading()  # what it read already comes first
-            self.loop.call_soon(self.parse_a_piece)
-        else:
+            self.transport.pause_reading()  # even if uvicorn resumed it meanwhile
+            self.parsing = True
+            self.loop.call_soon(self.parse_a_piece)  # every other connection first
+        elif self.eof and not self.end_of_stream():
+            self.transport.close()
+        elif not self.flow.read_paused and not self.transport.is_closing():
             self.transport.resume_reading()  # does nothing if reading
 
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: bool | None
+        self.eof = True
+        return bool(self.unparsed) or self.end_of_stream()  # True: it stays open
 
-class FlowResumingParsing(FlowControl):
-    """uvicorn's flow control, which, as uvicorn lets the client's bytes in again (its
-    app reads a body, or has answered one request of several sent at once), parses
-    those H11Bounded read before it paused."""
+    def end_of_stream(self) -> bool:
+        """Whether the connection stays open for the answer to a request sent whole."""
+        waiting = self.cycle is not None and not self.cycle.response_complete
+        if waiting and self.conn.their_state is h11.DONE:
+            self.cycle.keep_alive = False  # answered, then closed
+            return True
+        return False
+
+
+class ParsedBeforeReading(FlowControl):
+    """uvicorn's flow control, where reading on waits until H11Bounded has parsed what
+    it read: uvicorn resumes reading as its app reads a body, or has answered one of
+    several requests sent at once."""
 
     def __init__(self, protocol: H11Bounded) -> None:
         super().__init__(protocol.transport)
         self.protocol = protocol
 
     def resume_reading(self) -> None:
-        super().resume_reading()
-        self.protocol.loop.call_soon(self.protocol.parse_a_piece)
+        if not self.read_paused:
+            return
+        self.read_paused = False
+        if self.protocol.parsing:
+            return  # a piece is due: it reads on once all is parsed
+        if self.protocol.unparsed or self.protocol.eof:
+            self.protocol.parsing = True
+            self.protocol.loop.call_soon(self.protocol.parse_a_piece)
+        else:
+            self._transport.resume_reading()
 
 
 # --- Sending into step 3's chat from HTTP, or from this app's own code --------------------

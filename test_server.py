@@ -1256,6 +1256,54 @@ def test_a_body_sent_in_one_byte_chunks_holds_nobody_else_up(server: Server) -> 
     assert echoes >= ECHOES_WHILE_PARSED, f"{echoes} echoes while the body was parsed"
 
 
+PIPELINED_BYTES = 30_000_000  # of requests with small bodies, on one connection
+
+
+def test_requests_sent_faster_than_answered_cost_the_server_one_read(
+    server: Server,
+) -> None:
+    # Each answered before its body is read, whereupon uvicorn reads on: a parser
+    # that kept what it read to parse later would keep all a client sends.
+    request = b"POST /missing HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n"
+    request += b"\r\n" + b"x" * 5000
+    count = PIPELINED_BYTES // len(request)
+    rss_before = server.rss_bytes()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        threading.Thread(target=sock.sendall, args=(request * count,)).start()
+        answers = b""
+        while answers.count(b"HTTP/1.1 404") < count:
+            answers += sock.recv(1 << 20)
+    grown = server.peak_rss_bytes() - rss_before
+    assert grown < 10e6, f"{PIPELINED_BYTES / 1e6:.0f} MB sent: the server grew {grown}"
+
+
+def test_what_follows_a_request_to_close_with_is_not_parsed(server: Server) -> None:
+    # A client that said Connection: close sends nothing more HTTP allows: h11 would
+    # answer it 400 (blank lines, which a server should ignore, in a later read).
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request + b"\r\n" * 3000)
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+    assert b"400 Bad Request" not in answer
+
+
+@pytest.mark.parametrize("cookie_bytes", [100, 6000])
+def test_a_client_that_shuts_its_side_after_its_request_is_answered(
+    server: Server, cookie_bytes: int
+) -> None:
+    head = f"GET /missing HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: c={'x' * cookie_bytes}"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(f"{head}\r\n\r\n".encode())
+        sock.shutdown(socket.SHUT_WR)  # as `nc -N` does
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 404 Not Found"), answer[:200]
+
+
 def echo_still_answers(server: Server) -> str:
     """A fresh client's ping is answered at once, and so is its "hi": the echo."""
 
