@@ -691,6 +691,14 @@ def test_a_message_sent_into_a_dead_connection_is_shown_as_such(
     )
 
 
+def shown_before_and_past_settling(page: "Page", shown: list[str]) -> None:
+    """These messages, and still only these past SETTLE_MS, when what was not delivered
+    is shown."""
+    expect(messages(page)).to_have_text(shown)
+    page.clock.run_for(10_000)
+    expect(messages(page)).to_have_text(shown)
+
+
 def test_a_room_message_sent_before_the_welcome_is_not_shown_as_undelivered(
     open_tab,
 ) -> None:
@@ -705,9 +713,7 @@ def test_a_room_message_sent_before_the_welcome_is_not_shown_as_undelivered(
           });
         }"""
     )
-    expect(messages(page)).to_have_text(["Client #1: on open"])
-    page.clock.run_for(10_000)  # past SETTLE_MS, when what was not delivered is shown
-    expect(messages(page)).to_have_text(["Client #1: on open"])
+    shown_before_and_past_settling(page, ["Client #1: on open"])
 
 
 def test_a_chat_message_on_a_connection_replaced_by_connect_is_not_lost_unsaid(
@@ -742,9 +748,7 @@ def test_the_copy_of_a_room_message_confirms_it_under_another_id_since(
         }"""
     )
     expect(page.locator("#status")).to_have_text("connected (/rooms/lobby/8)")
-    expect(messages(page)).to_have_text(["Client #7: hello"])
-    page.clock.run_for(10_000)  # past SETTLE_MS, when what was not delivered is shown
-    expect(messages(page)).to_have_text(["Client #7: hello"])
+    shown_before_and_past_settling(page, ["Client #7: hello"])
 
 
 def test_the_same_text_sent_again_after_a_reconnect_leaves_the_lost_one_reported(
