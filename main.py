@@ -6,9 +6,9 @@ extras, redis-py). Follow along with `uvicorn main:app --reload --reload-exclude
 Beside this file: index.html, that page; README.md: why each flag, the production command
 (with --ws-max-size 65536), the tests; bench.py; BENCHMARKS.md, its runs cited by letter.
 
-The file reads from the top, as the tutorials do, each step building on those before:
-1, echo; 2, a client id; 3, the chat: a ConnectionManager with the second tutorial's
-methods, then how its broadcast reaches everyone; 4, FastAPI's docs' "Using Depends".
+Each step builds on those before it; within one, its manager or endpoint comes first, then
+what it is made of: 1, echo; 2, a client id; 3, the chat: a ConnectionManager with the
+second tutorial's methods, then how its broadcast reaches everyone; 4, "Using Depends".
 5 and 6 go where a chat goes next, and can wait: 5, named rooms with history, built on
 step 3; 6, one chat across processes through Redis, plugged into 3 and 5 by one call.
 
@@ -79,7 +79,7 @@ async def get() -> FileResponse:
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
-# The guards every step relies on, defined after step 6, in "What every step shares":
+# The guards every step relies on (a first reading can skip to the close codes, below):
 # - what a client may send: CheckWhatClientsSend refuses binary (1003), and text over
 #   64 KiB (1009); SansIOBounded and H11Bounded, run by the README's production command,
 #   bound what uvicorn parses at once; the first drops a client 5 s after closing it;
@@ -161,15 +161,15 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   it waits: so do the broadcast and its sender, until every sender is stuck there. In
 #   bench.py, with one such client among 30 senders of 100 messages each, a healthy
 #   client of the tutorials' chat received 114 of the 3,000 messages, then nothing. Of
-#   this chat's, it received all 3,000 (run BK).
+#   this chat's, it received all 3,000 (BENCHMARKS.md, run BK).
 # - A write to a client that has gone raises in the sender's handler: the clients after
 #   it in the list miss the message, the sender is taken out of the chat, and the
 #   client that has gone stays in until its own handler hears that it left.
 #
-# Ours keeps the second tutorial's four methods, by name and in order. Some of their
-# arguments change: the comment above the class says how. Its broadcast never waits for
-# a client's socket. It adds the message to a batch, and one task writes the batch to
-# every client:
+# Ours keeps the second tutorial's four method names, in order, to compare side by side;
+# some take other arguments, as the comment just before `class ConnectionManager`, below,
+# says. Its broadcast never waits for a client's socket. It adds the message to a
+# batch, and one task writes the batch to every client:
 # - a client whose socket has room gets it at once;
 # - a client whose socket is full gets it later, from a queue of its own (its Backlog),
 #   as the socket drains;
@@ -182,7 +182,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # run BV, three alternating runs of each (0.95x to 1.19x across runs AE to BV).
 #
 # First the manager, in the tutorials' shape; then what it is made of, and the
-# endpoints; then "Step 3, continued": how the batch reaches everyone.
+# endpoints; then "Step 3, continued": how the batch reaches everyone, in detail (a
+# first reading can skip it: the list above is what it does).
 
 MAX_BACKLOG_MESSAGES = 100  # queued for a client whose socket is full, at most
 TURNS_TO_SEE_A_DRAIN = 3  # of the event loop, to see a drain: uvloop needs 2, asyncio 3
@@ -201,15 +202,15 @@ EVERYONE = None  # the recipient, in a batch, of a message to every client in th
 
 # Ours beside the tutorials' manager, method by method:
 # - active_connections: the tutorials' list of WebSockets, now made on demand from
-#   self.chat, a LocalChat (below), which keeps a Client (below) for each client id. A second
-#   connection with the same id takes over, and the older one is closed with 4000. As
+#   self.chat, a LocalChat (below), which keeps a Client (below) for each client id. A
+#   second connection with the same id takes over, and the older one is closed with 4000. As
 #   in the tutorials, nothing checks that a client is who its id says: a real app
 #   would, with a dependency, as FastAPI's docs show.
 # - connect() takes the client's id too (None in the anonymous chat), and returns its
 #   Client, which disconnect() takes where the tutorials take the WebSocket.
 # - disconnect() tells the others who left, where the tutorials' endpoint broadcasts
 #   it: several who leave at once get one notice.
-# - send_personal_message() and broadcast() write nothing: they add the message to a
+# - send_personal_message() and broadcast() write to no socket: they add the message to a
 #   batch, which one task writes to everyone ("Step 3, continued"). broadcast() goes
 #   through self.relay, a ChatRelay (below), and returns whether the relay took the
 #   message: DeliverHere, the default, adds it to this process's batch, and always does.
@@ -279,9 +280,10 @@ class ServerShutdown(WebSocketDisconnect):
     """The server shutting down: uvicorn's 1012, sent with no reason, unlike a client's."""
 
 
-# cut_off_scope: the endpoint reads its client's messages in it, and another task
-# cancels it to cut the client off (LocalChat.cut_off, below): only that block ends, not
-# the handler, as task.cancel() would. The scope is anyio's, which Starlette runs on.
+# cut_off_scope, an anyio.CancelScope (anyio is what Starlette runs on): chat_endpoint
+# reads its client's messages in `with client.cut_off_scope:`, and LocalChat.cut_off,
+# below, cancels it to cut the client off. Only that block ends, not the handler, as
+# task.cancel() would: the handler goes on, to tell the others and close with a reason.
 # close_code stays 1000 unless the connection ends (left_with), or cut_off sets one.
 class Client:
     """One chat connection, and what the manager keeps about it."""
@@ -307,10 +309,11 @@ class Client:
 
 
 # A ChatRelay carries a manager's messages: DeliverHere, below, by default. The manager
-# calls the relay's three methods: join, publish and say, each with its LocalChat. The relay calls the LocalChat's: enter() to let a client in (and leave()
-# if its join then fails), add_to_batch() to queue a message for everyone, or for one
-# client (add_to_batch_nowait() where it must not wait), and cut_off() for a client it
-# can no longer serve.
+# calls the relay's three methods: join, publish and say, each with its LocalChat.
+# The relay calls the LocalChat's: enter() to let a client in (and leave() if its join
+# then fails), add_to_batch() to queue a message for everyone, or for one client
+# (add_to_batch_nowait() where it must not wait), and cut_off() for a client it can no
+# longer serve.
 #
 # A relay may refuse a message: one that carries the chat over a network, say, when the
 # network fails. Then publish() returns False, and so does broadcast(). That is why
@@ -385,9 +388,11 @@ class LocalChat:
             self.deliverer = asyncio.create_task(deliver_batches(self))
 
 
-# Starlette's receive_text refuses to read once a write to the client has failed (in
-# the delivery task, say), and the endpoint must still hear the close. uvicorn gives a
-# close frame a "reason", and a dropped connection none: that tells the two apart.
+# Not the tutorials' receive_text: once a write to this client has failed (in the
+# delivery task, say), Starlette counts it disconnected, and receive_text raises a
+# RuntimeError (WebSocketDisconnected), not WebSocketDisconnect: the endpoint would not
+# hear the close. uvicorn gives a close frame a "reason", and a dropped connection none:
+# that tells the two apart.
 async def receive_chat_text(websocket: WebSocket) -> str:
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
@@ -449,8 +454,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # task, deliver_batches, writes the whole batch to every client in turn, in groups of
 # 100 (CLIENTS_PER_GROUP): between two groups, the event loop serves all else. Written
 # to 10,000 in one pass, a burst of 100 held an echo up for 9 to 15 s; in groups, 0.3 s
-# at most (run BT). A batch holds what was said while the one before it was being
-# written: in a quiet chat, one message (and, for a writer, its "You wrote").
+# at most (BENCHMARKS.md, run BT). A batch holds what was said while the one before it
+# was being written: in a quiet chat, one message (and, for a writer, its "You wrote").
 # One task writes every batch, and a backlog keeps its order: everyone gets the messages
 # in the same order. A sender adds its message, then, if the batch holds 100 or more
 # (BATCH_BACKPRESSURE_MESSAGES), waits until that batch is written: senders run ahead of
@@ -475,8 +480,9 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    What it was not sent goes to its backlog, and so does every later message, in
 #    order (the very strings everyone is sent: a reference each). Its own task,
 #    write_backlog, writes them as its socket drains.
-# 3. With 100 in its backlog (MAX_BACKLOG_MESSAGES) and one more to add, the delivery
-#    checks that the client's socket holds it up, not a busy server. If the backlog's
+# 3. Senders never wait on it, but the delivery task may, briefly. With 100 in its
+#    backlog (MAX_BACKLOG_MESSAGES) and one more to add, the delivery checks that the
+#    client's socket holds it up, not a busy server. If the backlog's
 #    task has not yet had a turn to write, the server is busy: the delivery waits for
 #    that turn. If the task's write waits on the socket, the delivery gives it three
 #    turns of the event loop, as many as a drain takes to wake it. If it still waits,
@@ -490,8 +496,9 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 # If the chat goes quiet first, nothing more is added: the client stays, slowing nobody,
 # until it reads, leaves, or is cut off once the chat goes on. Under the README's
 # production command, it is also dropped within 45 s, for not answering uvicorn's pings
-# (one every 20 s, 20 s to answer, then 5 s for the close: SansIOBounded). The rule counts messages, not time: a socket that stays full through
-# a burst of over 100 is cut off within it.
+# (one every 20 s, 20 s to answer, then 5 s for the close: SansIOBounded).
+# The rule counts messages, not time: a socket that stays full through a burst of over
+# 100 is cut off within it.
 #
 # Why not the simplest cure, a queue and a task for every client, so that broadcast
 # waits on nobody? Run beside the tutorials' chat (`bench.py --sketch`, run S in
