@@ -2765,7 +2765,7 @@ class H11Bounded(H11Protocol):
     def end_of_stream(self) -> bool:
         """Whether the connection stays open for the answer to a request sent whole."""
         waiting = self.cycle is not None and not self.cycle.response_complete
-        if waiting and self.conn.their_state is h11.DONE:
+        if waiting and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE):
             self.cycle.keep_alive = False  # answered, then closed
             return True
         return False
