@@ -754,14 +754,18 @@ def test_the_copy_of_a_room_message_confirms_it_under_another_id_since(
     shown_before_and_past_settling(page, ["Client #7: hello"])
 
 
+def room_tab_through(open_tab, network: Network, client_id: int) -> "Page":
+    """A page in the lobby, through `network`, on a clock the test moves."""
+    query = f"?endpoint=rooms&room=lobby&client_id={client_id}"
+    return open_tab(query, port=network.port, clock=True)
+
+
 def test_the_same_text_sent_again_after_a_reconnect_leaves_the_lost_one_reported(
     open_tab, network: Network
 ) -> None:
     # The copy of the second confirms the second, sent on its connection: the first,
     # sent into the dead one, is the one reported.
-    page = open_tab(
-        "?endpoint=rooms&room=lobby&client_id=2", port=network.port, clock=True
-    )
+    page = room_tab_through(open_tab, network, client_id=2)
     network.hang()
     send(page, "ok")
     network.down()
@@ -878,9 +882,7 @@ def test_a_room_message_on_its_way_through_a_slow_link_is_not_reported(
     open_tab, network: Network
 ) -> None:
     # Sent as #7 on a link slower than SETTLE_MS, its copy comes to the page as #8.
-    page = open_tab(
-        "?endpoint=rooms&room=lobby&client_id=7", port=network.port, clock=True
-    )
+    page = room_tab_through(open_tab, network, client_id=7)
     network.slow_those_open()
     send(page, "hello")
     page.fill("#clientId", "8")
