@@ -3,8 +3,8 @@
 Python 3.11+; `pip install -r requirements.txt` (FastAPI, uvicorn 0.55 with its standard
 extras, redis-py). Follow along with `uvicorn main:app --reload --reload-exclude .venv
 --timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/.
-Beside this file: index.html, that page; README.md: why each flag, the production command
-(with --ws-max-size 65536), the tests; bench.py; BENCHMARKS.md, its runs cited by letter.
+Beside it: index.html, that page; README.md: each flag, the tests, and the production
+command, with guards this one lacks (--ws main:SansIOBounded); BENCHMARKS.md: the runs.
 
 Each step builds on those before it; within one, its manager or endpoint comes first, then
 what it is made of: 1, echo; 2, a client id; 3, the chat: a ConnectionManager with the
@@ -166,10 +166,12 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   it in the list miss the message, the sender is taken out of the chat, and the
 #   client that has gone stays in until its own handler hears that it left.
 #
-# Ours keeps the second tutorial's four method names, in order, to compare side by side;
-# some take other arguments, as the comment just before `class ConnectionManager`, below,
-# says. Its broadcast never waits for a client's socket. It adds the message to a
-# batch, and one task writes the batch to every client:
+# Ours keeps the second tutorial's four method names, in order, to compare side by side,
+# with changes: connect(websocket, client_id) returns a Client, which disconnect(client)
+# takes; broadcast() returns whether the message was taken; say() is new. The comment
+# just before `class ConnectionManager`, below, says why. Its broadcast waits on no
+# client's socket: it adds the message to a batch, and one task writes the batch to
+# every client:
 # - a client whose socket has room gets it at once;
 # - a client whose socket is full gets it later, from a queue of its own (its Backlog),
 #   as the socket drains;
@@ -216,7 +218,8 @@ EVERYONE = None  # the recipient, in a batch, of a message to every client in th
 #   message: DeliverHere, the default, adds it to this process's batch, and always does.
 # - say(): the endpoint's call for FastAPI's docs' two sends, send_personal_message("You
 #   wrote: ...") to the writer, then broadcast() of the message, in one batch: a
-#   shutdown never sends one without the other. Why the relay does it: above ChatRelay.
+#   shutdown never sends one without the other. Why say() goes through the relay: see the
+#   comment above ChatRelay.
 class ConnectionManager:
     def __init__(self) -> None:
         self.chat = LocalChat()  # who is connected here, and the delivery to them
@@ -389,8 +392,8 @@ class LocalChat:
 
 
 # Not the tutorials' receive_text: once a write to this client has failed (in the
-# delivery task, say), Starlette counts it disconnected, and receive_text raises a
-# RuntimeError (WebSocketDisconnected), not WebSocketDisconnect: the endpoint would not
+# delivery task, say), Starlette counts it disconnected, and receive_text raises a plain
+# RuntimeError, not the WebSocketDisconnect the tutorials catch: the endpoint would not
 # hear the close. uvicorn gives a close frame a "reason", and a dropped connection none:
 # that tells the two apart.
 async def receive_chat_text(websocket: WebSocket) -> str:
@@ -450,7 +453,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 
 # ~~~ Step 3, continued: how a message reaches everyone, waiting on no client's socket ~~~~~~
 #
-# Senders never wait for a client's socket. A message joins the manager's batch, and one
+# No sender waits on any one client's socket. A message joins the manager's batch, and one
 # task, deliver_batches, writes the whole batch to every client in turn, in groups of
 # 100 (CLIENTS_PER_GROUP): between two groups, the event loop serves all else. Written
 # to 10,000 in one pass, a burst of 100 held an echo up for 9 to 15 s; in groups, 0.3 s
