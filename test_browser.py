@@ -913,6 +913,24 @@ def test_a_chat_page_connecting_under_another_id_shows_no_message_twice(
     assert messages(bob).all_inner_texts().count("Client #1 says: during") == 1
 
 
+def test_a_chat_page_connecting_under_another_id_shows_what_it_wrote_meanwhile(
+    open_tab, network: Network
+) -> None:
+    # Its "You wrote" comes on the old connection alone, while the new one opens.
+    bob = open_tab("?endpoint=chat&client_id=2", port=network.port)
+    network.slow_from_now = True
+    bob.evaluate(
+        """() => {
+          messageText.value = "mine";
+          sendMessage(new Event("submit"));
+          clientIdInput.value = "3";
+          connectNow();
+        }"""
+    )
+    expect(bob.locator("#status")).to_have_text("connected (/chat/3)")
+    expect(messages(bob).first).to_have_text("You wrote: mine")
+
+
 def test_connect_pressed_while_connected_tells_nobody_the_page_left(open_tab) -> None:
     # The new connection takes the old one over before it is closed: no leave notice.
     alice = open_tab("?endpoint=chat&client_id=1")
