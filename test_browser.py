@@ -737,19 +737,26 @@ def test_a_chat_message_on_a_connection_replaced_by_connect_is_not_lost_unsaid(
     )
 
 
+def send_then_connect_as(page: "Page", text: str, client_id: int) -> None:
+    """Send, then connect under another id, in one turn of the page's event loop: the
+    answer to what was sent comes after the new connection has begun."""
+    page.evaluate(
+        """([text, clientId]) => {
+          messageText.value = text;
+          sendMessage(new Event("submit"));
+          clientIdInput.value = clientId;
+          connectNow();
+        }""",
+        [text, str(client_id)],
+    )
+
+
 def test_the_copy_of_a_room_message_confirms_it_under_another_id_since(
     open_tab,
 ) -> None:
     # Sent as #7, its copy names #7, whatever id the page has connected with since.
     page = open_tab("?endpoint=rooms&room=lobby&client_id=7", clock=True)
-    page.evaluate(
-        """() => {
-          messageText.value = "hello";
-          sendMessage(new Event("submit"));
-          clientIdInput.value = "8";
-          connectNow();
-        }"""
-    )
+    send_then_connect_as(page, "hello", client_id=8)
     expect(page.locator("#status")).to_have_text("connected (/rooms/lobby/8)")
     shown_before_and_past_settling(page, ["Client #7: hello"])
 
@@ -919,14 +926,7 @@ def test_a_chat_page_connecting_under_another_id_shows_what_it_wrote_meanwhile(
     # Its "You wrote" comes on the old connection alone, while the new one opens.
     bob = open_tab("?endpoint=chat&client_id=2", port=network.port)
     network.slow_from_now = True
-    bob.evaluate(
-        """() => {
-          messageText.value = "mine";
-          sendMessage(new Event("submit"));
-          clientIdInput.value = "3";
-          connectNow();
-        }"""
-    )
+    send_then_connect_as(bob, "mine", client_id=3)
     expect(bob.locator("#status")).to_have_text("connected (/chat/3)")
     expect(messages(bob).first).to_have_text("You wrote: mine")
 
