@@ -1306,6 +1306,7 @@ REDIS_CHANNEL = "chat"  # every process's messages, and who joined where
 REDIS_TIMEOUT_S = 2.0  # a Redis silent this long is lost (whether it died or hangs)
 REDIS_PING_INTERVAL_S = 0.5  # a quiet subscription is pinged, liveness told, this often
 REDIS_RETRY_S = 1.0  # between attempts to reach Redis again once it is lost
+HEARTBEAT_ATTEMPTS = 3  # a session's first, each run by Redis past its deadline: lost
 # A publish that Redis runs later than this after it was sent, by Redis's own clock, is
 # refused, before the sender gives up on it (REDIS_TIMEOUT_S) and closes the chat: one
 # it gave up on never runs.
@@ -1973,14 +1974,20 @@ class RedisRelay:
         for state in self.in_rooms.values():
             state.written = None
         await self.learn_redis_clock()  # Redis may have restarted, its clock with it
-        await self.heartbeat()
+        # Marked before it relays: a later beat that finds no mark takes Redis as lost.
+        for _ in range(HEARTBEAT_ATTEMPTS):
+            if await self.heartbeat():
+                break
+        else:
+            raise redis.TimeoutError("every heartbeat reached Redis past its deadline")
         self.relaying = True
         self.subscribed.set()
         logger.info("Chat relayed through Redis at %s", self.url)
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self) -> bool:
         """Tell Redis this process is alive, and keep its rooms with people in them;
-        learn Redis's clock, and who else is alive."""
+        learn Redis's clock, and who else is alive. False: Redis ran it past its
+        deadline, and it marked nothing; the clock it read tells the next."""
         others = sorted(self.others_alive)
         sent_ms = time.monotonic() * 1000
         beat = self.redis.pipeline(transaction=False)
@@ -2001,7 +2008,7 @@ class RedisRelay:
         (seconds, microseconds), marked, alive, *_ = await beat.execute()
         self.adopt_redis_clock(sent_ms, seconds * 1000 + microseconds / 1000)
         if marked == -1:
-            return  # late: not alive by it; the clock, learned again, tells the next
+            return False
         if self.relaying and not marked:
             # Flushed, or evicted: the others count this process gone, and its members.
             raise redis.ConnectionError("Redis no longer held this process's keys")
@@ -2013,6 +2020,7 @@ class RedisRelay:
             state = self.in_rooms.get(room)
             if state is not None and lapsed & state.elsewhere.keys():
                 self.room_manager.presence_changed(room)
+        return True
 
     async def learn_redis_clock(self) -> None:
         """Learn Redis's clock anew, whatever was known of it."""

@@ -1991,6 +1991,29 @@ def test_joiners_with_and_without_since_let_in_together_miss_nothing(
     assert got["missed"] == {"back": False, "new": False}
 
 
+def test_a_session_s_first_heartbeat_run_late_loses_nothing(
+    proxied_workers: tuple[list[Server], RedisProxy], redis_server: RedisServer
+) -> None:
+    # Refused as late, it marked nothing: the next, finding no mark, would take Redis
+    # for lost (flushed), and close every client of the process.
+    (_, second), proxy = proxied_workers
+    with redis.Redis(port=redis_server.port) as operator:
+        operator.client_kill_filter(
+            _type="pubsub"
+        )  # every process starts a new session
+        wait_for_log(second, "Lost Redis")
+        proxy.hold_request_with("chat:session:")  # the new session's first heartbeat
+        assert proxy.request_held.wait(RECOVERY_BOUND_S)
+        time.sleep(
+            main.PUBLISH_DEADLINE_S + 0.2
+        )  # past its deadline, within its timeout
+        proxy.release()
+    wait_for_log(second, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+    time.sleep(2 * main.REDIS_PING_INTERVAL_S)  # the next heartbeats
+    assert "no longer held" not in second.log()
+    assert second.log().count("Lost Redis") == 1
+
+
 def test_a_publish_whose_reply_is_lost_is_published_once(
     proxied_workers: tuple[list[Server], RedisProxy],
 ) -> None:
