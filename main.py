@@ -2762,12 +2762,15 @@ class H11Bounded(H11Protocol):
             self.transport.resume_reading()  # as uvicorn, it drops what followed
         elif self.unparsed:
             self.transport.pause_reading()  # even if uvicorn resumed it meanwhile
-            self.parsing = True
-            self.loop.call_soon(self.parse_a_piece)  # every other connection first
+            self.parse_next_turn()
         elif self.eof and not self.end_of_stream():
             self.transport.close()
         elif not self.flow.read_paused and not self.transport.is_closing():
             self.transport.resume_reading()  # does nothing if reading
+
+    def parse_next_turn(self) -> None:
+        self.parsing = True
+        self.loop.call_soon(self.parse_a_piece)  # every other connection first
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: bool | None
         self.eof = True
@@ -2798,8 +2801,7 @@ class ParsedBeforeReading(FlowControl):
         if self.protocol.parsing:
             return  # a piece is due: it reads on once all is parsed
         if self.protocol.unparsed or self.protocol.eof:
-            self.protocol.parsing = True
-            self.protocol.loop.call_soon(self.protocol.parse_a_piece)
+            self.protocol.parse_next_turn()
         else:
             self._transport.resume_reading()
 
