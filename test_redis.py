@@ -1155,22 +1155,41 @@ def test_a_subscription_redis_cut_closes_the_chat_and_rooms_rather_than_miss_mes
     assert run(in_rooms(back))["missed"] is False
 
 
+async def said_then_redis_killed(
+    stack: contextlib.AsyncExitStack,
+    server: Server,
+    redis_server: RedisServer,
+    *texts: str,
+) -> list[dict]:
+    """Client 1, in the lobby on `server`, says each text; then Redis is killed, and
+    the client is closed as Redis is lost. What it said, as the room sent it back."""
+    alice, _ = await join_room(stack, server, "/rooms/lobby/1")
+    said = [await say_in_room(alice, text) for text in texts]
+    redis_server.kill()
+    assert await closed_with(alice) == LOST
+    return said
+
+
+def start_empty_and_wait_for_relaying(
+    redis_server: RedisServer, workers: list[Server]
+) -> None:
+    """Redis started again after a kill, with persistence off: empty. Every worker
+    relays again."""
+    redis_server.start()
+    for server in workers:
+        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+
+
 def test_redis_killed_loses_the_rooms_history_and_says_so(
     workers: list[Server], redis_server: RedisServer
 ) -> None:
     first, second = workers
 
-    async def before(stack: contextlib.AsyncExitStack) -> str:
-        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
-        last = (await say_in_room(alice, "kept in Redis"))["id"]
-        redis_server.kill()
-        assert await closed_with(alice) == LOST
-        return last
+    async def before(stack: contextlib.AsyncExitStack) -> list[dict]:
+        return await said_then_redis_killed(stack, first, redis_server, "kept in Redis")
 
-    last = run(in_rooms(before))
-    redis_server.start()  # persistence off: an empty Redis
-    for server in workers:
-        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+    last = run(in_rooms(before))[-1]["id"]
+    start_empty_and_wait_for_relaying(redis_server, workers)
 
     async def after(stack: contextlib.AsyncExitStack) -> dict:
         _, welcome = await join_room(stack, second, f"/rooms/lobby/1?since={last}")
@@ -1187,18 +1206,12 @@ def test_a_client_back_after_redis_restarted_empty_is_sent_nothing_it_had(
     a client back here is told it missed some, and sent only what followed its since."""
     first, _ = workers
 
-    async def before(stack: contextlib.AsyncExitStack) -> tuple[str, dict]:
-        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
-        had = (await say_in_room(alice, "had"))["id"]
-        latest = await say_in_room(alice, "latest")
-        redis_server.kill()
-        assert await closed_with(alice) == LOST
-        return had, latest
+    async def before(stack: contextlib.AsyncExitStack) -> list[dict]:
+        return await said_then_redis_killed(stack, first, redis_server, "had", "latest")
 
-    had, latest = run(in_rooms(before))
-    redis_server.start()  # persistence off: an empty Redis
-    for server in workers:
-        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+    had_frame, latest = run(in_rooms(before))
+    had = had_frame["id"]
+    start_empty_and_wait_for_relaying(redis_server, workers)
 
     async def after(stack: contextlib.AsyncExitStack) -> list[dict]:
         welcomes = []
@@ -1219,16 +1232,13 @@ def test_a_welcome_after_redis_restarted_empty_gives_a_last_id_that_places(
     # before the restart: a page back with it, on either process, missed nothing.
     first, second = workers
 
-    async def before(stack: contextlib.AsyncExitStack) -> None:
-        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
-        await say_in_room(alice, "before the restart")
-        redis_server.kill()
-        assert await closed_with(alice) == LOST
+    async def before(stack: contextlib.AsyncExitStack) -> list[dict]:
+        return await said_then_redis_killed(
+            stack, first, redis_server, "before the restart"
+        )
 
     run(in_rooms(before))
-    redis_server.start()  # persistence off: an empty Redis
-    for server in workers:
-        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+    start_empty_and_wait_for_relaying(redis_server, workers)
 
     async def welcomed_then_back(stack: contextlib.AsyncExitStack) -> list[bool]:
         async with open_client(f"{first.ws_url}/rooms/lobby/2") as bob:
