@@ -102,6 +102,8 @@ async def get() -> FileResponse:
 # Try it: http://127.0.0.1:8000/?endpoint=echo, then send "hi": "Message text was: hi".
 # Or, without the page, any step's path in a terminal, with the client the websockets
 # package comes with: `python -m websockets ws://127.0.0.1:8000/ws` (it sends no Origin).
+# The tutorials' own page, saved and opened from disk, sends Origin "null": refused (a
+# browser sees 1006) unless the server runs with ALLOWED_ORIGINS=null (the origin check).
 # The tutorials' loop, with WebSocketDisconnect caught, as both tutorials end up doing.
 # The guards above that wrap the app apply to it all the same: a binary frame, say,
 # closes it with 1003, where the tutorials' code would raise a KeyError.
