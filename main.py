@@ -2758,8 +2758,12 @@ class H11Bounded(H11Protocol):
             self.unparsed.clear()
         piece = bytes(self.unparsed[:READ_SLICE_BYTES])
         del self.unparsed[:READ_SLICE_BYTES]
-        if piece:
-            super().data_received(piece)
+        try:
+            if piece:
+                super().data_received(piece)
+        except Exception:  # uvicorn's 400 raises, once answered: the loop logs it
+            self.transport.abort()  # as the loop does when data_received raises
+            raise
         if self.transport.get_protocol() is not self:  # a WebSocket's from now on
             self.transport.resume_reading()  # as uvicorn, it drops what followed
         elif self.unparsed:
