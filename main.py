@@ -2585,6 +2585,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import (
     WebSocketsSansIOProtocol,
 )
 from websockets.frames import Frame
+from websockets.protocol import State
 
 if TYPE_CHECKING:  # a private module of uvicorn's: for the type checker alone
     from uvicorn._types import ASGIReceiveEvent
@@ -2701,6 +2702,17 @@ class SansIOBounded(WebSocketsSansIOProtocol):
             super().handle_cont(event)
         else:
             self.refuse(status.WS_1009_MESSAGE_TOO_BIG, TOO_MANY_FRAMES)
+
+    def send_receive_event_to_app(self) -> None:
+        if self.conn.state is not State.OPEN and self.curr_msg_data_type == "text":
+            # Read with the client's close, which is answered: uvicorn's 1007 for text
+            # that is not UTF-8 would raise. The text is dropped; the client closed.
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                return
+        super().send_receive_event_to_app()
 
     def one_more_ping_or_pong_allowed(self) -> bool:
         now = self.loop.time()

@@ -658,6 +658,29 @@ def test_invalid_utf8_closes_with_1007_without_a_traceback(server: Server) -> No
     assert_nothing_went_wrong(server)
 
 
+def test_text_not_utf8_sent_with_its_close_frame_is_dropped_and_the_client_left(
+    server: Server,
+) -> None:
+    # uvicorn reads both at once and answers the close; its 1007 for the text then
+    # raised, and the connection ended with no close frame and nobody told.
+    async def each_leaves_as_it_closed() -> None:
+        async with open_client(f"{server.ws_url}/chat/9") as member:
+            for number, frames in enumerate(INVALID_UTF8.values(), start=10):
+                sock, _ = raw_handshake(server.port, f"/chat/{number}")
+                sock.sendall(b"".join(frames) + close_frame(1000))
+                try:
+                    closed = await asyncio.to_thread(read_until_close, sock)
+                finally:
+                    sock.close()
+                assert closed == (1000, ""), closed  # its own close, answered
+                left = await asyncio.wait_for(member.recv(), 5)
+                assert left == f"Client #{number} left the chat"
+
+    run(each_leaves_as_it_closed())
+    assert "1007" not in server.log()  # not closed with 1007: it had closed first
+    assert_nothing_went_wrong(server)
+
+
 def test_refused_message_racing_its_close_frame_leaves_no_traceback(
     server: Server,
 ) -> None:
