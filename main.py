@@ -760,6 +760,7 @@ HISTORY_MESSAGES = 500  # a room keeps at most this many messages
 # refuses past 1 MiB by default (1009): that leaves 256 KiB for its members, 14,500 ids
 # of 16 digits and a sign.
 HISTORY_BYTES = 768 * 1024
+WELCOME_CHARACTERS_AT_ONCE = 32 * 1024 * 1024  # of histories let in together, each once
 MAX_ROOM_MEMBERS = 10_000  # with those away and elsewhere; past it, a joiner gets 1013
 ALL_HISTORY_BYTES = 256 * 1024 * 1024  # all rooms: past it, the least active forget
 MAX_ROOMS = 1000  # with someone in each; past it, 1013 (an empty one makes room)
@@ -819,14 +820,18 @@ class History:
         self.bytes -= dropped
         return dropped
 
-    def after(self, since: str | None) -> tuple[list[str], bool]:
+    def decoded(self) -> list[str]:
+        """Every message's frame, as a str: each history below is a slice of one list."""
+        return [frame.decode() for _, frame in self.messages]
+
+    def after(self, since: str | None, decoded: list[str]) -> tuple[list[str], bool]:
         """Every message after `since`, if the history holds it; else the latest, and
-        True: the client missed some."""
+        True: the client missed some. `decoded`: what decoded() returned."""
         start = self.start_after(since)
         if start is None:
-            return self.latest(), since is not None
-        after = itertools.islice(self.messages, start, None)
-        return [frame.decode() for _, frame in after], False
+            latest = max(0, len(decoded) - WELCOME_HISTORY_MESSAGES)
+            return decoded[latest:], since is not None
+        return decoded[start:], False
 
     def start_after(self, since: str | None) -> int | None:
         """Where the messages after `since` start here; None if some of them are gone."""
@@ -842,11 +847,6 @@ class History:
         """The number in an id of this history's; None for anything else."""
         match = re.fullmatch(MESSAGE_ID, message_id or "")
         return int(match[2]) if match and match[1] == self.epoch else None
-
-    def latest(self) -> list[str]:
-        count = min(WELCOME_HISTORY_MESSAGES, len(self.messages))
-        latest = itertools.islice(reversed(self.messages), count)
-        return [frame.decode() for _, frame in latest][::-1]
 
 
 class Room:
@@ -937,14 +937,15 @@ class RoomsHere:
     def histories(
         self, room: Room, joiners: list[Joiner]
     ) -> dict[Client, tuple[list[str], bool]]:
-        # Joiners given the same history share its frames, and so their welcome: 10,000
-        # back after a restart, none placed, hold the latest once, not 10,000 times.
+        # Joiners given the same history share it, and so their welcome: 10,000 back
+        # after a restart, none placed, hold the latest once, not 10,000 times.
+        decoded = room.history.decoded()  # once: the other histories share its frames
         shared: dict[int | None, list[str]] = {}  # by where each starts; None: latest
         histories = {}
         for client, since in joiners:
             start = room.history.start_after(since)
             if start not in shared:
-                shared[start] = room.history.after(since)[0]
+                shared[start] = room.history.after(since, decoded)[0]
             histories[client] = (shared[start], since is not None and start is None)
         return histories
 
@@ -1106,6 +1107,7 @@ class RoomManager:
         this process's."""
         joiners = [joiner for joiner in joiners if joiner in room.joining]
         histories = self.relay.histories(room, joiners)
+        joiners = within_welcome_size(joiners, histories)  # the others: next time
         others = list(room.chat.clients.values())
         present = {*room.chat.clients, *room.away, *elsewhere}
         for client, _ in joiners:
@@ -1151,6 +1153,27 @@ class RoomManager:
             room.idle_timer = self.call_when_due(
                 room.empty_since + ROOM_IDLE_S, self.forget_if_idle, room
             )
+
+
+def within_welcome_size(
+    joiners: list[Joiner], histories: dict[Client, tuple[list[str], bool]]
+) -> list[Joiner]:
+    """The joiners whose histories, each counted once, fit in WELCOME_CHARACTERS_AT_ONCE
+    (the first, always): each history is one more welcome to build. 300 joiners, each
+    with a `since` of its own, grew the server 286 MB at once; 24 MB under this bound."""
+    counted: set[tuple[str, ...]] = set()
+    total = 0
+    taken: list[Joiner] = []
+    for joiner in joiners:
+        history = tuple(histories[joiner[0]][0])
+        if history not in counted:
+            size = sum(map(len, history))
+            if taken and total + size > WELCOME_CHARACTERS_AT_ONCE:
+                continue
+            counted.add(history)
+            total += size
+        taken.append(joiner)
+    return taken
 
 
 def may_come_back(client: Client) -> bool:
