@@ -424,11 +424,11 @@ async def chat_endpoint(websocket: WebSocket, client_id: ClientId) -> None:
         with client.cut_off_scope:
             while True:
                 data = await receive_chat_text(websocket)
+                await flood_control.slow_down(data)  # a flooder waits; or 1008, unsent
                 # send_personal_message("You wrote: ...") and broadcast(), in one batch
                 await manager.say(
                     client, f"You wrote: {data}", f"Client #{client_id} says: {data}"
                 )
-                await flood_control.slow_down(data)  # a flooder waits; or 1008
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
@@ -444,8 +444,8 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
         with client.cut_off_scope:
             while True:
                 data = await receive_chat_text(websocket)
-                await anonymous_manager.broadcast(f"Someone said: {data}")
                 await flood_control.slow_down(data)
+                await anonymous_manager.broadcast(f"Someone said: {data}")
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
@@ -1270,9 +1270,9 @@ async def room_endpoint(
         with client.cut_off_scope:
             while True:
                 text = await receive_json_text(websocket)  # {"text": ...}, else 1007
+                await flood_control.slow_down(compact_json(text))  # as JSON, as sent
                 await rooms.wait_until_let_in(room, client)  # it hears its own too
                 await rooms.broadcast(room, client_id, text)
-                await flood_control.slow_down(compact_json(text))  # as JSON, as sent
     except WebSocketDisconnect as gone:
         client.left_with(gone)
     finally:
@@ -2409,9 +2409,9 @@ class FloodControl:
             return
         wait_s = -self.allowance / FLOOD_MESSAGES_PER_S
         self.slowed_for_s += max(wait_s, FLOOD_MAX_SLOWED_S / FLOOD_MAX_SLOWED_MESSAGES)
+        await asyncio.sleep(wait_s)  # first: what it sent before reaches it meanwhile
         if self.slowed_for_s > FLOOD_MAX_SLOWED_S:
             raise WebSocketException(status.WS_1008_POLICY_VIOLATION, FLOODING)
-        await asyncio.sleep(wait_s)
 
 
 # A write to a client that has gone fails with an OSError (ASGI's rule), which Starlette

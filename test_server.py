@@ -765,15 +765,16 @@ def test_flooder_is_closed_and_the_room_keeps_chatting(server: Server) -> None:
             readers = await enter_chat_clients(stack, server, range(1000, 1050))
             [flooder, last] = await enter_chat_clients(stack, server, [666, 2])
 
-            async def flood() -> tuple[tuple[int, str], float]:
+            async def flood() -> tuple[tuple[int, str], float, list[str]]:
                 started = time.monotonic()
                 with contextlib.suppress(ConnectionClosed):
                     for i in range(20_000):
                         await flooder.send(f"flood {i}")
-                # What it was sent back, the readers check.
-                everything = f"{YOU_WROTE}|{SAYS}|{LEFT_THE_CHAT}"
-                closed = await closed_with(flooder, ignore=everything)
-                return closed, time.monotonic() - started
+                received: list[str] = []  # the readers check the others' messages
+                closed = await closed_with(flooder, into=received)
+                wrote = [m.removeprefix("You wrote: ") for m in received]
+                confirmed = [m for m in wrote if m.startswith("flood ")]
+                return closed, time.monotonic() - started, confirmed
 
             async def hear(reader: ClientConnection) -> tuple[list[str], list[str]]:
                 ordinary: list[str] = []
@@ -793,17 +794,19 @@ def test_flooder_is_closed_and_the_room_keeps_chatting(server: Server) -> None:
             await last.send("the end")
             return flooded, sent[1], await asyncio.gather(*hearing)
 
-    (closed, flood_s), sent, heard = run(flood_beside_a_chat())
+    (closed, flood_s, confirmed), sent, heard = run(flood_beside_a_chat())
     assert closed == (1008, FLOODING)
     # Of its 20,000, the room heard its burst, then the ones it sent while slowed down,
     # in order: no more than the rule lets through in the time it flooded, and at least
-    # as many as it takes to be slowed FLOOD_MAX_SLOWED_MESSAGES times in a row.
+    # as many as it takes to be slowed FLOOD_MAX_SLOWED_MESSAGES times in a row. The
+    # one that closed it reached nobody: the flooder was told of each the room heard.
     at_most = BURST + main.FLOOD_MESSAGES_PER_S * flood_s + 1
-    at_least = BURST + main.FLOOD_MAX_SLOWED_MESSAGES + 1
+    at_least = BURST + main.FLOOD_MAX_SLOWED_MESSAGES
     for ordinary, flood in heard:
         assert ordinary == sent
         assert flood == [f"flood {i}" for i in range(len(flood))]
         assert at_least <= len(flood) <= at_most
+        assert flood == confirmed
     assert "cut off" not in server.log()  # no healthy client was
     assert_nothing_went_wrong(server)
 
