@@ -1,10 +1,9 @@
 """FastAPI WebSockets, step by step: echo, client ids, a chat, rooms, and several processes.
 
-Python 3.11+; `pip install -r requirements.txt` (FastAPI, uvicorn 0.55 with its standard
-extras, redis-py). Follow along with `uvicorn main:app --reload --reload-exclude .venv
---timeout-graceful-shutdown 3 --ws websockets-sansio` and open http://127.0.0.1:8000/.
-Beside it: index.html, that page; README.md: each flag, the tests, and the production
-command, with guards this one lacks (--ws main:SansIOBounded); BENCHMARKS.md: the runs.
+Python 3.11+; `pip install -r requirements.txt`. Follow along with `uvicorn main:app
+--reload --reload-exclude .venv --timeout-graceful-shutdown 3 --ws websockets-sansio` and
+open http://127.0.0.1:8000/. Beside it: index.html, that page; README.md: each flag, the
+tests, and the production command, with guards this one lacks; BENCHMARKS.md: the runs.
 
 Each step builds on those before it; within one, its manager or endpoint comes first, then
 what it is made of: 1, echo; 2, a client id; 3, the chat: a ConnectionManager with the
@@ -57,6 +56,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.websockets import WebSocketState
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
+from pydantic.functional_validators import BeforeValidator
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -195,9 +195,20 @@ BATCH_BACKPRESSURE_MESSAGES = 100  # in the batch: then a sender waits till it i
 CLIENTS_PER_GROUP = 100  # written to in one go: then the event loop serves all else
 WS_4000_TAKEN_OVER = 4000  # the same client id connected again: the page does not retry
 # A page's JavaScript holds a number exactly up to 2**53 - 1. The bound keeps ids short
-# too: each message names its sender, and pydantic parses up to 4,300 digits.
+# too: each message names its sender.
 MAX_CLIENT_ID = 2**53 - 1
-ClientId = Annotated[int, Path(ge=-MAX_CLIENT_ID, le=MAX_CLIENT_ID)]
+CLIENT_ID = r"0|-?[1-9][0-9]{0,15}"  # one way to write each id, as the page does
+
+
+# pydantic alone takes "+7", "07", "7.0", "1_000" and "7\n" for 7 too: each one more
+# way to write an id, to take it over with.
+def written_as_an_id(value: str) -> str:
+    if re.fullmatch(CLIENT_ID, value) and abs(int(value)) <= MAX_CLIENT_ID:
+        return value
+    raise ValueError(f"Expected a whole number such as 7, within ±{MAX_CLIENT_ID}")
+
+
+ClientId = Annotated[int, BeforeValidator(written_as_an_id)]
 TOO_SLOW = f"Too slow: over {MAX_BACKLOG_MESSAGES} messages behind"
 TAKEN_OVER = "Replaced by a newer connection with the same client id"
 SERVER_ERROR = "Server error: try again later"
@@ -285,14 +296,13 @@ class ServerShutdown(WebSocketDisconnect):
     """The server shutting down: uvicorn's 1012, sent with no reason, unlike a client's."""
 
 
+# A Client: one chat connection, and what the manager keeps about it.
 # cut_off_scope, an anyio.CancelScope (anyio is what Starlette runs on): chat_endpoint
 # reads its client's messages in `with client.cut_off_scope:`, and LocalChat.cut_off,
 # below, cancels it to cut the client off. Only that block ends, not the handler, as
 # task.cancel() would: the handler goes on, to tell the others and close with a reason.
 # close_code stays 1000 unless the connection ends (left_with), or cut_off sets one.
 class Client:
-    """One chat connection, and what the manager keeps about it."""
-
     def __init__(self, websocket: WebSocket, client_id: int | None) -> None:
         self.websocket = websocket
         self.client_id = client_id
@@ -590,10 +600,10 @@ async def write_to_everyone(chat: LocalChat, outgoing: Outgoing) -> None:
 # before it writes anything. So only a write to a full socket is cancelled, unsent.
 # One deadline covers the whole loop, not one per write, and the first write given up
 # ends it: write_to_everyone calls again, with the same iterator, for the clients after.
+# The tutorials' loop, till a client is behind: it, and what it was not sent.
 async def write_without_waiting(
     chat: LocalChat, clients: Iterator[Client], outgoing: Outgoing
 ) -> tuple[Client, list[str]] | None:
-    """The tutorials' loop, till a client is behind: it, and what it was not sent."""
     everyone, own = outgoing
     client: Client | None = None
     try:
@@ -618,10 +628,10 @@ async def write_without_waiting(
     return None
 
 
+# Keep what its full socket did not take; past MAX_BACKLOG_MESSAGES, cut it off.
 async def add_to_backlog_or_cut_off(
     chat: LocalChat, client: Client, message: str
 ) -> None:
-    """Keep what its full socket did not take; past MAX_BACKLOG_MESSAGES, cut it off."""
     turns = 0  # waited for its socket to drain
     while chat.clients.get(client.key) is client:  # still in
         backlog = client.backlog
@@ -642,8 +652,8 @@ async def add_to_backlog_or_cut_off(
             return
 
 
+# Its own task: writes the backlog as the socket drains, while nobody waits on it.
 async def write_backlog(chat: LocalChat, client: Client, backlog: Backlog) -> None:
-    """Its own task: writes the backlog as the socket drains, while nobody waits on it."""
     try:
         while backlog.messages:
             message = backlog.messages.popleft()

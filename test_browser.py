@@ -252,12 +252,15 @@ def test_heading_and_fields_follow_the_step(open_tab) -> None:
     expect(page.locator("#clientId")).to_be_hidden()
 
 
+@pytest.mark.parametrize("written", ["abc", "07", "-0"])  # the server takes 7, -7
 def test_a_client_id_that_is_not_a_number_is_caught_on_the_page(
-    open_tab, server: Server
+    open_tab, server: Server, written: str
 ) -> None:
-    page = open_tab("?endpoint=chat&client_id=abc", connected=False, clock=True)
+    page = open_tab(f"?endpoint=chat&client_id={written}", connected=False, clock=True)
     status = page.locator("#status")
-    caught = 'disconnected (client id must be a whole number, such as 7, not "abc")'
+    caught = (
+        f'disconnected (client id must be a whole number, such as 7, not "{written}")'
+    )
     expect(status).to_have_text(caught)
     page.clock.run_for(ALL_RETRY_DELAYS_MS)  # nor is it tried again later
     expect(status).to_have_text(caught)
@@ -265,7 +268,7 @@ def test_a_client_id_that_is_not_a_number_is_caught_on_the_page(
     page.fill("#clientId", "7")
     page.click("#connect")
     wait_for_log(server, '"WebSocket /chat/7" [accepted]')
-    assert "/chat/abc" not in server.log()  # no handshake was even tried
+    assert f"/chat/{written}" not in server.log()  # no handshake was even tried
 
 
 @pytest.mark.parametrize(

@@ -982,6 +982,14 @@ def test_cross_site_origin_gets_403(server: Server) -> None:
         "/rooms/lobby/x",
         f"/rooms/lobby/{2**53}",
         "/chat/1.5",
+        # Another way to write an id, which pydantic alone takes: one more to take it.
+        "/chat/7%0A",
+        "/chat/+7",
+        "/chat/07",
+        "/chat/%207",
+        "/chat/7.0",
+        "/chat/1_000",
+        "/rooms/lobby/-0",
     ],
 )
 def test_a_bad_room_name_or_client_id_gets_403(server: Server, path: str) -> None:
