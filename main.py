@@ -2621,7 +2621,7 @@ from websockets.frames import Frame
 from websockets.protocol import State
 
 if TYPE_CHECKING:  # a private module of uvicorn's: for the type checker alone
-    from uvicorn._types import ASGIReceiveEvent
+    from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
 
 
 # uvicorn's websockets-sansio parses all it reads at once, 250 KiB a read, read after
@@ -2666,10 +2666,19 @@ class SansIOBounded(WebSocketsSansIOProtocol):
 
     async def receive(self) -> ASGIReceiveEvent:
         message = await super().receive()  # resumes reading once the app took them all
-        if self.unparsed and not self.read_paused:
+        self.parse_on_if_resumed()
+        return message
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)  # a close resumes reading: the client's close is due
+        self.parse_on_if_resumed()
+
+    def parse_on_if_resumed(self) -> None:
+        # uvicorn resumed reading, which reads nothing of what was read already (the
+        # client's close, say): that is parsed, from the next turn. Paused: it is already.
+        if self.unparsed and not self.read_paused and self.transport.is_reading():
             self.transport.pause_reading()
             self.loop.call_soon(self.parse_what_the_app_can_take)
-        return message
 
     def parse_what_the_app_can_take(self) -> None:
         """One piece a turn of the event loop: every other connection has its turn."""

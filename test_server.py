@@ -681,6 +681,28 @@ def test_text_not_utf8_sent_with_its_close_frame_is_dropped_and_the_client_left(
     assert_nothing_went_wrong(server)
 
 
+def test_a_client_the_app_closes_first_has_its_own_close_answered_at_once(
+    server: Server,
+) -> None:
+    # Its messages and its close frame in one write: while its handler is slowed by
+    # flood control, it is taken over (4000). Its close frame, read but not yet parsed,
+    # waited for the reset 5 s later (SansIOBounded's), unanswered.
+    messages = [client_frame(0x1, f"{i:03d} {'m' * 45}".encode()) for i in range(150)]
+    sock, _ = raw_handshake(server.port, "/chat/7")
+    try:
+        sock.sendall(b"".join(messages) + close_frame(1000))
+        time.sleep(0.5)  # its handler is past the burst, and slowed
+        taker, _ = raw_handshake(server.port, "/chat/7")
+        taker.close()
+        closed = read_until_close(sock, f"{YOU_WROTE}|{SAYS}|{LEFT_THE_CHAT}")
+        assert closed == (4000, main.TAKEN_OVER)
+        sock.settimeout(2)
+        assert sock.recv(1) == b""  # closed by the server, well before a reset
+    finally:
+        sock.close()
+    assert_nothing_went_wrong(server)
+
+
 def test_refused_message_racing_its_close_frame_leaves_no_traceback(
     server: Server,
 ) -> None:
