@@ -810,6 +810,26 @@ def test_chat_messages_on_a_connection_connect_replaces_show_until_the_new_one_o
     )
 
 
+HANDSHAKE_TIMEOUT_MS = 10_000  # index.html's
+
+
+def test_a_handshake_that_never_gets_through_is_given_up_and_tried_again(
+    open_tab, network: Network
+) -> None:
+    # The network takes the connection, and carries nothing of it: the page stayed
+    # "connecting" for good, and never tried again.
+    page = open_tab("?endpoint=chat&client_id=1", port=network.port, clock=True)
+    network.up.clear()  # a new connection waits; the open one goes on
+    page.click("#connect")
+    status = page.locator("#status")
+    expect(status).to_have_text("connecting")
+    page.clock.run_for(HANDSHAKE_TIMEOUT_MS)
+    expect(status).to_contain_text("code 1006: connection lost or refused; retrying")
+    network.up.set()
+    page.clock.run_for(ALL_RETRY_DELAYS_MS)
+    expect(status).to_have_text("connected (/chat/1)")
+
+
 def test_a_welcome_on_a_connection_replaced_while_it_opened_is_not_shown(
     open_tab, network: Network
 ) -> None:
