@@ -2670,7 +2670,7 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         return message
 
     async def send(self, message: ASGISendEvent) -> None:
-        await super().send(message)  # a close resumes reading: the client's close is due
+        await super().send(message)  # a close resumes reading: its close is due
         self.parse_on_if_resumed()
 
     def parse_on_if_resumed(self) -> None:

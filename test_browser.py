@@ -830,6 +830,45 @@ def test_a_handshake_that_never_gets_through_is_given_up_and_tried_again(
     expect(status).to_have_text("connected (/chat/1)")
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "new_id", "path", "says"),
+    [
+        ("anonymous", None, "/chat/", "Someone said"),
+        ("chat", "3", "/chat/3", "Client #2 says"),
+    ],
+    ids=["anonymous", "under-another-id"],
+)
+def test_chat_messages_while_connect_replaces_a_connection_are_shown_once(
+    open_tab,
+    network: Network,
+    server: Server,
+    endpoint: str,
+    new_id: str | None,
+    path: str,
+    says: str,
+) -> None:
+    # Said before the new connection is in, only the old one gets it: it was not shown
+    # under another id. Said once it is in, before its open reaches the page, both get
+    # it: the anonymous chat showed it twice.
+    alice = open_tab(f"?endpoint={endpoint}&client_id=2")
+    bob = open_tab(f"?endpoint={endpoint}&client_id=1", port=network.port)
+    accepted = f'"WebSocket {path}" [accepted]'
+    accepted_before = server.log().count(accepted)
+    network.slow_from_now = True  # the new connection's bytes wait SLOWED_S each way
+    if new_id is not None:
+        bob.fill("#clientId", new_id)
+    bob.click("#connect")
+    send(alice, "before it is in")
+    wait_for_log(server, accepted, count=accepted_before + 1)
+    send(alice, "once it is in")
+    expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
+    send(alice, "after")
+    expect(messages(bob).filter(has_text=f"{says}: after")).to_have_count(1)
+    said = [f"{says}: {text}" for text in ("before it is in", "once it is in", "after")]
+    shown = [text for text in messages(bob).all_inner_texts() if text in said]
+    assert shown == said
+
+
 def test_a_welcome_on_a_connection_replaced_while_it_opened_is_not_shown(
     open_tab, network: Network
 ) -> None:
