@@ -697,6 +697,21 @@ def test_a_message_sent_into_a_dead_connection_is_shown_as_such(
     )
 
 
+@pytest.mark.parametrize("endpoint", ["rooms&room=lobby", "chat"])
+def test_a_message_in_flight_when_the_user_disconnects_is_reported(
+    open_tab, network: Network, endpoint: str
+) -> None:
+    # No welcome comes after Disconnect to say what became of it: a room's was unsaid.
+    page = open_tab(f"?endpoint={endpoint}&client_id=2", port=network.port)
+    network.hang()
+    send(page, "in flight")
+    page.click("#disconnect")
+    expect(page.locator("#status")).to_have_text("disconnected (closed by the user)")
+    expect(page.locator("#messages li.missed")).to_have_text(
+        ["Not confirmed: in flight"]
+    )
+
+
 def shown_before_and_past_settling(page: "Page", shown: list[str]) -> None:
     """These messages, and still only these past SETTLE_MS, when what was not delivered
     is shown."""
