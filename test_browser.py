@@ -697,6 +697,36 @@ def test_a_message_sent_into_a_dead_connection_is_shown_as_such(
     )
 
 
+CONFIRM_TIMEOUT_MS = 12_000  # index.html's
+RETIRING_WAIT_MS = 12_000  # index.html's
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "shown"),
+    [("rooms&room=lobby", "Not delivered"), ("chat", "Not confirmed")],
+    ids=["room", "chat"],
+)
+def test_a_connection_that_confirms_nothing_is_replaced_and_its_message_reported(
+    open_tab, network: Network, server: Server, endpoint: str, shown: str
+) -> None:
+    # A link that carries nothing and tells nobody: the page stayed "connected" on it
+    # for good, and what was sent into it was never reported.
+    alice = open_tab(f"?endpoint={endpoint}&client_id=1")
+    page = open_tab(f"?endpoint={endpoint}&client_id=2", port=network.port, clock=True)
+    handshakes = server.log().count("[accepted]")
+    network.hang_those_open()
+    send(page, "into the void")
+    page.clock.run_for(CONFIRM_TIMEOUT_MS)
+    wait_for_log(server, "[accepted]", count=handshakes + 1)  # replaced
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    send(alice, "after")  # on the new connection, after a room's welcome
+    expect(messages(page).last).to_contain_text("after")
+    page.clock.run_for(RETIRING_WAIT_MS)
+    expect(page.locator("#messages li.missed")).to_have_text(
+        [f"{shown}: into the void"]
+    )
+
+
 @pytest.mark.parametrize("endpoint", ["rooms&room=lobby", "chat"])
 def test_a_message_in_flight_when_the_user_disconnects_is_reported(
     open_tab, network: Network, endpoint: str
