@@ -825,6 +825,7 @@ def test_the_same_text_sent_again_after_a_reconnect_leaves_the_lost_one_reported
     send(page, "ok")
     network.down()
     network.back()
+    expect(page.locator("#status")).to_contain_text("code 1006")  # seen: it retries
     page.clock.run_for(1000)  # the first retry, at 0.5 s at most
     expect(page.locator("#status")).to_have_attribute("data-state", "connected")
     send(page, "ok")
