@@ -1142,6 +1142,18 @@ def test_a_since_the_room_cannot_parse_is_missed_and_hurts_nobody(
     assert_nothing_went_wrong(server)
 
 
+async def enter_room_big(
+    stack: contextlib.AsyncExitStack, server: Server, count: int
+) -> list[ClientConnection]:
+    """`count` clients in the room "big", ids 0 on, each taking frames of any size."""
+    return [
+        await stack.enter_async_context(
+            open_client(f"{server.ws_url}/rooms/big/{n}", max_size=None)
+        )
+        for n in range(count)
+    ]
+
+
 def test_a_client_with_the_websockets_library_s_defaults_takes_any_welcome(
     server: Server,
 ) -> None:
@@ -1152,12 +1164,7 @@ def test_a_client_with_the_websockets_library_s_defaults_takes_any_welcome(
 
     async def scenario() -> tuple[int, dict, str]:
         async with contextlib.AsyncExitStack() as stack:
-            clients = [
-                await stack.enter_async_context(
-                    open_client(f"{server.ws_url}/rooms/big/{n}", max_size=None)
-                )
-                for n in range(senders)
-            ]
+            clients = await enter_room_big(stack, server, senders)
             for client in clients:
                 assert json.loads(await client.recv())["type"] == "welcome"
             for i in range(said):  # 60,000 bytes of UTF-8 each: 1.8 MB in all
@@ -1189,12 +1196,7 @@ def test_joiners_each_with_a_since_of_its_own_cost_the_server_little(
 
     async def fill_the_room() -> str:
         async with contextlib.AsyncExitStack() as stack:
-            clients = [
-                await stack.enter_async_context(
-                    open_client(f"{server.ws_url}/rooms/big/{n}", max_size=None)
-                )
-                for n in range(senders)
-            ]
+            clients = await enter_room_big(stack, server, senders)
             for client in clients:
                 for i in range(said):
                     await client.send(json.dumps({"text": f"{i} {'x' * 1480}"}))
