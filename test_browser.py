@@ -15,7 +15,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -714,17 +714,26 @@ def test_a_connection_that_confirms_nothing_is_replaced_and_its_message_reported
     alice = open_tab(f"?endpoint={endpoint}&client_id=1")
     page = open_tab(f"?endpoint={endpoint}&client_id=2", port=network.port, clock=True)
     handshakes = server.log().count("[accepted]")
-    network.hang_those_open()
-    send(page, "into the void")
-    page.clock.run_for(CONFIRM_TIMEOUT_MS)
-    wait_for_log(server, "[accepted]", count=handshakes + 1)  # replaced
-    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    replaced = lambda: page.clock.run_for(CONFIRM_TIMEOUT_MS)
+    sent_into_a_dead_link_then(page, network, replaced)
+    wait_for_log(server, "[accepted]", count=handshakes + 1)
     send(alice, "after")  # on the new connection, after a room's welcome
     expect(messages(page).last).to_contain_text("after")
     page.clock.run_for(RETIRING_WAIT_MS)
     expect(page.locator("#messages li.missed")).to_have_text(
         [f"{shown}: into the void"]
     )
+
+
+def sent_into_a_dead_link_then(
+    page: "Page", network: Network, replace: Callable[[], None]
+) -> None:
+    """Sends "into the void" into the page's connection, gone dead alone; then the page
+    replaces it (`replace`), and the new one is open."""
+    network.hang_those_open()
+    send(page, "into the void")
+    replace()
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
 
 
 def test_a_room_message_the_welcome_cannot_account_for_is_not_called_undelivered(
@@ -1001,10 +1010,7 @@ def test_a_message_sent_into_a_connection_gone_dead_alone_is_shown_as_such(
     # be answered. The page reports it RETIRING_WAIT_MS after the new one's welcome, in
     # a room; after the new one opened, in the chat.
     page = open_tab(f"?endpoint={endpoint}&client_id=2", port=network.port, clock=True)
-    network.hang_those_open()
-    send(page, "into the void")
-    page.click("#connect")
-    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    sent_into_a_dead_link_then(page, network, lambda: page.click("#connect"))
     page.wait_for_timeout(500)  # a room's welcome in
     page.clock.run_for(settled_ms)
     expect(page.locator("#messages li.missed")).to_have_text(
