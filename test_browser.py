@@ -725,6 +725,25 @@ def test_a_connection_that_confirms_nothing_is_replaced_and_its_message_reported
     )
 
 
+def test_a_connection_still_bringing_messages_is_not_taken_for_dead(
+    open_tab, network: Network, server: Server
+) -> None:
+    # Its "You wrote" behind what a slow link still brings: replaced at 12 s, the
+    # connection's messages after the new one opened were never shown.
+    alice = open_tab("?endpoint=chat&client_id=1")
+    page = open_tab("?endpoint=chat&client_id=2", port=network.port, clock=True)
+    handshakes = server.log().count("[accepted]")
+    with network.lock:  # what the page sends now is lost: its "You wrote" never comes
+        network.dead = {network.connections[-2]}  # the page's side of the WebSocket
+    send(page, "hello")
+    for second in range(CONFIRM_TIMEOUT_MS // 1000 + 3):
+        send(alice, f"second {second}")
+        expect(messages(page).last).to_have_text(f"Client #1 says: second {second}")
+        page.clock.run_for(1000)
+    assert server.log().count("[accepted]") == handshakes  # not replaced
+    expect(page.locator("#status")).to_have_text("connected (/chat/2)")
+
+
 def sent_into_a_dead_link_then(
     page: "Page", network: Network, replace: Callable[[], None]
 ) -> None:
