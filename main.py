@@ -2642,6 +2642,7 @@ class SansIOBounded(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.unparsed = bytearray()  # read, and kept while the app has messages
+        self.parsing = False  # a piece is due, next turn
         self.second_started = 0.0  # the loop's clock
         self.pings_and_pongs = 0  # since second_started
         self.reset_timer: asyncio.TimerHandle | None = None  # see drop_unless_closed_in
@@ -2662,7 +2663,8 @@ class SansIOBounded(WebSocketsSansIOProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.unparsed += data
-        self.parse_what_the_app_can_take()
+        if not self.parsing:  # reading resumed by another (H11Bounded, handing over)
+            self.parse_what_the_app_can_take()
 
     async def receive(self) -> ASGIReceiveEvent:
         message = await super().receive()  # resumes reading once the app took them all
@@ -2675,13 +2677,18 @@ class SansIOBounded(WebSocketsSansIOProtocol):
 
     def parse_on_if_resumed(self) -> None:
         # uvicorn resumed reading, which reads nothing of what was read already (the
-        # client's close, say): that is parsed, from the next turn. Paused: it is already.
-        if self.unparsed and not self.read_paused and self.transport.is_reading():
+        # client's close, say): that is parsed, from the next turn.
+        if self.unparsed and not self.read_paused and not self.parsing:
             self.transport.pause_reading()
-            self.loop.call_soon(self.parse_what_the_app_can_take)
+            self.parse_next_turn()
+
+    def parse_next_turn(self) -> None:
+        self.parsing = True
+        self.loop.call_soon(self.parse_what_the_app_can_take)  # every other one first
 
     def parse_what_the_app_can_take(self) -> None:
         """One piece a turn of the event loop: every other connection has its turn."""
+        self.parsing = False
         if self.read_paused or self.transport.is_closing():
             return
         piece = bytes(self.unparsed[:READ_SLICE_BYTES])
@@ -2691,7 +2698,7 @@ class SansIOBounded(WebSocketsSansIOProtocol):
             return
         if self.unparsed:
             self.transport.pause_reading()  # what it read already comes first
-            self.loop.call_soon(self.parse_what_the_app_can_take)
+            self.parse_next_turn()
         else:
             self.transport.resume_reading()  # does nothing if reading
 
