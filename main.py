@@ -178,9 +178,9 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 # - a client whose socket is full gets it later, from a queue of its own (its Backlog),
 #   as the socket drains;
 # - a client with 100 messages in its backlog, whose socket is still full when one more
-#   comes, is cut off. It is taken out of the chat, and the others are told it left. It
-#   is closed with 1008, "Too slow: over 100 messages behind", behind what its buffers
-#   hold;
+#   comes (given three turns of the event loop to drain), is cut off. It is taken out of
+#   the chat, and the others are told it left. It is closed with 1008, "Too slow: over
+#   100 messages behind", behind what its buffers hold;
 # - a write to a client that has gone takes that client out, and nobody else.
 # In bench.py, with 10,000 clients, this cost 0.99x the tutorials' CPU per delivery in
 # run BV, three alternating runs of each (0.95x to 1.19x across runs AE to BV).
@@ -200,8 +200,8 @@ MAX_CLIENT_ID = 2**53 - 1
 CLIENT_ID = r"0|-?[1-9][0-9]{0,15}"  # one way to write each id, as the page does
 
 
-# pydantic alone takes "+7", "07", "7.0", "1_000" and "7\n" for 7 too: each one more
-# way to write an id, to take it over with.
+# pydantic alone takes "+7", "07", "7.0", "1_000" and "7\n" for 7 too: a user who picks
+# "07" would take over client 7's connection unawares. Here each id has one spelling.
 def written_as_an_id(value: str) -> str:
     if re.fullmatch(CLIENT_ID, value) and abs(int(value)) <= MAX_CLIENT_ID:
         return value
@@ -495,14 +495,15 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
 #    What it was not sent goes to its backlog, and so does every later message, in
 #    order (the very strings everyone is sent: a reference each). Its own task,
 #    write_backlog, writes them as its socket drains.
-# 3. Senders never wait on it, but the delivery task may, briefly. With 100 in its
-#    backlog (MAX_BACKLOG_MESSAGES) and one more to add, the delivery checks that the
-#    client's socket holds it up, not a busy server. If the backlog's
-#    task has not yet had a turn to write, the server is busy: the delivery waits for
-#    that turn. If the task's write waits on the socket, the delivery gives it three
-#    turns of the event loop, as many as a drain takes to wake it. If it still waits,
-#    the client is cut off: out of the chat, its backlog dropped, the others told it
-#    left, and closed with 1008, "Too slow: over 100 messages behind".
+# 3. Only here may the delivery task wait on it, briefly (and a sender waits on the
+#    delivery only with 100 in the batch). With 100 in its backlog (MAX_BACKLOG_MESSAGES)
+#    and one more to add, the delivery checks that the client's socket holds it up, not
+#    a busy server. If the backlog's task has not yet had a turn to write, the server is
+#    busy: the delivery waits for that turn. If the task's write waits on the socket,
+#    the delivery gives it three turns of the event loop, as many as a drain takes to
+#    wake it. If it still waits, the client is cut off: out of the chat, its backlog
+#    dropped, the others told it left, and closed with 1008, "Too slow: over 100
+#    messages behind".
 # 4. That close frame waits behind what its buffers hold, 5 s at most: read within them,
 #    it gets those messages, then the 1008; read later, at most those messages, then a
 #    drop (1006, to a page). Its page reconnects, to a chat that has gone on. ASGI
