@@ -252,7 +252,7 @@ class ConnectionManager:
 
     def disconnect(self, client: Client) -> None:
         self.chat.leave(client)
-        if not client.leaves_silently:
+        if not (client.leaves_silently or cancelled_by_shutdown()):
             self.announce_leaving(client)
 
     async def send_personal_message(self, message: str, websocket: WebSocket) -> None:
@@ -294,6 +294,13 @@ def left_the_chat(client_ids: list[int | None]) -> str:
 
 class ServerShutdown(WebSocketDisconnect):
     """The server shutting down: uvicorn's 1012, sent with no reason, unlike a client's."""
+
+
+# In a handler's `finally`: whether the handler is cancelled, as uvicorn does once its
+# graceful shutdown stops waiting, after its 1012 (a handler may still be asleep in flood
+# control, say). A shutdown, as ServerShutdown is, told to nobody.
+def cancelled_by_shutdown() -> bool:
+    return (task := asyncio.current_task()) is not None and task.cancelling() > 0
 
 
 # A Client: one chat connection, and what the manager keeps about it.
@@ -390,8 +397,7 @@ class LocalChat:
         client.leaves_silently = silently
         client.cut_off_scope.cancel()
 
-    # To one client's WebSocket, or to EVERYONE. A sender that leaves
-    # BATCH_BACKPRESSURE_MESSAGES or more in it waits until that batch is written.
+    # A sender leaving BATCH_BACKPRESSURE_MESSAGES in the batch waits till it is written.
     async def add_to_batch(self, to: WebSocket | None, message: str) -> None:
         self.add_to_batch_nowait(to, message)
         if len(self.batch) >= BATCH_BACKPRESSURE_MESSAGES:
@@ -2476,14 +2482,15 @@ BROKE_HTTP = "Closed an HTTP connection: its client sent what HTTP does not allo
 
 # One WARNING line, not an ERROR with a traceback, for what clients cause: uvicorn logs
 # so a text frame that is not UTF-8 (it closes with 1007), a graceful shutdown that gave
-# up on clients that read nothing, each handler it then cancelled, and BROKE_HTTP.
+# up on a client that read nothing or a handler asleep in flood control, each handler it
+# then cancelled, and BROKE_HTTP.
 class ClientFaultsAsWarnings(logging.Filter):
     REWORDED: ClassVar[dict[str, str]] = {
         "Invalid UTF-8 sequence received from client.": (
             "Closed a WebSocket with 1007: its text was not valid UTF-8"
         ),
         "Cancel %s running task(s), timeout graceful shutdown exceeded": (
-            "Shut down without waiting any longer for clients that read nothing "
+            "Shut down without waiting any longer for connections still open "
             "(--timeout-graceful-shutdown); %s task(s) cancelled"
         ),
     }
@@ -2702,6 +2709,17 @@ class SansIOBounded(WebSocketsSansIOProtocol):
             self.parse_next_turn()
         else:
             self.transport.resume_reading()  # does nothing if reading
+
+    def shutdown(self) -> None:
+        # uvicorn sends its 1012 at once, and queues its disconnect behind every message
+        # the app has yet to take: the app would go on relaying those, after the 1012
+        # and unanswered, as long as the shutdown waits. They are dropped. (A closing
+        # transport has queued a close, which stays.)
+        closing = self.close_sent or self.transport.is_closing()
+        if self.handshake_complete and not closing:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+        super().shutdown()
 
     async def run_asgi(self) -> None:
         await super().run_asgi()  # closes the connection once the app has returned

@@ -323,6 +323,60 @@ def test_a_process_shutting_down_tells_no_other_process_its_clients_left(
     assert_nothing_went_wrong(first)
 
 
+# Each counts as 59 messages against flood control, whose burst is 100: the second is
+# slowed 1.8 s, and the third 5.9 s, longer than the shutdown waits (3 s).
+SLOWED = [f"{n}{'.' * 60_000}" for n in (1, 2, 3)]
+
+
+async def shut_down_while_slowed(
+    workers: list[Server], sent: list[str], acknowledged: int
+) -> list[str]:
+    """Bob, on the second process, sends `sent` at once, and that process gets SIGTERM
+    once bob has been told "You wrote" for the first `acknowledged`. What alice, on the
+    first, hears from bob's first message on, till she hears herself once it has exited.
+    """
+    first, second = workers
+    async with (
+        open_client(f"{first.ws_url}/chat/1") as alice,
+        open_client(f"{second.ws_url}/chat/2") as bob,
+    ):
+        for text in sent:
+            await bob.send(text)
+        for text in sent[:acknowledged]:
+            while (message := await bob.recv()) != f"You wrote: {text}":
+                assert re.fullmatch(SAYS, message, re.DOTALL)  # its own, relayed
+        second.process.send_signal(signal.SIGTERM)  # a deploy: bob comes back
+        await closed_with(bob, ignore=f"{YOU_WROTE}|{SAYS}")
+        await asyncio.to_thread(second.process.wait, 10)
+        # Its handlers have all ended: what they relayed would have come before this.
+        await alice.send("still here")
+        heard = []
+        while (message := await alice.recv()) != "Client #1 says: still here":
+            if message != "You wrote: still here":
+                heard.append(message)
+        return heard
+
+
+def test_a_process_shutting_down_relays_nothing_its_client_sent_unread(
+    workers: list[Server],
+) -> None:
+    after = [f"after {n}" for n in range(1, 6)]  # queued while bob is slowed
+    heard = run(shut_down_while_slowed(workers, SLOWED[:2] + after, 1))
+    # The second was being slowed, taken: it may be relayed; the others were not taken.
+    said = [f"Client #2 says: {text}" for text in SLOWED[:2]]
+    assert heard in (said, said[:1])
+    assert_nothing_went_wrong(workers[0])
+
+
+def test_a_process_whose_shutdown_cancels_a_slowed_handler_tells_no_one_it_left(
+    workers: list[Server],
+) -> None:
+    # The third is slowed past the 3 s the shutdown waits: its handler is cancelled.
+    heard = run(shut_down_while_slowed(workers, SLOWED, 2))
+    assert heard == [f"Client #2 says: {text}" for text in SLOWED[:2]]
+    assert_nothing_went_wrong(workers[0])
+
+
 async def next_but_leave_notices(websocket: ClientConnection) -> str:
     while re.fullmatch(LEFT_THE_CHAT, message := await websocket.recv()):
         pass
