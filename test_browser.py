@@ -755,11 +755,17 @@ def sent_into_a_dead_link_then(
     expect(page.locator("#status")).to_have_attribute("data-state", "connected")
 
 
+@pytest.mark.parametrize(
+    ("since", "notices"),
+    [("'0-1'", [MISSED]), ("null", [])],
+    ids=["unplaceable-since", "no-since"],
+)
 def test_a_room_message_the_welcome_cannot_account_for_is_not_called_undelivered(
-    open_tab, network: Network
+    open_tab, network: Network, since: str, notices: list[str]
 ) -> None:
     # Delivered, and then past what a welcome without a placeable `since` holds (the
-    # latest 50): the page said "Not delivered", where it cannot know.
+    # latest 50): the page said "Not delivered", where it cannot know. With no `since`
+    # (a page whose first welcome never came), the welcome does not say so either.
     alice = open_tab("?endpoint=rooms&room=lobby&client_id=1")
     page = open_tab(
         "?endpoint=rooms&room=lobby&client_id=2", port=network.port, clock=True
@@ -773,12 +779,13 @@ def test_a_room_message_the_welcome_cannot_account_for_is_not_called_undelivered
         "texts => texts.forEach((text) => socket.send(JSON.stringify({ text })))", later
     )
     expect(messages(alice)).to_have_count(1 + len(later))
-    page.evaluate("lastId = '0-1'")  # a `since` no room can place: the welcome says so
+    page.evaluate(f"lastId = {since}")
     page.clock.run_for(CONFIRM_TIMEOUT_MS)  # "mine" unconfirmed: replaced
-    expect(page.locator("#messages li.missed")).to_have_text([MISSED])  # welcomed
+    expect(messages(page).last).to_have_text("Client #1: later 50")  # welcomed
+    expect(page.locator("#messages li.missed")).to_have_text(notices)
     page.clock.run_for(RETIRING_WAIT_MS)
     expect(page.locator("#messages li.missed")).to_have_text(
-        [MISSED, "Not confirmed: mine"]
+        [*notices, "Not confirmed: mine"]
     )
 
 
@@ -792,6 +799,22 @@ def test_a_message_in_flight_when_the_user_disconnects_is_reported(
     send(page, "in flight")
     page.click("#disconnect")
     expect(page.locator("#status")).to_have_text("disconnected (closed by the user)")
+    expect(page.locator("#messages li.missed")).to_have_text(
+        ["Not confirmed: in flight"]
+    )
+
+
+@pytest.mark.parametrize("endpoint", ["rooms&room=lobby", "chat"])
+def test_a_message_in_flight_when_another_tab_takes_over_is_reported(
+    open_tab, network: Network, endpoint: str
+) -> None:
+    # Taken over (4000), a room's page is welcomed no more: its message was unsaid.
+    page = open_tab(f"?endpoint={endpoint}&client_id=2", port=network.port)
+    with network.lock:  # what the page sends on it is lost
+        network.dead = {network.connections[-2]}  # the page's side of the WebSocket
+    send(page, "in flight")
+    open_tab(f"?endpoint={endpoint}&client_id=2")
+    expect(page.locator("#status")).to_contain_text("code 4000")
     expect(page.locator("#messages li.missed")).to_have_text(
         ["Not confirmed: in flight"]
     )
@@ -904,6 +927,27 @@ def test_chat_messages_on_a_connection_connect_replaces_show_until_the_new_one_o
         ["You wrote: meanwhile", "Client #1 says: meanwhile"]
     )
     network.up.set()
+    expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
+    send(alice, "after")
+    expect(messages(bob)).to_have_text(
+        ["Client #1 says: meanwhile", "Client #1 says: after"]
+    )
+
+
+def test_chat_messages_on_a_connection_taken_over_by_connect_show_however_late(
+    open_tab, network: Network
+) -> None:
+    # Under the same id, the server hands each message to one of bob's connections: one
+    # on its way down the old, slow link as the new one opened was never shown. It shows
+    # before the new one's: it was sent before them.
+    alice = open_tab("?endpoint=chat&client_id=1")
+    bob = open_tab("?endpoint=chat&client_id=2", port=network.port)
+    network.slow_those_open()  # the new connection is not slowed
+    send(alice, "meanwhile")
+    expect(messages(alice)).to_have_text(
+        ["You wrote: meanwhile", "Client #1 says: meanwhile"]
+    )
+    bob.click("#connect")
     expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
     send(alice, "after")
     expect(messages(bob)).to_have_text(
