@@ -1208,6 +1208,16 @@ def test_the_members_line_is_emptied_once_the_page_is_disconnected(open_tab) -> 
     expect(page.locator("#members")).to_have_text("")
 
 
+def test_a_long_room_name_in_a_link_stays_within_the_page_s_width(open_tab) -> None:
+    # Shown in the status line, which did not wrap: the page grew 4,593 px wide.
+    page = open_tab(f"?endpoint=rooms&room={'a' * 400}&client_id=1", connected=False)
+    expect(page.locator("#status")).to_contain_text("a" * 400)
+    width = (
+        "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+    )
+    assert page.evaluate(width)
+
+
 def test_a_page_opened_as_a_file_connects_to_the_tutorial_s_address(
     page: "Page",
 ) -> None:
