@@ -412,8 +412,9 @@ class LocalChat:
 # Not the tutorials' receive_text: once a write to this client has failed (in the
 # delivery task, say), Starlette counts it disconnected, and receive_text raises a plain
 # RuntimeError, not the WebSocketDisconnect the tutorials catch: the endpoint would not
-# hear the close. uvicorn gives a close frame a "reason", and a dropped connection none:
-# that tells the two apart.
+# hear the close. (Steps 1 and 2 keep receive_text: only the handler writes, and a write
+# that fails raises WebSocketDisconnect in it.) uvicorn gives a close frame a "reason",
+# and a dropped connection none: that tells the two apart.
 async def receive_chat_text(websocket: WebSocket) -> str:
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
