@@ -270,6 +270,7 @@ def assert_nothing_went_wrong(server: Server, shutdown_gave_up: bool = False) ->
     log = server.log()
     assert "Traceback" not in log, log
     assert "ERROR" not in log, log
+    assert "Unclosed" not in log, log  # asyncio's, or redis-py's: a resource leaked
     if not shutdown_gave_up:
         assert CANCELLED_HANDLER not in log, log
         assert SHUTDOWN_GAVE_UP not in log, log

@@ -430,6 +430,23 @@ def test_chat_survives_redis_restarts(
         assert_nothing_went_wrong(server)
 
 
+def test_redis_hanging_again_and_again_leaves_a_quiet_process_its_connections(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    # A hang while the heartbeat loaded its script kept that connection taken, with
+    # "Unclosed Pipeline client" in the log: after 57 such, the process had none left,
+    # and refused the chat for good.
+    for hang in range(1, 4):
+        redis_server.pause()
+        time.sleep(main.REDIS_TIMEOUT_S + 0.6)
+        redis_server.resume()
+        for server in workers:
+            wait_for_log(server, RELAYING, count=1 + hang)
+    for server in workers:
+        assert "Unclosed" not in server.log()
+        assert_nothing_went_wrong(server)
+
+
 def test_redis_lost_in_the_middle_of_a_burst(
     workers: list[Server], redis_server: RedisServer
 ) -> None:
@@ -1641,6 +1658,29 @@ def test_joiners_each_asking_another_since_cost_redis_one_read_of_the_room(
     # Each joiner gets all it asked for; Redis sends the room's messages once.
     assert got == [(ids[n + 1 :], False) for n in range(asking)]
     assert sent < 2 * said * len(text)
+
+
+def test_what_a_look_up_read_for_joiners_goes_once_they_are_welcomed(
+    redis_server: RedisServer,
+) -> None:
+    # Kept till the room's next joiners: 200 rooms with 720 KB of history each held
+    # 150 MB, beyond what the history's bounds count.
+    async def welcome_a_joiner() -> tuple[int, main.LookedUp | None]:
+        rooms = main.RoomManager()
+        relay = main.RedisRelay(redis_server.url, {}, rooms)
+        rooms.relay = relay
+        async with relay.running(main.app):
+            room = rooms.open_room("lobby")
+            keys = [*main.room_keys(room)[:2], *main.HISTORY_LEDGER]
+            for n in range(10):
+                await relay.run_publish(keys, "lobby ", main.said(1, f"{n}"))
+            socket = await let_in_a_joiner(rooms, room)
+            while room.doorkeeper is not None:
+                await asyncio.sleep(0.01)
+            welcome = json.loads(socket.written[0])
+            return len(welcome["history"]), relay.in_rooms[room].looked_up
+
+    assert run(welcome_a_joiner(), timeout_s=10) == (10, None)
 
 
 # --- The relay's promises: lifetimes, pauses, mixed joiners, retries, clock steps -----------
