@@ -429,10 +429,13 @@ def raw_handshake(
     host: str | None = None,
     headers: tuple[str, ...] = (),
     ethernet: bool = True,
+    answered: bool = True,
 ) -> tuple[socket.socket, bytes]:
     """Open a WebSocket by hand; return the socket and the server's HTTP response head.
     `host`: the Host header, as a page's address for the server has it; `headers`, more
-    lines for the request, each "Name: value"; `ethernet`, with `rcvbuf`: see below."""
+    lines for the request, each "Name: value"; `ethernet`, with `rcvbuf`: see below.
+    Not `answered`: the head is left for the test to read (response_head), as it sends
+    other handshakes meanwhile."""
     sock = socket.socket()
     if rcvbuf is not None:
         # Set before connect, so the TCP window stays small: the client stalls sooner.
@@ -453,6 +456,11 @@ def raw_handshake(
         head += f"Origin: {origin}\r\n"
     head += "".join(f"{line}\r\n" for line in headers)
     sock.sendall((head + "\r\n").encode())
+    return sock, response_head(sock) if answered else b""
+
+
+def response_head(sock: socket.socket) -> bytes:
+    """The server's HTTP response head, read off `sock`."""
     response = b""
     while b"\r\n\r\n" not in response:
         # Byte by byte: nothing past the head is taken off the wire.
@@ -460,7 +468,7 @@ def raw_handshake(
         if not chunk:
             break
         response += chunk
-    return sock, response
+    return response
 
 
 def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:

@@ -57,6 +57,7 @@ from conftest import (
     receive_from_each,
     receive_says,
     reset,
+    response_head,
     run,
     send_endless_header,
     send_pings_reading_nothing,
@@ -1186,32 +1187,39 @@ def test_a_client_with_the_websockets_library_s_defaults_takes_any_welcome(
 JOINERS_EACH_WITH_ITS_SINCE = 200
 
 
+@pytest.mark.parametrize("last", ["x", "😀"], ids=["ascii", "an-emoji-in-each"])
 def test_joiners_each_with_a_since_of_its_own_cost_the_server_little(
-    server: Server,
+    server: Server, last: str
 ) -> None:
     # Each `since` is a history of its own, each a welcome of up to 760 KB: all built
     # in one go, 300 such joiners grew the server 286 MB, where 300 with one `since` did
-    # 11 MB. Now each round of joiners builds WELCOME_CHARACTERS_AT_ONCE at most.
+    # 11 MB. Bounded in characters, an emoji in each message made it 149 MB: a str with
+    # one takes 4 bytes a character. Now each round builds WELCOME_BYTES_AT_ONCE at most.
     senders, said = 10, 50  # 1,480 characters count twice: a burst of 100 each
+    text = f"{'x' * 1479}{last}"
 
     async def fill_the_room() -> str:
         async with contextlib.AsyncExitStack() as stack:
             clients = await enter_room_big(stack, server, senders)
             for client in clients:
                 for i in range(said):
-                    await client.send(json.dumps({"text": f"{i} {'x' * 1480}"}))
+                    message = json.dumps({"text": f"{i} {text}"}, ensure_ascii=False)
+                    await client.send(message)
             joined = lambda frame: frame["type"] in ("welcome", "joined")
             ids = await room_message_ids(clients[0], senders * said, ignore=joined)
             return ids[-1].split("-")[0]
 
     epoch = run(fill_the_room())
     rss_before = server.rss_bytes()
-    joiners = [
-        raw_handshake(server.port, f"/rooms/big/{100 + n}?since={epoch}-{n}")[0]
-        for n in range(JOINERS_EACH_WITH_ITS_SINCE)  # each reads nothing, for now
+    joiners = [  # all at once, each reading nothing, for now
+        raw_handshake(
+            server.port, f"/rooms/big/{100 + n}?since={epoch}-{n}", answered=False
+        )[0]
+        for n in range(JOINERS_EACH_WITH_ITS_SINCE)
     ]
     try:
         for n, sock in enumerate(joiners):
+            assert response_head(sock).startswith(b"HTTP/1.1 101 ")
             welcome = json.loads(read_frame(sock)[1])
             assert (welcome["type"], welcome["missed"]) == ("welcome", False)
             assert welcome["history"][0]["id"] == f"{epoch}-{n + 1}"
