@@ -1619,6 +1619,18 @@ def test_a_room_whose_history_expired_no_longer_counts_against_all_rooms(
     assert third == each and (new + third) * len(text) <= main.ALL_HISTORY_BYTES
 
 
+@contextlib.asynccontextmanager
+async def lobby_through_redis(redis_server: RedisServer):
+    """Step 5's rooms through a relay run in this process, with the room "lobby" open:
+    the rooms, the relay, the room, and the keys a publish into it takes."""
+    rooms = main.RoomManager()
+    relay = main.RedisRelay(redis_server.url, {}, rooms)
+    rooms.relay = relay
+    async with relay.running(main.app):
+        room = rooms.open_room("lobby")
+        yield rooms, relay, room, [*main.room_keys(room)[:2], *main.HISTORY_LEDGER]
+
+
 def test_joiners_each_asking_another_since_cost_redis_one_read_of_the_room(
     redis_server: RedisServer,
 ) -> None:
@@ -1629,12 +1641,7 @@ def test_joiners_each_asking_another_since_cost_redis_one_read_of_the_room(
     said, asking = 50, 40
 
     async def look_up_for_joiners_with_many_sinces() -> tuple[int, list, list]:
-        rooms = main.RoomManager()
-        relay = main.RedisRelay(redis_server.url, {}, rooms)
-        rooms.relay = relay
-        async with relay.running(main.app):
-            room = rooms.open_room("lobby")
-            keys = [*main.room_keys(room)[:2], *main.HISTORY_LEDGER]
+        async with lobby_through_redis(redis_server) as (_, relay, room, keys):
             ids = [
                 await relay.run_publish(keys, "lobby ", main.said(1, f"{n} {text}"))
                 for n in range(said)
@@ -1666,12 +1673,7 @@ def test_what_a_look_up_read_for_joiners_goes_once_they_are_welcomed(
     # Kept till the room's next joiners: 200 rooms with 720 KB of history each held
     # 150 MB, beyond what the history's bounds count.
     async def welcome_a_joiner() -> tuple[int, main.LookedUp | None]:
-        rooms = main.RoomManager()
-        relay = main.RedisRelay(redis_server.url, {}, rooms)
-        rooms.relay = relay
-        async with relay.running(main.app):
-            room = rooms.open_room("lobby")
-            keys = [*main.room_keys(room)[:2], *main.HISTORY_LEDGER]
+        async with lobby_through_redis(redis_server) as (rooms, relay, room, keys):
             for n in range(10):
                 await relay.run_publish(keys, "lobby ", main.said(1, f"{n}"))
             socket = await let_in_a_joiner(rooms, room)
