@@ -2635,6 +2635,7 @@ app.add_middleware(ServerClosedIsGone)
 import socket
 import struct
 
+from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -2672,17 +2673,7 @@ class SansIOBounded(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        # A connection closed with all it is yet to be sent in the kernel's buffer is the
-        # kernel's, which held 311 MB of 300 joiners' unread welcomes 5 minutes. So it
-        # gives up on a client whose window stays shut as long as the pings allow.
-        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux's alone
-        if self.ping_interval and self.ping_timeout and user_timeout is not None:
-            shut_ms = (
-                self.ping_interval + self.ping_timeout + RESET_AFTER_CLOSE_S
-            ) * 1000
-            sock = transport.get_extra_info("socket")
-            with contextlib.suppress(OSError):  # closed already
-                sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(shut_ms))
+        drop_once_its_window_stays_shut(transport, self.config)
 
     def data_received(self, data: bytes) -> None:
         self.unparsed += data
@@ -2818,6 +2809,22 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         self.handle_parser_exception()
 
 
+# A connection closed with all it is yet to be sent in the kernel's buffer is the
+# kernel's, which held 311 MB of 300 joiners' unread welcomes 5 minutes; and one open,
+# whose client sent 200 GET / at once and read nothing, 4 MB for good. So the kernel
+# gives up on a client whose window stays shut as long as a WebSocket's pings allow.
+def drop_once_its_window_stays_shut(
+    transport: asyncio.BaseTransport, config: Config
+) -> None:
+    user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux's alone
+    interval, timeout = config.ws_ping_interval, config.ws_ping_timeout
+    if interval and timeout and user_timeout is not None:
+        shut_ms = (interval + timeout + RESET_AFTER_CLOSE_S) * 1000
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):  # closed already
+            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(shut_ms))
+
+
 # uvicorn's h11 protocol parses all it reads at once too, and uvloop reads up to 32 times
 # in a row: h11 takes about 13 µs for each chunk of a chunked body, and one client's
 # body of one-byte chunks, 6 MB over 3 s, held a chat member's message 12 s; 0.04 s at
@@ -2837,6 +2844,7 @@ class H11Bounded(H11Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
         self.flow = ParsedBeforeReading(self)
+        drop_once_its_window_stays_shut(transport, self.config)
 
     def data_received(self, data: bytes) -> None:
         self.unparsed += data

@@ -366,6 +366,29 @@ def test_a_client_closed_with_all_it_is_sent_in_the_kernel_is_dropped_too(
     assert_nothing_went_wrong(server)
 
 
+def test_an_http_client_that_reads_none_of_its_answers_is_dropped(
+    tmp_path: Path,
+) -> None:
+    # 200 GET / sent at once, none read: the answers the kernel held, 4 MB, it held for
+    # good, the connection open. Now as long as a WebSocket's pings allow, at most.
+    server = start_with_short_pings(tmp_path)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", server.port))
+    ends = (server.port, sock.getsockname()[1])
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 200)
+        deadline = time.monotonic() + PING_INTERVAL_S + PING_TIMEOUT_S
+        deadline += main.RESET_AFTER_CLOSE_S + 5
+        while kernel_holds(*ends) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not kernel_holds(*ends)
+    finally:
+        sock.close()
+        server.stop()
+    assert_nothing_went_wrong(server)
+
+
 def room_says(n: int, i: int) -> str:
     return json.dumps({"text": long_text(n, i)})
 
