@@ -2924,6 +2924,15 @@ class ParsedBeforeReading(FlowControl):
 
 # Unset or empty: POST /chat/messages refuses everyone. Set: the bearer token it takes.
 ANNOUNCE_TOKEN = os.environ.get("ANNOUNCE_TOKEN", "")
+# HTTPBearer strips from the token what Python counts as space, in the header's bytes
+# read as latin-1: the last byte of "à" in UTF-8 is one. Such a token never matched.
+TOKEN_AS_READ = ANNOUNCE_TOKEN.encode().decode("latin-1")
+if TOKEN_AS_READ != TOKEN_AS_READ.strip():
+    logger.error(
+        "ANNOUNCE_TOKEN would never match: FastAPI's HTTPBearer strips its first or "
+        "last character (a space, or the end of à, Å or ♠ in UTF-8)"
+    )
+    raise SystemExit(1)
 # A body past this is refused unread: six bytes for each of a message's, as if each
 # were spelled as a JSON escape (`\u0001`), and 1 KiB for the rest of the object.
 MAX_POST_BYTES = 6 * MAX_MESSAGE_BYTES + 1024
