@@ -2725,6 +2725,12 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         if self.handshake_complete and not closing:
             while not self.queue.empty():
                 self.queue.get_nowait()
+        if self.conn.close_rcvd is not None and not self.close_sent:
+            # The client's own close came first, and was answered: uvicorn's 1012 would
+            # raise InvalidState, and end its shutdown of every connection after this.
+            self.stop_keepalive()
+            self.transport.close()
+            return
         super().shutdown()
 
     async def run_asgi(self) -> None:

@@ -963,6 +963,37 @@ def test_shutdown_under_a_busy_chat_ends_every_handler_with_no_traceback(
     assert_nothing_went_wrong(server)
 
 
+def test_sigterm_after_a_stalled_client_s_own_close_sends_everyone_else_1012(
+    server: Server,
+) -> None:
+    # Its close answered, its connection held open by all it has yet to read: uvicorn's
+    # 1012 to it raised InvalidState, which ended uvicorn's shutdown there. The clients
+    # after it got 1006, not 1012, and the log held a traceback for each handler.
+    stalled, _ = raw_handshake(server.port, "/chat/1", rcvbuf=4096)
+    big = "x" * (main.MAX_MESSAGE_BYTES - 1024)  # one from each sender: no flooding
+
+    async def close_then_shut_down() -> list[tuple[int, str]]:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = await enter_chat_clients(stack, server, range(10, 30))
+            for sender in clients:
+                await sender.send(big)
+            counts = dict.fromkeys(range(10, 30), 1)
+            await receive_from_each(clients[0], counts, ignore=YOU_WROTE)
+            stalled.sendall(close_frame(1000))
+            await asyncio.sleep(0.5)  # its close read, and answered
+            server.process.send_signal(signal.SIGTERM)
+            ignore = f"{SAYS}|{YOU_WROTE}|{LEFT_THE_CHAT}"
+            return [await closed_with(client, ignore=ignore) for client in clients]
+
+    try:
+        closes = run(close_then_shut_down())
+    finally:
+        stalled.close()
+    assert {code for code, _ in closes} == {1012}
+    exited_after_sigterm(server)
+    assert_nothing_went_wrong(server)
+
+
 def exited_after_sigterm(server: Server) -> None:
     # uvicorn ends by raising the signal it was stopped with again, once it is done.
     assert server.process.wait(EXIT_BOUND_S) == -signal.SIGTERM
