@@ -143,6 +143,23 @@ def free_port() -> int:
             return port
 
 
+def failed_start_up(**env: str) -> list[str]:
+    """uvicorn started on main:app with these environment variables, which must make it
+    exit 1 at once: what it printed, line by line."""
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
+    result = subprocess.run(
+        command,
+        check=False,
+        cwd=HERE,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT_S,
+    )
+    assert result.returncode == 1
+    return (result.stdout + result.stderr).strip().splitlines()
+
+
 def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -48,6 +47,7 @@ from conftest import (
     client_writing_with,
     closed_with,
     expect,
+    failed_start_up,
     free_port,
     launch_server,
     let_in_a_joiner,
@@ -1452,18 +1452,7 @@ def test_unreachable_redis_at_start_up_exits_with_one_line(
     else:
         port = free_port()
     url = f"{scheme}://user:s3cret@127.0.0.1:{port}/0"
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
-    result = subprocess.run(
-        command,
-        check=False,
-        cwd=HERE,
-        env={**os.environ, "REDIS_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=STARTUP_TIMEOUT_S,
-    )
-    assert result.returncode == 1
-    output = (result.stdout + result.stderr).strip().splitlines()
+    output = failed_start_up(REDIS_URL=url)
     assert len(output) == 1, output
     logged_url = f"{scheme}://user:***@127.0.0.1:{port}/0"  # no password in the log
     assert output[0].startswith(f"ERROR:    Cannot reach Redis at {logged_url} (")

@@ -8,14 +8,11 @@ must misbehave, a raw socket.
 import asyncio
 import contextlib
 import json
-import os
 import re
 import select
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -48,10 +45,10 @@ from conftest import (
     close_code_and_reason,
     close_frame,
     closed_with,
+    failed_start_up,
     flood_past_close,
     flooder_process,
     following_along_options,
-    free_port,
     launch_server,
     open_client,
     production_options,
@@ -1769,18 +1766,7 @@ def test_an_announce_token_no_request_could_carry_stops_the_start_in_one_line(
 ) -> None:
     # HTTPBearer strips what it takes for spaces ("voilà" ends in such a byte, in
     # UTF-8): the server ran, and refused every POST with 401.
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
-    result = subprocess.run(
-        command,
-        check=False,
-        cwd=HERE,
-        env={**os.environ, "ANNOUNCE_TOKEN": token},
-        capture_output=True,
-        text=True,
-        timeout=STARTUP_TIMEOUT_S,
-    )
-    assert result.returncode == 1
-    output = (result.stdout + result.stderr).strip().splitlines()
+    output = failed_start_up(ANNOUNCE_TOKEN=token)
     assert len(output) == 1, output
     assert output[0].startswith("ERROR:    ANNOUNCE_TOKEN would never match: ")
 
