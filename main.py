@@ -298,7 +298,8 @@ class ServerShutdown(WebSocketDisconnect):
 
 # In a handler's `finally`: whether the handler is cancelled, as uvicorn does once its
 # graceful shutdown stops waiting, after its 1012 (a handler may still be asleep in flood
-# control, say). A shutdown, as ServerShutdown is, told to nobody.
+# control, say). A shutdown, as ServerShutdown is, told to nobody. (A cut-off cancels
+# too, through cut_off_scope; anyio takes that cancel back as the scope ends.)
 def cancelled_by_shutdown() -> bool:
     return (task := asyncio.current_task()) is not None and task.cancelling() > 0
 
