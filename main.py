@@ -617,9 +617,9 @@ async def write_without_waiting(
     client: Client | None = None
     try:
         async with asyncio.timeout(0):
-            for client in clients:
-                if chat.clients.get(client.key) is not client:
-                    continue  # it left, or was taken over, while a backlog waited
+            for listed in clients:  # or the newer connection that took it over since
+                if (client := chat.clients.get(listed.key)) is None:
+                    continue  # it left while a backlog waited
                 messages, written = own.get(client.websocket, everyone), 0
                 if client.backlog is not None:
                     return client, messages  # behind already: after its backlog

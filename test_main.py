@@ -464,6 +464,30 @@ def test_a_delivery_to_many_lets_the_event_loop_serve_all_else_between_groups() 
     assert len(set(turns_seen)) == 3 and groups == sorted(set(groups))
 
 
+def test_a_client_taken_over_while_a_batch_goes_out_gets_it_on_its_new_connection() -> (
+    None
+):
+    # Written group by group: the old connection's turn came once the new one had taken
+    # over, and was skipped, and the new one, not among those the batch was for, was
+    # never written to. The message reached neither.
+    async def take_over_between_two_groups() -> tuple[list[str], list[str], list[str]]:
+        manager = main.ConnectionManager()
+        taken_over = 2 * main.CLIENTS_PER_GROUP - 1  # the second group's last
+        first, old, new = Socket(), Socket(), Socket()
+        manager.chat.enter(client_writing_with(first.send, 0))
+        for client_id in range(1, taken_over):
+            manager.chat.enter(client_writing_with(Socket().send, client_id))
+        manager.chat.enter(client_writing_with(old.send, taken_over))
+        await manager.broadcast("hi")
+        await asyncio.sleep(0)  # the delivery writes the first group, then lets us run
+        written_by_then = list(first.written)
+        manager.chat.enter(client_writing_with(new.send, taken_over))
+        await turns_of_the_event_loop()
+        return written_by_then, old.written, new.written
+
+    assert run(take_over_between_two_groups()) == (["hi"], [], ["hi"])
+
+
 def test_a_writer_s_you_wrote_goes_in_the_batch_its_message_goes_in() -> None:
     # Were "You wrote" written in the batch before, a server stopping between the two
     # batches would leave a writer told its message went, and no one sent it.
