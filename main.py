@@ -2718,6 +2718,12 @@ class SansIOBounded(WebSocketsSansIOProtocol):
             self.transport.resume_reading()  # does nothing if reading
 
     def shutdown(self) -> None:
+        if self.conn.close_rcvd is not None and not self.close_sent:
+            # The client's own close came first, and was answered: uvicorn's 1012 would
+            # raise InvalidState, and end its shutdown of every connection after this.
+            self.stop_keepalive()
+            self.transport.close()
+            return
         # uvicorn sends its 1012 at once, and queues its disconnect behind every message
         # the app has yet to take: the app would go on relaying those, after the 1012
         # and unanswered, as long as the shutdown waits. They are dropped. (A closing
@@ -2726,12 +2732,6 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         if self.handshake_complete and not closing:
             while not self.queue.empty():
                 self.queue.get_nowait()
-        if self.conn.close_rcvd is not None and not self.close_sent:
-            # The client's own close came first, and was answered: uvicorn's 1012 would
-            # raise InvalidState, and end its shutdown of every connection after this.
-            self.stop_keepalive()
-            self.transport.close()
-            return
         super().shutdown()
 
     async def run_asgi(self) -> None:
@@ -2940,8 +2940,9 @@ if TOKEN_AS_READ != TOKEN_AS_READ.strip():
         "last character (a space, or the end of à, Å or ♠ in UTF-8)"
     )
     raise SystemExit(1)
-# A body past this is refused unread: six bytes for each of a message's, as if each
-# were spelled as a JSON escape (`\u0001`), and 1 KiB for the rest of the object.
+# A body past this is refused before the app reads it (uvicorn then reads the rest, and
+# drops it): six bytes for each of a message's, as if each were spelled as a JSON escape
+# (`\u0001`), and 1 KiB for the rest of the object.
 MAX_POST_BYTES = 6 * MAX_MESSAGE_BYTES + 1024
 POST_TOO_LARGE = (
     f"Body over {MAX_POST_BYTES} bytes: "
