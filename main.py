@@ -88,8 +88,8 @@ async def get() -> FileResponse:
 #   client that reads nothing. GONE: what a write to a client that has gone raises, as
 #   does one to a connection uvicorn closed itself (ServerClosedIsGone);
 # - the origin check: CheckOrigin refuses another site's page (Origin is not Host): 403.
-#   A page at 127.0.0.1 calling localhost, as the tutorials' pages do, is let in; one
-#   from disk (Origin "null") only with ALLOWED_ORIGINS=null, on your own machine only;
+#   A page at 127.0.0.1 calling localhost, as the tutorials' pages do, is let in; one from
+#   disk (Origin "null") only with ALLOWED_ORIGINS=null, as any site's sandboxed frame;
 # - the log filters: ClientFaultsAsWarnings and BrokenHttpAsWarning log what a client
 #   causes as a one-line warning, not a traceback.
 # Close codes, as the page shows them: 1000 normal; 1003 binary; 1006 dropped, or a
@@ -2546,11 +2546,50 @@ logging.getLogger("asyncio").addFilter(BrokenHttpAsWarning())
 # browser may attach the user's cookies whatever page opens a WebSocket (those with
 # SameSite=None; any, from a page of the same site, such as another subdomain), and the
 # same-origin policy does not cover WebSockets (cross-site WebSocket hijacking).
-ALLOWED_ORIGINS = frozenset(
-    origin.strip().rstrip("/")
-    for origin in os.environ.get("ALLOWED_ORIGINS", "").split(",")
-    if origin.strip()
-)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+# An origin as browsers send it: https://chat.example, in lower case, its non-ASCII
+# letters in punycode, no default port. None for what is not one (chat.example:8000).
+def as_sent_by_browsers(origin: str) -> str | None:
+    if origin == "null":
+        return origin
+    try:
+        page = urlsplit(origin.rstrip("/"))
+        port, host = page.port, (page.hostname or "").encode("idna").decode()
+    except (ValueError, UnicodeError):  # a port of letters; a label over 63 letters
+        return None
+    if page.scheme not in DEFAULT_PORTS or not host or "@" in page.netloc:
+        return None
+    if page.path or page.query or page.fragment:
+        return None
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    return f"{page.scheme}://{host}" + (
+        "" if port in {None, DEFAULT_PORTS[page.scheme]} else f":{port}"
+    )
+
+
+def allowed_origins(setting: str) -> frozenset[str]:
+    """ALLOWED_ORIGINS, comma-separated; an entry that is not an origin stops the start."""
+    origins = set()
+    for entry in filter(None, (each.strip() for each in setting.split(","))):
+        if (origin := as_sent_by_browsers(entry)) is None:
+            logger.error(
+                "ALLOWED_ORIGINS: %r is not an origin, such as https://chat.example or "
+                "http://127.0.0.1:8000",
+                entry,
+            )
+            raise SystemExit(1)
+        origins.add(origin)
+    if "null" in origins:
+        logger.warning(
+            "ALLOWED_ORIGINS=null lets in pages opened from disk, and any site's "
+            "sandboxed frames: use it only to try such a page"
+        )
+    return frozenset(origins)
+
+
+ALLOWED_ORIGINS = allowed_origins(os.environ.get("ALLOWED_ORIGINS", ""))
 
 
 class CheckOrigin(WebSocketMiddleware):

@@ -1131,19 +1131,52 @@ def test_an_origin_or_host_no_url_can_hold_is_refused_without_a_traceback(
 
 
 def test_allowed_origins_environment_variable(tmp_path) -> None:
+    # Each entry as a user may write it, each Origin as Chromium sends it: these two
+    # were refused, and the log said "add it to ALLOWED_ORIGINS".
     server = start_server(
         tmp_path / "uvicorn.log",
         options=production_options(),
-        ALLOWED_ORIGINS="https://a.example, https://b.example",
+        ALLOWED_ORIGINS="https://a.example, https://b.example, "
+        "HTTPS://Chat.Example:443/, http://bücher.example:8080",
     )
     try:
         for origin, status in [
             ("https://b.example", b"101"),
             ("https://c.example", b"403"),
+            ("https://chat.example", b"101"),
+            ("http://xn--bcher-kva.example:8080", b"101"),
+            ("https://chat.example:8443", b"403"),
         ]:
             sock, head = raw_handshake(server.port, "/ws", origin=origin)
             sock.close()
             assert head.startswith(b"HTTP/1.1 " + status), origin
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["chat.example:8000", "https://chat.example/chat", "*", '"http://a.example"'],
+)
+def test_an_allowed_origin_no_browser_sends_stops_the_start_in_one_line(
+    entry: str,
+) -> None:
+    # It started, and refused the page it was meant to let in.
+    output = failed_start_up(ALLOWED_ORIGINS=f"https://a.example,{entry}")
+    expected = f"ALLOWED_ORIGINS: {entry!r} is not an origin, such as https://"
+    assert len(output) == 1, output
+    assert output[0].startswith(f"ERROR:    {expected}"), output
+
+
+def test_allowing_origin_null_warns_that_it_lets_every_site_s_sandboxed_frames_in(
+    tmp_path: Path,
+) -> None:
+    server = start_server(tmp_path / "uvicorn.log", ALLOWED_ORIGINS="null")
+    try:
+        wait_for_log(server, "ALLOWED_ORIGINS=null lets in pages opened from disk, ")
+        sock, head = raw_handshake(server.port, "/ws", origin="null")
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 101"), head
     finally:
         server.stop()
 
