@@ -1455,10 +1455,12 @@ if #KEYS > 1 then
     end
   end
 end
+-- A Redis out of memory refuses a script's first write: this one, before the publish.
+redis.call('SET', own_key, id, 'PX', once_ttl_ms)
 if redis.call('PUBLISH', channel, id .. ' ' .. prefix .. text) == 0 and id == '-' then
+  redis.call('DEL', own_key)
   return ''  -- a chat message, in no stream, that no process was subscribed to hear
 end
-redis.call('SET', own_key, id, 'PX', once_ttl_ms)
 return id
 """
 # Marks this process alive, KEYS[2], for process_ttl_ms, and its session, KEYS[1], for

@@ -1226,6 +1226,37 @@ def test_a_subscription_redis_cut_closes_the_chat_and_rooms_rather_than_miss_mes
     assert run(in_rooms(back))["missed"] is False
 
 
+def test_a_chat_message_a_redis_out_of_memory_refuses_reaches_no_one(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    # Redis refused the script's write after its publish: the other process's client
+    # got the message, and its sender was told it was not sent.
+    first, second = workers
+
+    async def refused() -> tuple[list[str], list[str]]:
+        async with (
+            open_client(f"{first.ws_url}/chat/1") as alice,
+            open_client(f"{second.ws_url}/chat/2") as bob,
+        ):
+            await alice.send("both here")
+            assert await receive_says(bob, 1, 1) == ["both here"]
+            with redis.Redis(port=redis_server.port) as operator:
+                operator.config_set("maxmemory-policy", "noeviction")
+                operator.config_set("maxmemory", 1)  # every write refused
+            await alice.send("refused")
+            alice_got: list[str] = []
+            bob_got: list[str] = []
+            for websocket, got in [(alice, alice_got), (bob, bob_got)]:
+                closed = await asyncio.wait_for(
+                    closed_with(websocket, into=got), DETECTION_BOUND_S
+                )
+                assert closed == LOST
+            return alice_got, bob_got
+
+    alice_got, bob_got = run(refused())
+    assert not [each for each in alice_got + bob_got if "refused" in each]
+
+
 async def said_then_redis_killed(
     stack: contextlib.AsyncExitStack,
     server: Server,
