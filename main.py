@@ -2041,6 +2041,9 @@ class RedisRelay:
         self.relaying = True
         self.subscribed.set()
         logger.info("Chat relayed through Redis at %s", self.url)
+        for room in self.room_manager.by_name.values():
+            if room.away:  # members cut off with Redis: here, within their grace
+                self.room_manager.presence_changed(room)
 
     async def heartbeat(self) -> bool:
         """Tell Redis this process is alive, and keep its rooms with people in them;
@@ -2207,7 +2210,7 @@ class RedisRelay:
         for room in self.room_manager.by_name.values():
             clients = [*room.chat.clients.values()]
             clients += [client for client, _ in room.joining]
-            room.joining, room.away = [], {}
+            room.joining = []
             self.in_rooms.setdefault(room, RoomInRedis()).elsewhere = {}
             for client in clients:
                 room.chat.cut_off(

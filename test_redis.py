@@ -1177,6 +1177,51 @@ def test_redis_stopped_for_5_s_closes_rooms_in_time_and_loses_nothing_acknowledg
     assert [message["text"] for message in history] == ["acknowledged", "after"]
 
 
+def test_members_a_long_redis_outage_closed_are_not_told_left_once_it_is_back(
+    workers: list[Server], redis_server: RedisServer
+) -> None:
+    # Each failed attempt to reach Redis again forgot who was away: members back within
+    # their grace were told "left", then "joined".
+    first, second = workers
+    joined = r'\{"type":"joined".*'
+
+    async def outage(stack: contextlib.AsyncExitStack) -> list[tuple[int, str]]:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        carol, _ = await join_room(stack, first, "/rooms/lobby/3")
+        bob, _ = await join_room(stack, second, "/rooms/lobby/2")
+        told: set[int] = set()
+        while told != {2, 3}:
+            told.update((await next_frame(alice, "joined"))["client_ids"])
+        redis_server.pause()
+        closes = [
+            await closed_with(each, ignore=joined) for each in (alice, carol, bob)
+        ]
+        await asyncio.sleep(
+            main.REDIS_TIMEOUT_S + 2
+        )  # an attempt to reach it again fails
+        redis_server.resume()
+        return closes
+
+    assert run(in_rooms(outage)) == [LOST] * 3
+    for server in workers:
+        wait_for_log(server, RELAYING, count=2, timeout_s=RECOVERY_BOUND_S)
+
+    async def back(stack: contextlib.AsyncExitStack) -> tuple[list[int], list[str]]:
+        alice, welcome = await join_room(stack, first, "/rooms/lobby/1")
+        await asyncio.sleep(4 * main.PRESENCE_INTERVAL_S)  # told, if it were
+        await join_room(stack, first, "/rooms/lobby/3")
+        await join_room(stack, second, "/rooms/lobby/2")
+        await asyncio.sleep(4 * main.PRESENCE_INTERVAL_S)
+        heard = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                heard.append(await asyncio.wait_for(alice.recv(), 0.5))
+        return welcome["members"], heard
+
+    members, heard = run(in_rooms(back))
+    assert (members, heard) == ([1, 2, 3], [])
+
+
 def test_a_heartbeat_redis_runs_late_revives_no_session_given_up(
     workers: list[Server], redis_server: RedisServer
 ) -> None:
