@@ -1179,6 +1179,33 @@ def test_another_room_and_straight_back_tells_the_room_nothing(open_tab) -> None
     assert "kitchen" not in " ".join(statuses.evaluate("shown => shown"))
 
 
+def test_a_room_left_and_rejoined_while_the_link_is_slow_shows_its_messages_in_order(
+    open_tab, network: Network
+) -> None:
+    # The old connection to the lobby showed what came while the new one opened; the
+    # new one's welcome, asked with no `since`, then added the messages before it.
+    alice = open_tab("?endpoint=rooms&room=lobby&client_id=1")
+    bob = open_tab("?endpoint=rooms&room=lobby&client_id=2", port=network.port)
+    send(alice, "earlier")
+    expect(messages(bob)).to_have_text(["Client #1: earlier"])
+    network.up.clear()  # a new connection waits; the open one goes on
+    bob.evaluate(
+        """() => {
+          roomInput.value = "kitchen";
+          connectNow();
+          roomInput.value = "lobby";
+          connectNow();
+        }"""
+    )
+    send(alice, "meanwhile")
+    expect(messages(alice)).to_have_count(2)
+    network.up.set()
+    expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
+    send(alice, "after")
+    said = ["earlier", "meanwhile", "after"]
+    expect(messages(bob)).to_have_text([f"Client #1: {text}" for text in said])
+
+
 def test_the_members_line_is_emptied_once_the_page_is_disconnected(open_tab) -> None:
     page = open_tab("?endpoint=rooms&room=lobby&client_id=1")
     expect(page.locator("#members")).to_have_text("#1")
