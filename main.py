@@ -2603,7 +2603,8 @@ class CheckOrigin(WebSocketMiddleware):
     The page's own host is let in, and so are scripts and tests, which send no Origin.
     So is a site whose name its owner points at your machine (DNS rebinding): page and
     Host then name that site. Starlette's TrustedHostMiddleware, given the names you
-    serve, refuses such a Host.
+    serve, refuses such a Host. Schemes are not compared: behind a proxy that ends TLS,
+    the app sees ws, not wss, so a page at http://chat.example counts as the https one.
     Refused before accept(), a browser gets an HTTP 403 instead of a WebSocket: its page
     sees 1006, and no reason. Starlette's TestClient shows the code and the reason.
     """
