@@ -2716,12 +2716,16 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         self.second_started = 0.0  # the loop's clock
         self.pings_and_pongs = 0  # since second_started
         self.reset_timer: asyncio.TimerHandle | None = None  # see drop_unless_closed_in
+        self.refused = False  # closed for what it sent: see handle_parser_exception
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         drop_once_its_window_stays_shut(transport, self.config)
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:  # read no more: see handle_parser_exception
+            self.transport.pause_reading()
+            return
         self.unparsed += data
         if not self.parsing:  # reading resumed by another (H11Bounded, handing over)
             self.parse_what_the_app_can_take()
@@ -2749,12 +2753,12 @@ class SansIOBounded(WebSocketsSansIOProtocol):
     def parse_what_the_app_can_take(self) -> None:
         """One piece a turn of the event loop: every other connection has its turn."""
         self.parsing = False
-        if self.read_paused or self.transport.is_closing():
+        if self.read_paused or self.transport.is_closing() or self.refused:
             return
         piece = bytes(self.unparsed[:READ_SLICE_BYTES])
         del self.unparsed[:READ_SLICE_BYTES]
         super().data_received(piece)  # pauses reading once it has a message
-        if self.read_paused or self.transport.is_closing():
+        if self.read_paused or self.transport.is_closing() or self.refused:
             return
         if self.unparsed:
             self.transport.pause_reading()  # what it read already comes first
@@ -2849,6 +2853,26 @@ class SansIOBounded(WebSocketsSansIOProtocol):
             return True
         self.refuse(status.WS_1008_POLICY_VIOLATION, PINGING)
         return False
+
+    def handle_parser_exception(self) -> None:
+        # uvicorn sends its close (1009, say), then closes the connection at once, the
+        # rest of what the client sent unread: so the kernel resets it, and drops what
+        # the client has yet to receive, that close too. Here nothing more is read, and
+        # the close waits behind the rest, RESET_AFTER_CLOSE_S at most.
+        if self.refused:
+            return
+        self.refused = True
+        assert self.conn.close_sent is not None
+        code, reason = self.conn.close_sent.code, self.conn.close_sent.reason
+        self.queue.put_nowait(
+            {"type": "websocket.disconnect", "code": code, "reason": reason}
+        )
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.unparsed.clear()
+        self.transport.pause_reading()
+        self.drop_unless_closed_in(RESET_AFTER_CLOSE_S)
+        self.close_timer = self.reset_timer  # uvicorn closes at once without one
 
     def refuse(self, code: int, reason: str) -> None:
         """As uvicorn closes a message over --ws-max-size: the app hears the close."""

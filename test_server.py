@@ -13,6 +13,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -638,6 +639,39 @@ def test_the_readme_s_ws_max_size_refuses_huge_messages_before_buffering(
     # Refused by uvicorn (--ws-max-size), in its words, before a message is buffered.
     assert send_huge_messages(server, 50, compression=None) == {UVICORN_TOO_BIG}
     assert server.peak_rss_bytes() - rss_before < 200e6
+    assert_nothing_went_wrong(server)
+
+
+def test_a_message_past_ws_max_size_is_closed_with_1009_behind_what_its_client_is_owed(
+    server: Server,
+) -> None:
+    # uvicorn closed the connection at once, the rest of the message unread: the kernel
+    # reset it, and dropped the close frame, which waited for the client's window.
+    sock, _ = raw_handshake(server.port, "/chat/9", rcvbuf=4096)
+    said = "x" * 30_000
+
+    async def owe_it_some() -> None:
+        async with open_client(f"{server.ws_url}/chat/1") as writer:
+            for _ in range(5):
+                await writer.send(said)
+            await receive_says(writer, 1, 5, ignore="You wrote: x+")
+
+    run(owe_it_some())
+    megabyte = struct.pack("!BBQ", 0x81, 0x80 | 127, 1024 * 1024) + bytes(4)
+
+    def send_too_much() -> None:
+        with contextlib.suppress(OSError):  # reset, once the server is done with it
+            sock.sendall(megabyte + bytes(1024 * 1024))
+
+    sender = threading.Thread(target=send_too_much)
+    sender.start()
+    time.sleep(1)  # the server refuses it meanwhile; its client reads only now
+    ignored = rf"Client #1 says: {said}|{LEFT_THE_CHAT}"
+    closed = read_until_close(sock, ignore=ignored)
+    sock.shutdown(socket.SHUT_RDWR)  # the sender's sendall returns
+    sender.join(timeout=10)
+    sock.close()
+    assert (closed[0], closed[1][closed[1].find("exceeds") :]) == UVICORN_TOO_BIG
     assert_nothing_went_wrong(server)
 
 
