@@ -1156,13 +1156,8 @@ def test_connect_pressed_while_connected_tells_nobody_the_page_left(open_tab) ->
     expect(messages(alice)).to_have_text(["Client #2 says: still here"])
 
 
-def test_another_room_and_straight_back_tells_the_room_nothing(open_tab) -> None:
-    # The connection to the first room is closed only once the newest one is open.
-    peer = open_tab("?endpoint=rooms&room=lobby&client_id=2")
-    page = open_tab("?endpoint=rooms&room=lobby&client_id=1")
-    expect(peer.locator("#members")).to_have_text("#1, #2")
-    shown = peer.evaluate_handle(SHOWN_TEXTS, "members")
-    statuses = page.evaluate_handle(SHOWN_TEXTS, "status")
+def to_the_kitchen_and_straight_back(page: "Page") -> None:
+    """From the lobby to the kitchen and back, in one turn of the page's event loop."""
     page.evaluate(
         """() => {
           roomInput.value = "kitchen";
@@ -1171,6 +1166,16 @@ def test_another_room_and_straight_back_tells_the_room_nothing(open_tab) -> None
           connectNow();
         }"""
     )
+
+
+def test_another_room_and_straight_back_tells_the_room_nothing(open_tab) -> None:
+    # The connection to the first room is closed only once the newest one is open.
+    peer = open_tab("?endpoint=rooms&room=lobby&client_id=2")
+    page = open_tab("?endpoint=rooms&room=lobby&client_id=1")
+    expect(peer.locator("#members")).to_have_text("#1, #2")
+    shown = peer.evaluate_handle(SHOWN_TEXTS, "members")
+    statuses = page.evaluate_handle(SHOWN_TEXTS, "status")
+    to_the_kitchen_and_straight_back(page)
     expect(page.locator("#members")).to_have_text("#1, #2")
     send(page, "back")
     expect(messages(peer)).to_have_text(["Client #1: back"])
@@ -1189,14 +1194,7 @@ def test_a_room_left_and_rejoined_while_the_link_is_slow_shows_its_messages_in_o
     send(alice, "earlier")
     expect(messages(bob)).to_have_text(["Client #1: earlier"])
     network.up.clear()  # a new connection waits; the open one goes on
-    bob.evaluate(
-        """() => {
-          roomInput.value = "kitchen";
-          connectNow();
-          roomInput.value = "lobby";
-          connectNow();
-        }"""
-    )
+    to_the_kitchen_and_straight_back(bob)
     send(alice, "meanwhile")
     expect(messages(alice)).to_have_count(2)
     network.up.set()
