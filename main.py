@@ -163,7 +163,7 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   it waits: so do the broadcast and its sender, until every sender is stuck there. In
 #   bench.py, with one such client among 30 senders of 100 messages each, a healthy
 #   client of the tutorials' chat received 114 of the 3,000 messages, then nothing. Of
-#   this chat's, it received all 3,000 (BENCHMARKS.md, run BK).
+#   this chat's, it received all 3,000 (BENCHMARKS.md, run BW).
 # - A write to a client that has gone raises in the sender's handler: the clients after
 #   it in the list miss the message, the sender is taken out of the chat, and the
 #   client that has gone stays in until its own handler hears that it left.
@@ -182,8 +182,8 @@ async def websocket_client_endpoint(websocket: WebSocket, client_id: int) -> Non
 #   the chat, and the others are told it left. It is closed with 1008, "Too slow: over
 #   100 messages behind", behind what its buffers hold;
 # - a write to a client that has gone takes that client out, and nobody else.
-# In bench.py, with 10,000 clients, this cost 0.99x the tutorials' CPU per delivery in
-# run BV, three alternating runs of each (0.95x to 1.19x across runs AE to BV).
+# In bench.py, with 10,000 clients, this cost 1.06x the tutorials' CPU per delivery in
+# run BW (0.95x to 1.19x across runs AE to BW).
 #
 # First the manager, in the tutorials' shape; then what it is made of, and the
 # endpoints; then "Step 3, continued": how the batch reaches everyone, in detail (a
