@@ -73,7 +73,7 @@ app = FastAPI()
 async def get() -> FileResponse:
     """The page, read from disk on every request: edits show on refresh. It opens any
     step's endpoint, shows each close code and reason, and reconnects after a close it
-    did not ask for, but not after 4000 (taken over) or 5 failed handshakes in a row."""
+    did not ask for, but not after 4000 (taken over) or 5 refused handshakes in a row."""
     if not INDEX_HTML.is_file():  # main.py copied alone
         raise HTTPException(status.HTTP_404_NOT_FOUND, PAGE_MISSING)
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
