@@ -2554,21 +2554,26 @@ logging.getLogger("asyncio").addFilter(BrokenHttpAsWarning())
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-# An origin as browsers send it: https://chat.example, in lower case, its non-ASCII
-# letters in punycode, no default port. None for what is not one (chat.example:8000).
+# A host as browsers send it: letters, digits, hyphens and dots, in lower case, or an
+# IPv6 address. A name with other letters (bücher) goes in punycode (xn--bcher-kva).
+ORIGIN_HOST = r"[a-z0-9-]+(\.[a-z0-9-]+)*\.?|\[[0-9a-f:.]+\]"
+
+
+# An origin as browsers send it: https://chat.example, in lower case, no default port.
+# None for what is not one: chat.example:8000, https://*.chat.example, a path.
 def as_sent_by_browsers(origin: str) -> str | None:
     if origin == "null":
         return origin
     try:
         page = urlsplit(origin.rstrip("/"))
-        port, host = page.port, (page.hostname or "").encode("idna").decode()
-    except (ValueError, UnicodeError):  # a port of letters; a label over 63 letters
-        return None
-    if page.scheme not in DEFAULT_PORTS or not host or "@" in page.netloc:
-        return None
-    if page.path or page.query or page.fragment:
+        port, host = page.port, page.hostname or ""
+    except ValueError:  # a port of letters, "http://[::1"
         return None
     host = f"[{host}]" if ":" in host else host  # IPv6
+    if page.scheme not in DEFAULT_PORTS or not re.fullmatch(ORIGIN_HOST, host):
+        return None
+    if "@" in page.netloc or page.path or page.query or page.fragment:
+        return None
     return f"{page.scheme}://{host}" + (
         "" if port in {None, DEFAULT_PORTS[page.scheme]} else f":{port}"
     )
@@ -2580,8 +2585,9 @@ def allowed_origins(setting: str) -> frozenset[str]:
     for entry in filter(None, (each.strip() for each in setting.split(","))):
         if (origin := as_sent_by_browsers(entry)) is None:
             logger.error(
-                "ALLOWED_ORIGINS: %r is not an origin, such as https://chat.example or "
-                "http://127.0.0.1:8000",
+                "ALLOWED_ORIGINS: %r is not an origin as browsers send it, such as "
+                "https://chat.example or http://127.0.0.1:8000 (a name's non-ASCII "
+                "letters in punycode: xn--)",
                 entry,
             )
             raise SystemExit(1)
@@ -2803,7 +2809,9 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         # that reads nothing would be kept open, with all it holds, for as long as it is.
         # One timer, from the first close (a ping unanswered, or the handler's end), and
         # none once closed: a timer holds the connection, and all it holds, till it runs.
-        if not self.disconnected and self.reset_timer is None:
+        # (uvicorn cancels one set as its close_timer, to close without a reset.)
+        timer = self.reset_timer
+        if not self.disconnected and (timer is None or timer.cancelled()):
             self.reset_timer = self.loop.call_later(timeout_s, self.drop_unless_closed)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -2820,7 +2828,7 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         self.transport.abort()
 
     def handle_ping(self) -> None:
-        if self.one_more_ping_or_pong_allowed():
+        if not self.refused and self.one_more_ping_or_pong_allowed():
             super().handle_ping()  # writes the pong
 
     def handle_pong(self, event: Frame) -> None:
@@ -2858,7 +2866,8 @@ class SansIOBounded(WebSocketsSansIOProtocol):
         # uvicorn sends its close (1009, say), then closes the connection at once, the
         # rest of what the client sent unread: so the kernel resets it, and drops what
         # the client has yet to receive, that close too. Here nothing more is read, and
-        # the close waits behind the rest, RESET_AFTER_CLOSE_S at most.
+        # the close, and the end of what is sent, wait behind the rest, for
+        # RESET_AFTER_CLOSE_S at most.
         if self.refused:
             return
         self.refused = True
@@ -2868,6 +2877,7 @@ class SansIOBounded(WebSocketsSansIOProtocol):
             {"type": "websocket.disconnect", "code": code, "reason": reason}
         )
         self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.write_eof()  # the client closes once it has read the close
         self.close_sent = True
         self.unparsed.clear()
         self.transport.pause_reading()

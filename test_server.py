@@ -642,6 +642,61 @@ def test_the_readme_s_ws_max_size_refuses_huge_messages_before_buffering(
     assert_nothing_went_wrong(server)
 
 
+def test_a_client_refused_for_a_message_past_ws_max_size_is_done_at_once(
+    server: Server,
+) -> None:
+    # Its close came, then nothing: the client waited for the end of the connection,
+    # which came only with the server's reset, RESET_AFTER_CLOSE_S later.
+    async def refused() -> tuple[int | None, float]:
+        async with open_client(f"{server.ws_url}/ws") as websocket:
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionClosed):
+                await websocket.send("y" * 70_000)
+                await websocket.recv()
+            await websocket.wait_closed()
+            return websocket.close_code, time.monotonic() - started
+
+    code, took_s = run(refused())
+    assert code == 1009
+    assert took_s < main.RESET_AFTER_CLOSE_S / 2
+
+
+def server_end_open(server: Server, client_port: int) -> bool:
+    """Whether the server's end of a loopback connection is open, by /proc/net/tcp."""
+    ends = f"{server.port:04X} 0100007F:{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if f"{fields[1][-4:]} {fields[2]}" == ends:
+            return fields[3] != "06"  # not TIME_WAIT
+    return False
+
+
+def test_a_client_refused_whose_close_came_with_its_fault_is_still_reset_in_time(
+    server: Server,
+) -> None:
+    # Its pings past the limit and its close, in one write: uvicorn took the close as
+    # the end of a closing handshake, and closed the connection without the reset, to
+    # wait for a client that reads nothing: 44 s, till the kernel gave up on it.
+    sock, _ = raw_handshake(server.port, "/chat/9", rcvbuf=4096)
+    said = "x" * 30_000
+
+    async def owe_it_some() -> None:
+        async with open_client(f"{server.ws_url}/chat/1") as writer:
+            for _ in range(5):
+                await writer.send(said)
+            await receive_says(writer, 1, 5, ignore="You wrote: x+")
+
+    run(owe_it_some())
+    pings = client_frame(0x9, b"") * (main.MAX_PINGS_AND_PONGS_PER_S + 1)
+    sock.sendall(pings + close_frame(1000))
+    deadline = time.monotonic() + main.RESET_AFTER_CLOSE_S + 3
+    while server_end_open(server, sock.getsockname()[1]):
+        assert time.monotonic() < deadline, "still open"
+        time.sleep(0.2)
+    sock.close()
+    assert_nothing_went_wrong(server)
+
+
 def test_a_message_past_ws_max_size_is_closed_with_1009_behind_what_its_client_is_owed(
     server: Server,
 ) -> None:
@@ -1165,13 +1220,13 @@ def test_an_origin_or_host_no_url_can_hold_is_refused_without_a_traceback(
 
 
 def test_allowed_origins_environment_variable(tmp_path) -> None:
-    # Each entry as a user may write it, each Origin as Chromium sends it: these two
-    # were refused, and the log said "add it to ALLOWED_ORIGINS".
+    # Each entry as a user may write it, each Origin as Chromium sends it: the third
+    # was refused, and the log said "add it to ALLOWED_ORIGINS".
     server = start_server(
         tmp_path / "uvicorn.log",
         options=production_options(),
         ALLOWED_ORIGINS="https://a.example, https://b.example, "
-        "HTTPS://Chat.Example:443/, http://bücher.example:8080",
+        "HTTPS://Chat.Example:443/, http://xn--bcher-kva.example:8080",
     )
     try:
         for origin, status in [
@@ -1190,14 +1245,21 @@ def test_allowed_origins_environment_variable(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "entry",
-    ["chat.example:8000", "https://chat.example/chat", "*", '"http://a.example"'],
+    [
+        "chat.example:8000",
+        "https://chat.example/chat",
+        "*",
+        "https://*.chat.example",
+        '"http://a.example"',
+        "http://bücher.example",  # Python's IDNA and Chromium's differ on some names
+    ],
 )
 def test_an_allowed_origin_no_browser_sends_stops_the_start_in_one_line(
     entry: str,
 ) -> None:
     # It started, and refused the page it was meant to let in.
     output = failed_start_up(ALLOWED_ORIGINS=f"https://a.example,{entry}")
-    expected = f"ALLOWED_ORIGINS: {entry!r} is not an origin, such as https://"
+    expected = f"ALLOWED_ORIGINS: {entry!r} is not an origin as browsers send it"
     assert len(output) == 1, output
     assert output[0].startswith(f"ERROR:    {expected}"), output
 
