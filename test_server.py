@@ -642,6 +642,24 @@ def test_the_readme_s_ws_max_size_refuses_huge_messages_before_buffering(
     assert_nothing_went_wrong(server)
 
 
+OWED = "x" * 30_000
+
+
+def owed_what_it_does_not_read(server: Server) -> socket.socket:
+    """Client #9 of the chat, with a small window, reading nothing, once client #1 has
+    said OWED five times: some of it waits in the server's buffers."""
+    sock, _ = raw_handshake(server.port, "/chat/9", rcvbuf=4096)
+
+    async def owe_it_some() -> None:
+        async with open_client(f"{server.ws_url}/chat/1") as writer:
+            for _ in range(5):
+                await writer.send(OWED)
+            await receive_says(writer, 1, 5, ignore="You wrote: x+")
+
+    run(owe_it_some())
+    return sock
+
+
 def test_a_client_refused_for_a_message_past_ws_max_size_is_done_at_once(
     server: Server,
 ) -> None:
@@ -677,16 +695,7 @@ def test_a_client_refused_whose_close_came_with_its_fault_is_still_reset_in_time
     # Its pings past the limit and its close, in one write: uvicorn took the close as
     # the end of a closing handshake, and closed the connection without the reset, to
     # wait for a client that reads nothing: 44 s, till the kernel gave up on it.
-    sock, _ = raw_handshake(server.port, "/chat/9", rcvbuf=4096)
-    said = "x" * 30_000
-
-    async def owe_it_some() -> None:
-        async with open_client(f"{server.ws_url}/chat/1") as writer:
-            for _ in range(5):
-                await writer.send(said)
-            await receive_says(writer, 1, 5, ignore="You wrote: x+")
-
-    run(owe_it_some())
+    sock = owed_what_it_does_not_read(server)
     pings = client_frame(0x9, b"") * (main.MAX_PINGS_AND_PONGS_PER_S + 1)
     sock.sendall(pings + close_frame(1000))
     deadline = time.monotonic() + main.RESET_AFTER_CLOSE_S + 3
@@ -702,16 +711,7 @@ def test_a_message_past_ws_max_size_is_closed_with_1009_behind_what_its_client_i
 ) -> None:
     # uvicorn closed the connection at once, the rest of the message unread: the kernel
     # reset it, and dropped the close frame, which waited for the client's window.
-    sock, _ = raw_handshake(server.port, "/chat/9", rcvbuf=4096)
-    said = "x" * 30_000
-
-    async def owe_it_some() -> None:
-        async with open_client(f"{server.ws_url}/chat/1") as writer:
-            for _ in range(5):
-                await writer.send(said)
-            await receive_says(writer, 1, 5, ignore="You wrote: x+")
-
-    run(owe_it_some())
+    sock = owed_what_it_does_not_read(server)
     megabyte = struct.pack("!BBQ", 0x81, 0x80 | 127, 1024 * 1024) + bytes(4)
 
     def send_too_much() -> None:
@@ -721,7 +721,7 @@ def test_a_message_past_ws_max_size_is_closed_with_1009_behind_what_its_client_i
     sender = threading.Thread(target=send_too_much)
     sender.start()
     time.sleep(1)  # the server refuses it meanwhile; its client reads only now
-    ignored = rf"Client #1 says: {said}|{LEFT_THE_CHAT}"
+    ignored = rf"Client #1 says: {OWED}|{LEFT_THE_CHAT}"
     closed = read_until_close(sock, ignore=ignored)
     sock.shutdown(socket.SHUT_RDWR)  # the sender's sendall returns
     sender.join(timeout=10)
