@@ -471,7 +471,7 @@ async def anonymous_chat_endpoint(websocket: WebSocket) -> None:
     await client.close_if_cut_off()
 
 
-# ~~~ Step 3, continued: how a message reaches everyone, waiting on no client's socket ~~~~~~
+# ~~~ Step 3, continued: how a message reaches everyone, and what a slow client costs ~~~~~~~
 #
 # No sender waits on any one client's socket. A message joins the manager's batch, and one
 # task, deliver_batches, writes the whole batch to every client in turn, in groups of
