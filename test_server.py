@@ -679,16 +679,6 @@ def test_a_client_refused_for_a_message_past_ws_max_size_is_done_at_once(
     assert took_s < main.RESET_AFTER_CLOSE_S / 2
 
 
-def server_end_open(server: Server, client_port: int) -> bool:
-    """Whether the server's end of a loopback connection is open, by /proc/net/tcp."""
-    ends = f"{server.port:04X} 0100007F:{client_port:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if f"{fields[1][-4:]} {fields[2]}" == ends:
-            return fields[3] != "06"  # not TIME_WAIT
-    return False
-
-
 def test_a_client_refused_whose_close_came_with_its_fault_is_still_reset_in_time(
     server: Server,
 ) -> None:
@@ -699,7 +689,7 @@ def test_a_client_refused_whose_close_came_with_its_fault_is_still_reset_in_time
     pings = client_frame(0x9, b"") * (main.MAX_PINGS_AND_PONGS_PER_S + 1)
     sock.sendall(pings + close_frame(1000))
     deadline = time.monotonic() + main.RESET_AFTER_CLOSE_S + 3
-    while server_end_open(server, sock.getsockname()[1]):
+    while kernel_holds(server.port, sock.getsockname()[1]):
         assert time.monotonic() < deadline, "still open"
         time.sleep(0.2)
     sock.close()
