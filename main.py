@@ -843,14 +843,14 @@ class History:
         """Every message's frame, as a str: each history below is a slice of one list."""
         return [frame.decode() for _, frame in self.messages]
 
-    def after(self, since: str | None, decoded: list[str]) -> tuple[list[str], bool]:
-        """Every message after `since`, if the history holds it; else the latest, and
-        True: the client missed some. `decoded`: what decoded() returned."""
+    def owed(self, since: str | None) -> tuple[int, bool]:
+        """Where a joiner's history starts in decoded(), and whether it missed some.
+        Without `since`, the latest; after `since`, if the history holds it; else all of
+        it: a client with a `since` it cannot place has seen none of it."""
+        if since is None:
+            return max(0, len(self.messages) - WELCOME_HISTORY_MESSAGES), False
         start = self.start_after(since)
-        if start is None:
-            latest = max(0, len(decoded) - WELCOME_HISTORY_MESSAGES)
-            return decoded[latest:], since is not None
-        return decoded[start:], False
+        return (0, True) if start is None else (start, False)
 
     def start_after(self, since: str | None) -> int | None:
         """Where the messages after `since` start here; None if some of them are gone."""
@@ -925,8 +925,8 @@ class RoomRelay(Protocol):
     def histories(
         self, room: Room, joiners: list[Joiner]
     ) -> dict[Client, tuple[list[str], bool]]:
-        """By joiner: the frames it missed, or the latest, and whether some it asked
-        for are gone. Called with no delivery under way, right after look_up."""
+        """By joiner: the frames it is owed, as History.owed says, and whether some it
+        asked for are gone. Called with no delivery under way, right after look_up."""
 
     def last_id(self, room: Room) -> str:
         """The id of the newest message the welcomes account for, in their history or
@@ -957,15 +957,15 @@ class RoomsHere:
         self, room: Room, joiners: list[Joiner]
     ) -> dict[Client, tuple[list[str], bool]]:
         # Joiners given the same history share it, and so their welcome: 10,000 back
-        # after a restart, none placed, hold the latest once, not 10,000 times.
+        # after a restart, none placed, hold what the room has once, not 10,000 times.
         decoded = room.history.decoded()  # once: the other histories share its frames
-        shared: dict[int | None, list[str]] = {}  # by where each starts; None: latest
+        shared: dict[int, list[str]] = {}  # by where each starts
         histories = {}
         for client, since in joiners:
-            start = room.history.start_after(since)
+            start, missed = room.history.owed(since)
             if start not in shared:
-                shared[start] = room.history.after(since, decoded)[0]
-            histories[client] = (shared[start], since is not None and start is None)
+                shared[start] = decoded[start:]
+            histories[client] = (shared[start], missed)
         return histories
 
     def last_id(self, room: Room) -> str:
@@ -1486,8 +1486,8 @@ HISTORY_LEDGER = ["chat:history:written", "chat:history:sizes", "chat:history:by
 
 # Reads a room for joiners in one go, so that every joiner's history comes from the same
 # moment of its stream, KEYS[1]: the members, KEYS[3], by process; the latest
-# latest_count messages, if a joiner needs them (one has no `since`, or one Redis no
-# longer holds); and the stream from the oldest `since` the joiners asked (ARGV[7]; the
+# latest_count messages, if a joiner has no `since`, or all, if one has a `since` Redis
+# cannot place; and the stream from the oldest `since` the joiners asked (ARGV[7]; the
 # others follow), since_count at most: one range holds every joiner's, and is sent once;
 # with it, the id of the last message trimmed off the stream (Redis 7), which still
 # counts as placed, as in one process. A room's first look-up makes its stream, with an
@@ -1540,7 +1540,9 @@ if #ARGV >= 7 then
     ids_read[entry[1]] = true
   end
   for i = 7, #ARGV do
-    latest_needed = latest_needed or not ids_read[ARGV[i]]
+    if not ids_read[ARGV[i]] and ARGV[i] ~= found[4] then
+      latest_needed, latest_count = true, since_count  -- not placed: all it holds
+    end
   end
   found[3] = after
 end
@@ -1757,9 +1759,12 @@ class RedisRelay:
         # A `since` Redis would refuse counts as none: that joiner missed some.
         asked = {s for _, s in joiners if s and re.fullmatch(STREAM_ID, s)}
         sinces = sorted(asked, key=stream_order)  # the oldest first
-        latest_needed = "1" if len(sinces) < len({s for _, s in joiners}) else "0"
+        not_read = {s for _, s in joiners} - asked  # None, or one Redis would refuse
+        latest_needed = "1" if not_read else "0"
+        all_held = not_read - {None}  # as for one Redis cannot place
+        latest_count = HISTORY_MESSAGES + 1 if all_held else WELCOME_HISTORY_MESSAGES
         args: list[str | int] = [self.process, write, int(ROOM_IDLE_S * 1000)]
-        args += [HISTORY_MESSAGES + 1, WELCOME_HISTORY_MESSAGES, latest_needed, *sinces]
+        args += [HISTORY_MESSAGES + 1, latest_count, latest_needed, *sinces]
         try:
             async with self.connections:
                 reply = await self.look_up_script(keys=room_keys(room), args=args)
@@ -1835,7 +1840,12 @@ class RedisRelay:
             after = found.after.get(since or "", [])
             since_found = bool(after) and after[0][0] == since
             placed = since_found or (since is not None and since == found.trimmed)
-            kept = after[1:] if since_found else after if placed else found.latest
+            if placed:
+                kept = after[1:] if since_found else after
+            elif since is None:
+                kept = found.latest[-WELCOME_HISTORY_MESSAGES:]
+            else:  # not placed: all the stream holds, none of which it has seen
+                kept = found.latest
             last = max(stream_order(kept[-1][0]) if kept else (0, 0), newest)
             # Placed or not (Redis restarted empty, say), it has what came up to it.
             last = max(last, stream_order(since or ""))

@@ -756,16 +756,17 @@ def sent_into_a_dead_link_then(
 
 
 @pytest.mark.parametrize(
-    ("since", "notices"),
-    [("'0-1'", [MISSED]), ("null", [])],
+    ("since", "notices", "unconfirmed"),
+    [("'0-1'", [MISSED], []), ("null", [], ["Not confirmed: mine"])],
     ids=["unplaceable-since", "no-since"],
 )
 def test_a_room_message_the_welcome_cannot_account_for_is_not_called_undelivered(
-    open_tab, network: Network, since: str, notices: list[str]
+    open_tab, network: Network, since: str, notices: list[str], unconfirmed: list[str]
 ) -> None:
-    # Delivered, and then past what a welcome without a placeable `since` holds (the
-    # latest 50): the page said "Not delivered", where it cannot know. With no `since`
-    # (a page whose first welcome never came), the welcome does not say so either.
+    # Delivered, and then past what a welcome without `since` holds (the latest 50): the
+    # page said "Not delivered", where it cannot know; nor does the welcome (a page
+    # whose first welcome never came). One with a `since` the room cannot place holds
+    # all the room does: "mine" is in it, and confirmed.
     alice = open_tab("?endpoint=rooms&room=lobby&client_id=1")
     page = open_tab(
         "?endpoint=rooms&room=lobby&client_id=2", port=network.port, clock=True
@@ -784,9 +785,7 @@ def test_a_room_message_the_welcome_cannot_account_for_is_not_called_undelivered
     expect(messages(page).last).to_have_text("Client #1: later 50")  # welcomed
     expect(page.locator("#messages li.missed")).to_have_text(notices)
     page.clock.run_for(RETIRING_WAIT_MS)
-    expect(page.locator("#messages li.missed")).to_have_text(
-        [*notices, "Not confirmed: mine"]
-    )
+    expect(page.locator("#messages li.missed")).to_have_text([*notices, *unconfirmed])
 
 
 @pytest.mark.parametrize("endpoint", ["rooms&room=lobby", "chat"])

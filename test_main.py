@@ -1212,6 +1212,30 @@ def test_since_the_room_does_not_hold_is_missed(client: TestClient, since) -> No
     assert welcome["missed"] is True
 
 
+@pytest.mark.parametrize("since", ["too old", "from before a restart", "not an id"])
+def test_a_since_the_room_cannot_place_gets_all_it_holds_not_just_the_latest(
+    client: TestClient, monkeypatch, since: str
+) -> None:
+    # After a restart, say, the room holds only what was said since: all of it is new
+    # to a page back with a since from before.
+    monkeypatch.setattr(main, "WELCOME_HISTORY_MESSAGES", 2)
+    monkeypatch.setattr(main, "HISTORY_MESSAGES", 5)
+    with client.websocket_connect("/rooms/lobby/7") as alice:
+        next_of_type(alice, "welcome")
+        ids = ids_of_messages_said(alice, 8)
+    epoch = ids[0].split("-")[0]
+    other_epoch = "0" * len(epoch) if epoch != "0" * len(epoch) else "1" * len(epoch)
+    asked = {
+        "too old": ids[1],
+        "from before a restart": f"{other_epoch}-8",
+        "not an id": "nonsense",
+    }[since]
+    with client.websocket_connect(f"/rooms/lobby/8?since={asked}") as bob:
+        welcome = next_of_type(bob, "welcome")
+    assert [m["id"] for m in welcome["history"]] == ids[-5:]
+    assert welcome["missed"] is True
+
+
 def test_since_older_than_the_history_is_missed(
     client: TestClient, monkeypatch
 ) -> None:
@@ -1246,8 +1270,8 @@ def test_the_welcome_s_last_id_places_a_client_that_has_seen_no_message(
     with client.websocket_connect(f"/rooms/lobby/7?since={first['last_id']}") as alice:
         back = next_of_type(alice, "welcome")
     assert first["history"] == []
-    missed = kept < len(ids)  # then the latest, as for a since the room cannot place
-    assert [m["id"] for m in back["history"]] == (ids[-2:] if missed else ids)
+    missed = kept < len(ids)  # then all it holds, as for any since it cannot place
+    assert [m["id"] for m in back["history"]] == ids[-kept:]
     assert (back["missed"], back["last_id"]) == (missed, ids[-1])
 
 
@@ -1262,8 +1286,7 @@ def test_an_id_from_another_room_opened_in_the_same_millisecond_is_missed(
     for text in ("in the kitchen", "and again"):
         kitchen_s = kitchen.next_id()
         kitchen.keep(kitchen_s, main.message_frame(kitchen_s, main.said(8, text)))
-    decoded = kitchen.decoded()
-    assert kitchen.after(lobby_s, decoded) == (decoded, True)  # the latest: all 2
+    assert kitchen.owed(lobby_s) == (0, True)  # all of the kitchen's
 
 
 def test_history_is_bounded_by_bytes_too(client: TestClient, monkeypatch) -> None:

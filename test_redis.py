@@ -1890,6 +1890,7 @@ import main
 main.ROOM_IDLE_S = 2.0
 main.PRESENCE_GRACE_S = 0.5
 main.HISTORY_MESSAGES = 5
+main.WELCOME_HISTORY_MESSAGES = 2
 app = main.app
 """
 
@@ -1921,6 +1922,29 @@ def test_since_the_message_just_trimmed_off_the_stream_misses_nothing(
     ids, welcome = run(in_rooms(one_more_than_the_stream_keeps))
     assert [message["id"] for message in welcome["history"]] == ids[1:]
     assert welcome["missed"] is False
+
+
+@pytest.mark.parametrize("since", ["too old", "not an id"])
+def test_a_since_redis_cannot_place_gets_all_the_stream_holds_not_just_the_latest(
+    short_bound_workers: list[Server], since: str
+) -> None:
+    # As in one process. The stream keeps 5; a welcome without since, the latest 2.
+    first, second = short_bound_workers
+
+    async def stale_and_new(stack: contextlib.AsyncExitStack) -> tuple:
+        alice, _ = await join_room(stack, first, "/rooms/lobby/1")
+        ids = [(await say_in_room(alice, f"{i}"))["id"] for i in range(8)]
+        asked = ids[1] if since == "too old" else "nonsense"
+        # Let in together: one read of the stream serves both.
+        (_, back), (_, new) = await asyncio.gather(
+            join_room(stack, second, f"/rooms/lobby/2?since={asked}"),
+            join_room(stack, second, "/rooms/lobby/3"),
+        )
+        return ids, back, new
+
+    ids, back, new = run(in_rooms(stale_and_new))
+    assert ([m["id"] for m in back["history"]], back["missed"]) == (ids[-5:], True)
+    assert ([m["id"] for m in new["history"]], new["missed"]) == (ids[-2:], False)
 
 
 @pytest.mark.parametrize("said", [0, 4, 7])
