@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import ipaddress
 import itertools
 import json
 import logging
@@ -2567,6 +2568,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # A host as browsers send it: letters, digits, hyphens and dots, in lower case, or an
 # IPv6 address. A name with other letters (bücher) goes in punycode (xn--bcher-kva).
 ORIGIN_HOST = r"[a-z0-9-]+(\.[a-z0-9-]+)*\.?|\[[0-9a-f:.]+\]"
+# A host whose last label is a number is an IPv4 address, which browsers send as four
+# decimals: 127.1, or 0x7f.0.0.1, as 127.0.0.1.
+IPV4_HOST = r"(.*\.)?([0-9]+|0x[0-9a-f]*)\.?"
 
 
 # An origin as browsers send it: https://chat.example, in lower case, no default port.
@@ -2582,11 +2586,19 @@ def as_sent_by_browsers(origin: str) -> str | None:
     host = f"[{host}]" if ":" in host else host  # IPv6
     if page.scheme not in DEFAULT_PORTS or not re.fullmatch(ORIGIN_HOST, host):
         return None
+    if re.fullmatch(IPV4_HOST, host) and not is_dotted_quad(host):
+        return None
     if "@" in page.netloc or page.path or page.query or page.fragment:
         return None
     return f"{page.scheme}://{host}" + (
         "" if port in {None, DEFAULT_PORTS[page.scheme]} else f":{port}"
     )
+
+
+def is_dotted_quad(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.IPv4Address(host)) == host
+    return False
 
 
 def allowed_origins(setting: str) -> frozenset[str]:

@@ -1242,6 +1242,8 @@ def test_allowed_origins_environment_variable(tmp_path) -> None:
         "https://*.chat.example",
         '"http://a.example"',
         "http://bücher.example",  # Python's IDNA and Chromium's differ on some names
+        "http://127.1:8000",  # Chromium sends http://127.0.0.1:8000
+        "http://0x7f.0.0.1",
     ],
 )
 def test_an_allowed_origin_no_browser_sends_stops_the_start_in_one_line(
