@@ -1,9 +1,9 @@
 """FastAPI WebSockets, step by step: echo, client ids, a chat, rooms, and several processes.
 
 Python 3.11+; `pip install -r requirements.txt`. Follow along with `uvicorn main:app
---reload --reload-exclude .venv --timeout-graceful-shutdown 3 --ws websockets-sansio` and
-open http://127.0.0.1:8000/. Beside it: index.html, that page; README.md: each flag, the
-tests, and the production command, with guards this one lacks; BENCHMARKS.md: the runs.
+--reload --timeout-graceful-shutdown 3 --ws websockets-sansio` and open
+http://127.0.0.1:8000/. Beside it: index.html, that page; README.md: each flag, the tests,
+and the production command, with guards this one lacks; BENCHMARKS.md: the runs.
 
 Each step builds on those before it; within one, its manager or endpoint comes first, then
 what it is made of: 1, echo; 2, a client id; 3, the chat: a ConnectionManager with the
