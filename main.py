@@ -62,6 +62,9 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Exiting with it, a worker with a bad setting stops uvicorn --workers: not restarted.
+from uvicorn.config import STARTUP_FAILURE
+
 logger = logging.getLogger("uvicorn.error")  # uvicorn's main log, shown where it runs
 
 INDEX_HTML = FilePath(__file__).with_name("index.html")
@@ -2302,7 +2305,7 @@ def exit_unless_redis_answers(url: str) -> None:
             without_password(url),
             error,
         )
-        raise SystemExit(1) from None
+        raise SystemExit(STARTUP_FAILURE) from None
 
 
 def use_redis(
@@ -2612,7 +2615,7 @@ def allowed_origins(setting: str) -> frozenset[str]:
                 "letters in punycode: xn--)",
                 entry,
             )
-            raise SystemExit(1)
+            raise SystemExit(STARTUP_FAILURE)
         origins.add(origin)
     if "null" in origins:
         logger.warning(
@@ -3040,7 +3043,7 @@ if TOKEN_AS_READ != TOKEN_AS_READ.strip():
         "ANNOUNCE_TOKEN would never match: FastAPI's HTTPBearer strips its first or "
         "last character (a space, or the end of à, Å or ♠ in UTF-8)"
     )
-    raise SystemExit(1)
+    raise SystemExit(STARTUP_FAILURE)
 # A body past this is refused before the app reads it (uvicorn then reads the rest, and
 # drops it): six bytes for each of a message's, as if each were spelled as a JSON escape
 # (`\u0001`), and 1 KiB for the rest of the object.

@@ -1269,6 +1269,25 @@ def test_allowing_origin_null_warns_that_it_lets_every_site_s_sandboxed_frames_i
         server.stop()
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"ALLOWED_ORIGINS": "*"},
+        {"ANNOUNCE_TOKEN": " token"},
+        {"REDIS_URL": "redis://127.0.0.1:1/0"},
+    ],
+)
+def test_a_bad_setting_stops_uvicorn_workers_not_restarted_forever(
+    setting: dict[str, str],
+) -> None:
+    # uvicorn starts again a worker that exits, unless with its status for a failed start.
+    output = failed_start_up("--workers", "2", **setting)
+    errors = [line for line in output if line.startswith("ERROR")]
+    assert len(errors) <= 3, errors  # one a worker, and the parent's
+    stopped = "failed to start, stopping the parent process."
+    assert [line for line in errors if line.endswith(stopped)], errors
+
+
 def test_each_worker_says_the_room_is_its_own_without_redis_url(tmp_path) -> None:
     server = start_server(tmp_path / "uvicorn.log", options=("--workers", "2"))
     try:
