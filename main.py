@@ -5,11 +5,10 @@ Python 3.11+; `pip install -r requirements.txt`. Follow along with `uvicorn main
 http://127.0.0.1:8000/. Beside it: index.html, that page; README.md: each flag, the tests,
 and the production command, with guards this one lacks; BENCHMARKS.md: the runs.
 
-Each step builds on those before it; within one, its manager or endpoint comes first, then
-what it is made of: 1, echo; 2, a client id; 3, the chat: a ConnectionManager with the
-second tutorial's methods, then how its broadcast reaches everyone; 4, "Using Depends".
-5 and 6 go where a chat goes next, and can wait: 5, named rooms with history, built on
-step 3; 6, one chat across processes through Redis, plugged into 3 and 5 by one call.
+Each step builds on those before it: 1, echo; 2, a client id; 3, the chat, a
+ConnectionManager with the second tutorial's methods; 4, "Using Depends". 5 and 6 go where
+a chat goes next, and can wait: 5, named rooms with history, built on step 3; 6, one chat
+across processes through Redis, plugged into 3 and 5 by one call.
 
 The guards every step shares are listed above step 1, and defined once, after step 6,
 in "What every step shares": copy that section with any step. Last: the chat by HTTP.
@@ -61,9 +60,7 @@ from pydantic.functional_validators import BeforeValidator
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-# Exiting with it, a worker with a bad setting stops uvicorn --workers: not restarted.
-from uvicorn.config import STARTUP_FAILURE
+from uvicorn.config import STARTUP_FAILURE  # a worker exiting so stops --workers
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's main log, shown where it runs
 
@@ -75,9 +72,8 @@ app = FastAPI()
 
 @app.get("/")
 async def get() -> FileResponse:
-    """The page, read from disk on every request: edits show on refresh. It opens any
-    step's endpoint, shows each close code and reason, and reconnects after a close it
-    did not ask for, but not after 4000 (taken over) or 5 refused handshakes in a row."""
+    """The page, read from disk on each request. It opens any step, shows each close code
+    and reason; it reconnects, but not after 4000 (taken over) or 5 refusals in a row."""
     if not INDEX_HTML.is_file():  # main.py copied alone
         raise HTTPException(status.HTTP_404_NOT_FOUND, PAGE_MISSING)
     return FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
@@ -234,9 +230,9 @@ EVERYONE = None  # the recipient, in a batch, of a message to every client in th
 #   through self.relay, a ChatRelay (below), and returns whether the relay took the
 #   message: DeliverHere, the default, adds it to this process's batch, and always does.
 # - say(): the endpoint's call for FastAPI's docs' two sends, send_personal_message("You
-#   wrote: ...") to the writer, then broadcast() of the message, in one batch: a
-#   shutdown never sends one without the other. Why say() goes through the relay: see the
-#   comment above ChatRelay.
+#   wrote: ...") to the writer, then broadcast() of the message. DeliverHere puts both in
+#   one batch: a shutdown never sends one without the other. Why say() goes through the
+#   relay: see the comment above ChatRelay.
 class ConnectionManager:
     def __init__(self) -> None:
         self.chat = LocalChat()  # who is connected here, and the delivery to them
@@ -375,7 +371,7 @@ class LocalChat:
     def __init__(self) -> None:
         self.clients: dict[int, Client] = {}  # by Client.key: one each
         self.batch: list[tuple[WebSocket | None, str]] = []  # see `add_to_batch`
-        self.batch_written = asyncio.Event()  # set once the delivery is through it
+        self.batch_written = asyncio.Event()  # the batch being filled: set once written
         self.deliverer: asyncio.Task[None] | None = None
 
     def enter(self, client: Client) -> None:
@@ -418,8 +414,8 @@ class LocalChat:
 # delivery task, say), Starlette counts it disconnected, and receive_text raises a plain
 # RuntimeError, not the WebSocketDisconnect the tutorials catch: the endpoint would not
 # hear the close. (Steps 1 and 2 keep receive_text: only the handler writes, and a write
-# that fails raises WebSocketDisconnect in it.) uvicorn gives a close frame a "reason",
-# and a dropped connection none: that tells the two apart.
+# that fails raises WebSocketDisconnect in it.) uvicorn 0.55 gives a close frame a
+# "reason", and a dropped connection none (ASGI leaves it open): that tells them apart.
 async def receive_chat_text(websocket: WebSocket) -> str:
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
@@ -447,7 +443,7 @@ async def chat_endpoint(websocket: WebSocket, client_id: ClientId) -> None:
             while True:
                 data = await receive_chat_text(websocket)
                 await flood_control.slow_down(data)  # a flooder waits; or 1008, unsent
-                # send_personal_message("You wrote: ...") and broadcast(), in one batch
+                # send_personal_message("You wrote: ...") and broadcast(), in one call
                 await manager.say(
                     client, f"You wrote: {data}", f"Client #{client_id} says: {data}"
                 )
@@ -623,7 +619,7 @@ async def write_without_waiting(
         async with asyncio.timeout(0):
             for listed in clients:  # or the newer connection that took it over since
                 if (client := chat.clients.get(listed.key)) is None:
-                    continue  # it left while a backlog waited
+                    continue  # it left since this batch began
                 messages, written = own.get(client.websocket, everyone), 0
                 if client.backlog is not None:
                     return client, messages  # behind already: after its backlog
@@ -2708,7 +2704,7 @@ app.add_middleware(CheckWhatClientsSend)
 app.add_middleware(ServerClosedIsGone)
 
 
-# Imported here, beside SansIOBounded, their only user.
+# Imported here, beside SansIOBounded and H11Bounded, their only users.
 import socket
 import struct
 
